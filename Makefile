@@ -1,0 +1,48 @@
+# The two commands: `make demo` and `make test`. Everything else is a step they share.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup gen demo test lint check-gen bench up clean
+
+# The venv is rebuilt when the requirements change. torch/torchvision are pinned in
+# requirements.txt (pip takes them from local disk here); pip never resolves an unpinned torch.
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/python scripts/gen_protos.py
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+gen/segtrain/__init__.py: $(STAMP) $(wildcard protos/segtrain/*/v1/*.proto)
+	$(BIN)/python scripts/gen_protos.py
+
+gen: gen/segtrain/__init__.py
+
+demo: setup gen
+	$(BIN)/python scripts/demo.py
+
+test: setup gen
+	$(BIN)/python scripts/gen_protos.py --check
+	$(BIN)/buf lint
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy segcore services clients scripts
+	$(BIN)/lint-imports
+
+bench: setup gen
+	$(BIN)/python bench/run.py
+
+up: setup gen
+	$(BIN)/segtrain up
+
+clean:
+	rm -rf $(VENV) gen demo-output bench-output .segtrain

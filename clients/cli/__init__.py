@@ -1,0 +1,1 @@
+"""The `segtrain` command line."""

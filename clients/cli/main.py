@@ -1,0 +1,279 @@
+"""`segtrain`: every step of the workflow from a shell. Every verb takes --json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from segtrain.common.v1 import common_pb2
+
+from clients.sdk import IMAGE_SUFFIXES, TERMINAL, Client
+
+Handler = Callable[[argparse.Namespace, Client], int]
+
+
+def _out(args: argparse.Namespace, message: Message | dict[str, Any], text: str) -> None:
+    if args.json:
+        data = message if isinstance(message, dict) else MessageToDict(message, preserving_proto_field_name=True)
+        print(json.dumps(data), flush=True)
+    else:
+        print(text, flush=True)
+
+
+def state_name(state: int) -> str:
+    return common_pb2.JobState.Name(state).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+
+
+def cmd_pipelines_list(args: argparse.Namespace, client: Client) -> int:
+    pipelines = client.list_pipelines()
+    rows = [f"{p.name:32} {p.display_name:28} {p.Type.Name(p.type).removeprefix('TYPE_'):9} "
+            f"classes={','.join(p.class_names)} tile={p.tile_size}" for p in pipelines]
+    _out(args, {"pipelines": [MessageToDict(p, preserving_proto_field_name=True) for p in pipelines]}, "\n".join(rows))
+    return 0
+
+
+def cmd_architectures_list(args: argparse.Namespace, client: Client) -> int:
+    archs = client.list_architectures()
+    rows = [f"{a.name:28} {a.parameter_count:>12,} params{'  (default)' if a.is_default else ''}  {a.description}"
+            for a in archs]
+    _out(args, {"architectures": [MessageToDict(a, preserving_proto_field_name=True) for a in archs]},
+         "\n".join(rows))
+    return 0
+
+
+def cmd_sets_create(args: argparse.Namespace, client: Client) -> int:
+    if args.annotations:
+        raise SystemExit("--annotations FILE needs --format coco|geojson|labeller, which are not supported yet; "
+                         "use --masks DIR")
+    if args.format not in ("masks",):
+        raise SystemExit(f"--format {args.format}: only 'masks' is supported so far")
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else []
+    ts = client.create_training_set(args.name, Path(args.tiles), Path(args.masks), pipeline=args.pipeline,
+                                    class_names=classes, group_by=args.group_by)
+    lines = [f"{ts.name}: {ts.tile_count} tiles ({ts.train_tile_count} train, {ts.validation_tile_count} "
+             f"validation), snapshot {ts.snapshot[:19]}"]
+    lines += [f"  {c.class_name:16} {c.pixel_count:>10} px in {c.tile_count} tiles" for c in ts.report.classes]
+    lines += [f"  warning {i.code}: {i.tile + ': ' if i.tile else ''}{i.message}" for i in ts.report.issues]
+    ts.ClearField("tiles")
+    _out(args, ts, "\n".join(lines))
+    return 0
+
+
+def _hyperparameters(args: argparse.Namespace) -> common_pb2.Hyperparameters:
+    params = common_pb2.Hyperparameters()
+    for field in ("batch_size", "epochs", "architecture", "learning_rate", "seed", "early_stopping_patience",
+                  "crop_size", "weight_decay", "loss"):
+        value = getattr(args, field)
+        if value is not None:
+            setattr(params, field, value)
+    return params
+
+
+def cmd_jobs_create(args: argparse.Namespace, client: Client) -> int:
+    job = client.create_job(pipeline=args.pipeline, training_set=args.training_set,
+                            from_model=args.from_model or "", hyperparameters=_hyperparameters(args))
+    _out(args, job, job.name)
+    return 0
+
+
+def cmd_jobs_start(args: argparse.Namespace, client: Client) -> int:
+    job = client.start_job(args.job)
+    _out(args, job, f"{job.name} {state_name(job.state)}")
+    return 0
+
+
+def cmd_jobs_cancel(args: argparse.Namespace, client: Client) -> int:
+    job = client.cancel_job(args.job, stop_early=args.stop_early)
+    _out(args, job, f"{job.name} {state_name(job.state)}")
+    return 0
+
+
+def cmd_jobs_get(args: argparse.Namespace, client: Client) -> int:
+    job = client.get_job(args.job)
+    p, m = job.progress, job.latest_metrics
+    text = [f"{job.name}  {state_name(job.state)}  {p.percent:.0f}%  epoch {p.epoch}/{p.epochs}  "
+            f"attempt {job.attempt}"]
+    if job.HasField("latest_metrics"):
+        text.append(_epoch_line(m))
+    if job.failure_reason:
+        text.append(f"reason: {job.failure_reason}")
+    if job.model:
+        text.append(f"model: {job.model}")
+    _out(args, job, "\n".join(text))
+    return 0
+
+
+def _epoch_line(m: common_pb2.EpochMetrics) -> str:
+    return (f"Epoch {m.epoch}/{m.epochs}: Train Loss {m.train_loss:.4f}, Train IoU {m.train_iou:.4f}, "
+            f"Val Loss {m.val_loss:.4f}, Val IoU {m.val_iou:.4f}")
+
+
+def cmd_jobs_watch(args: argparse.Namespace, client: Client) -> int:
+    final = 0
+    for event in client.watch(args.job, after_seq=args.after_seq):
+        kind = event.WhichOneof("payload")
+        if args.json:
+            _out(args, event, "")
+        elif kind == "epoch_metrics":
+            print(_epoch_line(event.epoch_metrics), flush=True)
+        elif kind == "state_change":
+            reason = f" ({event.state_change.reason})" if event.state_change.reason else ""
+            print(f"state: {state_name(event.state_change.state)}{reason}", flush=True)
+        elif kind == "warning":
+            print(f"warning: {event.warning.message}", flush=True)
+        if kind == "state_change" and event.state_change.state in TERMINAL:
+            final = event.state_change.state
+    return 0 if final == common_pb2.JOB_STATE_SUCCEEDED else 1
+
+
+def cmd_jobs_chart(args: argparse.Namespace, client: Client) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    loss, iou = client.charts(args.jobs, args.width, args.height)
+    stem = args.jobs[0].removeprefix("jobs/") if len(args.jobs) == 1 else "jobs"
+    paths = {"loss": out / f"{stem}-loss.png", "iou": out / f"{stem}-iou.png"}
+    paths["loss"].write_bytes(loss)
+    paths["iou"].write_bytes(iou)
+    _out(args, {k: str(v) for k, v in paths.items()}, "\n".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace, client: Client) -> int:
+    models = client.list_models()
+    rows = [f"{m.name:24} {m.architecture:24} best epoch {m.best_epoch:>3}  val IoU {m.best_metrics.val_iou:.4f}  "
+            f"from {m.job}" for m in models]
+    _out(args, {"models": [MessageToDict(m, preserving_proto_field_name=True) for m in models]}, "\n".join(rows))
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace, client: Client) -> int:
+    tiles = sorted(p for p in Path(args.tiles).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not tiles:
+        raise SystemExit(f"no images (png, jpg, tif) in {args.tiles}")
+    response = client.analyze(args.model, tiles, Path(args.out))
+    lines = [f"{len(response.tiles)} masks written to {args.out} (analysis {response.analysis_id})"]
+    for t in response.tiles:
+        areas = ", ".join(f"{c.class_name} {100 * c.fraction:.1f}%" for c in t.classes)
+        lines.append(f"  {Path(t.image_key).stem}: {areas}")
+    _out(args, response, "\n".join(lines))
+    return 0
+
+
+def cmd_up(args: argparse.Namespace, client: Client | None) -> int:
+    from clients.stack import LocalStack
+
+    stack = LocalStack(Path(args.data_dir).resolve(), trainers=args.trainers, pipeline_port=args.port,
+                       metrics_port=args.port + 1, s3_port=args.s3_port)
+    stack.start()
+    info = {"pipeline": stack.pipeline_address, "metrics": stack.metrics_address, "s3": stack.s3_endpoint,
+            "trainers": [f"127.0.0.1:{p}" for p in stack.trainer_ports], "logs": str(stack.logs)}
+    _out(args, info, "\n".join([f"{k:9} {v}" for k, v in info.items()] + ["Ctrl-C stops everything."]))
+    try:
+        while all(p.popen.poll() is None for p in stack.processes.values()):
+            time.sleep(0.5)
+        print("a process exited; stopping (see the logs)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segtrain", description=__doc__)
+    parser.add_argument("--address", help="pipeline service (default: $SEGTRAIN_ADDRESS or 127.0.0.1:50051)")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    def verb(p: argparse._SubParsersAction, name: str, handler: Handler | Callable[..., int], **kw: Any
+             ) -> argparse.ArgumentParser:
+        child = p.add_parser(name, **kw)
+        child.add_argument("--json", action="store_true", help="print JSON (one object per line)")
+        child.set_defaults(handler=handler)
+        return child
+
+    up = verb(sub, "up", cmd_up, help="start the local stack (S3 server, 3 services, trainer nodes)")
+    up.add_argument("--data-dir", default=".segtrain", help="data and logs folder (default .segtrain)")
+    up.add_argument("--port", type=int, default=50051, help="pipeline port; metrics uses port+1")
+    up.add_argument("--s3-port", type=int, default=9000)
+    up.add_argument("--trainers", type=int, default=1)
+
+    group = sub.add_parser("pipelines").add_subparsers(dest="action", required=True)
+    verb(group, "list", cmd_pipelines_list)
+    group = sub.add_parser("architectures").add_subparsers(dest="action", required=True)
+    verb(group, "list", cmd_architectures_list)
+
+    group = sub.add_parser("sets").add_subparsers(dest="action", required=True)
+    create = verb(group, "create", cmd_sets_create, help="create a training set from local files")
+    create.add_argument("name")
+    create.add_argument("--tiles", required=True, help="folder of tile images")
+    source = create.add_mutually_exclusive_group(required=True)
+    source.add_argument("--masks", help="folder of class-index masks, paired with tiles by file stem")
+    source.add_argument("--annotations", help="one annotation file (COCO, GeoJSON)")
+    create.add_argument("--format", default="masks", choices=["masks", "instance-masks", "coco", "geojson", "labeller"])
+    create.add_argument("--classes", help="class names by index, comma-separated (index 0 = background)")
+    create.add_argument("--pipeline", default="segmentation")
+    create.add_argument("--group-by", default="", help="regex; its first group on a tile's stem names the source image")
+
+    group = sub.add_parser("jobs").add_subparsers(dest="action", required=True)
+    create = verb(group, "create", cmd_jobs_create, help="create a job; prints its name")
+    create.add_argument("--pipeline", required=True)
+    create.add_argument("--training-set", required=True)
+    create.add_argument("--from-model")
+    create.add_argument("--batch-size", type=int)
+    create.add_argument("--epochs", type=int)
+    create.add_argument("--architecture")
+    create.add_argument("--learning-rate", type=float)
+    create.add_argument("--seed", type=int)
+    create.add_argument("--early-stopping-patience", type=int)
+    create.add_argument("--crop-size", type=int)
+    create.add_argument("--weight-decay", type=float)
+    create.add_argument("--loss", choices=["ce", "dice", "ce+dice"])
+    for name, handler in (("start", cmd_jobs_start), ("get", cmd_jobs_get)):
+        verb(group, name, handler).add_argument("job")
+    cancel = verb(group, "cancel", cmd_jobs_cancel)
+    cancel.add_argument("job")
+    cancel.add_argument("--stop-early", action="store_true", help="keep and register the best model so far")
+    watch = verb(group, "watch", cmd_jobs_watch, help="follow a job live until it ends")
+    watch.add_argument("job")
+    watch.add_argument("--after-seq", type=int, default=0, help="start after event N")
+    chart = verb(group, "chart", cmd_jobs_chart, help="write loss and IoU graphs as PNG")
+    chart.add_argument("jobs", nargs="+")
+    chart.add_argument("--out", default=".")
+    chart.add_argument("--width", type=int, default=800)
+    chart.add_argument("--height", type=int, default=480)
+
+    group = sub.add_parser("models").add_subparsers(dest="action", required=True)
+    verb(group, "list", cmd_models_list)
+
+    analyze = verb(sub, "analyze", cmd_analyze, help="run a model on a folder of tiles")
+    analyze.add_argument("--model", required=True)
+    analyze.add_argument("--tiles", required=True)
+    analyze.add_argument("--out", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.handler is cmd_up:
+        return cmd_up(args, None)
+    try:
+        with Client(args.address) as client:
+            return int(args.handler(args, client))
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""The Python SDK: every step of the workflow over the generated gRPC stubs.
+
+Files move through presigned URLs, so a client needs only the pipeline service's address
+(SEGTRAIN_ADDRESS); the metrics service's address comes from GetServiceInfo. Idempotent calls are
+retried on UNAVAILABLE with backoff by the channel's retry policy; nothing else is retried.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import grpc
+from segtrain.common.v1 import common_pb2
+from segtrain.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
+from segtrain.pipeline.v1 import pipeline_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
+
+_RETRY_CONFIG = json.dumps({"methodConfig": [{
+    "name": [{"service": "segtrain.pipeline.v1.PipelineService"}, {"service": "segtrain.metrics.v1.MetricsService"}],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.2s", "maxBackoff": "3s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]},
+}]})
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024), ("grpc.enable_retries", 1),
+    ("grpc.service_config", _RETRY_CONFIG),
+]
+
+
+def job_name(job: str) -> str:
+    return job if job.startswith("jobs/") else f"jobs/{job}"
+
+
+def _name(collection: str, value: str) -> str:
+    return value if not value or value.startswith(f"{collection}/") else f"{collection}/{value}"
+
+
+class Client:
+    """A connection to a segtrain deployment."""
+
+    def __init__(self, address: str | None = None, *, timeout: float = 60.0) -> None:
+        self.address = address or os.environ.get("SEGTRAIN_ADDRESS", DEFAULT_ADDRESS)
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self.pipeline = pipeline_pb2_grpc.PipelineServiceStub(self._channel)
+        self._metrics: metrics_pb2_grpc.MetricsServiceStub | None = None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def metrics(self) -> metrics_pb2_grpc.MetricsServiceStub:
+        if self._metrics is None:
+            info = self.pipeline.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=self.timeout)
+            channel = grpc.insecure_channel(info.metrics_address, options=CHANNEL_OPTIONS)
+            self._metrics = metrics_pb2_grpc.MetricsServiceStub(channel)
+        return self._metrics
+
+    # Pipelines and architectures
+    def list_pipelines(self) -> list[pb.Pipeline]:
+        return _all_pages(lambda token: self.pipeline.ListPipelines(
+            pb.ListPipelinesRequest(page_token=token), timeout=self.timeout), "pipelines")
+
+    def list_architectures(self) -> list[pb.Architecture]:
+        return list(self.pipeline.ListArchitectures(pb.ListArchitecturesRequest(), timeout=self.timeout).architectures)
+
+    # Files and training sets
+    def upload(self, paths: Sequence[Path]) -> dict[Path, str]:
+        """Uploads files through presigned URLs; returns each path's object key."""
+        upload = self.pipeline.CreateUpload(pb.CreateUploadRequest(file_names=[p.name for p in paths]),
+                                            timeout=self.timeout)
+        keys = {}
+        for path, file in zip(paths, upload.files, strict=True):
+            request = urllib.request.Request(file.url, data=path.read_bytes(), method="PUT")
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                if response.status >= 300:
+                    raise RuntimeError(f"upload of {path.name} failed with HTTP {response.status}")
+            keys[path] = file.key
+        return keys
+
+    def create_training_set(
+        self, name: str, tiles_dir: Path, masks_dir: Path, *, pipeline: str = "segmentation",
+        class_names: Sequence[str] = (), group_by: str = "", request_id: str = "",
+    ) -> pb.TrainingSet:
+        """Pairs tiles with masks by file stem, uploads both and creates the set.
+
+        `group_by` is a regular expression whose first group, matched on a tile's file stem, names
+        its source image (e.g. r"^(.*)_tile" for "slide3_tile07"): tiles of one source image never
+        straddle the train/validation split. Without it every tile is its own source.
+        """
+        pattern = re.compile(group_by) if group_by else None
+        tiles = sorted(p for p in Path(tiles_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        masks = {p.stem: p for p in Path(masks_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+        missing = [t.name for t in tiles if t.stem not in masks]
+        if not tiles:
+            raise ValueError(f"no tiles (png, jpg, tif) in {tiles_dir}")
+        if missing:
+            raise ValueError(f"no mask for tiles {missing[:5]} in {masks_dir}")
+        tile_keys = self.upload(tiles)
+        mask_keys = self.upload([masks[t.stem] for t in tiles])
+        request = pb.CreateTrainingSetRequest(
+            training_set_id=name, display_name=name, pipeline=_name("pipelines", pipeline),
+            class_names=list(class_names), format=pb.ANNOTATION_FORMAT_MASKS, request_id=request_id,
+            tiles=[pb.TileInput(image_key=tile_keys[t], annotation_key=mask_keys[masks[t.stem]],
+                                source_image=_source_image(t.stem, pattern)) for t in tiles],
+        )
+        return self.pipeline.CreateTrainingSet(request, timeout=max(self.timeout, 300))
+
+    # Jobs
+    def create_job(self, *, pipeline: str, training_set: str, from_model: str = "",
+                   hyperparameters: common_pb2.Hyperparameters | None = None, request_id: str = "") -> pb.Job:
+        return self.pipeline.CreateJob(pb.CreateJobRequest(
+            pipeline=_name("pipelines", pipeline), training_set=_name("trainingSets", training_set),
+            from_model=_name("models", from_model), hyperparameters=hyperparameters, request_id=request_id,
+        ), timeout=self.timeout)
+
+    def start_job(self, job: str) -> pb.Job:
+        return self.pipeline.StartJob(pb.StartJobRequest(name=job_name(job)), timeout=self.timeout)
+
+    def get_job(self, job: str) -> pb.Job:
+        return self.pipeline.GetJob(pb.GetJobRequest(name=job_name(job)), timeout=self.timeout)
+
+    def cancel_job(self, job: str, *, stop_early: bool = False) -> pb.Job:
+        return self.pipeline.CancelJob(pb.CancelJobRequest(name=job_name(job), stop_early=stop_early),
+                                       timeout=self.timeout)
+
+    def watch(self, job: str, *, after_seq: int = 0, reconnect: bool = True,
+              include_batch_progress: bool = True) -> Iterator[common_pb2.JobEvent]:
+        """The job's events from after `after_seq` to its final event. On a dropped stream it
+        reconnects after the last seq it yielded, so nothing is missed or repeated."""
+        last, delay = after_seq, 0.2
+        while True:
+            request = metrics_pb2.WatchJobEventsRequest(job=job_name(job), after_seq=last,
+                                                        include_batch_progress=include_batch_progress)
+            try:
+                for item in self.metrics.WatchJobEvents(request):
+                    delay = 0.2
+                    if item.HasField("event"):
+                        last = item.event.seq
+                        yield item.event
+                return
+            except grpc.RpcError as exc:
+                resumable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                if not (reconnect and resumable):
+                    raise
+                log.info("watch interrupted (%s); resuming after seq %d", exc.code(), last)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def history(self, job: str) -> metrics_pb2.JobHistory:
+        return self.metrics.GetJobHistory(metrics_pb2.GetJobHistoryRequest(job=job_name(job)), timeout=self.timeout)
+
+    def charts(self, jobs: Sequence[str], width: int = 800, height: int = 480) -> tuple[bytes, bytes]:
+        response = self.metrics.RenderJobCharts(metrics_pb2.RenderJobChartsRequest(
+            jobs=[job_name(j) for j in jobs], width=width, height=height), timeout=self.timeout)
+        return response.loss_png, response.iou_png
+
+    # Models and analysis
+    def list_models(self) -> list[pb.Model]:
+        return _all_pages(lambda token: self.pipeline.ListModels(
+            pb.ListModelsRequest(page_token=token), timeout=self.timeout), "models")
+
+    def analyze(self, model: str, tiles: Sequence[Path], out_dir: Path) -> pb.AnalyzeTilesResponse:
+        """Runs the model on local images and writes `<stem>.png` class-index masks to `out_dir`."""
+        keys = self.upload(list(tiles))
+        response = self.pipeline.AnalyzeTiles(pb.AnalyzeTilesRequest(
+            model=_name("models", model), image_keys=[keys[t] for t in tiles]), timeout=max(self.timeout, 600))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for tile, result in zip(tiles, response.tiles, strict=True):
+            with urllib.request.urlopen(result.mask_url, timeout=self.timeout) as r:
+                (out_dir / f"{tile.stem}.png").write_bytes(r.read())
+        return response
+
+
+def _source_image(stem: str, pattern: re.Pattern[str] | None) -> str:
+    match = pattern.search(stem) if pattern else None
+    return match.group(1) if match and match.groups() else ""
+
+
+def _all_pages(call, field: str) -> list:  # type: ignore[no-untyped-def, type-arg]
+    items, token = [], ""
+    while True:
+        response = call(token)
+        items += list(getattr(response, field))
+        token = response.next_page_token
+        if not token:
+            return items

@@ -1,0 +1,23 @@
+"""segcore: the pure training core of segtrain.
+
+Plain Python + torch/transformers/timm; no gRPC, database or object store, so
+every piece works from a notebook. Modules (import them directly; this package
+file stays empty so ``import segcore.errors`` does not pull in torch):
+
+* ``errors``        - SegcoreError and its subclasses (carry field/tile names)
+* ``architectures`` - @register_architecture registry, build_model, list_architectures,
+                      load_pretrained_backbone
+* ``imaging``       - decode_image / decode_mask / encode_mask_png, Normalization
+* ``splits``        - deterministic, grouped, stratified split_train_val
+* ``metrics``       - ConfusionMatrix (epoch-level IoU, pixel accuracy)
+* ``config``        - TrainConfig and its validation
+* ``data``          - Sample, batching (batch-of-one policy), augmentation, padding
+* ``losses``        - CE / Dice / CE+Dice, class weights
+* ``progress``      - EpochResult, TrainingObserver protocol (4 hooks)
+* ``state``         - TrainingState (resumable snapshot), RNG capture/restore
+* ``training``      - train() -> TrainResult (re-exports config/state/progress types)
+* ``checkpoint``    - export_model / load_model (safetensors + ModelMeta),
+                      save_training_state / load_training_state, environment_info
+* ``inference``     - predict_mask (sliding window), class_pixel_counts
+* ``synthetic``     - synthetic labelled tiles for demos and tests
+"""

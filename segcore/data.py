@@ -1,0 +1,191 @@
+"""In-memory tiles to training batches: validation, batching, augmentation.
+
+This module owns how ``Sample`` objects become ``(images, masks)`` tensors:
+* samples are normalised once up front (tiles fit in memory, and re-doing the
+  numpy->tensor work every epoch would dominate small-model step time);
+* every random choice (order, crops, flips, jitter) draws from one explicit
+  ``torch.Generator``, so the whole data pipeline is reproducible from a seed
+  and resumable from that generator's saved state;
+* batches of different tile sizes are padded, with padded mask pixels set to
+  the ignore index so they count in neither loss nor metrics.
+
+Batch-of-one policy: UperNet's 1x1 pyramid-pooling branch ends in BatchNorm,
+which cannot train on a single sample. When the last batch of an epoch would
+hold exactly one tile it is merged into the previous batch (no tile is
+dropped); a training set of a single tile is batched with a second,
+independently augmented view of itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from segcore.errors import InvalidParameterError, InvalidTileError
+from segcore.imaging import Normalization, normalize
+
+# ConvNeXt downsamples by 32; smaller inputs collapse to zero size at stage 4.
+MIN_INPUT_SIZE = 32
+_JITTER_GAIN = 0.1  # contrast factor in [0.9, 1.1]
+_JITTER_BIAS = 0.05  # brightness shift in [-0.05, 0.05] of the [0, 1] range
+
+
+@dataclass
+class Sample:
+    """One annotated tile: float32 ``H x W x 3`` image in [0, 1], int64 ``H x W`` mask."""
+
+    tile_id: str
+    image: np.ndarray
+    mask: np.ndarray
+
+
+@dataclass(frozen=True)
+class PreparedSample:
+    image: torch.Tensor  # normalised C x H x W float32
+    mask: torch.Tensor  # H x W int64
+
+
+def prepare_samples(
+    samples: Sequence[Sample],
+    norm: Normalization,
+    num_classes: int,
+    ignore_index: int,
+    *,
+    field: str,
+) -> list[PreparedSample]:
+    """Check every sample and convert it to normalised tensors."""
+    if not samples:
+        raise InvalidParameterError(field, "need at least one sample")
+    return [_prepare_one(s, norm, num_classes, ignore_index) for s in samples]
+
+
+def _prepare_one(sample: Sample, norm: Normalization, num_classes: int, ignore_index: int) -> PreparedSample:
+    image, mask = np.asarray(sample.image), np.asarray(sample.mask)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise InvalidTileError(sample.tile_id, f"image must be H x W x 3, got shape {image.shape}")
+    if mask.shape != image.shape[:2]:
+        raise InvalidTileError(
+            sample.tile_id, f"mask shape {mask.shape} does not match image shape {image.shape[:2]}"
+        )
+    if not np.isfinite(image).all():
+        raise InvalidTileError(sample.tile_id, "image contains NaN or infinite values")
+    labelled = mask[mask != ignore_index]
+    if labelled.size and (labelled.min() < 0 or labelled.max() >= num_classes):
+        bad = int(labelled.max()) if labelled.max() >= num_classes else int(labelled.min())
+        raise InvalidTileError(
+            sample.tile_id, f"mask contains class {bad} but only {num_classes} classes are configured"
+        )
+    return PreparedSample(normalize(image, norm), torch.from_numpy(mask.astype(np.int64)))
+
+
+def plan_batches(num_samples: int, batch_size: int, generator: torch.Generator | None) -> list[list[int]]:
+    """Index lists for one epoch; shuffled when a generator is given.
+
+    Implements the batch-of-one policy described in the module docstring.
+    """
+    if generator is None:
+        order = list(range(num_samples))
+    else:
+        order = torch.randperm(num_samples, generator=generator).tolist()
+    batches = [order[i : i + batch_size] for i in range(0, num_samples, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2].extend(batches.pop())
+    elif len(batches) == 1 and len(batches[0]) == 1 and generator is not None:
+        batches[0].append(batches[0][0])  # a second augmented view of the only tile
+    return batches
+
+
+def num_train_batches(num_samples: int, batch_size: int) -> int:
+    """How many batches ``plan_batches`` yields (needed up front for the LR schedule)."""
+    full, rest = divmod(num_samples, batch_size)
+    if rest == 1 and full >= 1:
+        return full  # the single leftover is merged into the last full batch
+    return full + (1 if rest else 0)
+
+
+def augment(
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    generator: torch.Generator,
+    norm: Normalization,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flips, 90-degree rotation (square tiles) and mild intensity jitter."""
+    draws = torch.rand(5, generator=generator).tolist()  # one draw call: cheap and ordered
+    if draws[0] < 0.5:
+        image, mask = image.flip(-1), mask.flip(-1)
+    if draws[1] < 0.5:
+        image, mask = image.flip(-2), mask.flip(-2)
+    if image.shape[-1] == image.shape[-2] and draws[2] < 0.5:
+        image, mask = image.rot90(1, (-2, -1)), mask.rot90(1, (-2, -1))
+    gain = 1.0 + _JITTER_GAIN * (2 * draws[3] - 1)
+    bias = _JITTER_BIAS * (2 * draws[4] - 1)
+    # Jitter is defined on [0, 1] pixels (x' = gain * x + bias) but applied to the
+    # normalised tensor z = (x - mean) / std:  z' = gain * z + ((gain - 1) * mean + bias) / std.
+    mean = torch.tensor(norm.mean).view(3, 1, 1)
+    std = torch.tensor(norm.std).view(3, 1, 1)
+    image = gain * image + ((gain - 1.0) * mean + bias) / std
+    return image, mask
+
+
+def random_crop(
+    image: torch.Tensor, mask: torch.Tensor, size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop to at most ``size`` x ``size`` at a random position (smaller tiles pass through)."""
+    height, width = mask.shape
+    top = _random_offset(height - size, generator)
+    left = _random_offset(width - size, generator)
+    return (
+        image[:, top : top + size, left : left + size],
+        mask[top : top + size, left : left + size],
+    )
+
+
+def _random_offset(room: int, generator: torch.Generator) -> int:
+    if room <= 0:
+        return 0
+    return int(torch.randint(0, room + 1, (1,), generator=generator))
+
+
+def collate(
+    items: Sequence[tuple[torch.Tensor, torch.Tensor]], ignore_index: int, min_size: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack into ``(B x 3 x H x W, B x H x W)``, padding to the largest tile.
+
+    Images pad with 0 (the mean after normalisation), masks with ``ignore_index``.
+    """
+    height = max(MIN_INPUT_SIZE, min_size, *(m.shape[0] for _, m in items))
+    width = max(MIN_INPUT_SIZE, min_size, *(m.shape[1] for _, m in items))
+    images, masks = [], []
+    for image, mask in items:
+        pad = (0, width - mask.shape[1], 0, height - mask.shape[0])
+        images.append(F.pad(image, pad, value=0.0) if any(pad) else image)
+        masks.append(F.pad(mask, pad, value=ignore_index) if any(pad) else mask)
+    return torch.stack(images), torch.stack(masks)
+
+
+def make_batch(
+    prepared: Sequence[PreparedSample],
+    indices: Sequence[int],
+    *,
+    generator: torch.Generator | None,
+    norm: Normalization,
+    crop_size: int | None,
+    augment_data: bool,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Build one batch; ``generator=None`` means evaluation (no crop, no augmentation)."""
+    items = []
+    for i in indices:
+        image, mask = prepared[i].image, prepared[i].mask
+        if generator is not None and crop_size is not None:
+            image, mask = random_crop(image, mask, crop_size, generator)
+        if generator is not None and augment_data:
+            image, mask = augment(image, mask, generator, norm)
+        items.append((image, mask))
+    # Training pads small tiles up to the crop size so every batch has one shape.
+    min_size = (crop_size or 0) if generator is not None else 0
+    return collate(items, ignore_index, min_size)

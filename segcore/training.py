@@ -1,0 +1,410 @@
+"""The training loop.
+
+This module owns ``train()``. It reads top to bottom: set up (model, optimiser,
+schedule, data), then for each epoch train, validate, record, checkpoint.
+Everything the outside world sees leaves through three channels:
+* ``TrainingObserver`` (four hooks: epoch start, batch end, epoch end,
+  should_stop) for progress and cancellation;
+* the optional ``checkpoint`` callback, handed a full ``TrainingState`` every
+  ``checkpoint_every`` epochs so a job can resume after a crash;
+* the returned ``TrainResult``.
+
+Reproducibility: the seed drives model init (global torch RNG) and one data
+generator (order, crops, augmentation). On CPU two runs with the same seed give
+identical metrics, and resuming from the state saved after epoch k continues
+exactly like the uninterrupted run. bf16 autocast and channels_last are used
+on CUDA only.
+
+``TrainConfig`` (segcore.config), ``TrainingState`` (segcore.state), ``Sample``
+(segcore.data) and the observer types (segcore.progress) are re-exported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from segcore.architectures import build_model
+from segcore.config import TrainConfig, resolve_device
+from segcore.data import PreparedSample, Sample, make_batch, num_train_batches, plan_batches, prepare_samples
+from segcore.errors import IncompatibleModelError, InvalidParameterError, TrainingDivergedError
+from segcore.imaging import Normalization, compute_normalization
+from segcore.losses import class_weights_from_masks, segmentation_loss
+from segcore.metrics import IGNORE_INDEX, ConfusionMatrix, argmax_classes
+from segcore.progress import EpochResult, NullObserver, PrintObserver, TrainingObserver
+from segcore.state import TrainingState, capture_rng, cpu_copy, restore_rng
+
+__all__ = [
+    "EpochResult",
+    "NullObserver",
+    "PrintObserver",
+    "Sample",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingObserver",
+    "TrainingState",
+    "resolve_device",
+    "train",
+]
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns. State dicts are CPU copies."""
+
+    model: torch.nn.Module  # holds the final (not the best) weights
+    final_state: dict[str, torch.Tensor]
+    best_state: dict[str, torch.Tensor] | None  # None if no epoch completed
+    best_epoch: int | None
+    best_val_iou: float | None
+    history: list[EpochResult]
+    normalization: Normalization
+    stopped: bool = False  # observer.should_stop() ended training
+    early_stopped: bool = False  # patience ran out
+
+
+# ------------------------------------------------------------------------ the run
+
+
+@dataclass
+class _Run:
+    """Mutable state of one training run, shared by the loop's helpers."""
+
+    config: TrainConfig
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator  # data order, crops, augmentation
+    norm: Normalization
+    train_set: list[PreparedSample]
+    val_set: list[PreparedSample]
+    class_weights: torch.Tensor | None
+    start_epoch: int = 0
+    history: list[EpochResult] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_val_iou: float | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    stale_epochs: int = 0  # epochs since the best one, for early stopping
+    last_lr: float = 0.0  # LR of the most recent optimiser step
+
+    @property
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def to_device(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
+
+
+def train(
+    config: TrainConfig,
+    train_samples: Sequence[Sample],
+    val_samples: Sequence[Sample],
+    observer: TrainingObserver | None = None,
+    *,
+    init_state: TrainingState | None = None,
+    model: torch.nn.Module | None = None,
+    normalization: Normalization | None = None,
+    checkpoint: Callable[[TrainingState], None] | None = None,
+) -> TrainResult:
+    """Train ``config.architecture`` (or ``model``) and return weights and history.
+
+    ``normalization`` defaults to statistics of the training images (or the
+    one stored in ``init_state``). ``init_state`` resumes a run; ``checkpoint``
+    receives a full TrainingState every ``config.checkpoint_every`` epochs.
+    """
+    config.validate()
+    observer = observer or NullObserver()
+    with _thread_limit(config.num_threads):
+        run = _setup(config, train_samples, val_samples, init_state, model, normalization)
+        stopped = early_stopped = False
+        for epoch in range(run.start_epoch + 1, config.epochs + 1):
+            result = _run_epoch(run, epoch, observer)
+            if result is None:
+                stopped = True  # the observer asked; the partial epoch is not recorded
+                break
+            observer.on_epoch_end(result)
+            if checkpoint is not None and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
+                checkpoint(_snapshot(run, epoch))
+            patience = config.early_stopping_patience
+            if patience is not None and run.stale_epochs >= patience and epoch < config.epochs:
+                early_stopped = True
+                break
+        return TrainResult(
+            model=run.model,
+            final_state=cpu_copy(run.model.state_dict()),
+            best_state=run.best_state,
+            best_epoch=run.best_epoch,
+            best_val_iou=run.best_val_iou,
+            history=list(run.history),
+            normalization=run.norm,
+            stopped=stopped,
+            early_stopped=early_stopped,
+        )
+
+
+@contextlib.contextmanager
+def _thread_limit(num_threads: int | None) -> Iterator[None]:
+    # torch's thread count is process-global; restore it so a notebook or a
+    # service process is not left changed after training returns.
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _setup(
+    config: TrainConfig,
+    train_samples: Sequence[Sample],
+    val_samples: Sequence[Sample],
+    init_state: TrainingState | None,
+    model: torch.nn.Module | None,
+    normalization: Normalization | None,
+) -> _Run:
+    device = resolve_device(config.device)
+    if init_state is not None:
+        _check_resumable(config, init_state)
+        normalization = Normalization.from_dict(init_state.normalization)
+    norm = normalization or compute_normalization(s.image for s in train_samples)
+    n = config.num_classes
+    train_set = prepare_samples(train_samples, norm, n, IGNORE_INDEX, field="train_samples")
+    val_set = prepare_samples(val_samples, norm, n, IGNORE_INDEX, field="val_samples")
+    _seed_everything(config.seed)  # before building: weight init draws from the global RNG
+    model = model if model is not None else build_model(config.architecture, n)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = _make_optimizer(model, config)
+    num_batches = num_train_batches(len(train_set), config.batch_size)
+    scheduler = _make_scheduler(optimizer, config, num_batches)
+    weights = None
+    if config.class_weights:
+        weights = class_weights_from_masks([s.mask for s in train_set], n, IGNORE_INDEX).to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+    run = _Run(config, device, model, optimizer, scheduler, generator, norm, train_set, val_set, weights)
+    if init_state is not None:
+        _restore(run, init_state)
+    return run
+
+
+def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm scales (1-D tensors): decaying them
+    # toward zero only fights the normalisation layers.
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.learning_rate)
+
+
+def _make_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, num_batches: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    total = config.epochs * num_batches
+    warmup = round(config.warmup_fraction * total)
+
+    def factor(step: int) -> float:
+        # Linear warm-up from 1/warmup to 1, then cosine decay towards 0.
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _run_epoch(run: _Run, epoch: int, observer: TrainingObserver) -> EpochResult | None:
+    """Train and validate one epoch; None if the observer asked to stop."""
+    started = time.perf_counter()
+    trained = _train_epoch(run, epoch, observer)
+    if trained is None:
+        return None
+    evaluated = _evaluate(run, observer)
+    if evaluated is None:
+        return None
+    return _record_epoch(run, epoch, *trained, *evaluated, started)
+
+
+def _train_epoch(run: _Run, epoch: int, observer: TrainingObserver) -> tuple[float, float] | None:
+    """One pass over the training set: (mean loss, mIoU), or None when stopped."""
+    cfg = run.config
+    run.model.train()
+    batches = plan_batches(len(run.train_set), cfg.batch_size, run.generator)
+    observer.on_epoch_start(epoch, cfg.epochs, len(batches))
+    cm = ConfusionMatrix(cfg.num_classes)
+    loss_sum, seen = 0.0, 0
+    for b, indices in enumerate(batches, start=1):
+        images, masks = make_batch(
+            run.train_set,
+            indices,
+            generator=run.generator,
+            norm=run.norm,
+            crop_size=cfg.crop_size,
+            augment_data=cfg.augment,
+            ignore_index=IGNORE_INDEX,
+        )
+        images, masks = run.to_device(images, masks)
+        with run.autocast:
+            logits = run.model(pixel_values=images).logits
+        loss = segmentation_loss(logits, masks, cfg.loss, class_weights=run.class_weights)
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            # Stepping on a NaN/inf loss would silently poison every weight.
+            raise TrainingDivergedError(epoch, b, loss_value)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.last_lr = run.optimizer.param_groups[0]["lr"]
+        run.scheduler.step()  # per step, not per epoch: warm-up must work for short runs
+        cm.update(_predict(logits, masks), masks)
+        loss_sum, seen = loss_sum + loss_value * len(indices), seen + len(indices)
+        observer.on_batch_end(epoch, b, len(batches), loss_value)
+        if observer.should_stop():
+            return None
+    return loss_sum / seen, cm.mean_iou()
+
+
+def _predict(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    logits = logits.detach()
+    if logits.shape[-2:] != masks.shape[-2:]:
+        logits = torch.nn.functional.interpolate(
+            logits.float(), size=masks.shape[-2:], mode="bilinear", align_corners=False
+        )
+    return argmax_classes(logits, dim=1)
+
+
+@torch.no_grad()
+def _evaluate(run: _Run, observer: TrainingObserver) -> tuple[float, ConfusionMatrix] | None:
+    """Validation loss and confusion matrix in eval mode (no crops, no augmentation).
+
+    should_stop is polled after validation batches too (None when stopped): a
+    large validation set must not delay a cancellation by minutes.
+    """
+    run.model.eval()
+    cm = ConfusionMatrix(run.config.num_classes)
+    loss_sum, seen = 0.0, 0
+    for indices in plan_batches(len(run.val_set), run.config.batch_size, None):
+        images, masks = make_batch(
+            run.val_set,
+            indices,
+            generator=None,
+            norm=run.norm,
+            crop_size=None,
+            augment_data=False,
+            ignore_index=IGNORE_INDEX,
+        )
+        images, masks = run.to_device(images, masks)
+        with run.autocast:
+            logits = run.model(pixel_values=images).logits
+        loss = segmentation_loss(logits, masks, run.config.loss, class_weights=run.class_weights)
+        cm.update(_predict(logits, masks), masks)
+        loss_sum, seen = loss_sum + float(loss) * len(indices), seen + len(indices)
+        if observer.should_stop():
+            return None
+    return loss_sum / seen, cm
+
+
+def _record_epoch(
+    run: _Run,
+    epoch: int,
+    train_loss: float,
+    train_iou: float,
+    val_loss: float,
+    val_cm: ConfusionMatrix,
+    started: float,
+) -> EpochResult:
+    val_iou = val_cm.mean_iou()
+    is_best = run.best_val_iou is None or val_iou > run.best_val_iou
+    if is_best:
+        run.best_epoch, run.best_val_iou, run.stale_epochs = epoch, val_iou, 0
+        run.best_state = cpu_copy(run.model.state_dict())
+    else:
+        run.stale_epochs += 1
+    result = EpochResult(
+        epoch=epoch,
+        epochs=run.config.epochs,
+        train_loss=train_loss,
+        train_iou=train_iou,
+        val_loss=val_loss,
+        val_iou=val_iou,
+        per_class_iou=val_cm.iou_per_class(),
+        learning_rate=run.last_lr,
+        seconds=time.perf_counter() - started,
+        is_best=is_best,
+    )
+    run.history.append(result)
+    return result
+
+
+# --------------------------------------------------------------------- state & resume
+
+
+def _check_resumable(config: TrainConfig, state: TrainingState) -> None:
+    saved = state.config
+    if saved.get("architecture") != config.architecture:
+        raise IncompatibleModelError(
+            f"state was trained with {saved.get('architecture')!r}, config asks for {config.architecture!r}"
+        )
+    if list(saved.get("class_names", [])) != list(config.class_names):
+        raise IncompatibleModelError("state was trained with different class names")
+    if state.epoch >= config.epochs:
+        raise InvalidParameterError(
+            "epochs", f"state already completed {state.epoch} of {config.epochs} epochs"
+        )
+
+
+def _snapshot(run: _Run, epoch: int) -> TrainingState:
+    return TrainingState(
+        epoch=epoch,
+        model_state=cpu_copy(run.model.state_dict()),
+        optimizer_state=cpu_copy(run.optimizer.state_dict()),
+        scheduler_state=cpu_copy(run.scheduler.state_dict()),
+        rng_state=capture_rng(run.generator),
+        best_epoch=run.best_epoch,
+        best_val_iou=run.best_val_iou,
+        best_model_state=run.best_state,  # already a private CPU copy
+        history=list(run.history),
+        normalization=run.norm.to_dict(),
+        config=dataclasses.asdict(run.config),
+        stale_epochs=run.stale_epochs,
+    )
+
+
+def _restore(run: _Run, state: TrainingState) -> None:
+    try:
+        run.model.load_state_dict(state.model_state)
+        run.optimizer.load_state_dict(state.optimizer_state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise IncompatibleModelError(f"training state does not fit the model: {exc}") from exc
+    run.scheduler.load_state_dict(state.scheduler_state)
+    restore_rng(state.rng_state, run.generator)
+    run.start_epoch = state.epoch
+    run.history = list(state.history)
+    run.best_epoch, run.best_val_iou = state.best_epoch, state.best_val_iou
+    run.best_state = state.best_model_state
+    run.stale_epochs = state.stale_epochs

@@ -1,0 +1,1 @@
+"""segtrain's three gRPC services and the infrastructure they share (services.common)."""

@@ -1,0 +1,113 @@
+"""The one place where domain errors become gRPC status codes.
+
+Every server installs `ErrorMappingInterceptor`. Domain errors map to their code with a safe
+message (and google.rpc.BadRequest details naming each bad field); anything else is logged with an
+incident id and reaches the client as INTERNAL "internal error (incident ...)": exception text,
+paths and secrets never leave the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from services.common import errors
+
+log = logging.getLogger(__name__)
+
+_CODES: list[tuple[type[errors.DomainError], grpc.StatusCode]] = [
+    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (errors.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.OutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
+]
+
+
+def to_status(exc: BaseException) -> status_pb2.Status:
+    """The google.rpc.Status a client sees for `exc`."""
+    code = next((c for t, c in _CODES if isinstance(exc, t)), None)
+    if code is None or not isinstance(exc, errors.DomainError):
+        incident = uuid.uuid4().hex[:12]
+        log.error("unhandled error (incident %s)", incident, exc_info=exc)
+        return status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error (incident {incident})")
+    status = status_pb2.Status(code=code.value[0], message=exc.message)
+    if isinstance(exc, errors.InvalidArgumentError):
+        detail = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in exc.violations
+        ])
+        packed = any_pb2.Any()
+        packed.Pack(detail)
+        status.details.append(packed)
+    return status
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    context.abort_with_status(rpc_status.to_status(to_status(exc)))
+
+
+def _wrap_unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    def handler(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behaviour(request, context)
+        except Exception as exc:
+            if _is_abort(exc, context):
+                raise
+            _abort(context, exc)
+    return handler
+
+
+def _wrap_stream(behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Any]:
+    def handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from behaviour(request, context)
+        except Exception as exc:
+            if _is_abort(exc, context):
+                raise
+            _abort(context, exc)
+    return handler
+
+
+def _is_abort(exc: Exception, context: grpc.ServicerContext) -> bool:
+    # context.abort() raises a bare Exception after setting the code; let it through untouched.
+    return type(exc) is Exception and context.code() is not None  # type: ignore[attr-defined]
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):
+    """Maps exceptions raised by servicers (unary and server-streaming) to status codes."""
+
+    def intercept_service(self, continuation: Callable[..., Any], handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+def bad_request_fields(error: grpc.RpcError) -> dict[str, str]:
+    """Client side: the field violations carried by an INVALID_ARGUMENT error."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    fields: dict[str, str] = {}
+    for detail in status.details if status else []:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            request = error_details_pb2.BadRequest()
+            detail.Unpack(request)
+            fields.update({v.field: v.description for v in request.field_violations})
+    return fields

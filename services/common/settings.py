@@ -1,0 +1,93 @@
+"""Settings of every service, read once at start-up from SEGTRAIN_* environment variables.
+
+Each service builds its own settings object in its composition root (`__main__`) and passes it
+down; nothing else reads the environment. The README's configuration table lists every variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PIPELINE_ADDRESS = "127.0.0.1:50051"
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:50052"
+DEFAULT_TRAINER_ADDRESS = "127.0.0.1:50053"
+DEFAULT_S3_ENDPOINT = "127.0.0.1:9000"
+
+
+def default_data_dir() -> Path:
+    return Path.cwd() / ".segtrain"
+
+
+class StorageSettings(BaseSettings):
+    """Object storage (MinIO or any S3 API server)."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGTRAIN_S3_")
+
+    endpoint: str = DEFAULT_S3_ENDPOINT
+    access_key: str = "segtrain"
+    secret_key: SecretStr = SecretStr("segtrain-dev-secret")
+    secure: bool = False
+    region: str = "us-east-1"
+    bucket: str = "segtrain"
+    # Endpoint clients use for presigned URLs when it differs from `endpoint` (e.g. in Docker).
+    public_endpoint: str | None = None
+
+
+class ServerSettings(BaseSettings):
+    """What every gRPC server shares."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGTRAIN_")
+
+    log_level: str = "INFO"
+    # Seconds to let in-flight RPCs finish on SIGTERM.
+    shutdown_grace_s: float = 10.0
+
+
+class PipelineSettings(BaseSettings):
+    """The pipeline service (control plane)."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGTRAIN_PIPELINE_")
+
+    listen: str = DEFAULT_PIPELINE_ADDRESS
+    database_url: str = Field(default_factory=lambda: f"sqlite:///{default_data_dir() / 'pipeline.db'}")
+    # Metrics service, for relaying job events; also advertised to clients by GetServiceInfo.
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
+    metrics_public_address: str | None = None
+    # Seconds between scheduler passes (it also wakes on every start and registration).
+    schedule_interval_s: float = 2.0
+    # Seconds between node heartbeats; a node missing 3 in a row is marked lost.
+    heartbeat_interval_s: float = 5.0
+
+
+class MetricsSettings(BaseSettings):
+    """The metrics service."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGTRAIN_METRICS_")
+
+    listen: str = DEFAULT_METRICS_ADDRESS
+    database_url: str = Field(default_factory=lambda: f"sqlite:///{default_data_dir() / 'metrics.db'}")
+    # Seconds of silence after which a watch stream gets a heartbeat.
+    heartbeat_interval_s: float = 5.0
+    # Events a slow watcher may lag behind before it is cut off (it can resume).
+    watcher_buffer: int = 1000
+
+
+class TrainerSettings(BaseSettings):
+    """A trainer node."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGTRAIN_TRAINER_")
+
+    listen: str = DEFAULT_TRAINER_ADDRESS
+    # Address the pipeline service reaches this node at (defaults to `listen`).
+    advertise_address: str | None = None
+    pipeline_address: str = DEFAULT_PIPELINE_ADDRESS
+    node_id: str | None = None
+    # "auto" picks CUDA when available, else CPU.
+    device: str = "auto"
+    # Torch CPU threads; unset lets torch decide.
+    num_threads: int | None = None
+    # Seconds between batch-progress events of one job.
+    progress_interval_s: float = 1.0

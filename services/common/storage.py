@@ -1,0 +1,134 @@
+"""Object storage through the `minio` client: one bucket, keys under documented prefixes
+(see README "Object keys"). Every key that comes from a request is checked by `safe_key`."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from datetime import timedelta
+from typing import BinaryIO
+
+import urllib3
+from minio import Minio
+from minio.deleteobjects import DeleteObject
+from minio.error import InvalidResponseError, S3Error
+
+from services.common.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from services.common.settings import StorageSettings
+
+log = logging.getLogger(__name__)
+
+_KEY_PART = re.compile(r"^[A-Za-z0-9._\-]+$")
+MAX_KEY_LENGTH = 512
+
+
+def safe_key(key: str, *, field: str, prefix: str = "") -> str:
+    """Returns `key` if it is a plain relative object key (under `prefix`, when given).
+
+    Refuses traversal ("..", "."), absolute paths, empty segments and odd bytes, so no request can
+    reach outside its prefix.
+    """
+    parts = key.split("/")
+    ok = (
+        0 < len(key) <= MAX_KEY_LENGTH
+        and all(p not in ("", ".", "..") and _KEY_PART.match(p) for p in parts)
+        and key.startswith(prefix)
+    )
+    if not ok:
+        where = f" under '{prefix}'" if prefix else ""
+        raise InvalidArgumentError.of(
+            field, f"{key!r} is not a valid object key{where} (letters, digits, '._-' and '/' only)"
+        )
+    return key
+
+
+class ObjectStore:
+    """A bucket on an S3 API server, with the few operations the services need."""
+
+    def __init__(self, settings: StorageSettings) -> None:
+        self.bucket = settings.bucket
+        # Short timeouts and a few retries: an outage surfaces as UNAVAILABLE, not a hang.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5, read=60),
+            retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+            maxsize=16,
+        )
+        secret = settings.secret_key.get_secret_value()
+        self._client = Minio(
+            settings.endpoint, access_key=settings.access_key, secret_key=secret,
+            secure=settings.secure, region=settings.region, http_client=http,
+        )
+        # Presigned URLs are signed for the host the client will use.
+        self._public = Minio(
+            settings.public_endpoint or settings.endpoint, access_key=settings.access_key,
+            secret_key=secret, secure=settings.secure, region=settings.region,
+        )
+
+    def ensure_bucket(self) -> None:
+        try:
+            if not self._client.bucket_exists(self.bucket):
+                self._client.make_bucket(self.bucket)
+        except (S3Error, InvalidResponseError) as exc:
+            # rclone answers "bucket exists" races with InvalidResponseError.
+            if not self._client.bucket_exists(self.bucket):
+                raise UnavailableError("object store refused to create the bucket") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise UnavailableError("object store unreachable") from exc
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.put_stream(key, io.BytesIO(data), len(data), content_type)
+
+    def put_stream(self, key: str, stream: BinaryIO, length: int, content_type: str) -> None:
+        try:
+            self._client.put_object(self.bucket, key, stream, length, content_type=content_type)
+        except urllib3.exceptions.HTTPError as exc:
+            raise UnavailableError("object store unreachable") from exc
+
+    def get(self, key: str) -> bytes:
+        try:
+            response = self._client.get_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                raise NotFoundError(f"object {key!r}") from exc
+            raise UnavailableError("object store error") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise UnavailableError("object store unreachable") from exc
+        try:
+            return response.read()
+        finally:
+            response.close()
+            response.release_conn()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._client.stat_object(self.bucket, key)
+            return True
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                return False
+            raise UnavailableError("object store error") from exc
+
+    def list_keys(self, prefix: str) -> list[str]:
+        return [o.object_name for o in self._client.list_objects(self.bucket, prefix, recursive=True)
+                if o.object_name]
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Best-effort removal (used to undo partial work); failures are logged, not raised."""
+        if not keys:
+            return
+        try:
+            errors = list(self._client.remove_objects(self.bucket, (DeleteObject(k) for k in keys)))
+            for err in errors:
+                log.warning("could not delete %s: %s", err.name, err.code)
+        except Exception:
+            log.exception("could not delete %d objects", len(keys))
+
+    def delete_prefix(self, prefix: str) -> None:
+        self.delete_many(self.list_keys(prefix))
+
+    def presign_put(self, key: str, expires: timedelta) -> str:
+        return self._public.presigned_put_object(self.bucket, key, expires=expires)
+
+    def presign_get(self, key: str, expires: timedelta) -> str:
+        return self._public.presigned_get_object(self.bucket, key, expires=expires)

@@ -1,0 +1,195 @@
+"""The metrics service's logic: appending events (persist, then publish), history, replay-then-
+live watching, and charts."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from segtrain.common.v1 import common_pb2
+from sqlalchemy.engine import Engine
+
+from services.common import names
+from services.common.database import session_scope
+from services.common.errors import (
+    FieldViolation,
+    InvalidArgumentError,
+    OutOfRangeError,
+    ResourceExhaustedError,
+    check,
+)
+from services.metrics_svc import charts, repository
+from services.metrics_svc.hub import EventHub
+
+TERMINAL_STATES = {
+    common_pb2.JOB_STATE_SUCCEEDED,
+    common_pb2.JOB_STATE_FAILED,
+    common_pb2.JOB_STATE_CANCELLED,
+}
+REPLAY_PAGE = 500
+MAX_APPEND = 1000
+
+
+def is_terminal(event: common_pb2.JobEvent) -> bool:
+    """The pipeline service's final state change ends a job's log."""
+    return event.HasField("state_change") and event.state_change.state in TERMINAL_STATES
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    last_seq: int
+
+
+class MetricsService:
+    def __init__(self, engine: Engine, *, heartbeat_interval_s: float, watcher_buffer: int) -> None:
+        self._engine = engine
+        self._heartbeat_s = heartbeat_interval_s
+        self.hub = EventHub(watcher_buffer)
+        # Appends to one job are serialised so seq numbers stay gap-free and publish order = seq order.
+        self._job_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+
+    def append(self, job: str, events: Sequence[common_pb2.JobEvent]) -> tuple[int, int]:
+        job_id = names.parse_name(job, names.JOBS, field="job")
+        job = names.format_name(names.JOBS, job_id)
+        _validate_events(events)
+        with self._job_locks[job]:
+            with session_scope(self._engine) as session:
+                stored = repository.append(session, job=job, events=events)
+                last = repository.last_seq(session, job=job)
+                last_source = (
+                    repository.last_source_seq(session, job=job, attempt=events[-1].attempt) if events else 0
+                )
+            # Published only after the commit: an event is persisted before anyone sees it.
+            self.hub.publish(job, stored)
+        return last, last_source
+
+    def list_events(self, job: str, after_seq: int, page_size: int) -> tuple[list[common_pb2.JobEvent], int]:
+        job = _job_name(job)
+        check(_range_violations(after_seq, page_size, MAX_APPEND * 5))
+        with session_scope(self._engine) as session:
+            events = repository.read(session, job=job, after_seq=after_seq, limit=page_size or REPLAY_PAGE)
+            return events, repository.last_seq(session, job=job)
+
+    def history(self, job: str) -> tuple[list[common_pb2.EpochMetrics], int]:
+        """Each epoch once: a later attempt's epoch supersedes the earlier attempt's."""
+        job = _job_name(job)
+        with session_scope(self._engine) as session:
+            epoch_events = repository.read_kind(session, jobs=[job], kind="epoch_metrics")
+            finals = repository.read_kind(session, jobs=[job], kind="state_change")
+        final_state = next((e.state_change.state for e in reversed(finals) if is_terminal(e)), 0)
+        return effective_epochs(epoch_events), final_state
+
+    def watch(
+        self, job: str, after_seq: int, *, include_batch_progress: bool, is_active: Callable[[], bool]
+    ) -> Iterator[common_pb2.JobEvent | Heartbeat]:
+        """Replays the log after `after_seq`, then streams live events; ends after the final event."""
+        job = _job_name(job)
+        if after_seq < 0:
+            raise InvalidArgumentError.of("after_seq", "must be >= 0")
+        sub = self.hub.subscribe(job)  # before the replay, so nothing falls between the two
+        try:
+            last = after_seq
+            with session_scope(self._engine) as session:
+                held = repository.last_seq(session, job=job)
+            if after_seq > held:
+                raise OutOfRangeError(
+                    f"after_seq {after_seq} is beyond this job's log (last seq {held}); "
+                    "re-read the history with ListJobEvents and watch from its last seq"
+                )
+            replaying = True
+            while is_active():
+                if replaying:
+                    batch = self._replay(job, last)
+                    replaying = len(batch) == REPLAY_PAGE  # caught up once a page comes back short
+                    if not batch:
+                        continue
+                else:
+                    batch = sub.take(self._heartbeat_s)
+                if sub.overflowed:
+                    raise ResourceExhaustedError(
+                        f"watcher fell too far behind; reconnect with after_seq={last} to resume"
+                    )
+                if not batch:
+                    yield Heartbeat(last)
+                    continue
+                for event in batch:
+                    if event.seq <= last:
+                        continue  # seen in the replay already
+                    if event.seq > last + 1:
+                        replaying = True  # a gap: read the missing events from the store
+                        break
+                    last = event.seq
+                    if include_batch_progress or not event.HasField("batch_progress"):
+                        yield event
+                    if is_terminal(event):
+                        return
+        finally:
+            self.hub.unsubscribe(sub)
+
+    def _replay(self, job: str, after_seq: int) -> list[common_pb2.JobEvent]:
+        with session_scope(self._engine) as session:
+            return repository.read(session, job=job, after_seq=after_seq, limit=REPLAY_PAGE)
+
+    def render_charts(self, jobs: Sequence[str], width: int, height: int) -> tuple[bytes, bytes]:
+        if not jobs:
+            raise InvalidArgumentError.of("jobs", "name at least one job")
+        job_names = [names.format_name(names.JOBS, names.parse_name(j, names.JOBS, field="jobs")) for j in jobs]
+        width, height = width or 800, height or 480
+        check([v for v in [
+            FieldViolation("width", "must be 200..4000") if not 200 <= width <= 4000 else None,
+            FieldViolation("height", "must be 150..4000") if not 150 <= height <= 4000 else None,
+        ] if v])
+        with session_scope(self._engine) as session:
+            epoch_events = repository.read_kind(session, jobs=job_names, kind="epoch_metrics")
+        series = {
+            name.removeprefix("jobs/"): [
+                charts.EpochPoint(m.epoch, m.train_loss, m.val_loss, m.train_iou, m.val_iou)
+                for m in effective_epochs([e for e in epoch_events if e.job == name])
+            ]
+            for name in job_names
+        }
+        return (charts.render_loss_chart(series, width=width, height=height),
+                charts.render_iou_chart(series, width=width, height=height))
+
+
+def effective_epochs(events: Sequence[common_pb2.JobEvent]) -> list[common_pb2.EpochMetrics]:
+    """Epoch metrics in seq order, where an attempt's first epoch drops that epoch and all later
+    ones of earlier attempts (they were trained again after a resume)."""
+    epochs: dict[int, common_pb2.EpochMetrics] = {}
+    attempt = None
+    for event in events:
+        metrics = event.epoch_metrics
+        if event.attempt != attempt:
+            attempt = event.attempt
+            epochs = {e: m for e, m in epochs.items() if e < metrics.epoch}
+        epochs[metrics.epoch] = metrics
+    return [epochs[e] for e in sorted(epochs)]
+
+
+def _job_name(job: str) -> str:
+    return names.format_name(names.JOBS, names.parse_name(job, names.JOBS, field="job"))
+
+
+def _range_violations(after_seq: int, page_size: int, max_page: int) -> list[FieldViolation]:
+    violations = []
+    if after_seq < 0:
+        violations.append(FieldViolation("after_seq", "must be >= 0"))
+    if not 0 <= page_size <= max_page:
+        violations.append(FieldViolation("page_size", f"must be 0..{max_page}"))
+    return violations
+
+
+def _validate_events(events: Sequence[common_pb2.JobEvent]) -> None:
+    if len(events) > MAX_APPEND:
+        raise InvalidArgumentError.of("events", f"at most {MAX_APPEND} events per call")
+    violations = []
+    for i, event in enumerate(events):
+        if event.attempt < 0:
+            violations.append(FieldViolation(f"events[{i}].attempt", "must be >= 0"))
+        if event.source_seq < 1:
+            violations.append(FieldViolation(f"events[{i}].source_seq", "must be >= 1"))
+        if event.WhichOneof("payload") is None:
+            violations.append(FieldViolation(f"events[{i}]", "has no payload"))
+    check(violations)

@@ -1,0 +1,34 @@
+"""Stubs of the services the pipeline service calls: the metrics service and trainer nodes
+(one cached channel per address)."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+from segtrain.metrics.v1 import metrics_pb2_grpc
+from segtrain.trainer.v1 import trainer_pb2_grpc
+
+from services.common.server import insecure_channel
+
+
+class Remotes:
+    def __init__(self, metrics_address: str) -> None:
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+        self.metrics = metrics_pb2_grpc.MetricsServiceStub(self._channel(metrics_address))
+
+    def _channel(self, address: str) -> grpc.Channel:
+        with self._lock:
+            if address not in self._channels:
+                self._channels[address] = insecure_channel(address)
+            return self._channels[address]
+
+    def trainer(self, address: str) -> trainer_pb2_grpc.TrainerServiceStub:
+        return trainer_pb2_grpc.TrainerServiceStub(self._channel(address))
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()

@@ -1,0 +1,95 @@
+"""gRPC adapter of the pipeline service: parse, call the service, convert."""
+
+from __future__ import annotations
+
+import grpc
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
+from segtrain.pipeline.v1 import pipeline_pb2_grpc
+
+from services.common.timeutil import to_duration
+from services.pipeline_svc import converters
+from services.pipeline_svc.hyperparameters import DEFAULT_ARCHITECTURE
+from services.pipeline_svc.service import PipelineService
+
+Ctx = grpc.ServicerContext
+
+
+class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
+    def __init__(self, service: PipelineService, version: str) -> None:
+        self._s = service
+        self._version = version
+
+    def ListPipelines(self, request: pb.ListPipelinesRequest, context: Ctx) -> pb.ListPipelinesResponse:
+        rows, token = self._s.list_pipelines(request.page_size, request.page_token)
+        return pb.ListPipelinesResponse(pipelines=[converters.pipeline(r) for r in rows], next_page_token=token)
+
+    def GetPipeline(self, request: pb.GetPipelineRequest, context: Ctx) -> pb.Pipeline:
+        return converters.pipeline(self._s.get_pipeline(request.name))
+
+    def CreatePipeline(self, request: pb.CreatePipelineRequest, context: Ctx) -> pb.Pipeline:
+        return converters.pipeline(self._s.create_pipeline(request))
+
+    def ListArchitectures(self, request: pb.ListArchitecturesRequest, context: Ctx) -> pb.ListArchitecturesResponse:
+        return pb.ListArchitecturesResponse(architectures=[
+            pb.Architecture(name=a.name, description=a.description, parameter_count=a.parameter_count,
+                            is_default=a.name == DEFAULT_ARCHITECTURE)
+            for a in self._s.list_architectures()
+        ])
+
+    def CreateUpload(self, request: pb.CreateUploadRequest, context: Ctx) -> pb.Upload:
+        return self._s.create_upload(list(request.file_names))
+
+    def CreateTrainingSet(self, request: pb.CreateTrainingSetRequest, context: Ctx) -> pb.TrainingSet:
+        row, tiles = self._s.create_training_set(request)
+        return converters.training_set(row, tiles)
+
+    def GetTrainingSet(self, request: pb.GetTrainingSetRequest, context: Ctx) -> pb.TrainingSet:
+        row, tiles = self._s.get_training_set(request.name)
+        return converters.training_set(row, tiles)
+
+    def ListTrainingSets(self, request: pb.ListTrainingSetsRequest, context: Ctx) -> pb.ListTrainingSetsResponse:
+        rows, token = self._s.list_training_sets(request.pipeline, request.page_size, request.page_token)
+        return pb.ListTrainingSetsResponse(training_sets=[converters.training_set(r) for r in rows],
+                                           next_page_token=token)
+
+    def CreateJob(self, request: pb.CreateJobRequest, context: Ctx) -> pb.Job:
+        return converters.job(self._s.create_job(request))
+
+    def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.Job:
+        return converters.job(self._s.get_job(request.name))
+
+    def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
+        rows, token = self._s.list_jobs(request.pipeline, request.page_size, request.page_token)
+        return pb.ListJobsResponse(jobs=[converters.job(r) for r in rows], next_page_token=token)
+
+    def StartJob(self, request: pb.StartJobRequest, context: Ctx) -> pb.Job:
+        return converters.job(self._s.start_job(request.name))
+
+    def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.Job:
+        return converters.job(self._s.cancel_job(request.name, request.stop_early))
+
+    def GetModel(self, request: pb.GetModelRequest, context: Ctx) -> pb.Model:
+        return converters.model(self._s.get_model(request.name))
+
+    def ListModels(self, request: pb.ListModelsRequest, context: Ctx) -> pb.ListModelsResponse:
+        rows, token = self._s.list_models(request.pipeline, request.page_size, request.page_token)
+        return pb.ListModelsResponse(models=[converters.model(r) for r in rows], next_page_token=token)
+
+    def AnalyzeTiles(self, request: pb.AnalyzeTilesRequest, context: Ctx) -> pb.AnalyzeTilesResponse:
+        return self._s.analyze(request)
+
+    def RegisterTrainerNode(self, request: pb.RegisterTrainerNodeRequest, context: Ctx) -> pb.TrainerNode:
+        return converters.trainer_node(self._s.register_node(request), [])
+
+    def HeartbeatTrainerNode(self, request: pb.HeartbeatTrainerNodeRequest, context: Ctx
+                             ) -> pb.HeartbeatTrainerNodeResponse:
+        known, stop_jobs = self._s.heartbeat(request)
+        return pb.HeartbeatTrainerNodeResponse(
+            heartbeat_interval=to_duration(self._s.heartbeat_interval_s), stop_jobs=stop_jobs, registered=known)
+
+    def ListTrainerNodes(self, request: pb.ListTrainerNodesRequest, context: Ctx) -> pb.ListTrainerNodesResponse:
+        return pb.ListTrainerNodesResponse(
+            trainer_nodes=[converters.trainer_node(row, jobs) for row, jobs in self._s.list_nodes()])
+
+    def GetServiceInfo(self, request: pb.GetServiceInfoRequest, context: Ctx) -> pb.ServiceInfo:
+        return pb.ServiceInfo(metrics_address=self._s.metrics_public_address, version=self._version)

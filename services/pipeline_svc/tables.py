@@ -1,0 +1,135 @@
+"""The pipeline service's tables. JSON columns hold small lists/dicts that are always read whole."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, Column, LargeBinary, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from services.common.timeutil import utcnow
+
+
+class PipelineRow(SQLModel, table=True):
+    __tablename__ = "pipelines"
+
+    id: str = Field(primary_key=True, max_length=63)
+    display_name: str
+    type: int
+    class_names: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    tile_size: int
+    # Serialized segtrain.common.v1.Hyperparameters with every field set.
+    default_hyperparameters: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    description: str = ""
+    request_id: str | None = Field(default=None, unique=True, max_length=128)
+    create_time: datetime = Field(default_factory=utcnow)
+
+
+class TrainingSetRow(SQLModel, table=True):
+    __tablename__ = "training_sets"
+
+    id: str = Field(primary_key=True, max_length=63)
+    display_name: str
+    pipeline: str = Field(index=True)
+    class_names: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    snapshot: str = Field(index=True, max_length=80)
+    tile_count: int
+    train_tile_count: int
+    validation_tile_count: int
+    validation_fraction: float
+    split_seed: int
+    # Serialized segtrain.pipeline.v1.ValidationReport.
+    report: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    request_id: str | None = Field(default=None, unique=True, max_length=128)
+    create_time: datetime = Field(default_factory=utcnow)
+
+
+class TileRow(SQLModel, table=True):
+    __tablename__ = "tiles"
+    __table_args__ = (UniqueConstraint("training_set", "name", name="uq_tile_name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    training_set: str = Field(foreign_key="training_sets.id", index=True)
+    name: str
+    image_uri: str
+    mask_uri: str
+    source_image: str
+    width: int
+    height: int
+    validation: bool
+
+
+class JobRow(SQLModel, table=True):
+    __tablename__ = "jobs"
+
+    id: str = Field(primary_key=True, max_length=63)
+    display_name: str = ""
+    pipeline: str = Field(index=True)
+    training_set: str
+    from_model: str = ""
+    # Serialized effective segtrain.common.v1.Hyperparameters.
+    hyperparameters: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    state: int = Field(index=True)
+    failure_reason: str = ""
+    attempt: int = 0
+    # Serialized segtrain.common.v1.Progress / EpochMetrics (latest).
+    progress: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
+    latest_metrics: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
+    trainer_node: str = ""
+    # Highest trainer source_seq of the current attempt already relayed to the metrics service.
+    relayed_source_seq: int = 0
+    # Counter of the pipeline service's own events (attempt 0) for this job.
+    control_seq: int = 0
+    cancel_requested: bool = False
+    stop_early: bool = False
+    model: str = ""
+    request_id: str | None = Field(default=None, unique=True, max_length=128)
+    create_time: datetime = Field(default_factory=utcnow)
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    update_time: datetime = Field(default_factory=utcnow)
+
+
+class ModelRow(SQLModel, table=True):
+    __tablename__ = "models"
+
+    id: str = Field(primary_key=True, max_length=63)
+    job: str = Field(unique=True)
+    pipeline: str = Field(index=True)
+    training_set: str
+    training_set_snapshot: str
+    architecture: str
+    class_names: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    tile_size: int
+    # Serialized segtrain.common.v1.JobFinished the model was registered from.
+    finished: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    parent_model: str = ""
+    create_time: datetime = Field(default_factory=utcnow)
+
+
+class TrainerNodeRow(SQLModel, table=True):
+    __tablename__ = "trainer_nodes"
+
+    id: str = Field(primary_key=True, max_length=63)
+    address: str
+    capacity: int = 1
+    device: str = ""
+    state: int
+    heartbeat_time: datetime = Field(default_factory=utcnow)
+
+
+class OutboxRow(SQLModel, table=True):
+    """Events of the pipeline service waiting to be appended to the metrics service's log.
+
+    Written in the same transaction as the state change they describe, so a crash or a metrics
+    outage never loses one; the relay deletes a row once the metrics service has it."""
+
+    __tablename__ = "event_outbox"
+
+    id: int | None = Field(default=None, primary_key=True)
+    job: str = Field(index=True)
+    # Serialized segtrain.common.v1.JobEvent (attempt 0, source_seq from JobRow.control_seq).
+    payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+TABLES = [PipelineRow, TrainingSetRow, TileRow, JobRow, ModelRow, TrainerNodeRow, OutboxRow]

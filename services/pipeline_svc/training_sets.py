@@ -1,0 +1,262 @@
+"""Creating immutable, content-hashed training sets from uploaded tiles and annotations.
+
+Creation reads and checks every tile before anything is written: a set with fatal problems is
+refused naming each tile, and a failure half-way removes what it wrote. Snapshot objects are
+content-addressed (training-sets/{hash}/...), so identical content is stored once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import numpy as np
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from segcore import imaging, splits
+from segcore.errors import InvalidParameterError, InvalidTileError
+from services.common import names
+from services.common.database import session_scope
+from services.common.errors import (
+    AlreadyExistsError,
+    FieldViolation,
+    InvalidArgumentError,
+    NotFoundError,
+    check,
+)
+from services.common.pagination import page
+from services.common.storage import ObjectStore, safe_key
+from services.pipeline_svc import catalog
+from services.pipeline_svc.tables import TileRow, TrainingSetRow
+
+log = logging.getLogger(__name__)
+
+UPLOAD_PREFIX = "uploads/"
+MAX_TILES = 20_000
+MAX_REPORTED = 50
+UNLABELLED = 255
+
+
+@dataclass
+class _CheckedTile:
+    name: str
+    source_image: str
+    image_bytes: bytes
+    image_ext: str
+    mask_png: bytes
+    width: int
+    height: int
+    class_pixels: np.ndarray  # pixel count per class index
+
+
+def create(engine: Engine, store: ObjectStore, request: pb.CreateTrainingSetRequest) -> TrainingSetRow:
+    with session_scope(engine) as session:
+        if request.request_id:
+            previous = session.exec(
+                select(TrainingSetRow).where(TrainingSetRow.request_id == request.request_id)
+            ).first()
+            if previous is not None:
+                return previous
+        pipeline = catalog.get_row(session, request.pipeline, field="pipeline")
+    class_names = list(request.class_names) or list(pipeline.class_names)
+    _check_request(request, class_names)
+    tiles, warnings = _read_and_check(store, request, len(class_names))
+    snapshot = _snapshot_hash(tiles, class_names)
+    set_id = request.training_set_id or f"ts-{snapshot.removeprefix('sha256:')[:12]}"
+    fraction = request.validation_fraction if request.HasField("validation_fraction") else 0.2
+    seed = request.split_seed if request.HasField("split_seed") else 0
+    validation = _split(tiles, fraction, seed)
+    report = _report(tiles, validation, class_names, warnings)
+    with session_scope(engine) as session:
+        existing = session.get(TrainingSetRow, set_id)
+        if existing is not None:
+            if existing.snapshot == snapshot and existing.split_seed == seed:
+                return existing  # the same content again: recognised, not duplicated
+            raise AlreadyExistsError(f"trainingSets/{set_id} already exists with different content")
+    written = _write_snapshot(store, snapshot, tiles)
+    try:
+        with session_scope(engine) as session:
+            row = TrainingSetRow(
+                id=set_id, display_name=request.display_name or set_id, pipeline=pipeline.id,
+                class_names=class_names, snapshot=snapshot, tile_count=len(tiles),
+                train_tile_count=len(tiles) - len(validation), validation_tile_count=len(validation),
+                validation_fraction=fraction, split_seed=seed, report=report.SerializeToString(),
+                request_id=request.request_id or None,
+            )
+            session.add(row)
+            session.flush()
+            prefix = snapshot_prefix(snapshot)
+            for t in tiles:
+                session.add(TileRow(
+                    training_set=set_id, name=t.name, image_uri=f"{prefix}images/{t.name}{t.image_ext}",
+                    mask_uri=f"{prefix}masks/{t.name}.png", source_image=t.source_image,
+                    width=t.width, height=t.height, validation=t.name in validation,
+                ))
+        return row
+    except BaseException:
+        store.delete_many(written)  # objects this call created; shared snapshot objects stay
+        raise
+
+
+def snapshot_prefix(snapshot: str) -> str:
+    return f"training-sets/{snapshot.removeprefix('sha256:')[:32]}/"
+
+
+def get_row(session: Session, name: str, *, field: str = "name") -> TrainingSetRow:
+    set_id = names.parse_name(name, names.TRAINING_SETS, field=field)
+    row = session.get(TrainingSetRow, set_id)
+    if row is None:
+        raise NotFoundError(names.format_name(names.TRAINING_SETS, set_id))
+    return row
+
+
+def tiles_of(session: Session, set_id: str) -> list[TileRow]:
+    return list(session.exec(select(TileRow).where(TileRow.training_set == set_id).order_by(col(TileRow.name))))
+
+
+def list_rows(session: Session, pipeline: str, page_size: int, page_token: str
+              ) -> tuple[list[TrainingSetRow], str]:
+    query = select(TrainingSetRow).order_by(col(TrainingSetRow.create_time).desc(), col(TrainingSetRow.id))
+    if pipeline:
+        query = query.where(TrainingSetRow.pipeline == names.parse_name(pipeline, names.PIPELINES, field="pipeline"))
+    return page(session, query, page_size, page_token)
+
+
+def _check_request(request: pb.CreateTrainingSetRequest, class_names: list[str]) -> None:
+    v: list[FieldViolation] = []
+    if request.training_set_id and not names.is_valid_id(request.training_set_id):
+        v.append(FieldViolation("training_set_id", "1-63 lowercase letters, digits or '-'"))
+    v += catalog.class_name_violations(class_names, "class_names")
+    if not request.tiles:
+        v.append(FieldViolation("tiles", "a training set needs at least one tile"))
+    if len(request.tiles) > MAX_TILES:
+        v.append(FieldViolation("tiles", f"at most {MAX_TILES} tiles"))
+    if request.format not in (pb.ANNOTATION_FORMAT_MASKS, pb.ANNOTATION_FORMAT_UNSPECIFIED):
+        v.append(FieldViolation("format", "only ANNOTATION_FORMAT_MASKS (class-index images) is supported so far"))
+    if request.HasField("validation_fraction") and not 0.05 <= request.validation_fraction <= 0.5:
+        v.append(FieldViolation("validation_fraction", "must be between 0.05 and 0.5"))
+    seen: set[str] = set()
+    for i, tile in enumerate(request.tiles):
+        for field, key in (("image_key", tile.image_key), ("annotation_key", tile.annotation_key)):
+            try:
+                safe_key(key, field=f"tiles[{i}].{field}", prefix=UPLOAD_PREFIX)
+            except InvalidArgumentError as exc:
+                v += exc.violations
+        stem = PurePosixPath(tile.image_key).stem
+        if stem in seen:
+            v.append(FieldViolation(f"tiles[{i}].image_key", f"duplicate tile name {stem!r}"))
+        seen.add(stem)
+    check(v[:MAX_REPORTED])
+
+
+def _read_and_check(store: ObjectStore, request: pb.CreateTrainingSetRequest, num_classes: int
+                    ) -> tuple[list[_CheckedTile], list[pb.ValidationIssue]]:
+    def one(i: int) -> _CheckedTile | FieldViolation:
+        tile = request.tiles[i]
+        name = PurePosixPath(tile.image_key).stem
+        try:
+            image_bytes = store.get(tile.image_key)
+            mask_bytes = store.get(tile.annotation_key)
+        except NotFoundError as exc:
+            return FieldViolation(f"tiles[{i}]", f"tile {name!r}: {exc.message}")
+        try:
+            return _check_tile(name, tile, image_bytes, mask_bytes, num_classes)
+        except InvalidTileError as exc:
+            return FieldViolation(f"tiles[{i}]", f"tile {exc.tile!r}: {exc.reason}")
+
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="tile-check") as pool:
+        results = list(pool.map(one, range(len(request.tiles))))
+    check([r for r in results if isinstance(r, FieldViolation)][:MAX_REPORTED])
+    tiles = [r for r in results if isinstance(r, _CheckedTile)]
+    warnings = [
+        pb.ValidationIssue(severity=pb.ValidationIssue.SEVERITY_WARNING, code="TILE_WITHOUT_ANNOTATIONS",
+                           tile=t.name, message="no pixel of any foreground class")
+        for t in tiles if t.class_pixels[1:].sum() == 0
+    ]
+    return tiles, warnings
+
+
+def _check_tile(name: str, tile: pb.TileInput, image_bytes: bytes, mask_bytes: bytes, num_classes: int
+                ) -> _CheckedTile:
+    image = imaging.decode_image(image_bytes, name)
+    mask = imaging.decode_mask(mask_bytes, name)
+    if image.shape[:2] != mask.shape:
+        raise InvalidTileError(name, f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
+                                     f"{image.shape[1]}x{image.shape[0]}")
+    labelled = mask[mask != UNLABELLED]
+    if labelled.size and (labelled.min() < 0 or labelled.max() >= num_classes):
+        bad = sorted({int(x) for x in np.unique(labelled) if not 0 <= x < num_classes})
+        raise InvalidTileError(name, f"mask has class indices {bad[:5]} outside the class map 0..{num_classes - 1}")
+    return _CheckedTile(
+        name=name, source_image=tile.source_image or name, image_bytes=image_bytes,
+        image_ext=PurePosixPath(tile.image_key).suffix.lower(), mask_png=imaging.encode_mask_png(mask),
+        width=int(image.shape[1]), height=int(image.shape[0]),
+        class_pixels=np.bincount(labelled.ravel(), minlength=num_classes)[:num_classes],
+    )
+
+
+def _snapshot_hash(tiles: list[_CheckedTile], class_names: list[str]) -> str:
+    digest = hashlib.sha256(json.dumps(class_names).encode())
+    for t in sorted(tiles, key=lambda t: t.name):
+        digest.update(json.dumps([
+            t.name, t.source_image, hashlib.sha256(t.image_bytes).hexdigest(), hashlib.sha256(t.mask_png).hexdigest(),
+        ]).encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _split(tiles: list[_CheckedTile], fraction: float, seed: int) -> set[str]:
+    try:
+        result = splits.split_train_val(
+            [t.name for t in tiles], seed=seed, val_fraction=fraction, groups=[t.source_image for t in tiles],
+            labels_present=[{int(c) for c in np.nonzero(t.class_pixels)[0]} for t in tiles],
+        )
+    except InvalidParameterError as exc:
+        raise InvalidArgumentError.of(exc.field, exc.reason) from None
+    return set(result.val)
+
+
+def _report(tiles: list[_CheckedTile], validation: set[str], class_names: list[str],
+            warnings: list[pb.ValidationIssue]) -> pb.ValidationReport:
+    totals = np.sum([t.class_pixels for t in tiles], axis=0)
+    classes = [
+        pb.ClassStatistics(
+            class_index=i, class_name=name, pixel_count=int(totals[i]),
+            tile_count=sum(1 for t in tiles if t.class_pixels[i] > 0),
+            validation_tile_count=sum(1 for t in tiles if t.class_pixels[i] > 0 and t.name in validation),
+        )
+        for i, name in enumerate(class_names)
+    ]
+    issues = list(warnings)
+    for stats in classes[1:]:
+        if stats.pixel_count == 0:
+            issues.append(pb.ValidationIssue(severity=pb.ValidationIssue.SEVERITY_WARNING, code="CLASS_ABSENT",
+                                             message=f"class {stats.class_name!r} has no annotated pixel"))
+        elif stats.validation_tile_count == 0:
+            issues.append(pb.ValidationIssue(
+                severity=pb.ValidationIssue.SEVERITY_WARNING, code="CLASS_NOT_IN_VALIDATION",
+                message=f"class {stats.class_name!r} does not appear in the validation split"))
+    return pb.ValidationReport(classes=classes, issues=issues)
+
+
+def _write_snapshot(store: ObjectStore, snapshot: str, tiles: list[_CheckedTile]) -> list[str]:
+    """Writes the snapshot's objects that are not there yet; returns the keys written."""
+    prefix = snapshot_prefix(snapshot)
+    existing = set(store.list_keys(prefix))
+    uploads = [(f"{prefix}images/{t.name}{t.image_ext}", t.image_bytes) for t in tiles]
+    uploads += [(f"{prefix}masks/{t.name}.png", t.mask_png) for t in tiles]
+    todo = [(k, data) for k, data in uploads if k not in existing]
+    written: list[str] = []
+    try:
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="snapshot") as pool:
+            for key in pool.map(lambda kv: (store.put(kv[0], kv[1]), kv[0])[1], todo):
+                written.append(key)
+    except BaseException:
+        store.delete_many([k for k, _ in todo])
+        raise
+    return written

@@ -1,0 +1,35 @@
+"""Presigned upload URLs: clients put tiles straight into object storage, without credentials."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
+
+from services.common.errors import FieldViolation, check
+from services.common.storage import ObjectStore, safe_key
+from services.common.timeutil import to_timestamp, utcnow
+
+URL_LIFETIME = timedelta(hours=2)
+MAX_FILES = 5000
+
+
+def create(store: ObjectStore, file_names: list[str]) -> pb.Upload:
+    v: list[FieldViolation] = []
+    if not file_names:
+        v.append(FieldViolation("file_names", "name at least one file"))
+    if len(file_names) > MAX_FILES:
+        v.append(FieldViolation("file_names", f"at most {MAX_FILES} files per upload"))
+    if len(set(file_names)) != len(file_names):
+        v.append(FieldViolation("file_names", "file names must be unique"))
+    for i, name in enumerate(file_names):
+        if "/" in name:
+            v.append(FieldViolation(f"file_names[{i}]", "a plain file name, without directories"))
+    check(v[:50])
+    upload_id = uuid.uuid4().hex
+    files = []
+    for i, name in enumerate(file_names):
+        key = safe_key(f"uploads/{upload_id}/{name}", field=f"file_names[{i}]")
+        files.append(pb.Upload.File(file_name=name, key=key, url=store.presign_put(key, URL_LIFETIME)))
+    return pb.Upload(upload_id=upload_id, files=files, expire_time=to_timestamp(utcnow() + URL_LIFETIME))

@@ -1,0 +1,51 @@
+"""Composition of a trainer node: settings -> store -> executor/analyzer -> node -> servicer."""
+
+from __future__ import annotations
+
+import socket
+
+import grpc
+from grpc_health.v1 import health
+from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+
+from services.common.server import create_server, insecure_channel
+from services.common.settings import StorageSettings, TrainerSettings
+from services.common.storage import ObjectStore
+from services.trainer_svc.analysis import Analyzer
+from services.trainer_svc.executor import JobExecutor
+from services.trainer_svc.node import Registration, TrainerNode
+from services.trainer_svc.servicer import TrainerServicer
+
+SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
+
+
+def build(settings: TrainerSettings, storage: StorageSettings
+          ) -> tuple[grpc.Server, int, health.HealthServicer, TrainerNode, Registration]:
+    store = ObjectStore(storage)
+    store.ensure_bucket()
+    device = None if settings.device == "auto" else settings.device
+    executor = JobExecutor(store, device=device, num_threads=settings.num_threads,
+                           progress_interval_s=settings.progress_interval_s)
+    node = TrainerNode(executor, Analyzer(store, device))
+    servicer = TrainerServicer(node)
+    server, port, health_servicer = create_server(
+        settings.listen, [lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s)],
+        [SERVICE_NAME],
+    )
+    host = settings.listen.rsplit(":", 1)[0]
+    address = settings.advertise_address or f"{host}:{port}"
+    node_id = settings.node_id or _default_node_id(port)
+    registration = Registration(node, settings.pipeline_address, node_id, address, _device_name(device),
+                                insecure_channel(settings.pipeline_address))
+    return server, port, health_servicer, node, registration
+
+
+def _default_node_id(port: int) -> str:
+    host = "".join(c if c.isalnum() else "-" for c in socket.gethostname().lower()).strip("-")[:40]
+    return f"{host or 'node'}-{port}"
+
+
+def _device_name(device: str | None) -> str:
+    from segcore.checkpoint import environment_info
+
+    return environment_info(device)["device"]

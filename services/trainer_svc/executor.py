@@ -1,0 +1,207 @@
+"""Runs one job attempt with the training core: loads tiles from object storage, trains, writes
+checkpoints and models, and reports every step as events on the run's log.
+
+This is the adapter between segcore (pure) and the node: it translates observer hooks into
+events, the cancel flag into `should_stop`, and core errors into a FAILED outcome whose reason
+says what to change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from segtrain.common.v1 import common_pb2
+from segtrain.trainer.v1 import trainer_pb2
+
+from segcore import checkpoint, imaging
+from segcore.architectures import build_model
+from segcore.errors import SegcoreError
+from segcore.progress import EpochResult
+from segcore.training import Sample, TrainConfig, TrainingState, TrainResult, train
+from services.common.errors import DomainError
+from services.common.storage import ObjectStore
+from services.common.timeutil import to_duration
+from services.trainer_svc.runs import JobRun
+
+log = logging.getLogger(__name__)
+S = common_pb2
+
+
+class _Reporter:
+    """The training observer: turns hooks into events (batch progress throttled)."""
+
+    def __init__(self, run: JobRun, epochs: int, progress_interval_s: float, class_names: list[str]) -> None:
+        self._run = run
+        self._class_names = class_names
+        self._epochs = epochs
+        self._interval = progress_interval_s
+        self._started = time.monotonic()
+        self._last_batch_event = 0.0
+        self._batches = 1
+
+    def progress(self, epoch: int, batch: int, phase: int) -> common_pb2.Progress:
+        done = ((epoch - 1) + batch / self._batches) / self._epochs if epoch else 0.0
+        elapsed = time.monotonic() - self._started
+        p = common_pb2.Progress(percent=round(100 * done, 2), epoch=epoch, epochs=self._epochs, batch=batch,
+                                batches=self._batches, elapsed=to_duration(elapsed), phase=phase)  # type: ignore[arg-type]
+        if done > 0.01:
+            p.eta.CopyFrom(to_duration(elapsed / done - elapsed))
+        return p
+
+    def phase(self, phase: int, epoch: int = 0, batch: int = 0) -> None:
+        self._run.emit(S.JobEvent(phase_change=S.PhaseChange(phase=phase),  # type: ignore[arg-type]
+                                  progress=self.progress(epoch, batch, phase)))
+
+    def on_epoch_start(self, epoch: int, epochs: int, num_batches: int) -> None:
+        self._batches = num_batches
+        self.phase(S.PHASE_TRAINING, epoch, 0)
+
+    def on_batch_end(self, epoch: int, batch: int, num_batches: int, loss: float) -> None:
+        now = time.monotonic()
+        if batch == num_batches:
+            self.phase(S.PHASE_VALIDATING, epoch, batch)
+        elif now - self._last_batch_event >= self._interval:
+            self._last_batch_event = now
+            self._run.emit(S.JobEvent(
+                batch_progress=S.BatchProgress(epoch=epoch, batch=batch, batches=num_batches, loss=loss),
+                progress=self.progress(epoch, batch, S.PHASE_TRAINING)))
+
+    def on_epoch_end(self, result: EpochResult) -> None:
+        self._run.emit(S.JobEvent(epoch_metrics=epoch_metrics(result, self._class_names),
+                                  progress=self.progress(result.epoch, self._batches, S.PHASE_VALIDATING)))
+
+    def should_stop(self) -> bool:
+        return self._run.cancel_requested
+
+
+def epoch_metrics(result: EpochResult, class_names: list[str]) -> common_pb2.EpochMetrics:
+    return common_pb2.EpochMetrics(
+        epoch=result.epoch, epochs=result.epochs, train_loss=result.train_loss, train_iou=result.train_iou,
+        val_loss=result.val_loss, val_iou=result.val_iou, learning_rate=result.learning_rate,
+        epoch_time=to_duration(result.seconds), is_best=result.is_best,
+        per_class_iou=[S.ClassIoU(class_index=i, class_name=name, iou=iou) if iou is not None
+                       else S.ClassIoU(class_index=i, class_name=name)
+                       for i, (name, iou) in enumerate(zip(class_names, result.per_class_iou, strict=False))],
+    )
+
+
+class JobExecutor:
+    def __init__(self, store: ObjectStore, *, device: str | None, num_threads: int | None,
+                 progress_interval_s: float) -> None:
+        self._store = store
+        self._device = device
+        self._num_threads = num_threads
+        self._progress_interval_s = progress_interval_s
+
+    def execute(self, run: JobRun, request: trainer_pb2.RunJobRequest) -> None:
+        """Runs the attempt to its end; always finishes the run's log with a `finished` event."""
+        params = request.hyperparameters
+        reporter = _Reporter(run, params.epochs, self._progress_interval_s, list(request.class_names))
+        try:
+            config = self._config(request)
+            reporter.phase(S.PHASE_PREPARING_DATA)
+            train_samples, val_samples = self._load_samples(request)
+            reporter.phase(S.PHASE_RENDERING_MASKS)
+            resume = self._resume_state(request)
+            model = self._initial_model(run, request) if resume is None else None
+            result = train(config, train_samples, val_samples, reporter, init_state=resume, model=model,
+                           checkpoint=lambda state: self._checkpoint(run, request, reporter, state))
+            finished = self._finish(run, request, config, result, reporter)
+        except (SegcoreError, DomainError) as exc:
+            log.warning("%s failed: %s", request.job, exc)
+            finished = S.JobFinished(state=S.JOB_STATE_FAILED, reason=str(exc))
+        except Exception:
+            incident = uuid.uuid4().hex[:12]
+            log.exception("%s failed (incident %s)", request.job, incident)
+            finished = S.JobFinished(state=S.JOB_STATE_FAILED,
+                                     reason=f"internal error on the trainer node (incident {incident})")
+        run.emit(S.JobEvent(finished=finished))
+
+    def _config(self, request: trainer_pb2.RunJobRequest) -> TrainConfig:
+        p = request.hyperparameters
+        return TrainConfig(
+            class_names=list(request.class_names), architecture=p.architecture, batch_size=p.batch_size,
+            epochs=p.epochs, learning_rate=p.learning_rate, weight_decay=p.weight_decay, seed=p.seed,
+            crop_size=p.crop_size if p.HasField("crop_size") else None, augment=p.augment, loss=p.loss or "ce",
+            class_weights=p.class_weights,
+            early_stopping_patience=p.early_stopping_patience if p.HasField("early_stopping_patience") else None,
+            checkpoint_every=p.checkpoint_every or 1, device=self._device, num_threads=self._num_threads,
+        )
+
+    def _load_samples(self, request: trainer_pb2.RunJobRequest) -> tuple[list[Sample], list[Sample]]:
+        def load(tile: trainer_pb2.TrainingTile) -> tuple[bool, Sample]:
+            image = imaging.decode_image(self._store.get(tile.image_uri), tile.name)
+            mask = imaging.decode_mask(self._store.get(tile.mask_uri), tile.name)
+            return tile.validation, Sample(tile_id=tile.name, image=image, mask=mask)
+
+        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="tile-load") as pool:
+            loaded = list(pool.map(load, request.tiles))
+        return [s for v, s in loaded if not v], [s for v, s in loaded if v]
+
+    def _initial_model(self, run: JobRun, request: trainer_pb2.RunJobRequest) -> torch.nn.Module | None:
+        """The parent model to fine-tune; its head is re-initialised when the class map differs."""
+        if not request.HasField("from_model"):
+            return None
+        parent, meta = checkpoint.load_model(self._store.get(request.from_model.weights_uri))
+        if meta.class_names == list(request.class_names):
+            return parent
+        model = build_model(meta.architecture, len(request.class_names))
+        own = model.state_dict()
+        kept = {k: v for k, v in parent.state_dict().items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(kept, strict=False)
+        run.emit(S.JobEvent(warning=S.Warning(
+            code="HEAD_REINITIALISED",
+            message=f"the parent's classes {meta.class_names} differ from this set's {list(request.class_names)}: "
+                    f"backbone kept, {len(own) - len(kept)} head tensors re-initialised")))
+        return model
+
+    def _resume_state(self, request: trainer_pb2.RunJobRequest) -> TrainingState | None:
+        if not request.resume_checkpoint_uri:
+            return None
+        return checkpoint.load_training_state(self._store.get(request.resume_checkpoint_uri))
+
+    def _checkpoint(self, run: JobRun, request: trainer_pb2.RunJobRequest, reporter: _Reporter,
+                    state: TrainingState) -> None:
+        reporter.phase(S.PHASE_CHECKPOINTING, state.epoch, 0)
+        data = checkpoint.save_training_state(state)
+        # One rolling full-state checkpoint: resume needs only the latest (no per-epoch bloat).
+        key = f"{request.output_prefix}checkpoints/state-latest.pt"
+        self._store.put(key, data)
+        run.emit(S.JobEvent(checkpoint_saved=S.CheckpointSaved(epoch=state.epoch, uri=key, size_bytes=len(data),
+                                                                kind="state")))
+
+    def _finish(self, run: JobRun, request: trainer_pb2.RunJobRequest, config: TrainConfig,
+                result: TrainResult, reporter: _Reporter) -> common_pb2.JobFinished:
+        if result.stopped and not run.stop_early:
+            return S.JobFinished(state=S.JOB_STATE_CANCELLED, reason="cancelled by request",
+                                 epochs_trained=len(result.history))
+        if result.best_state is None or result.best_epoch is None:
+            return S.JobFinished(state=S.JOB_STATE_FAILED, reason="no epoch completed; nothing to register")
+        reporter.phase(S.PHASE_FINALISING, result.history[-1].epoch, 0)
+        meta = checkpoint.model_meta_for(config, result, tile_size=request.tile_size, extra={
+            "job": request.job, "training_set": request.training_set,
+            "training_set_snapshot": request.training_set_snapshot})
+        best = self._put_model(f"{request.output_prefix}models/best.safetensors", result.best_state, meta)
+        final = self._put_model(f"{request.output_prefix}models/final.safetensors", result.final_state, meta)
+        best_result = next(r for r in result.history if r.epoch == result.best_epoch)
+        why = f"highest validation IoU ({best_result.val_iou:.4f}) of {len(result.history)} epochs"
+        if result.stopped:
+            why += "; training was stopped early on request"
+        elif result.early_stopped:
+            why += f"; early stopping after {config.early_stopping_patience} epochs without improvement"
+        environment = {**meta.versions, "seed": str(config.seed), "device": meta.device}
+        return S.JobFinished(
+            state=S.JOB_STATE_SUCCEEDED, best_model=best, final_model=final, best_epoch=result.best_epoch,
+            best_metrics=epoch_metrics(best_result, list(request.class_names)), selection_reason=why,
+            epochs_trained=len(result.history), environment=environment,
+        )
+
+    def _put_model(self, key: str, state: dict, meta: checkpoint.ModelMeta) -> common_pb2.Artifact:  # type: ignore[type-arg]
+        data = checkpoint.export_model(state, meta)
+        self._store.put(key, data)
+        return S.Artifact(uri=key, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())

@@ -1,0 +1,110 @@
+"""The trainer node: accepts jobs (each in its own thread), serves their event logs, registers
+with the pipeline service and heartbeats, stopping jobs the pipeline no longer assigns here."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+
+import grpc
+from segtrain.common.v1 import common_pb2
+from segtrain.pipeline.v1 import pipeline_pb2, pipeline_pb2_grpc
+from segtrain.trainer.v1 import trainer_pb2
+
+from services.common import names
+from services.common.errors import FieldViolation, check
+from services.common.storage import safe_key
+from services.trainer_svc.analysis import Analyzer
+from services.trainer_svc.executor import JobExecutor
+from services.trainer_svc.runs import RunRegistry
+
+log = logging.getLogger(__name__)
+WATCH_POLL_S = 1.0
+
+
+class TrainerNode:
+    def __init__(self, executor: JobExecutor, analyzer: Analyzer, *, capacity: int = 1) -> None:
+        self.executor = executor
+        self.analyzer = analyzer
+        self.runs = RunRegistry(capacity)
+
+    def run_job(self, request: trainer_pb2.RunJobRequest) -> bool:
+        _validate(request)
+        run = self.runs.add(request.job, request.attempt)
+        if run is None:
+            return False
+        threading.Thread(target=self.executor.execute, args=(run, request), name=f"job-{request.job}",
+                         daemon=True).start()
+        return True
+
+    def watch(self, job: str, attempt: int, after: int, is_active: Callable[[], bool]
+              ) -> Iterator[common_pb2.JobEvent]:
+        return self.runs.get(job, attempt).follow(after, WATCH_POLL_S, is_active)
+
+    def cancel(self, job: str, stop_early: bool) -> bool:
+        run = self.runs.find(job)
+        if run is None or run.finished:
+            return False
+        run.request_cancel(stop_early)
+        return True
+
+    def running_jobs(self) -> list[str]:
+        return [r.job for r in self.runs.active()]
+
+
+def _validate(request: trainer_pb2.RunJobRequest) -> None:
+    names.parse_name(request.job, names.JOBS, field="job")
+    v = []
+    if request.attempt < 1:
+        v.append(FieldViolation("attempt", "must be >= 1"))
+    if not request.tiles:
+        v.append(FieldViolation("tiles", "no tiles"))
+    for i, tile in enumerate(request.tiles):
+        safe_key(tile.image_uri, field=f"tiles[{i}].image_uri", prefix="training-sets/")
+        safe_key(tile.mask_uri, field=f"tiles[{i}].mask_uri", prefix="training-sets/")
+    safe_key(request.output_prefix.rstrip("/"), field="output_prefix", prefix="jobs/")
+    check(v)
+
+
+class Registration(threading.Thread):
+    """Registers the node with the pipeline service and heartbeats until stopped."""
+
+    def __init__(self, node: TrainerNode, pipeline_address: str, node_id: str, address: str, device: str,
+                 channel: grpc.Channel) -> None:
+        super().__init__(name="registration", daemon=True)
+        self._node, self._node_id, self._address, self._device = node, node_id, address, device
+        self._stub = pipeline_pb2_grpc.PipelineServiceStub(channel)
+        self._pipeline_address = pipeline_address
+        self.stopping = threading.Event()
+        self.draining = False
+        self.registered = threading.Event()
+
+    def run(self) -> None:
+        interval = 1.0
+        while not self.stopping.is_set():
+            try:
+                if not self.registered.is_set():
+                    self._stub.RegisterTrainerNode(pipeline_pb2.RegisterTrainerNodeRequest(
+                        node_id=self._node_id, address=self._address, capacity=self._node.runs.capacity,
+                        device=self._device), timeout=10)
+                    self.registered.set()
+                    log.info("registered with the pipeline service at %s as %s", self._pipeline_address,
+                             self._node_id)
+                interval = self._heartbeat()
+            except grpc.RpcError as exc:
+                log.warning("pipeline service unreachable (%s); retrying", exc.code())
+                interval = 1.0
+            self.stopping.wait(interval)
+
+    def _heartbeat(self) -> float:
+        response = self._stub.HeartbeatTrainerNode(pipeline_pb2.HeartbeatTrainerNodeRequest(
+            name=f"trainerNodes/{self._node_id}", jobs=self._node.running_jobs(), draining=self.draining),
+            timeout=10)
+        if not response.registered:
+            self.registered.clear()
+            return 0.0
+        for job in response.stop_jobs:
+            log.info("pipeline service asks to stop %s", job)
+            self._node.cancel(job, stop_early=False)
+        return max(0.2, response.heartbeat_interval.ToTimedelta().total_seconds())

@@ -1,0 +1,32 @@
+"""gRPC adapter of a trainer node: parse, call the node, convert."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+from segtrain.trainer.v1 import trainer_pb2 as pb
+from segtrain.trainer.v1 import trainer_pb2_grpc
+
+from services.trainer_svc.node import TrainerNode
+
+
+class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
+    def __init__(self, node: TrainerNode) -> None:
+        self._node = node
+
+    def RunJob(self, request: pb.RunJobRequest, context: grpc.ServicerContext) -> pb.RunJobResponse:
+        return pb.RunJobResponse(accepted=self._node.run_job(request))
+
+    def WatchJobRun(self, request: pb.WatchJobRunRequest, context: grpc.ServicerContext
+                    ) -> Iterator[pb.WatchJobRunResponse]:
+        for event in self._node.watch(request.job, request.attempt, request.after_source_seq, context.is_active):
+            yield pb.WatchJobRunResponse(event=event)
+
+    def CancelJobRun(self, request: pb.CancelJobRunRequest, context: grpc.ServicerContext
+                     ) -> pb.CancelJobRunResponse:
+        return pb.CancelJobRunResponse(found=self._node.cancel(request.job, request.stop_early))
+
+    def AnalyzeTiles(self, request: pb.AnalyzeTilesRequest, context: grpc.ServicerContext
+                     ) -> pb.AnalyzeTilesResponse:
+        return self._node.analyzer.analyze(request)
