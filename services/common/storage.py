@@ -43,6 +43,13 @@ def safe_key(key: str, *, field: str, prefix: str = "") -> str:
     return key
 
 
+def _is_missing(exc: S3Error | InvalidResponseError) -> bool:
+    # rclone answers some 404s with a body minio cannot parse (InvalidResponseError).
+    if isinstance(exc, S3Error):
+        return exc.code in ("NoSuchKey", "NoSuchObject", "NotFound")
+    return getattr(exc, "_code", None) == 404
+
+
 class ObjectStore:
     """A bucket on an S3 API server, with the few operations the services need."""
 
@@ -88,8 +95,8 @@ class ObjectStore:
     def get(self, key: str) -> bytes:
         try:
             response = self._client.get_object(self.bucket, key)
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject"):
+        except (S3Error, InvalidResponseError) as exc:
+            if _is_missing(exc):
                 raise NotFoundError(f"object {key!r}") from exc
             raise UnavailableError("object store error") from exc
         except urllib3.exceptions.HTTPError as exc:
@@ -104,8 +111,8 @@ class ObjectStore:
         try:
             self._client.stat_object(self.bucket, key)
             return True
-        except S3Error as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+        except (S3Error, InvalidResponseError) as exc:
+            if _is_missing(exc):
                 return False
             raise UnavailableError("object store error") from exc
 

@@ -1,0 +1,75 @@
+"""In-process servers on port 0 for integration tests, talking over real gRPC channels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from segtrain.metrics.v1 import metrics_pb2_grpc
+from segtrain.pipeline.v1 import pipeline_pb2_grpc
+from services.common.settings import MetricsSettings, PipelineSettings, StorageSettings
+from services.metrics_svc import app as metrics_app
+from services.metrics_svc.service import MetricsService
+from services.pipeline_svc import app as pipeline_app
+from services.pipeline_svc.service import PipelineService
+
+
+@dataclass
+class Running:
+    address: str
+    channel: grpc.Channel
+
+
+@dataclass
+class MetricsServer(Running):
+    service: MetricsService
+    stub: metrics_pb2_grpc.MetricsServiceStub
+
+
+@dataclass
+class PipelineServer(Running):
+    service: PipelineService
+    stub: pipeline_pb2_grpc.PipelineServiceStub
+    database_url: str
+
+
+def start_metrics(database_url: str, *, heartbeat_s: float = 0.2, buffer: int = 1000) -> tuple[grpc.Server, MetricsServer]:
+    settings = MetricsSettings(listen="127.0.0.1:0", database_url=database_url, heartbeat_interval_s=heartbeat_s,
+                               watcher_buffer=buffer)
+    server, port, _, service = metrics_app.build(settings)
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return server, MetricsServer(f"127.0.0.1:{port}", channel, service, metrics_pb2_grpc.MetricsServiceStub(channel))
+
+
+@pytest.fixture
+def metrics_server(tmp_path: Path) -> Iterator[MetricsServer]:
+    server, running = start_metrics(f"sqlite:///{tmp_path / 'metrics.db'}")
+    try:
+        yield running
+    finally:
+        running.channel.close()
+        server.stop(0).wait()
+
+
+@pytest.fixture
+def pipeline_server(tmp_path: Path, s3_settings: StorageSettings, metrics_server: MetricsServer
+                    ) -> Iterator[PipelineServer]:
+    url = f"sqlite:///{tmp_path / 'pipeline.db'}"
+    settings = PipelineSettings(listen="127.0.0.1:0", database_url=url, metrics_address=metrics_server.address,
+                                schedule_interval_s=0.2, heartbeat_interval_s=1.0)
+    server, port, _, service = pipeline_app.build(settings, s3_settings)
+    service.start()
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield PipelineServer(f"127.0.0.1:{port}", channel, service,
+                             pipeline_pb2_grpc.PipelineServiceStub(channel), url)
+    finally:
+        channel.close()
+        service.stop()
+        server.stop(0).wait()

@@ -1,0 +1,245 @@
+"""The pipeline service over real gRPC, real S3 (rclone) and SQLite: pipelines, uploads,
+training sets, jobs, and how bad input is refused without leaving anything behind."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from clients.sdk import Client
+from segtrain.common.v1 import common_pb2
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
+from services.common.storage import ObjectStore
+from tests.helpers import error_of, png_bytes, row_counts, upload_bytes, violation_fields, write_sample_set
+from tests.integration.conftest import PipelineServer
+
+TABLES = ["pipelines", "training_sets", "tiles", "jobs", "models", "event_outbox"]
+
+
+@pytest.fixture
+def client(pipeline_server: PipelineServer) -> Client:
+    return Client(pipeline_server.address)
+
+
+@pytest.fixture
+def training_set(client: Client, tmp_path: Path) -> pb.TrainingSet:
+    tiles, masks = write_sample_set(tmp_path / "set", count=12)
+    return client.create_training_set("cells", tiles, masks, class_names=["background", "nucleus", "debris"],
+                                      group_by=r"^(.*)_tile")
+
+
+def test_default_pipeline_carries_the_seed_defaults(client: Client) -> None:
+    pipelines = {p.name: p for p in client.list_pipelines()}
+    default = pipelines["pipelines/segmentation"]
+    assert default.type == pb.Pipeline.TYPE_TRAINING
+    assert pipelines["pipelines/analysis"].type == pb.Pipeline.TYPE_ANALYSIS
+    params = default.default_hyperparameters
+    assert (params.batch_size, params.epochs, params.learning_rate, params.architecture) == (
+        8, 10, 0.001, "upernet-convnext-base")
+
+
+def test_architectures_are_listed_with_parameter_counts(client: Client) -> None:
+    archs = {a.name: a for a in client.list_architectures()}
+    assert archs["upernet-convnext-base"].is_default
+    assert archs["upernet-convnext-base"].parameter_count > 100_000_000
+    assert 100_000 < archs["upernet-convnext-cpu"].parameter_count < 1_000_000
+
+
+def test_training_set_is_checked_split_by_source_and_stored(
+    training_set: pb.TrainingSet, client: Client, store: ObjectStore
+) -> None:
+    ts = client.pipeline.GetTrainingSet(pb.GetTrainingSetRequest(name=training_set.name))
+    assert ts.tile_count == 12 and ts.train_tile_count + ts.validation_tile_count == 12
+    assert ts.validation_tile_count >= 1 and ts.train_tile_count >= 1
+    assert ts.snapshot.startswith("sha256:")
+    by_source: dict[str, set[bool]] = {}
+    for tile in ts.tiles:
+        by_source.setdefault(tile.source_image, set()).add(tile.validation)
+        assert store.exists(tile.image_uri) and store.exists(tile.mask_uri)
+    assert len(by_source) == 3, "12 tiles cut from 3 source images (4 per image)"
+    assert all(len(sides) == 1 for sides in by_source.values()), "a source image straddles the split"
+    stats = {c.class_name: c for c in ts.report.classes}
+    assert stats["nucleus"].pixel_count > 0 and stats["background"].pixel_count > stats["nucleus"].pixel_count
+
+
+def test_same_content_is_recognised_not_duplicated(client: Client, tmp_path: Path,
+                                                   pipeline_server: PipelineServer) -> None:
+    tiles, masks = write_sample_set(tmp_path / "set", count=6)
+    first = client.create_training_set("again", tiles, masks, class_names=["background", "nucleus", "debris"])
+    counts = row_counts(pipeline_server.database_url, ["training_sets", "tiles"])
+    second = client.create_training_set("again", tiles, masks, class_names=["background", "nucleus", "debris"])
+    assert second.name == first.name and second.snapshot == first.snapshot
+    assert row_counts(pipeline_server.database_url, ["training_sets", "tiles"]) == counts
+    # The same id with other content is a conflict, not a silent overwrite.
+    other_tiles, other_masks = write_sample_set(tmp_path / "other", count=6, seed=5)
+    error = error_of(client.create_training_set, "again", other_tiles, other_masks,
+                     class_names=["background", "nucleus", "debris"])
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_job_takes_pipeline_defaults_and_honours_overrides(client: Client, training_set: pb.TrainingSet) -> None:
+    default = client.create_job(pipeline="segmentation", training_set=training_set.name)
+    assert default.state == common_pb2.JOB_STATE_PENDING
+    p = default.hyperparameters
+    assert (p.batch_size, p.epochs, p.learning_rate, p.architecture) == (8, 10, 0.001, "upernet-convnext-base")
+    custom = client.create_job(pipeline="segmentation", training_set=training_set.name,
+                               hyperparameters=common_pb2.Hyperparameters(
+                                   batch_size=4, epochs=25, learning_rate=0.0003, architecture="upernet-convnext-cpu"))
+    p = custom.hyperparameters
+    assert (p.batch_size, p.epochs, p.learning_rate, p.architecture) == (4, 25, 0.0003, "upernet-convnext-cpu")
+
+
+def test_start_moves_pending_to_queued_once(client: Client, training_set: pb.TrainingSet) -> None:
+    job = client.create_job(pipeline="segmentation", training_set=training_set.name)
+    assert client.start_job(job.name).state == common_pb2.JOB_STATE_QUEUED
+    error = error_of(client.start_job, job.name)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "QUEUED" in error.details()
+
+
+def test_cancel_of_a_queued_job_ends_it(client: Client, training_set: pb.TrainingSet) -> None:
+    job = client.create_job(pipeline="segmentation", training_set=training_set.name)
+    client.start_job(job.name)
+    assert client.cancel_job(job.name).state == common_pb2.JOB_STATE_CANCELLED
+    assert error_of(client.start_job, job.name).code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_job_state_changes_reach_the_metrics_log(client: Client, training_set: pb.TrainingSet) -> None:
+    job = client.create_job(pipeline="segmentation", training_set=training_set.name)
+    client.start_job(job.name)
+    client.cancel_job(job.name)
+    events = list(client.watch(job.name))
+    states = [e.state_change.state for e in events if e.HasField("state_change")]
+    assert states == [common_pb2.JOB_STATE_PENDING, common_pb2.JOB_STATE_QUEUED, common_pb2.JOB_STATE_CANCELLED]
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+
+
+Case = tuple[str, Callable[[Client, pb.TrainingSet, Path], object], grpc.StatusCode, str]
+
+
+def _hp(**kw: object) -> common_pb2.Hyperparameters:
+    return common_pb2.Hyperparameters(**kw)  # type: ignore[arg-type]
+
+
+def _job(**kw: object) -> Callable[[Client, pb.TrainingSet, Path], object]:
+    return lambda c, ts, _: c.pipeline.CreateJob(pb.CreateJobRequest(
+        pipeline="pipelines/segmentation", training_set=ts.name, **kw))  # type: ignore[arg-type]
+
+
+def _set_from(files: Callable[[], dict[str, bytes]], **kw: object) -> Callable[[Client, pb.TrainingSet, Path], object]:
+    def call(c: Client, ts: pb.TrainingSet, tmp: Path) -> object:
+        keys = upload_bytes(c, tmp / "bad", files())
+        return c.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(
+            training_set_id="bad-set", pipeline="pipelines/segmentation",
+            class_names=["background", "cell"], tiles=[pb.TileInput(
+                image_key=keys.get("t.png", "uploads/x/missing.png"),
+                annotation_key=keys.get("m.png", "uploads/x/missing-mask.png"))], **kw))
+    return call
+
+
+def _image(h: int = 64, w: int = 64) -> bytes:
+    return png_bytes(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def _mask(h: int = 64, w: int = 64, value: int = 1) -> bytes:
+    mask = np.zeros((h, w), np.uint8)
+    mask[10:20, 10:20] = value
+    return png_bytes(mask)
+
+
+BAD_REQUESTS: list[Case] = [
+    ("unknown pipeline", lambda c, ts, _: c.pipeline.GetPipeline(pb.GetPipelineRequest(name="pipelines/nope")),
+     grpc.StatusCode.NOT_FOUND, ""),
+    ("malformed pipeline name", lambda c, ts, _: c.pipeline.GetPipeline(pb.GetPipelineRequest(name="pipes/A B")),
+     grpc.StatusCode.INVALID_ARGUMENT, "name"),
+    ("job on unknown pipeline", lambda c, ts, _: c.pipeline.CreateJob(pb.CreateJobRequest(
+        pipeline="pipelines/nope", training_set=ts.name)), grpc.StatusCode.NOT_FOUND, ""),
+    ("job on unknown training set", lambda c, ts, _: c.pipeline.CreateJob(pb.CreateJobRequest(
+        pipeline="pipelines/segmentation", training_set="trainingSets/nope")), grpc.StatusCode.NOT_FOUND, ""),
+    ("job from unknown model", _job(from_model="models/nope"), grpc.StatusCode.NOT_FOUND, ""),
+    ("batch size 0", _job(hyperparameters=_hp(batch_size=0)), grpc.StatusCode.INVALID_ARGUMENT,
+     "hyperparameters.batch_size"),
+    ("negative batch size", _job(hyperparameters=_hp(batch_size=-3)), grpc.StatusCode.INVALID_ARGUMENT,
+     "hyperparameters.batch_size"),
+    ("epochs 0", _job(hyperparameters=_hp(epochs=0)), grpc.StatusCode.INVALID_ARGUMENT, "hyperparameters.epochs"),
+    ("learning rate NaN", _job(hyperparameters=_hp(learning_rate=math.nan)), grpc.StatusCode.INVALID_ARGUMENT,
+     "hyperparameters.learning_rate"),
+    ("learning rate inf", _job(hyperparameters=_hp(learning_rate=math.inf)), grpc.StatusCode.INVALID_ARGUMENT,
+     "hyperparameters.learning_rate"),
+    ("learning rate 0", _job(hyperparameters=_hp(learning_rate=0.0)), grpc.StatusCode.INVALID_ARGUMENT,
+     "hyperparameters.learning_rate"),
+    ("negative learning rate", _job(hyperparameters=_hp(learning_rate=-0.1)), grpc.StatusCode.INVALID_ARGUMENT,
+     "hyperparameters.learning_rate"),
+    ("unknown architecture", _job(hyperparameters=_hp(architecture="resnet-9000")), grpc.StatusCode.INVALID_ARGUMENT,
+     "hyperparameters.architecture"),
+    ("unknown loss", _job(hyperparameters=_hp(loss="hinge")), grpc.StatusCode.INVALID_ARGUMENT,
+     "hyperparameters.loss"),
+    ("set without tiles", lambda c, ts, _: c.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(
+        pipeline="pipelines/segmentation")), grpc.StatusCode.INVALID_ARGUMENT, "tiles"),
+    ("set on unknown pipeline", lambda c, ts, _: c.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(
+        pipeline="pipelines/nope", tiles=[pb.TileInput(image_key="uploads/a/b.png", annotation_key="uploads/a/c.png")])),
+     grpc.StatusCode.NOT_FOUND, ""),
+    ("traversal key", lambda c, ts, _: c.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(
+        pipeline="pipelines/segmentation",
+        tiles=[pb.TileInput(image_key="uploads/../jobs/secret.png", annotation_key="uploads/a/m.png")])),
+     grpc.StatusCode.INVALID_ARGUMENT, "tiles[0].image_key"),
+    ("key outside uploads", lambda c, ts, _: c.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(
+        pipeline="pipelines/segmentation",
+        tiles=[pb.TileInput(image_key="jobs/j-1/models/best.safetensors", annotation_key="uploads/a/m.png")])),
+     grpc.StatusCode.INVALID_ARGUMENT, "tiles[0].image_key"),
+    ("missing tile object", _set_from(lambda: {"m.png": _mask()}), grpc.StatusCode.INVALID_ARGUMENT, "tiles[0]"),
+    ("corrupt tile", _set_from(lambda: {"t.png": b"\x89PNG\r\n\x1a\nnot really", "m.png": _mask()}),
+     grpc.StatusCode.INVALID_ARGUMENT, "tiles[0]"),
+    ("truncated tile", _set_from(lambda: {"t.png": _image()[:200], "m.png": _mask()}),
+     grpc.StatusCode.INVALID_ARGUMENT, "tiles[0]"),
+    ("mask size mismatch", _set_from(lambda: {"t.png": _image(), "m.png": _mask(32, 32)}),
+     grpc.StatusCode.INVALID_ARGUMENT, "tiles[0]"),
+    ("unknown class in mask", _set_from(lambda: {"t.png": _image(), "m.png": _mask(value=7)}),
+     grpc.StatusCode.INVALID_ARGUMENT, "tiles[0]"),
+    ("set too small to split", _set_from(lambda: {"t.png": _image(), "m.png": _mask()}),
+     grpc.StatusCode.INVALID_ARGUMENT, "tiles"),
+    ("start unknown job", lambda c, ts, _: c.pipeline.StartJob(pb.StartJobRequest(name="jobs/nope")),
+     grpc.StatusCode.NOT_FOUND, ""),
+    ("unknown model", lambda c, ts, _: c.pipeline.GetModel(pb.GetModelRequest(name="models/nope")),
+     grpc.StatusCode.NOT_FOUND, ""),
+    ("analysis with unknown model", lambda c, ts, _: c.pipeline.AnalyzeTiles(pb.AnalyzeTilesRequest(
+        model="models/nope", image_keys=["uploads/a/b.png"])), grpc.StatusCode.NOT_FOUND, ""),
+    ("bad page token", lambda c, ts, _: c.pipeline.ListJobs(pb.ListJobsRequest(page_token="garbage!")),
+     grpc.StatusCode.INVALID_ARGUMENT, "page_token"),
+    ("upload with a path", lambda c, ts, _: c.pipeline.CreateUpload(pb.CreateUploadRequest(
+        file_names=["../../etc/passwd"])), grpc.StatusCode.INVALID_ARGUMENT, "file_names[0]"),
+]
+
+
+@pytest.mark.parametrize(("label", "call", "code", "field"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_input_is_refused_naming_the_field_and_leaves_nothing(
+    label: str, call: Callable[[Client, pb.TrainingSet, Path], object], code: grpc.StatusCode, field: str,
+    client: Client, training_set: pb.TrainingSet, tmp_path: Path, pipeline_server: PipelineServer,
+    store: ObjectStore,
+) -> None:
+    rows = row_counts(pipeline_server.database_url, TABLES)
+    snapshots = set(store.list_keys("training-sets/"))
+    error = error_of(call, client, training_set, tmp_path)
+    assert error.code() == code, error.details()
+    if field:
+        assert field in violation_fields(error), (field, error.details())
+    assert "Traceback" not in error.details() and "/work" not in error.details()
+    assert row_counts(pipeline_server.database_url, TABLES) == rows
+    assert set(store.list_keys("training-sets/")) == snapshots
+
+
+def test_internal_errors_reveal_nothing(client: Client, pipeline_server: PipelineServer,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    def explode(*_: object) -> None:
+        raise RuntimeError("password=hunter2 at /srv/secret/path")
+
+    monkeypatch.setattr(pipeline_server.service, "get_job", explode)
+    error = error_of(client.get_job, "jobs/j-123")
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert error.details().startswith("internal error (incident ")
+    assert "hunter2" not in error.details() and "/srv" not in error.details()
