@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydantic import SecretStr
+from segtrain.common.v1 import common_pb2
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
 
 from clients.sdk import Client
 from clients.stack import LocalStack
-from segtrain.common.v1 import common_pb2
-from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from services.common.settings import StorageSettings
 from services.common.storage import ObjectStore
 from tests.helpers import write_sample_set

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from segtrain.metrics.v1 import metrics_pb2_grpc
 from segtrain.pipeline.v1 import pipeline_pb2_grpc
+
 from services.common.settings import MetricsSettings, PipelineSettings, StorageSettings
 from services.metrics_svc import app as metrics_app
 from services.metrics_svc.service import MetricsService
@@ -37,7 +37,8 @@ class PipelineServer(Running):
     database_url: str
 
 
-def start_metrics(database_url: str, *, heartbeat_s: float = 0.2, buffer: int = 1000) -> tuple[grpc.Server, MetricsServer]:
+def start_metrics(database_url: str, *, heartbeat_s: float = 0.2, buffer: int = 1000
+                  ) -> tuple[grpc.Server, MetricsServer]:
     settings = MetricsSettings(listen="127.0.0.1:0", database_url=database_url, heartbeat_interval_s=heartbeat_s,
                                watcher_buffer=buffer)
     server, port, _, service = metrics_app.build(settings)

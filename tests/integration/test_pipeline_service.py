@@ -10,10 +10,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-
-from clients.sdk import Client
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
+
+from clients.sdk import Client
 from services.common.storage import ObjectStore
 from tests.helpers import error_of, png_bytes, row_counts, upload_bytes, violation_fields, write_sample_set
 from tests.integration.conftest import PipelineServer
@@ -182,7 +182,8 @@ BAD_REQUESTS: list[Case] = [
     ("set without tiles", lambda c, ts, _: c.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(
         pipeline="pipelines/segmentation")), grpc.StatusCode.INVALID_ARGUMENT, "tiles"),
     ("set on unknown pipeline", lambda c, ts, _: c.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(
-        pipeline="pipelines/nope", tiles=[pb.TileInput(image_key="uploads/a/b.png", annotation_key="uploads/a/c.png")])),
+        pipeline="pipelines/nope",
+        tiles=[pb.TileInput(image_key="uploads/a/b.png", annotation_key="uploads/a/c.png")])),
      grpc.StatusCode.NOT_FOUND, ""),
     ("traversal key", lambda c, ts, _: c.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(
         pipeline="pipelines/segmentation",
