@@ -26,7 +26,7 @@ COPY protos ./protos
 COPY scripts ./scripts
 RUN python scripts/gen_protos.py
 
-# The code, installed editable (as `make setup` does) so `segtrain` and `python -m services.…` work.
+# The code, installed editable (as `make setup` does) so `segtrain` and `python -m services.*` work.
 COPY pyproject.toml ./
 COPY segcore ./segcore
 COPY services ./services

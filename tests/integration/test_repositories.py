@@ -1,0 +1,111 @@
+"""Each service's tables and repository functions on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy
+from segtrain.common.v1 import common_pb2
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
+from sqlalchemy.exc import IntegrityError
+
+from services.common.database import make_engine, session_scope
+from services.common.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
+from services.metrics_svc import repository as events
+from services.metrics_svc.tables import TABLES as METRICS_TABLES
+from services.pipeline_svc import catalog, jobs
+from services.pipeline_svc.tables import TABLES as PIPELINE_TABLES
+from services.pipeline_svc.tables import JobRow, OutboxRow, TrainingSetRow
+
+
+def _event(attempt: int, source_seq: int) -> common_pb2.JobEvent:
+    return common_pb2.JobEvent(attempt=attempt, source_seq=source_seq,
+                               batch_progress=common_pb2.BatchProgress(batch=source_seq))
+
+
+def test_each_service_creates_only_its_own_tables(database_url: str) -> None:
+    engine = make_engine(database_url, METRICS_TABLES)
+    assert set(sqlalchemy.inspect(engine).get_table_names()) == {"job_events"}
+    engine.dispose()
+
+
+def test_event_log_numbers_gap_free_and_skips_duplicates(database_url: str) -> None:
+    engine = make_engine(database_url, METRICS_TABLES)
+    with session_scope(engine) as session:
+        stored = events.append(session, job="jobs/a", events=[_event(1, 1), _event(1, 2), _event(0, 1)])
+        assert [e.seq for e in stored] == [1, 2, 3]
+    with session_scope(engine) as session:
+        stored = events.append(session, job="jobs/a", events=[_event(1, 2), _event(1, 3)])
+        assert [e.seq for e in stored] == [4]
+        events.append(session, job="jobs/b", events=[_event(1, 1)])
+    with session_scope(engine) as session:
+        assert [e.seq for e in events.read(session, job="jobs/a", after_seq=1, limit=10)] == [2, 3, 4]
+        assert events.last_seq(session, job="jobs/b") == 1
+        assert events.last_source_seq(session, job="jobs/a", attempt=1) == 3
+    engine.dispose()
+
+
+def test_the_same_seq_cannot_be_written_twice(database_url: str) -> None:
+    """Two writers racing on one job: the primary key rejects the second, nothing is overwritten."""
+    engine = make_engine(database_url, METRICS_TABLES)
+    from services.metrics_svc.tables import JobEventRow
+
+    row = dict(job="jobs/a", seq=1, attempt=1, kind="x", event_time=datetime.now(UTC),
+               payload=b"")
+    with session_scope(engine) as session:
+        session.add(JobEventRow(source_seq=1, **row))
+    with pytest.raises(IntegrityError), session_scope(engine) as session:
+        session.add(JobEventRow(source_seq=2, **row))
+    engine.dispose()
+
+
+def test_pipelines_seed_create_and_conflict(database_url: str) -> None:
+    engine = make_engine(database_url, PIPELINE_TABLES)
+    catalog.seed_defaults(engine)
+    catalog.seed_defaults(engine)  # idempotent
+    architectures = catalog.Architectures()
+    request = pb.CreatePipelineRequest(pipeline_id="6panorama", request_id="r-1", pipeline=pb.Pipeline(
+        display_name="6PanoramaTrainSet20241209", type=pb.Pipeline.TYPE_TRAINING,
+        class_names=["background", "fibre"], tile_size=512))
+    created = catalog.create(engine, request, architectures)
+    again = catalog.create(engine, request, architectures)  # a retried request
+    assert again.id == created.id
+    request.request_id = "r-2"
+    with pytest.raises(AlreadyExistsError):
+        catalog.create(engine, request, architectures)
+    with session_scope(engine) as session:
+        rows, token = catalog.list_rows(session, page_size=2, page_token="")
+        assert [r.id for r in rows] == ["segmentation", "analysis"] and token
+        rows, token = catalog.list_rows(session, page_size=2, page_token=token)
+        assert [r.id for r in rows] == ["6panorama"] and token == ""
+        with pytest.raises(NotFoundError):
+            catalog.get_row(session, "pipelines/missing")
+    engine.dispose()
+
+
+def test_job_state_machine_persists_and_queues_events(database_url: str) -> None:
+    engine = make_engine(database_url, PIPELINE_TABLES)
+    catalog.seed_defaults(engine)
+    with session_scope(engine) as session:
+        session.add(TrainingSetRow(id="ts", display_name="ts", pipeline="segmentation", class_names=["a", "b"],
+                                   snapshot="sha256:0", tile_count=2, train_tile_count=1, validation_tile_count=1,
+                                   validation_fraction=0.2, split_seed=0, report=b""))
+        session.add(JobRow(id="j-1", pipeline="segmentation", training_set="ts", hyperparameters=b"",
+                           state=common_pb2.JOB_STATE_PENDING))
+    with session_scope(engine) as session:
+        job = jobs.get_row(session, "jobs/j-1", for_update=True)
+        jobs.transition(session, job, common_pb2.JOB_STATE_QUEUED)
+    with session_scope(engine) as session:
+        job = jobs.get_row(session, "jobs/j-1")
+        assert job.state == common_pb2.JOB_STATE_QUEUED and job.control_seq == 1
+        with pytest.raises(FailedPreconditionError):
+            jobs.transition(session, job, common_pb2.JOB_STATE_SUCCEEDED)
+    with session_scope(engine) as session:
+        outbox = list(session.exec(sqlalchemy.select(OutboxRow.payload)).scalars())  # type: ignore[call-overload]
+        assert len(outbox) == 1
+        event = common_pb2.JobEvent.FromString(outbox[0])
+        assert (event.job, event.attempt, event.source_seq) == ("jobs/j-1", 0, 1)
+        assert event.state_change.state == common_pb2.JOB_STATE_QUEUED
+        assert jobs.get_row(session, "jobs/j-1").state == common_pb2.JOB_STATE_QUEUED  # the refused move left no trace
+    engine.dispose()
