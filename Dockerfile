@@ -23,7 +23,7 @@ RUN pip install -r requirements.txt grpcio-tools==1.85.1
 
 # Generated code (gen/) from the protos, exactly as `make gen` does.
 COPY protos ./protos
-COPY scripts ./scripts
+COPY scripts/gen_protos.py ./scripts/
 RUN python scripts/gen_protos.py
 
 # The code, installed editable (as `make setup` does) so `segtrain` and `python -m services.*` work.
@@ -31,6 +31,7 @@ COPY pyproject.toml ./
 COPY segcore ./segcore
 COPY services ./services
 COPY clients ./clients
+COPY scripts ./scripts
 RUN pip install --no-deps -e . \
     && useradd --create-home --uid 10001 segtrain \
     && mkdir -p /app/.segtrain \

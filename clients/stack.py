@@ -146,7 +146,7 @@ class LocalStack:
 
     def _launch(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
         log_path = self.logs / f"{name}.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115 - closed in Process.stop
+        log_file = open(log_path, "wb")  # noqa: SIM115 - closed in Process.stop
         popen = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                  cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
         self.processes[name] = Process(name, popen, log_path, log_file)

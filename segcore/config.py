@@ -50,10 +50,7 @@ class TrainConfig:
         if self.architecture not in architecture_names():
             raise UnknownArchitectureError(self.architecture, architecture_names())
         _check_class_names(self.class_names)
-        # batch_size 1 would crash UperNet's BatchNorm on every step (see segcore.data).
-        _check_int(
-            "batch_size", self.batch_size, 2, "must be at least 2 (UperNet's BatchNorm needs two samples)"
-        )
+        _check_int("batch_size", self.batch_size, 1)
         _check_int("epochs", self.epochs, 1)
         _check_int("checkpoint_every", self.checkpoint_every, 1)
         _check_int("seed", self.seed, 0, "must be in [0, 2**32)", upper=2**32 - 1)

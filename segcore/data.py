@@ -13,7 +13,9 @@ Batch-of-one policy: UperNet's 1x1 pyramid-pooling branch ends in BatchNorm,
 which cannot train on a single sample. When the last batch of an epoch would
 hold exactly one tile it is merged into the previous batch (no tile is
 dropped); a training set of a single tile is batched with a second,
-independently augmented view of itself.
+independently augmented view of itself. A batch size of exactly 1, asked for
+explicitly, is honoured: the training loop then runs BatchNorm layers on their
+running statistics (see segcore.training), as detection frameworks do.
 """
 
 from __future__ import annotations
@@ -92,6 +94,8 @@ def plan_batches(num_samples: int, batch_size: int, generator: torch.Generator |
     else:
         order = torch.randperm(num_samples, generator=generator).tolist()
     batches = [order[i : i + batch_size] for i in range(0, num_samples, batch_size)]
+    if batch_size == 1:
+        return batches  # asked for explicitly: training freezes BatchNorm statistics instead
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches[-2].extend(batches.pop())
     elif len(batches) == 1 and len(batches[0]) == 1 and generator is not None:
@@ -102,6 +106,8 @@ def plan_batches(num_samples: int, batch_size: int, generator: torch.Generator |
 def num_train_batches(num_samples: int, batch_size: int) -> int:
     """How many batches ``plan_batches`` yields (needed up front for the LR schedule)."""
     full, rest = divmod(num_samples, batch_size)
+    if batch_size == 1:
+        return num_samples
     if rest == 1 and full >= 1:
         return full  # the single leftover is merged into the last full batch
     return full + (1 if rest else 0)

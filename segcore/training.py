@@ -269,7 +269,7 @@ def _train_epoch(run: _Run, epoch: int, observer: TrainingObserver) -> tuple[flo
             ignore_index=IGNORE_INDEX,
         )
         images, masks = run.to_device(images, masks)
-        with run.autocast:
+        with run.autocast, _batchnorm_statistics_frozen(run.model, images.shape[0] == 1):
             logits = run.model(pixel_values=images).logits
         loss = segmentation_loss(logits, masks, cfg.loss, class_weights=run.class_weights)
         loss_value = float(loss.detach())
@@ -287,6 +287,23 @@ def _train_epoch(run: _Run, epoch: int, observer: TrainingObserver) -> tuple[flo
         if observer.should_stop():
             return None
     return loss_sum / seen, cm.mean_iou()
+
+
+@contextlib.contextmanager
+def _batchnorm_statistics_frozen(model: torch.nn.Module, frozen: bool) -> Iterator[None]:
+    """With a single sample BatchNorm cannot compute batch statistics (UperNet's 1x1 pooling
+    branch raises); use the running statistics instead, leaving the affine weights trainable."""
+    if not frozen:
+        yield
+        return
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
 
 
 def _predict(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -319,7 +336,7 @@ def _evaluate(run: _Run, observer: TrainingObserver) -> tuple[float, ConfusionMa
             ignore_index=IGNORE_INDEX,
         )
         images, masks = run.to_device(images, masks)
-        with run.autocast:
+        with run.autocast, _batchnorm_statistics_frozen(run.model, images.shape[0] == 1):
             logits = run.model(pixel_values=images).logits
         loss = segmentation_loss(logits, masks, run.config.loss, class_weights=run.class_weights)
         cm.update(_predict(logits, masks), masks)

@@ -85,6 +85,8 @@ class TrainerSettings(BaseSettings):
     advertise_address: str | None = None
     pipeline_address: str = DEFAULT_PIPELINE_ADDRESS
     node_id: str | None = None
+    # Jobs this node runs at once.
+    capacity: int = 1
     # "auto" picks CUDA when available, else CPU.
     device: str = "auto"
     # Torch CPU threads; unset lets torch decide.

@@ -93,6 +93,9 @@ class MetricsService:
             last = after_seq
             with session_scope(self._engine) as session:
                 held = repository.last_seq(session, job=job)
+                tail = repository.read(session, job=job, after_seq=held - 1, limit=1) if held else []
+            if tail and is_terminal(tail[0]) and after_seq >= held:
+                return  # the client has seen the whole, finished log
             if after_seq > held:
                 raise OutOfRangeError(
                     f"after_seq {after_seq} is beyond this job's log (last seq {held}); "

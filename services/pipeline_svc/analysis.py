@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from pathlib import PurePosixPath
 
 import grpc
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
@@ -28,11 +29,16 @@ def analyze(engine: Engine, store: ObjectStore, remotes: Remotes, request: pb.An
         v.append(FieldViolation("image_keys", "name at least one image"))
     if len(request.image_keys) > MAX_IMAGES:
         v.append(FieldViolation("image_keys", f"at most {MAX_IMAGES} images per call"))
+    stems: set[str] = set()
     for i, key in enumerate(request.image_keys):
         try:
             safe_key(key, field=f"image_keys[{i}]", prefix="uploads/")
         except InvalidArgumentError as exc:
             v += exc.violations
+        stem = PurePosixPath(key).stem
+        if stem in stems:  # masks are named by stem: a.png and a.tif would overwrite each other
+            v.append(FieldViolation(f"image_keys[{i}]", f"duplicate image name {stem!r}"))
+        stems.add(stem)
     check(v[:50])
     with session_scope(engine) as session:
         model = models.get_row(session, request.model, field="model")

@@ -109,6 +109,8 @@ class JobRelay(threading.Thread):
                 job.progress = event.progress.SerializeToString()
             if event.HasField("epoch_metrics"):
                 job.latest_metrics = event.epoch_metrics.SerializeToString()
+            if event.HasField("checkpoint_saved") and event.checkpoint_saved.kind == "state":
+                job.checkpoint_uri = event.checkpoint_saved.uri
             if job.state == S.JOB_STATE_ASSIGNED:
                 jobs.transition(session, job, S.JOB_STATE_RUNNING)
             done = event.HasField("finished")

@@ -97,7 +97,7 @@ class Scheduler(threading.Thread):
                 if stale is not None and exc.code() == grpc.StatusCode.UNAVAILABLE:
                     stale.state = nodes.LOST
                     session.add(stale)
-            return True
+            return False  # try again on the next pass, not in a tight loop
         self._ensure_relay(job.id)
         return True
 
@@ -109,7 +109,7 @@ class Scheduler(threading.Thread):
             hyperparameters=common_pb2.Hyperparameters.FromString(job.hyperparameters),
             class_names=training_set.class_names, tile_size=pipeline.tile_size,
             training_set=f"trainingSets/{training_set.id}", training_set_snapshot=training_set.snapshot,
-            output_prefix=f"jobs/{job.id}/",
+            output_prefix=f"jobs/{job.id}/", resume_checkpoint_uri=job.checkpoint_uri,
             tiles=[trainer_pb2.TrainingTile(name=t.name, image_uri=t.image_uri, mask_uri=t.mask_uri,
                                             validation=t.validation)
                    for t in training_sets.tiles_of(session, training_set.id)],  # type: ignore[arg-type]

@@ -80,6 +80,8 @@ class JobRow(SQLModel, table=True):
     relayed_source_seq: int = 0
     # Counter of the pipeline service's own events (attempt 0) for this job.
     control_seq: int = 0
+    # Latest full-state checkpoint of any attempt; a re-queued job resumes from it.
+    checkpoint_uri: str = ""
     cancel_requested: bool = False
     stop_early: bool = False
     model: str = ""

@@ -17,6 +17,7 @@ from pathlib import PurePosixPath
 import numpy as np
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from segcore import imaging, splits
@@ -76,7 +77,7 @@ def create(engine: Engine, store: ObjectStore, request: pb.CreateTrainingSetRequ
     with session_scope(engine) as session:
         existing = session.get(TrainingSetRow, set_id)
         if existing is not None:
-            if existing.snapshot == snapshot and existing.split_seed == seed:
+            if (existing.snapshot, existing.split_seed, existing.validation_fraction) == (snapshot, seed, fraction):
                 return existing  # the same content again: recognised, not duplicated
             raise AlreadyExistsError(f"trainingSets/{set_id} already exists with different content")
     written = _write_snapshot(store, snapshot, tiles)
@@ -99,9 +100,20 @@ def create(engine: Engine, store: ObjectStore, request: pb.CreateTrainingSetRequ
                     width=t.width, height=t.height, validation=t.name in validation,
                 ))
         return row
+    except IntegrityError:
+        _undo(engine, store, snapshot, written)
+        raise AlreadyExistsError(f"trainingSets/{set_id} was created concurrently") from None
     except BaseException:
-        store.delete_many(written)  # objects this call created; shared snapshot objects stay
+        _undo(engine, store, snapshot, written)
         raise
+
+
+def _undo(engine: Engine, store: ObjectStore, snapshot: str, written: list[str]) -> None:
+    """Removes the objects this call wrote, unless a concurrent set with the same content uses them."""
+    with session_scope(engine) as session:
+        shared = session.exec(select(TrainingSetRow.id).where(TrainingSetRow.snapshot == snapshot)).first()
+    if shared is None:
+        store.delete_many(written)
 
 
 def snapshot_prefix(snapshot: str) -> str:

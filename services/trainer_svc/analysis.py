@@ -13,6 +13,7 @@ from segtrain.trainer.v1 import trainer_pb2
 
 from segcore import checkpoint, imaging, inference
 from segcore.checkpoint import ModelMeta
+from segcore.config import resolve_device
 from segcore.imaging import Normalization
 from services.common.errors import InvalidArgumentError, NotFoundError
 from services.common.storage import ObjectStore, safe_key
@@ -70,8 +71,7 @@ class Analyzer:
                 return self._models[weights_uri]
         model, meta = checkpoint.load_model(self._store.get(weights_uri))
         model.eval()
-        if self._device:
-            model.to(self._device)
+        model.to(resolve_device(self._device))  # None: CUDA when available, as for training
         with self._lock:
             self._models[weights_uri] = (model, meta)
             while len(self._models) > CACHED_MODELS:

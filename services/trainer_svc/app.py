@@ -26,7 +26,7 @@ def build(settings: TrainerSettings, storage: StorageSettings
     device = None if settings.device == "auto" else settings.device
     executor = JobExecutor(store, device=device, num_threads=settings.num_threads,
                            progress_interval_s=settings.progress_interval_s)
-    node = TrainerNode(executor, Analyzer(store, device))
+    node = TrainerNode(executor, Analyzer(store, device), capacity=settings.capacity)
     servicer = TrainerServicer(node)
     server, port, health_servicer = create_server(
         settings.listen, [lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s)],

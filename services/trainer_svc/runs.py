@@ -75,7 +75,8 @@ class RunRegistry:
                 return None
             if current is not None and not current.finished:
                 current.request_cancel(False)  # superseded by a newer attempt
-            if len(self.active()) >= self.capacity:
+            # A superseded attempt of the same job stops within a batch; it does not hold a slot.
+            if len([r for r in self.active() if r.job != job]) >= self.capacity:
                 raise FailedPreconditionError(f"this node already runs {self.capacity} job(s)")
             run = JobRun(job=job, attempt=attempt)
             self._runs[job] = run

@@ -61,6 +61,7 @@ def test_finished_job_replays_everything_and_closes(metrics_server: MetricsServe
     assert [e.seq for e in events] == [1, 2, 3]
     assert events[-1].state_change.state == common_pb2.JOB_STATE_SUCCEEDED
     assert [e.seq for e in watch(metrics_server, after=2)] == [3]
+    assert watch(metrics_server, after=3) == []  # nothing left: the stream ends, it does not hang
 
 
 def test_watch_replays_then_follows_live(metrics_server: MetricsServer) -> None:

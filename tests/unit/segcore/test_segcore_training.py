@@ -10,6 +10,7 @@ import pytest
 import torch
 from segcore_testutil import CPU_ARCH, DiscFactory, cpu_config
 
+from segcore.architectures import build_model
 from segcore.checkpoint import load_training_state, save_training_state
 from segcore.data import num_train_batches, plan_batches
 from segcore.errors import (
@@ -67,7 +68,6 @@ def metrics(result: EpochResult) -> tuple[float, ...]:
     "field, value",
     [
         ("batch_size", 0),
-        ("batch_size", 1),
         ("batch_size", 2.5),
         ("epochs", 0),
         ("learning_rate", 0.0),
@@ -133,6 +133,18 @@ def test_batch_of_one_does_not_crash(discs: DiscFactory) -> None:
     result = train(cpu_config(epochs=1), discs(9, 32, seed=1), discs(3, 32, seed=2), recorder)
     assert recorder.events[0] == ("start", 1, 1, 1)  # 9 tiles, batch 8: one batch of 9
     assert len(result.history) == 1 and math.isfinite(result.history[0].train_loss)
+
+
+def test_batch_size_one_is_honoured_with_frozen_batchnorm_statistics(discs: DiscFactory) -> None:
+    recorder = Recorder()
+    model = build_model("upernet-convnext-cpu", 2)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    before = [m.running_mean.clone() for m in norms]
+    result = train(cpu_config(epochs=1, batch_size=1), discs(3, 32, seed=1), discs(2, 32, seed=2), recorder,
+                   model=model)
+    assert recorder.events[0] == ("start", 1, 1, 3)  # three batches of one
+    assert math.isfinite(result.history[0].train_loss)
+    assert all(torch.equal(m.running_mean, b) for m, b in zip(norms, before, strict=True))
 
 
 def test_single_training_tile_trains(discs: DiscFactory) -> None:
