@@ -44,7 +44,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="demo-output")
     parser.add_argument("--tiles", type=int, default=72, help="tiles to generate (8 are held back)")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--architecture", default="upernet-convnext-cpu")
     args = parser.parse_args()
     started = time.monotonic()
@@ -70,7 +70,7 @@ def main() -> int:
             "--classes", ",".join(synthetic.CLASS_NAMES), "--group-by", r"^(.*)_tile")
         job = capture("jobs", "create", "--pipeline", "segmentation", "--training-set", "demo-cells",  # 2.+3.
                       "--architecture", args.architecture, "--epochs", str(args.epochs), "--batch-size", "8",
-                      "--learning-rate", "0.003")["name"]
+                      "--learning-rate", "0.01")["name"]
         print(job)
         run("jobs", "start", job)                                            # 4. start training
         segtrain(["jobs", "watch", job])                                     # 5. monitor, live

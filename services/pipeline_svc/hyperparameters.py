@@ -19,7 +19,7 @@ def product_defaults() -> common_pb2.Hyperparameters:
     """The seed product's defaults: batch 8, 10 epochs, lr 0.001, UperNet + ConvNeXt-base."""
     return common_pb2.Hyperparameters(
         batch_size=8, epochs=10, learning_rate=0.001, architecture=DEFAULT_ARCHITECTURE,
-        weight_decay=0.01, seed=0, augment=True, loss="ce", class_weights=False, checkpoint_every=1,
+        weight_decay=0.01, seed=0, augment=True, loss="ce+dice", class_weights=False, checkpoint_every=1,
     )
 
 
