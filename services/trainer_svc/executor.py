@@ -18,7 +18,8 @@ import torch
 from segtrain.common.v1 import common_pb2
 from segtrain.trainer.v1 import trainer_pb2
 
-from segcore import checkpoint, imaging
+from segcore import advice, checkpoint, imaging
+from segcore.advice import AdviceDetector
 from segcore.architectures import build_model
 from segcore.errors import SegcoreError
 from segcore.progress import EpochResult
@@ -32,6 +33,13 @@ log = logging.getLogger(__name__)
 S = common_pb2
 
 
+_ADVICE_KINDS = {
+    advice.OVERFITTING: S.Advice.KIND_OVERFITTING,
+    advice.GENERALISATION_GAP: S.Advice.KIND_GENERALISATION_GAP,
+    advice.PLATEAU: S.Advice.KIND_PLATEAU,
+}
+
+
 class _Reporter:
     """The training observer: turns hooks into events (batch progress throttled)."""
 
@@ -43,6 +51,8 @@ class _Reporter:
         self._started = time.monotonic()
         self._last_batch_event = 0.0
         self._batches = 1
+        self._history: list[EpochResult] = []
+        self._advisor = AdviceDetector()
 
     def progress(self, epoch: int, batch: int, phase: int) -> common_pb2.Progress:
         done = ((epoch - 1) + batch / self._batches) / self._epochs if epoch else 0.0
@@ -52,6 +62,9 @@ class _Reporter:
         if done > 0.01:
             p.eta.CopyFrom(to_duration(elapsed / done - elapsed))
         return p
+
+    def phase_after_epoch(self, phase: int, epoch: int) -> None:
+        self.phase(phase, epoch, self._batches)
 
     def phase(self, phase: int, epoch: int = 0, batch: int = 0) -> None:
         self._run.emit(S.JobEvent(phase_change=S.PhaseChange(phase=phase),  # type: ignore[arg-type]
@@ -74,6 +87,14 @@ class _Reporter:
     def on_epoch_end(self, result: EpochResult) -> None:
         self._run.emit(S.JobEvent(epoch_metrics=epoch_metrics(result, self._class_names),
                                   progress=self.progress(result.epoch, self._batches, S.PHASE_VALIDATING)))
+        self._history.append(result)
+        for advice in self._advisor.update(self._history):
+            self._run.emit(S.JobEvent(advice=S.Advice(kind=_ADVICE_KINDS[advice.kind], message=advice.message,
+                                                      epoch=advice.epoch)))
+
+    def resume_history(self, history: list[EpochResult]) -> None:
+        """Epochs restored from a checkpoint count for advice, but are not reported again."""
+        self._history = list(history)
 
     def should_stop(self) -> bool:
         return self._run.cancel_requested
@@ -108,6 +129,8 @@ class JobExecutor:
             train_samples, val_samples = self._load_samples(request)
             reporter.phase(S.PHASE_RENDERING_MASKS)
             resume = self._resume_state(request)
+            if resume is not None:
+                reporter.resume_history(resume.history)
             model = self._initial_model(run, request) if resume is None else None
             result = train(config, train_samples, val_samples, reporter, init_state=resume, model=model,
                            checkpoint=lambda state: self._checkpoint(run, request, reporter, state))
@@ -167,7 +190,7 @@ class JobExecutor:
 
     def _checkpoint(self, run: JobRun, request: trainer_pb2.RunJobRequest, reporter: _Reporter,
                     state: TrainingState) -> None:
-        reporter.phase(S.PHASE_CHECKPOINTING, state.epoch, 0)
+        reporter.phase_after_epoch(S.PHASE_CHECKPOINTING, state.epoch)
         data = checkpoint.save_training_state(state)
         # One rolling full-state checkpoint: resume needs only the latest (no per-epoch bloat).
         key = f"{request.output_prefix}checkpoints/state-latest.pt"
@@ -182,7 +205,7 @@ class JobExecutor:
                                  epochs_trained=len(result.history))
         if result.best_state is None or result.best_epoch is None:
             return S.JobFinished(state=S.JOB_STATE_FAILED, reason="no epoch completed; nothing to register")
-        reporter.phase(S.PHASE_FINALISING, result.history[-1].epoch, 0)
+        reporter.phase_after_epoch(S.PHASE_FINALISING, result.history[-1].epoch)
         meta = checkpoint.model_meta_for(config, result, tile_size=request.tile_size, extra={
             "job": request.job, "training_set": request.training_set,
             "training_set_snapshot": request.training_set_snapshot})

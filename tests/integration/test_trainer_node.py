@@ -1,0 +1,156 @@
+"""A trainer node's job execution against real S3: phases and events, checkpoints and models in
+storage, advice, fine-tuning a parent across class maps, resuming from a checkpoint, cancel."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import uuid
+
+import pytest
+from segtrain.common.v1 import common_pb2
+from segtrain.trainer.v1 import trainer_pb2
+
+from segcore import advice as advice_module
+from segcore import synthetic
+from services.common.storage import ObjectStore
+from services.trainer_svc.executor import JobExecutor
+from services.trainer_svc.runs import JobRun
+from tests.helpers import png_bytes
+
+S = common_pb2
+
+
+@pytest.fixture(scope="module")
+def tiles(store: ObjectStore) -> list[trainer_pb2.TrainingTile]:
+    prefix = f"training-sets/{uuid.uuid4().hex}/"
+    result = []
+    for i, tile in enumerate(synthetic.generate_tiles(10, tile_size=64, seed=11)):
+        store.put(f"{prefix}images/{tile.name}.png", png_bytes(tile.image))
+        store.put(f"{prefix}masks/{tile.name}.png", png_bytes(tile.mask))
+        result.append(trainer_pb2.TrainingTile(name=tile.name, image_uri=f"{prefix}images/{tile.name}.png",
+                                               mask_uri=f"{prefix}masks/{tile.name}.png", validation=i >= 8))
+    return result
+
+
+def request(tiles: list[trainer_pb2.TrainingTile], *, epochs: int = 2, classes: list[str] | None = None,
+            **kw: object) -> trainer_pb2.RunJobRequest:
+    job = f"j-{uuid.uuid4().hex[:8]}"
+    return trainer_pb2.RunJobRequest(
+        job=f"jobs/{job}", attempt=1, class_names=classes or synthetic.CLASS_NAMES, tile_size=64, tiles=tiles,
+        output_prefix=f"jobs/{job}/", hyperparameters=S.Hyperparameters(
+            architecture="upernet-convnext-cpu", epochs=epochs, batch_size=4, learning_rate=0.003, seed=0,
+            weight_decay=0.01, augment=True, loss="ce+dice", checkpoint_every=1), **kw)
+
+
+def execute(store: ObjectStore, req: trainer_pb2.RunJobRequest) -> JobRun:
+    run = JobRun(job=req.job, attempt=req.attempt)
+    JobExecutor(store, device="cpu", num_threads=1, progress_interval_s=0.0).execute(run, req)
+    return run
+
+
+def kinds(run: JobRun, kind: str) -> list:  # type: ignore[type-arg]
+    return [getattr(e, kind) for e in run.events if e.HasField(kind)]
+
+
+def test_a_job_reports_phases_epochs_checkpoints_and_its_models(store: ObjectStore, tiles: list) -> None:  # type: ignore[type-arg]
+    run = execute(store, request(tiles))
+    assert [e.source_seq for e in run.events] == list(range(1, len(run.events) + 1))
+    phases = [p.phase for p in kinds(run, "phase_change")]
+    assert phases[:3] == [S.PHASE_PREPARING_DATA, S.PHASE_RENDERING_MASKS, S.PHASE_TRAINING]
+    assert {S.PHASE_VALIDATING, S.PHASE_CHECKPOINTING, S.PHASE_FINALISING} <= set(phases)
+    epochs = kinds(run, "epoch_metrics")
+    assert [m.epoch for m in epochs] == [1, 2]
+    assert all(len(m.per_class_iou) == 3 and m.learning_rate > 0 and m.epoch_time.ToTimedelta().total_seconds() > 0
+               for m in epochs)
+    assert kinds(run, "batch_progress"), "batch progress is reported within epochs"
+    progress = [e.progress.percent for e in run.events if e.HasField("progress")]
+    assert progress == sorted(progress) and progress[-1] == pytest.approx(100, abs=1)
+    checkpoints = kinds(run, "checkpoint_saved")
+    assert [c.epoch for c in checkpoints] == [1, 2] and len({c.uri for c in checkpoints}) == 1  # one rolling file
+    finished = run.events[-1].finished
+    assert finished.state == S.JOB_STATE_SUCCEEDED and finished.epochs_trained == 2
+    best = max(epochs, key=lambda m: m.val_iou)
+    assert finished.best_epoch == best.epoch and "validation IoU" in finished.selection_reason
+    for artifact in (finished.best_model, finished.final_model):
+        data = store.get(artifact.uri)
+        assert len(data) == artifact.size_bytes and hashlib.sha256(data).hexdigest() == artifact.sha256
+    assert finished.environment["seed"] == "0" and finished.environment["device"] == "cpu"
+
+
+def test_advice_from_the_detector_becomes_events(store: ObjectStore, tiles: list,  # type: ignore[type-arg]
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def always(self: advice_module.AdviceDetector, history: list) -> list:  # type: ignore[type-arg]
+        return [advice_module.Advice(advice_module.PLATEAU, history[-1].epoch, "stalled")] if len(history) == 2 else []
+
+    monkeypatch.setattr(advice_module.AdviceDetector, "update", always)
+    run = execute(store, request(tiles))
+    assert [(a.kind, a.epoch, a.message) for a in kinds(run, "advice")] == [(S.Advice.KIND_PLATEAU, 2, "stalled")]
+
+
+def test_fine_tuning_a_parent_with_another_class_map_keeps_the_backbone(store: ObjectStore, tiles: list) -> None:  # type: ignore[type-arg]
+    parent = execute(store, request(tiles, epochs=1)).events[-1].finished
+    child = request(tiles, epochs=1, classes=["background", "cell", "debris", "other"], from_model=trainer_pb2.ModelRef(
+        name="models/m-parent", weights_uri=parent.best_model.uri, architecture="upernet-convnext-cpu",
+        class_names=synthetic.CLASS_NAMES))
+    run = execute(store, child)
+    warnings = kinds(run, "warning")
+    assert [w.code for w in warnings] == ["HEAD_REINITIALISED"] and "backbone kept" in warnings[0].message
+    assert run.events[-1].finished.state == S.JOB_STATE_SUCCEEDED
+
+
+def test_resuming_from_a_checkpoint_continues_after_its_epoch(store: ObjectStore, tiles: list) -> None:  # type: ignore[type-arg]
+    first = request(tiles, epochs=3)
+    first_run = JobRun(job=first.job, attempt=1)
+    executor = JobExecutor(store, device="cpu", num_threads=1, progress_interval_s=0.0)
+
+    def stop_after_epoch_two() -> None:  # the node dies after epoch 2's checkpoint
+        while len(kinds(first_run, "checkpoint_saved")) < 2:
+            threading.Event().wait(0.01)
+        first_run.request_cancel(False)
+
+    threading.Thread(target=stop_after_epoch_two, daemon=True).start()
+    executor.execute(first_run, first)
+    checkpoint = kinds(first_run, "checkpoint_saved")[-1]
+    assert checkpoint.epoch == 2
+    second = trainer_pb2.RunJobRequest()
+    second.CopyFrom(first)
+    second.attempt, second.resume_checkpoint_uri = 2, checkpoint.uri
+    resumed = execute(store, second)
+    assert [m.epoch for m in kinds(resumed, "epoch_metrics")] == [3]
+    assert resumed.events[-1].finished.state == S.JOB_STATE_SUCCEEDED
+    uninterrupted = execute(store, request(tiles, epochs=3))
+    a, b = kinds(resumed, "epoch_metrics")[0], kinds(uninterrupted, "epoch_metrics")[2]
+    assert (a.train_loss, a.val_loss, a.val_iou) == (b.train_loss, b.val_loss, b.val_iou)
+
+
+def test_cancel_stops_within_a_batch_and_registers_nothing(store: ObjectStore, tiles: list) -> None:  # type: ignore[type-arg]
+    req = request(tiles, epochs=200)
+    run = JobRun(job=req.job, attempt=1)
+
+    def cancel_on_first_batch() -> None:
+        while not kinds(run, "batch_progress"):
+            threading.Event().wait(0.005)
+        run.request_cancel(False)
+
+    threading.Thread(target=cancel_on_first_batch, daemon=True).start()
+    JobExecutor(store, device="cpu", num_threads=1, progress_interval_s=0.0).execute(run, req)
+    finished = run.events[-1].finished
+    assert finished.state == S.JOB_STATE_CANCELLED and not finished.best_model.uri
+    assert len(kinds(run, "epoch_metrics")) <= 1
+
+
+def test_stop_early_keeps_and_returns_the_best_model(store: ObjectStore, tiles: list) -> None:  # type: ignore[type-arg]
+    req = request(tiles, epochs=200)
+    run = JobRun(job=req.job, attempt=1)
+
+    def stop_after_two_epochs() -> None:
+        while len(kinds(run, "epoch_metrics")) < 2:
+            threading.Event().wait(0.005)
+        run.request_cancel(True)
+
+    threading.Thread(target=stop_after_two_epochs, daemon=True).start()
+    JobExecutor(store, device="cpu", num_threads=1, progress_interval_s=0.0).execute(run, req)
+    finished = run.events[-1].finished
+    assert finished.state == S.JOB_STATE_SUCCEEDED and store.exists(finished.best_model.uri)
+    assert "stopped early" in finished.selection_reason and finished.epochs_trained >= 2
