@@ -8,6 +8,7 @@ condition has cleared.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -63,7 +64,7 @@ class AdviceDetector:
         recent = h[-(self.window + 1):]
         if len(recent) <= self.window:
             return None
-        val_rising = all(b.val_loss > a.val_loss + self.min_delta for a, b in zip(recent, recent[1:], strict=False))
+        val_rising = all(b.val_loss > a.val_loss + self.min_delta for a, b in itertools.pairwise(recent))
         train_falling = recent[-1].train_loss < recent[0].train_loss - self.min_delta
         if not (val_rising and train_falling):
             return None
@@ -78,7 +79,7 @@ class AdviceDetector:
         if len(recent) <= self.window:
             return None
         gaps = [e.train_iou - e.val_iou for e in recent]
-        widening = all(b > a + self.min_delta for a, b in zip(gaps, gaps[1:], strict=False))
+        widening = all(b > a + self.min_delta for a, b in itertools.pairwise(gaps))
         if not (widening and gaps[-1] > self.min_gap):
             return None
         last = recent[-1]

@@ -88,9 +88,9 @@ class _Reporter:
         self._run.emit(S.JobEvent(epoch_metrics=epoch_metrics(result, self._class_names),
                                   progress=self.progress(result.epoch, self._batches, S.PHASE_VALIDATING)))
         self._history.append(result)
-        for advice in self._advisor.update(self._history):
-            self._run.emit(S.JobEvent(advice=S.Advice(kind=_ADVICE_KINDS[advice.kind], message=advice.message,
-                                                      epoch=advice.epoch)))
+        for found in self._advisor.update(self._history):
+            self._run.emit(S.JobEvent(advice=S.Advice(kind=_ADVICE_KINDS[found.kind], message=found.message,
+                                                      epoch=found.epoch)))
 
     def resume_history(self, history: list[EpochResult]) -> None:
         """Epochs restored from a checkpoint count for advice, but are not reported again."""
