@@ -58,9 +58,12 @@ class Client:
         self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self.pipeline = pipeline_pb2_grpc.PipelineServiceStub(self._channel)
         self._metrics: metrics_pb2_grpc.MetricsServiceStub | None = None
+        self._metrics_channel: grpc.Channel | None = None
 
     def close(self) -> None:
         self._channel.close()
+        if self._metrics_channel is not None:
+            self._metrics_channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -72,8 +75,8 @@ class Client:
     def metrics(self) -> metrics_pb2_grpc.MetricsServiceStub:
         if self._metrics is None:
             info = self.pipeline.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=self.timeout)
-            channel = grpc.insecure_channel(info.metrics_address, options=CHANNEL_OPTIONS)
-            self._metrics = metrics_pb2_grpc.MetricsServiceStub(channel)
+            self._metrics_channel = grpc.insecure_channel(info.metrics_address, options=CHANNEL_OPTIONS)
+            self._metrics = metrics_pb2_grpc.MetricsServiceStub(self._metrics_channel)
         return self._metrics
 
     # Pipelines and architectures
@@ -143,6 +146,17 @@ class Client:
     def cancel_job(self, job: str, *, stop_early: bool = False) -> pb.Job:
         return self.pipeline.CancelJob(pb.CancelJobRequest(name=job_name(job), stop_early=stop_early),
                                        timeout=self.timeout)
+
+    def rerun(self, job: str, *, start: bool = True) -> pb.Job:
+        """A new job with the same training set, parent and hyperparameters (seed included)."""
+        original = self.get_job(job)
+        again = self.create_job(pipeline=original.pipeline, training_set=original.training_set,
+                                from_model=original.from_model, hyperparameters=original.hyperparameters)
+        return self.start_job(again.name) if start else again
+
+    def compare(self, jobs: Sequence[str]) -> pb.JobComparison:
+        return self.pipeline.CompareJobs(pb.CompareJobsRequest(jobs=[job_name(j) for j in jobs]),
+                                         timeout=self.timeout)
 
     def watch(self, job: str, *, after_seq: int = 0, reconnect: bool = True,
               include_batch_progress: bool = True) -> Iterator[common_pb2.JobEvent]:

@@ -117,21 +117,95 @@ def _epoch_line(m: common_pb2.EpochMetrics) -> str:
 
 
 def cmd_jobs_watch(args: argparse.Namespace, client: Client) -> int:
+    view = WatchView(live=sys.stdout.isatty() and not args.json)
     final = 0
     for event in client.watch(args.job, after_seq=args.after_seq):
-        kind = event.WhichOneof("payload")
         if args.json:
             _out(args, event, "")
-        elif kind == "epoch_metrics":
-            print(_epoch_line(event.epoch_metrics), flush=True)
+        else:
+            view.show(event)
+        if event.HasField("state_change") and event.state_change.state in TERMINAL:
+            final = event.state_change.state
+    view.close()
+    return 0 if final == common_pb2.JOB_STATE_SUCCEEDED else 1
+
+
+class WatchView:
+    """Human output of `jobs watch`: a table of epochs that fills in, state changes and advice,
+    and (on a terminal) a live progress bar with ETA on the last line."""
+
+    def __init__(self, live: bool) -> None:
+        self._live = live
+        self._bar = ""
+
+    def show(self, event: common_pb2.JobEvent) -> None:
+        kind = event.WhichOneof("payload")
+        line = ""
+        if kind == "epoch_metrics":
+            line = _epoch_line(event.epoch_metrics) + ("  *best" if event.epoch_metrics.is_best else "")
         elif kind == "state_change":
             reason = f" ({event.state_change.reason})" if event.state_change.reason else ""
-            print(f"state: {state_name(event.state_change.state)}{reason}", flush=True)
-        elif kind == "warning":
-            print(f"warning: {event.warning.message}", flush=True)
-        if kind == "state_change" and event.state_change.state in TERMINAL:
-            final = event.state_change.state
-    return 0 if final == common_pb2.JOB_STATE_SUCCEEDED else 1
+            line = f"state: {state_name(event.state_change.state)}{reason}"
+        elif kind in ("warning", "advice"):
+            line = f"{kind}: {getattr(event, kind).message}"
+        if line:
+            self._print(line)
+        if self._live and event.HasField("progress"):
+            self._bar = progress_bar(event.progress)
+            print(f"\r\x1b[2K{self._bar}", end="", flush=True)
+
+    def _print(self, line: str) -> None:
+        if self._live and self._bar:
+            print("\r\x1b[2K", end="")
+        print(line, flush=True)
+        if self._live and self._bar:
+            print(self._bar, end="", flush=True)
+
+    def close(self) -> None:
+        if self._live and self._bar:
+            print()
+
+
+def progress_bar(p: common_pb2.Progress, width: int = 30) -> str:
+    filled = int(width * p.percent / 100)
+    eta = f" ETA {_duration(p.eta.ToTimedelta().total_seconds())}" if p.HasField("eta") else ""
+    phase = common_pb2.Phase.Name(p.phase).removeprefix("PHASE_").lower().replace("_", " ")  # type: ignore[arg-type]
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {p.percent:5.1f}%  epoch {p.epoch}/{p.epochs}  "
+            f"batch {p.batch}/{p.batches}  {phase}  elapsed {_duration(p.elapsed.ToTimedelta().total_seconds())}{eta}")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def cmd_jobs_rerun(args: argparse.Namespace, client: Client) -> int:
+    job = client.rerun(args.job)
+    _out(args, job, job.name)
+    return 0
+
+
+def cmd_jobs_compare(args: argparse.Namespace, client: Client) -> int:
+    comparison = client.compare(args.jobs)
+    lines = ["differences:" if comparison.differences else "same configuration"]
+    lines += [f"  {d.field}: {' | '.join(d.values)}" for d in comparison.differences]
+    by_epoch: dict[int, list[str]] = {}
+    for series in comparison.series:
+        for m in series.epochs:
+            by_epoch.setdefault(m.epoch, ["-"] * len(comparison.series))
+    for i, series in enumerate(comparison.series):
+        for m in series.epochs:
+            by_epoch[m.epoch][i] = f"{m.val_loss:.4f}/{m.val_iou:.4f}"
+    lines.append("epoch  " + "  ".join(f"{s.job.removeprefix('jobs/'):>17}" for s in comparison.series)
+                 + "   (val loss/val IoU)")
+    lines += [f"{e:5}  " + "  ".join(f"{v:>17}" for v in row) for e, row in sorted(by_epoch.items())]
+    for d in comparison.drift:
+        lines.append(f"drift of {d.job} over {d.epochs_compared} epochs: "
+                     + ("identical" if d.identical else f"max |d val IoU| {d.max_val_iou:.2e}, "
+                        f"|d val loss| {d.max_val_loss:.2e}, |d train loss| {d.max_train_loss:.2e}"))
+    _out(args, comparison, "\n".join(lines))
+    return 0
 
 
 def cmd_jobs_chart(args: argparse.Namespace, client: Client) -> int:
@@ -244,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     watch = verb(group, "watch", cmd_jobs_watch, help="follow a job live until it ends")
     watch.add_argument("job")
     watch.add_argument("--after-seq", type=int, default=0, help="start after event N")
+    verb(group, "rerun", cmd_jobs_rerun, help="create and start a copy of a job (same seed)").add_argument("job")
+    compare = verb(group, "compare", cmd_jobs_compare, help="configurations, metrics and drift side by side")
+    compare.add_argument("jobs", nargs="+")
     chart = verb(group, "chart", cmd_jobs_chart, help="write loss and IoU graphs as PNG")
     chart.add_argument("jobs", nargs="+")
     chart.add_argument("--out", default=".")

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 
 from services.common.database import session_scope
 from services.common.storage import ObjectStore
-from services.pipeline_svc import analysis, catalog, jobs, models, nodes, training_sets, uploads
+from services.pipeline_svc import analysis, catalog, comparison, jobs, models, nodes, training_sets, uploads
 from services.pipeline_svc.relay import OutboxRelay
 from services.pipeline_svc.remote import Remotes
 from services.pipeline_svc.scheduler import Scheduler
@@ -112,6 +112,9 @@ class PipelineService:
         except grpc.RpcError as exc:
             # The node learns it at its next heartbeat (stop_jobs) if this call did not reach it.
             log.warning("could not tell node %s to stop %s: %s", node_id, job_name, exc.code())
+
+    def compare_jobs(self, names: list[str]) -> pb.JobComparison:
+        return comparison.compare(self.engine, self.remotes, names)
 
     # Models and analysis
     def get_model(self, name: str) -> ModelRow:

@@ -68,6 +68,9 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
     def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.Job:
         return converters.job(self._s.cancel_job(request.name, request.stop_early))
 
+    def CompareJobs(self, request: pb.CompareJobsRequest, context: Ctx) -> pb.JobComparison:
+        return self._s.compare_jobs(list(request.jobs))
+
     def GetModel(self, request: pb.GetModelRequest, context: Ctx) -> pb.Model:
         return converters.model(self._s.get_model(request.name))
 

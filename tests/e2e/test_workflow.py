@@ -4,56 +4,23 @@ a trainer node, each its own process, driven through the generated stubs (via th
 from __future__ import annotations
 
 import io
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from pydantic import SecretStr
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 
 from clients.sdk import Client
-from clients.stack import LocalStack
-from services.common.settings import StorageSettings
 from services.common.storage import ObjectStore
+from tests.e2e.conftest import wait_for_state
 from tests.helpers import write_sample_set
 
 pytestmark = pytest.mark.e2e
 CLASSES = ["background", "nucleus", "debris"]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    with LocalStack(tmp_path_factory.mktemp("stack"), env_overrides={
-        "SEGTRAIN_TRAINER_NUM_THREADS": "1", "SEGTRAIN_PIPELINE_HEARTBEAT_INTERVAL_S": "1",
-        "SEGTRAIN_METRICS_HEARTBEAT_INTERVAL_S": "0.5",
-    }) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def client(stack: LocalStack) -> Iterator[Client]:
-    with Client(stack.pipeline_address) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def stack_store(stack: LocalStack) -> ObjectStore:
-    return ObjectStore(StorageSettings(endpoint=stack.s3_endpoint, access_key=stack.access_key,
-                                       secret_key=SecretStr(stack.secret_key)))
-
-
-def wait_for_state(client: Client, job: str, states: set[int], timeout: float = 240) -> pb.Job:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        current = client.get_job(job)
-        if current.state in states:
-            return current
-        time.sleep(0.3)
-    raise AssertionError(f"{job} stuck in {common_pb2.JobState.Name(current.state)}")
 
 
 def test_the_seven_steps(client: Client, stack_store: ObjectStore, tmp_path: Path) -> None:

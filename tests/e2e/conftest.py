@@ -1,0 +1,48 @@
+"""The local stack as separate processes, shared by the end-to-end tests of one session."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from pydantic import SecretStr
+from segtrain.common.v1 import common_pb2
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
+
+from clients.sdk import Client
+from clients.stack import LocalStack
+from services.common.settings import StorageSettings
+from services.common.storage import ObjectStore
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with LocalStack(tmp_path_factory.mktemp("stack"), env_overrides={
+        "SEGTRAIN_TRAINER_NUM_THREADS": "1", "SEGTRAIN_PIPELINE_HEARTBEAT_INTERVAL_S": "1",
+        "SEGTRAIN_METRICS_HEARTBEAT_INTERVAL_S": "0.5",
+    }) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def client(stack: LocalStack) -> Iterator[Client]:
+    with Client(stack.pipeline_address) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def stack_store(stack: LocalStack) -> ObjectStore:
+    return ObjectStore(StorageSettings(endpoint=stack.s3_endpoint, access_key=stack.access_key,
+                                       secret_key=SecretStr(stack.secret_key)))
+
+
+def wait_for_state(client: Client, job: str, states: set[int], timeout: float = 240) -> pb.Job:
+    deadline = time.monotonic() + timeout
+    while True:
+        current = client.get_job(job)
+        if current.state in states:
+            return current
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{job} stuck in {common_pb2.JobState.Name(current.state)}")
+        time.sleep(0.3)

@@ -1,0 +1,93 @@
+"""The `segtrain` CLI against the running stack: every verb, with --json for scripts."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from clients.cli.main import main as segtrain
+from clients.stack import LocalStack
+from tests.e2e.conftest import wait_for_state
+from tests.helpers import write_sample_set
+
+pytestmark = pytest.mark.e2e
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> list[dict]:  # type: ignore[type-arg]
+    capsys.readouterr()
+    assert segtrain([*argv, "--json"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+
+def test_every_verb_through_the_cli(stack: LocalStack, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEGTRAIN_ADDRESS", stack.pipeline_address)
+    pipelines = run_json(capsys, "pipelines", "list")[0]["pipelines"]
+    assert "pipelines/segmentation" in {p["name"] for p in pipelines}
+    listed = run_json(capsys, "architectures", "list")[0]["architectures"]
+    archs = {a["name"]: int(a["parameter_count"]) for a in listed}
+    assert archs["upernet-convnext-cpu"] < 1_000_000 < archs["upernet-convnext-base"]
+
+    tiles, masks = write_sample_set(tmp_path / "set", count=12, tile_size=64, seed=21)
+    created = run_json(capsys, "sets", "create", "cli-cells", "--tiles", str(tiles), "--masks", str(masks),
+                       "--classes", "background,nucleus,debris", "--group-by", "^(.*)_tile")[0]
+    assert created["name"] == "trainingSets/cli-cells" and created["tile_count"] == 12
+
+    job = run_json(capsys, "jobs", "create", "--pipeline", "segmentation", "--training-set", "cli-cells",
+                   "--architecture", "upernet-convnext-cpu", "--epochs", "2", "--batch-size", "4",
+                   "--learning-rate", "0.002")[0]
+    assert job["hyperparameters"]["learning_rate"] == 0.002 and job["state"] == "JOB_STATE_PENDING"
+    assert run_json(capsys, "jobs", "start", job["name"])[0]["state"] == "JOB_STATE_QUEUED"
+
+    events = run_json(capsys, "jobs", "watch", job["name"])
+    seqs = [int(e["seq"]) for e in events]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert [e["epoch_metrics"]["epoch"] for e in events if "epoch_metrics" in e] == [1, 2]
+    tail = run_json(capsys, "jobs", "watch", job["name"], "--after-seq", str(seqs[-3]))
+    assert [int(e["seq"]) for e in tail] == seqs[-2:]
+
+    done = run_json(capsys, "jobs", "get", job["name"])[0]
+    assert done["state"] == "JOB_STATE_SUCCEEDED" and done["model"]
+    models = run_json(capsys, "models", "list")[0]["models"]
+    assert done["model"] in {m["name"] for m in models}
+
+    charts = run_json(capsys, "jobs", "chart", job["name"], "--out", str(tmp_path / "charts"))[0]
+    assert Path(charts["loss"]).stat().st_size > 1000 and Path(charts["iou"]).stat().st_size > 1000
+
+    new, _ = write_sample_set(tmp_path / "new", count=2, tile_size=64, seed=22)
+    analysis = run_json(capsys, "analyze", "--model", done["model"], "--tiles", str(new), "--out",
+                        str(tmp_path / "out"))[0]
+    assert len(analysis["tiles"]) == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in new.iterdir())
+
+
+def test_bad_input_exits_non_zero_with_the_status(stack: LocalStack, capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEGTRAIN_ADDRESS", stack.pipeline_address)
+    assert segtrain(["jobs", "create", "--pipeline", "segmentation", "--training-set", "nope"]) == 2
+    assert "NOT_FOUND" in capsys.readouterr().err
+    assert segtrain(["jobs", "get", "jobs/j-doesnotexist"]) == 2
+
+
+def test_human_watch_prints_epoch_lines_like_the_seed(stack: LocalStack, capsys: pytest.CaptureFixture[str],
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clients.sdk import Client
+
+    monkeypatch.setenv("SEGTRAIN_ADDRESS", stack.pipeline_address)
+    client = Client(stack.pipeline_address)
+    tiles, masks = write_sample_set(tmp_path / "set", count=8, tile_size=64, seed=23)
+    client.create_training_set("cli-watch", tiles, masks, class_names=["background", "nucleus", "debris"])
+    capsys.readouterr()
+    assert segtrain(["jobs", "create", "--pipeline", "segmentation", "--training-set", "cli-watch",
+                     "--architecture", "upernet-convnext-cpu", "--epochs", "2", "--batch-size", "4"]) == 0
+    name = capsys.readouterr().out.strip()
+    assert segtrain(["jobs", "start", name]) == 0
+    assert segtrain(["jobs", "watch", name]) == 0
+    out = capsys.readouterr().out
+    line = r"Epoch 2/2: Train Loss \d\.\d{4}, Train IoU \d\.\d{4}, Val Loss \d\.\d{4}, Val IoU \d\.\d{4}"
+    assert re.search(line, out)
+    assert "state: SUCCEEDED" in out
+    wait_for_state(client, name, {3, 4, 5, 6, 8})
