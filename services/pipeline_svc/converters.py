@@ -41,7 +41,7 @@ def job(row: JobRow) -> pb.Job:
     message = pb.Job(
         name=f"jobs/{row.id}", display_name=row.display_name, pipeline=f"pipelines/{row.pipeline}",
         training_set=f"trainingSets/{row.training_set}",
-        from_model=f"models/{row.from_model}" if row.from_model else "",
+        from_model=f"models/{row.from_model}" if row.from_model else "", pretrained_weights=row.pretrained_weights,
         hyperparameters=common_pb2.Hyperparameters.FromString(row.hyperparameters),
         state=row.state, failure_reason=row.failure_reason, attempt=row.attempt,  # type: ignore[arg-type]
         progress=common_pb2.Progress.FromString(row.progress),

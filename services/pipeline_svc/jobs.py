@@ -12,8 +12,9 @@ from sqlmodel import Session, col, select
 
 from services.common import names
 from services.common.database import session_scope
-from services.common.errors import FailedPreconditionError, NotFoundError
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.pagination import page
+from services.common.storage import safe_key
 from services.common.timeutil import utcnow
 from services.pipeline_svc import catalog, hyperparameters, training_sets
 from services.pipeline_svc.tables import JobRow, ModelRow, OutboxRow
@@ -90,6 +91,7 @@ def list_rows(session: Session, pipeline: str, page_size: int, page_token: str) 
 def create(engine: Engine, request: pb.CreateJobRequest, architectures: catalog.Architectures,
            outbox: Outbox) -> JobRow:
     hyperparameters.validate(request.hyperparameters, architectures.names(), prefix="hyperparameters")
+    _check_pretrained(request)
     with session_scope(engine) as session:
         if request.request_id:
             previous = session.exec(select(JobRow).where(JobRow.request_id == request.request_id)).first()
@@ -110,6 +112,7 @@ def create(engine: Engine, request: pb.CreateJobRequest, architectures: catalog.
         job = JobRow(
             id=names.new_id("j"), display_name=request.display_name, pipeline=pipeline.id,
             training_set=training_set.id, from_model=parent.id if parent else "",
+            pretrained_weights=request.pretrained_weights,
             hyperparameters=effective.SerializeToString(), state=S.JOB_STATE_PENDING,
             request_id=request.request_id or None,
         )
@@ -117,6 +120,18 @@ def create(engine: Engine, request: pb.CreateJobRequest, architectures: catalog.
         session.add(job)
     outbox.wake.set()
     return job
+
+
+def _check_pretrained(request: pb.CreateJobRequest) -> None:
+    source = request.pretrained_weights
+    if not source:
+        return
+    if request.from_model:
+        raise InvalidArgumentError.of("pretrained_weights", "a job starts from from_model or from pretrained weights, "
+                                                            "not both")
+    if source.startswith(("file:/", "hf:")) and len(source.split(":", 1)[1]) > 1:
+        return
+    safe_key(source, field="pretrained_weights", prefix="uploads/")
 
 
 def _parent(session: Session, name: str, overrides: common_pb2.Hyperparameters) -> ModelRow:

@@ -110,6 +110,7 @@ class Scheduler(threading.Thread):
             class_names=training_set.class_names, tile_size=pipeline.tile_size,
             training_set=f"trainingSets/{training_set.id}", training_set_snapshot=training_set.snapshot,
             output_prefix=f"jobs/{job.id}/", resume_checkpoint_uri=job.checkpoint_uri,
+            pretrained_weights=job.pretrained_weights,
             tiles=[trainer_pb2.TrainingTile(name=t.name, image_uri=t.image_uri, mask_uri=t.mask_uri,
                                             validation=t.validation)
                    for t in training_sets.tiles_of(session, training_set.id)],  # type: ignore[arg-type]

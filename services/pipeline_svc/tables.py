@@ -67,6 +67,7 @@ class JobRow(SQLModel, table=True):
     pipeline: str = Field(index=True)
     training_set: str
     from_model: str = ""
+    pretrained_weights: str = ""
     # Serialized effective segtrain.common.v1.Hyperparameters.
     hyperparameters: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     state: int = Field(index=True)

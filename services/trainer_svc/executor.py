@@ -20,8 +20,8 @@ from segtrain.trainer.v1 import trainer_pb2
 
 from segcore import advice, checkpoint, imaging
 from segcore.advice import AdviceDetector
-from segcore.architectures import build_model
-from segcore.errors import SegcoreError
+from segcore.architectures import build_model, load_pretrained_backbone
+from segcore.errors import IncompatibleModelError, SegcoreError
 from segcore.progress import EpochResult
 from segcore.training import Sample, TrainConfig, TrainingState, TrainResult, train
 from services.common.errors import DomainError
@@ -167,7 +167,10 @@ class JobExecutor:
         return [s for v, s in loaded if not v], [s for v, s in loaded if v]
 
     def _initial_model(self, run: JobRun, request: trainer_pb2.RunJobRequest) -> torch.nn.Module | None:
-        """The parent model to fine-tune; its head is re-initialised when the class map differs."""
+        """The parent model to fine-tune (its head re-initialised when the class map differs), or a
+        fresh model with pretrained backbone weights, or None for a fresh model."""
+        if request.pretrained_weights:
+            return self._pretrained_model(run, request)
         if not request.HasField("from_model"):
             return None
         parent, meta = checkpoint.load_model(self._store.get(request.from_model.weights_uri))
@@ -181,6 +184,28 @@ class JobExecutor:
             code="HEAD_REINITIALISED",
             message=f"the parent's classes {meta.class_names} differ from this set's {list(request.class_names)}: "
                     f"backbone kept, {len(own) - len(kept)} head tensors re-initialised")))
+        return model
+
+    def _pretrained_model(self, run: JobRun, request: trainer_pb2.RunJobRequest) -> torch.nn.Module:
+        source = request.pretrained_weights
+        try:
+            if source.startswith("file:"):
+                weights: str | bytes = source.removeprefix("file:")
+            elif source.startswith("hf:"):
+                from huggingface_hub import snapshot_download
+
+                weights = snapshot_download(source.removeprefix("hf:"))  # honours HF_HUB_OFFLINE
+            else:
+                weights = self._store.get(source)
+        except (OSError, ValueError) as exc:  # hub unreachable/unknown id, missing directory
+            raise IncompatibleModelError(f"could not read pretrained weights {source!r}: {type(exc).__name__}") from None
+        torch.manual_seed(request.hyperparameters.seed)  # the head's initialisation stays reproducible
+        model = build_model(request.hyperparameters.architecture, len(request.class_names))
+        report = load_pretrained_backbone(model, weights)
+        run.emit(S.JobEvent(warning=S.Warning(
+            code="PRETRAINED_LOADED",
+            message=f"{len(report.loaded)} pretrained backbone tensors loaded from {source}; "
+                    f"{len(report.missing)} backbone tensors kept their initialisation")))
         return model
 
     def _resume_state(self, request: trainer_pb2.RunJobRequest) -> TrainingState | None:

@@ -179,6 +179,10 @@ BAD_REQUESTS: list[Case] = [
      "hyperparameters.architecture"),
     ("unknown loss", _job(hyperparameters=_hp(loss="hinge")), grpc.StatusCode.INVALID_ARGUMENT,
      "hyperparameters.loss"),
+    ("pretrained weights with a parent", _job(from_model="models/m-x", pretrained_weights="uploads/a/w.safetensors"),
+     grpc.StatusCode.INVALID_ARGUMENT, "pretrained_weights"),
+    ("pretrained weights outside uploads", _job(pretrained_weights="jobs/j-1/models/best.safetensors"),
+     grpc.StatusCode.INVALID_ARGUMENT, "pretrained_weights"),
     ("set without tiles", lambda c, ts, _: c.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(
         pipeline="pipelines/segmentation")), grpc.StatusCode.INVALID_ARGUMENT, "tiles"),
     ("set on unknown pipeline", lambda c, ts, _: c.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(

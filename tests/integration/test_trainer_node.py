@@ -6,13 +6,16 @@ from __future__ import annotations
 import hashlib
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
+from safetensors.torch import save as save_safetensors
 from segtrain.common.v1 import common_pb2
 from segtrain.trainer.v1 import trainer_pb2
 
 from segcore import advice as advice_module
 from segcore import synthetic
+from segcore.architectures import build_model
 from services.common.storage import ObjectStore
 from services.trainer_svc.executor import JobExecutor
 from services.trainer_svc.runs import JobRun
@@ -97,6 +100,22 @@ def test_fine_tuning_a_parent_with_another_class_map_keeps_the_backbone(store: O
     warnings = kinds(run, "warning")
     assert [w.code for w in warnings] == ["HEAD_REINITIALISED"] and "backbone kept" in warnings[0].message
     assert run.events[-1].finished.state == S.JOB_STATE_SUCCEEDED
+
+
+def test_pretrained_backbone_weights_from_storage_and_from_a_directory(store: ObjectStore, tiles: list,  # type: ignore[type-arg]
+                                                                      tmp_path: Path) -> None:
+    donor = build_model("upernet-convnext-cpu", 5)
+    key = f"uploads/{uuid.uuid4().hex}/backbone.safetensors"
+    store.put(key, save_safetensors({k: v.contiguous() for k, v in donor.backbone.state_dict().items()}))
+    donor.backbone.save_pretrained(tmp_path / "backbone")
+    for source in (key, f"file:{tmp_path / 'backbone'}"):
+        run = execute(store, request(tiles, epochs=1, pretrained_weights=source))
+        warnings = kinds(run, "warning")
+        assert [w.code for w in warnings] == ["PRETRAINED_LOADED"], source
+        assert run.events[-1].finished.state == S.JOB_STATE_SUCCEEDED
+    missing = execute(store, request(tiles, epochs=1, pretrained_weights="hf:nobody/no-such-model"))
+    finished = missing.events[-1].finished
+    assert finished.state == S.JOB_STATE_FAILED and "nobody/no-such-model" in finished.reason
 
 
 def test_resuming_from_a_checkpoint_continues_after_its_epoch(store: ObjectStore, tiles: list) -> None:  # type: ignore[type-arg]
