@@ -198,7 +198,8 @@ class JobExecutor:
             else:
                 weights = self._store.get(source)
         except (OSError, ValueError) as exc:  # hub unreachable/unknown id, missing directory
-            raise IncompatibleModelError(f"could not read pretrained weights {source!r}: {type(exc).__name__}") from None
+            reason = f"could not read pretrained weights {source!r}: {type(exc).__name__}"
+            raise IncompatibleModelError(reason) from None
         torch.manual_seed(request.hyperparameters.seed)  # the head's initialisation stays reproducible
         model = build_model(request.hyperparameters.architecture, len(request.class_names))
         report = load_pretrained_backbone(model, weights)
