@@ -132,6 +132,14 @@ class LocalStack:
         })
         return name
 
+    def restart(self, name: str) -> None:
+        """Stops a service process (SIGTERM) and starts it again on the same address."""
+        process = self.processes.pop(name)
+        process.stop()
+        module = {"metrics": "services.metrics_svc", "pipeline": "services.pipeline_svc"}[name]
+        self._start(name, [sys.executable, "-m", module])
+        self._wait_ready()
+
     def _start_s3(self) -> None:
         data = self.root / "s3"
         data.mkdir(parents=True, exist_ok=True)

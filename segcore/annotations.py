@@ -217,7 +217,7 @@ def _scanline_crossings(
     x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
     # Half-open in y (lower end in, upper end out) so a vertex shared by two edges counts once
     # and horizontal edges count never: rows whose centre r + 0.5 lies in [min(y), max(y)).
-    first = np.maximum(np.floor(np.minimum(y0, y1) - 0.5), rows[0]).astype(np.int64)
+    first = np.maximum(np.ceil(np.minimum(y0, y1) - 0.5), rows[0]).astype(np.int64)
     stop = np.minimum(np.ceil(np.maximum(y0, y1) - 0.5), rows[1]).astype(np.int64)
     counts = np.maximum(stop - first, 0)
     edge = np.repeat(np.arange(len(counts)), counts)

@@ -389,9 +389,11 @@ def _check_resumable(config: TrainConfig, state: TrainingState) -> None:
         )
     if list(saved.get("class_names", [])) != list(config.class_names):
         raise IncompatibleModelError("state was trained with different class names")
-    if state.epoch >= config.epochs:
+    # A state of the last epoch is resumable: nothing is left to train and train() returns its
+    # result (a node that died while finalising hands the job to one that only finalises).
+    if state.epoch > config.epochs:
         raise InvalidParameterError(
-            "epochs", f"state already completed {state.epoch} of {config.epochs} epochs"
+            "epochs", f"state already completed {state.epoch} epochs, more than the {config.epochs} asked for"
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 
 import grpc
@@ -30,6 +31,9 @@ class Scheduler(threading.Thread):
         self._engine, self._remotes, self._outbox = engine, remotes, outbox
         self._interval_s = interval_s
         self._lost_after = timedelta(seconds=3 * heartbeat_interval_s)
+        # Nodes could not heartbeat while this service was down: judge them only after a full
+        # lease period of this process's life.
+        self._judge_nodes_after = time.monotonic() + self._lost_after.total_seconds()
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self._relays: dict[str, JobRelay] = {}
@@ -54,8 +58,9 @@ class Scheduler(threading.Thread):
 
     def tick(self) -> None:
         """One pass: hand back work of lost nodes, assign queued jobs, (re)start relays."""
-        for node_id in nodes.mark_lost(self._engine, self._lost_after):
-            self._hand_back(node_id)
+        if time.monotonic() >= self._judge_nodes_after:
+            for node_id in nodes.mark_lost(self._engine, self._lost_after):
+                self._hand_back(node_id)
         while self._assign_one():
             pass
         with session_scope(self._engine) as session:

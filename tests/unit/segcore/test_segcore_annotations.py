@@ -68,7 +68,7 @@ def feature(geometry: dict[str, Any] | None, cls: object = "tumor", **props: Any
     return {"type": "Feature", "geometry": geometry, "properties": properties}
 
 
-def polygon(*rings: list[list[float]]) -> dict[str, Any]:
+def polygon(*rings: list[Any]) -> dict[str, Any]:
     return {"type": "Polygon", "coordinates": list(rings)}
 
 
@@ -264,8 +264,10 @@ def test_geojson_class_sources(properties: dict[str, Any]) -> None:
 def test_geojson_accepts_collection_single_feature_and_bare_list() -> None:
     f = feature(polygon(rect(0, 0, 2, 2)))
     docs = [{"type": "FeatureCollection", "features": [f]}, f, [f]]
-    masks = [render_tile("geojson", json.dumps(d).encode(), tile="t", width=4, height=4, class_names=CLASSES).mask
-             for d in docs]
+    masks = [
+        render_tile("geojson", json.dumps(d).encode(), tile="t", width=4, height=4, class_names=CLASSES).mask
+        for d in docs
+    ]
     for mask in masks:
         np.testing.assert_array_equal(mask, grid("1100", "1100", "0000", "0000"))
 
@@ -308,6 +310,17 @@ def test_geojson_degenerate_polygons_are_skipped_with_a_warning() -> None:
     assert found.severity == WARNING and found.tile == "t1"
     assert "features[0]" in found.message and "features[1]" in found.message and "features[2] ring 1" in found.message
     assert result.mask.sum() == 4  # the third feature's outline still renders
+
+
+def test_degenerate_outline_drops_its_holes_but_a_degenerate_labeller_region_does_not() -> None:
+    # GeoJSON: without its outline, a hole would be filled by the even-odd rule; drop the polygon.
+    result = geojson(feature(polygon([[0, 0], [4, 0], [0, 0]], rect(1, 1, 3, 3))), size=4)
+    assert (result.mask == 0).all() and "features[0] ring 0" in issue(result, "DEGENERATE_POLYGON").message
+    # Django-Labeller regions are equal partners: the others still render.
+    regions = [xy_points([[0, 0], [4, 0], [0, 0]]), xy_points(rect(1, 1, 3, 3)[:-1])]
+    result = labeller({"label_type": "polygon", "label_class": "tumor", "regions": regions}, size=4)
+    np.testing.assert_array_equal(result.mask, grid("0000", "0110", "0110", "0000"))
+    assert "labels[0] ring 0" in issue(result, "DEGENERATE_POLYGON").message
 
 
 def test_geojson_bow_tie_is_not_degenerate() -> None:
@@ -479,10 +492,18 @@ def coco_doc(annotations: list[dict[str, Any]], **extra: Any) -> bytes:
 
 
 def test_coco_polygons_of_one_annotation_are_united_and_tiles_match_by_stem() -> None:
-    data = coco_doc([
-        {"id": 1, "image_id": 1, "category_id": 7, "segmentation": [[0, 0, 3, 0, 3, 3, 0, 3], [5, 5, 7, 5, 7, 7]]},
-        {"id": 2, "image_id": 2, "category_id": 9, "segmentation": [[1, 1, 2, 1, 2, 2, 1, 2]], "iscrowd": 0},
-    ])
+    data = coco_doc(
+        [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 7,
+                # Overlapping polygons of one object are united (an even-odd XOR would punch out [1, 2]^2).
+                "segmentation": [[0, 0, 3, 0, 3, 3, 0, 3], [5, 5, 7, 5, 7, 7], [1, 1, 2, 1, 2, 2, 1, 2]],
+            },
+            {"id": 2, "image_id": 2, "category_id": 9, "segmentation": [[1, 1, 2, 1, 2, 2, 1, 2]], "iscrowd": 0},
+        ]
+    )
     collection = load_collection("coco", data, CLASSES)
     assert collection.issues == [] and collection.tiles == ["tile_a", "tile_b", "tile_c"]
     a = collection.render(tile="tile_a", width=8, height=8)
@@ -511,8 +532,9 @@ def test_coco_uncompressed_rle_is_column_major() -> None:
     doc = {
         "images": [{"id": 1, "file_name": "t.png", "width": 4, "height": 4}],
         "categories": [{"id": 1, "name": "stroma"}],
-        "annotations": [{"id": 5, "image_id": 1, "category_id": 1, "iscrowd": 1,
-                         "segmentation": {"size": [4, 4], "counts": runs}}],
+        "annotations": [
+            {"id": 5, "image_id": 1, "category_id": 1, "iscrowd": 1, "segmentation": {"size": [4, 4], "counts": runs}}
+        ],
     }
     result = load_collection("coco", json.dumps(doc).encode(), CLASSES).render(tile="t", width=4, height=4)
     np.testing.assert_array_equal(result.mask, expected * 2)
@@ -551,10 +573,12 @@ def test_coco_compressed_rle_round_trips_random_masks() -> None:
 
 
 def test_coco_unknown_category_names_it_and_the_tile() -> None:
-    data = coco_doc([
-        {"id": 4, "image_id": 1, "category_id": 11, "segmentation": [[0, 0, 2, 0, 2, 2]]},
-        {"id": 5, "image_id": 2, "category_id": 7, "segmentation": [[0, 0, 2, 0, 2, 2]]},
-    ])
+    data = coco_doc(
+        [
+            {"id": 4, "image_id": 1, "category_id": 11, "segmentation": [[0, 0, 2, 0, 2, 2]]},
+            {"id": 5, "image_id": 2, "category_id": 7, "segmentation": [[0, 0, 2, 0, 2, 2]]},
+        ]
+    )
     collection = load_collection("coco", data, CLASSES)
     bad = collection.render(tile="tile_a", width=8, height=8)
     found = issue(bad, "UNKNOWN_CLASS")
@@ -564,10 +588,12 @@ def test_coco_unknown_category_names_it_and_the_tile() -> None:
 
 
 def test_coco_size_mismatches() -> None:
-    data = coco_doc([
-        {"image_id": 1, "category_id": 7, "segmentation": {"size": [8, 8], "counts": [64]}},
-        {"image_id": 2, "category_id": 7, "segmentation": {"size": [4, 16], "counts": [64]}},
-    ])
+    data = coco_doc(
+        [
+            {"image_id": 1, "category_id": 7, "segmentation": {"size": [8, 8], "counts": [64]}},
+            {"image_id": 2, "category_id": 7, "segmentation": {"size": [4, 16], "counts": [64]}},
+        ]
+    )
     collection = load_collection("coco", data, CLASSES)
     wrong_tile = collection.render(tile="tile_a", width=10, height=8)
     messages = sorted(i.message for i in wrong_tile.issues if i.code == "SIZE_MISMATCH" and i.severity == ERROR)
@@ -582,13 +608,15 @@ def test_coco_size_mismatches() -> None:
 
 
 def test_coco_bad_rle_and_missing_segmentation() -> None:
-    data = coco_doc([
-        {"image_id": 1, "category_id": 7, "segmentation": {"size": [8, 8], "counts": [10, 5]}},
-        {"image_id": 1, "category_id": 7, "segmentation": {"size": [8, 8], "counts": "3 !"}},
-        {"image_id": 1, "category_id": 99, "segmentation": [[0, 0, 2, 0, 2, 2]]},
-        {"image_id": 1, "category_id": 7, "bbox": [0, 0, 2, 2], "segmentation": []},
-        {"image_id": 1, "category_id": 7, "segmentation": [[0, 0, 2, 0]]},
-    ])
+    data = coco_doc(
+        [
+            {"image_id": 1, "category_id": 7, "segmentation": {"size": [8, 8], "counts": [10, 5]}},
+            {"image_id": 1, "category_id": 7, "segmentation": {"size": [8, 8], "counts": "3 !"}},
+            {"image_id": 1, "category_id": 99, "segmentation": [[0, 0, 2, 0, 2, 2]]},
+            {"image_id": 1, "category_id": 7, "bbox": [0, 0, 2, 2], "segmentation": []},
+            {"image_id": 1, "category_id": 7, "segmentation": [[0, 0, 2, 0]]},
+        ]
+    )
     result = load_collection("coco", data, CLASSES).render(tile="tile_a", width=8, height=8)
     bad = issue(result, "BAD_FORMAT") if len([i for i in result.issues if i.code == "BAD_FORMAT"]) == 1 else None
     messages = " | ".join(i.message for i in result.issues if i.code == "BAD_FORMAT")
@@ -599,11 +627,13 @@ def test_coco_bad_rle_and_missing_segmentation() -> None:
 
 
 def test_coco_unlisted_tiles_unmatched_images_and_orphan_annotations() -> None:
-    data = coco_doc([
-        {"image_id": 1, "category_id": 7, "segmentation": [[0, 0, 2, 0, 2, 2]]},
-        {"image_id": 2, "category_id": 7, "segmentation": [[0, 0, 2, 0, 2, 2]]},
-        {"id": 77, "image_id": 42, "category_id": 7, "segmentation": [[0, 0, 2, 0, 2, 2]]},
-    ])
+    data = coco_doc(
+        [
+            {"image_id": 1, "category_id": 7, "segmentation": [[0, 0, 2, 0, 2, 2]]},
+            {"image_id": 2, "category_id": 7, "segmentation": [[0, 0, 2, 0, 2, 2]]},
+            {"id": 77, "image_id": 42, "category_id": 7, "segmentation": [[0, 0, 2, 0, 2, 2]]},
+        ]
+    )
     collection = load_collection("coco", data, CLASSES)
     orphan = issue(collection.issues, "UNMATCHED_ANNOTATION")
     assert orphan.tile == "" and orphan.severity == WARNING and "annotations[2] (id 77)" in orphan.message
@@ -616,11 +646,13 @@ def test_coco_unlisted_tiles_unmatched_images_and_orphan_annotations() -> None:
 
 
 def test_coco_file_level_problems() -> None:
-    data = json.dumps({
-        "images": [{"id": 1, "file_name": "a/t.png"}, {"id": 2, "file_name": "b/t.png"}, {"file_name": "x.png"}],
-        "categories": [{"id": 1}],
-        "annotations": [],
-    }).encode()
+    data = json.dumps(
+        {
+            "images": [{"id": 1, "file_name": "a/t.png"}, {"id": 2, "file_name": "b/t.png"}, {"file_name": "x.png"}],
+            "categories": [{"id": 1}],
+            "annotations": [],
+        }
+    ).encode()
     collection = load_collection("coco", data, CLASSES)
     assert codes(collection.issues) == {"BAD_FORMAT"}
     text = " | ".join(i.message for i in collection.issues)
@@ -645,8 +677,9 @@ def test_geojson_collection_matches_features_to_tiles_by_stem() -> None:
         feature(polygon(rect(0, 0, 1, 1)), "Necrosis", image_name="tile_b.tiff"),
         feature(polygon(rect(0, 0, 1, 1)), image="elsewhere.png"),
     ]
-    collection = load_collection("geojson", json.dumps({"type": "FeatureCollection", "features": features}).encode(),
-                                 CLASSES)
+    collection = load_collection(
+        "geojson", json.dumps({"type": "FeatureCollection", "features": features}).encode(), CLASSES
+    )
     assert collection.issues == [] and collection.tiles == ["elsewhere", "tile_a", "tile_b"]
     a = collection.render(tile="tile_a", width=4, height=4)
     np.testing.assert_array_equal(a.mask, grid("1100", "1100", "0000", "0000"))
@@ -734,8 +767,9 @@ def test_instance_masks_8_16_and_32_bit_become_one_class() -> None:
     labels32 = np.array([[0, 70000, 1], [5, 0, 123456]], np.uint32)
     expected = grid("022", "202")
     for data in (png(labels8), png(labels16), tiff(labels16), tiff(labels32)):
-        result = render_tile("instance-masks", data, tile="i1", width=3, height=2, class_names=CLASSES,
-                             instance_class=2)
+        result = render_tile(
+            "instance-masks", data, tile="i1", width=3, height=2, class_names=CLASSES, instance_class=2
+        )
         np.testing.assert_array_equal(result.mask, expected)
         assert result.issues == []
 
@@ -749,8 +783,9 @@ def test_instance_masks_colour_coded_and_checks() -> None:
     assert issue(mismatch, "SIZE_MISMATCH").tile == "i3"
     for bad in (0, 3, -1):
         with pytest.raises(InvalidParameterError) as info:
-            render_tile("instance-masks", png(colour), tile="i", width=2, height=2, class_names=CLASSES,
-                        instance_class=bad)
+            render_tile(
+                "instance-masks", png(colour), tile="i", width=2, height=2, class_names=CLASSES, instance_class=bad
+            )
         assert info.value.field == "instance_class"
 
 
@@ -799,17 +834,30 @@ def test_every_issue_code_is_produced_by_some_input() -> None:
     produced |= codes(geojson(feature(polygon(rect(0, 0, 1, 1)), "x"), feature(None), feature(polygon([]))))
     produced |= codes(geojson(feature(polygon(rect(0, 0, 1, 1)), None), feature(polygon([[0, 0], [1, "a"]]))))
     produced |= codes(geojson())
-    produced |= codes(render_tile("masks", png(np.full((2, 2), 9, np.uint8)), tile="t", width=2, height=3,
-                                  class_names=CLASSES))
-    produced |= codes(render_tile("masks", png(np.full((2, 2), 9, np.uint8)), tile="t", width=2, height=2,
-                                  class_names=CLASSES))
+    produced |= codes(
+        render_tile("masks", png(np.full((2, 2), 9, np.uint8)), tile="t", width=2, height=3, class_names=CLASSES)
+    )
+    produced |= codes(
+        render_tile("masks", png(np.full((2, 2), 9, np.uint8)), tile="t", width=2, height=2, class_names=CLASSES)
+    )
     produced |= codes(render_tile("masks", None, tile="t", width=2, height=2, class_names=CLASSES))
-    coco = load_collection("coco", coco_doc([{"image_id": 1, "category_id": 7, "segmentation": [[0, 0, 1, 0, 1, 1]]}]),
-                           CLASSES)
+    coco = load_collection(
+        "coco", coco_doc([{"image_id": 1, "category_id": 7, "segmentation": [[0, 0, 1, 0, 1, 1]]}]), CLASSES
+    )
     produced |= codes(coco.unmatched([]))
     assert produced == {
-        "OUT_OF_BOUNDS", "OVERLAP", "UNKNOWN_CLASS", "UNSUPPORTED_GEOMETRY", "DEGENERATE_POLYGON", "UNCLASSIFIED",
-        "BAD_FORMAT", "NO_ANNOTATIONS", "SIZE_MISMATCH", "BAD_CLASS_INDEX", "NOT_ANNOTATED", "UNMATCHED_ANNOTATION",
+        "OUT_OF_BOUNDS",
+        "OVERLAP",
+        "UNKNOWN_CLASS",
+        "UNSUPPORTED_GEOMETRY",
+        "DEGENERATE_POLYGON",
+        "UNCLASSIFIED",
+        "BAD_FORMAT",
+        "NO_ANNOTATIONS",
+        "SIZE_MISMATCH",
+        "BAD_CLASS_INDEX",
+        "NOT_ANNOTATED",
+        "UNMATCHED_ANNOTATION",
     }
 
 

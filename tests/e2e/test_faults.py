@@ -1,0 +1,97 @@
+"""Fault injection: trainer nodes SIGKILLed mid-epoch, and the pipeline and metrics services
+restarted mid-job. No finished epoch is lost, each appears once, and the model is the best one."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from clients.sdk import Client
+from clients.stack import LocalStack
+from segtrain.common.v1 import common_pb2
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
+from tests.e2e.conftest import wait_for_state
+from tests.helpers import write_sample_set
+
+pytestmark = pytest.mark.e2e
+CLASSES = ["background", "nucleus", "debris"]
+
+
+@pytest.fixture
+def two_node_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with LocalStack(tmp_path_factory.mktemp("faults"), trainers=2, env_overrides={
+        "SEGTRAIN_TRAINER_NUM_THREADS": "1", "SEGTRAIN_PIPELINE_HEARTBEAT_INTERVAL_S": "1",
+        "SEGTRAIN_PIPELINE_SCHEDULE_INTERVAL_S": "0.3", "SEGTRAIN_METRICS_HEARTBEAT_INTERVAL_S": "0.5",
+    }) as stack:
+        yield stack
+
+
+def node_process(stack: LocalStack, node: str) -> str:
+    """The stack's process name of "trainerNodes/local-N"."""
+    return f"trainer-{node.rsplit('-', 1)[1]}"
+
+
+def test_three_sigkills_within_one_job_lose_no_epoch(two_node_stack: LocalStack, tmp_path: Path) -> None:
+    stack = two_node_stack
+    client = Client(stack.pipeline_address)
+    tiles, masks = write_sample_set(tmp_path / "set", count=24, tile_size=96, seed=5)
+    training_set = client.create_training_set("faults", tiles, masks, class_names=CLASSES)
+    job = client.create_job(pipeline="segmentation", training_set=training_set.name, hyperparameters=common_pb2.
+                            Hyperparameters(architecture="upernet-convnext-cpu", epochs=12, batch_size=4,
+                                            learning_rate=0.005))
+    client.start_job(job.name)
+    watched: list[common_pb2.JobEvent] = []
+    watcher = threading.Thread(target=lambda: watched.extend(client.watch(job.name)), daemon=True)
+    watcher.start()
+    kills = []
+    for target_epoch in (2, 5, 8):
+        running = wait_for_state(client, job.name, {common_pb2.JOB_STATE_RUNNING}, 120)
+        while client.get_job(job.name).latest_metrics.epoch < target_epoch:
+            time.sleep(0.05)
+        time.sleep(0.15)  # into the next epoch
+        node = client.get_job(job.name).trainer_node
+        stack.processes[node_process(stack, node)].kill()  # SIGKILL: no goodbye, no checkpoint
+        kills.append((running.attempt, node))
+        stack.add_trainer()  # keep two nodes alive
+    done = wait_for_state(client, job.name, {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED}, 300)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.failure_reason
+    reasons = [e.state_change.reason for e in client.watch(job.name) if e.HasField("state_change")]
+    assert done.attempt == 4, f"three kills mean four attempts, got {done.attempt}: {reasons}"
+
+    history = client.history(job.name)
+    assert [m.epoch for m in history.epochs] == list(range(1, 13)), "each epoch exactly once"
+    model = client.pipeline.GetModel(pb.GetModelRequest(name=done.model))
+    best = max(history.epochs, key=lambda m: m.val_iou)
+    assert model.best_epoch == best.epoch and model.best_metrics.val_iou == pytest.approx(best.val_iou)
+
+    watcher.join(30)
+    assert [e.seq for e in watched] == list(range(1, len(watched) + 1))
+    attempts = {e.attempt for e in watched if e.attempt}
+    assert attempts == {1, 2, 3, 4}
+
+
+def test_restarting_pipeline_and_metrics_mid_job_loses_nothing(two_node_stack: LocalStack, tmp_path: Path) -> None:
+    stack = two_node_stack
+    client = Client(stack.pipeline_address)
+    tiles, masks = write_sample_set(tmp_path / "set", count=16, tile_size=96, seed=6)
+    training_set = client.create_training_set("restarts", tiles, masks, class_names=CLASSES)
+    job = client.create_job(pipeline="segmentation", training_set=training_set.name, hyperparameters=common_pb2.
+                            Hyperparameters(architecture="upernet-convnext-cpu", epochs=10, batch_size=4))
+    client.start_job(job.name)
+    seen: list[common_pb2.JobEvent] = []
+    watcher = threading.Thread(target=lambda: seen.extend(client.watch(job.name)), daemon=True)
+    watcher.start()
+    for service in ("metrics", "pipeline"):
+        wait_for_state(client, job.name, {common_pb2.JOB_STATE_RUNNING}, 120)
+        time.sleep(1.0)
+        stack.restart(service)
+    done = wait_for_state(client, job.name, {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED}, 300)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED and done.attempt == 1, done.failure_reason
+    watcher.join(30)
+    full = list(client.watch(job.name))
+    assert [e.seq for e in seen] == [e.seq for e in full] == list(range(1, len(full) + 1))
+    assert [m.epoch for m in client.history(job.name).epochs] == list(range(1, 11))
