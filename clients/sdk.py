@@ -102,31 +102,40 @@ class Client:
         return keys
 
     def create_training_set(
-        self, name: str, tiles_dir: Path, masks_dir: Path, *, pipeline: str = "segmentation",
-        class_names: Sequence[str] = (), group_by: str = "", request_id: str = "",
+        self, name: str, tiles_dir: Path, annotations: Path, *, format: str = "masks",
+        pipeline: str = "segmentation", class_names: Sequence[str] = (), group_by: str = "",
+        instance_class: int | None = None, request_id: str = "",
     ) -> pb.TrainingSet:
-        """Pairs tiles with masks by file stem, uploads both and creates the set.
+        """Uploads tiles with their annotations and creates the set.
 
-        `group_by` is a regular expression whose first group, matched on a tile's file stem, names
-        its source image (e.g. r"^(.*)_tile" for "slide3_tile07"): tiles of one source image never
-        straddle the train/validation split. Without it every tile is its own source.
+        `annotations` is a folder of per-tile files paired with tiles by file stem (class-index or
+        instance masks, per-tile GeoJSON, Django-Labeller `<stem>__labels.json`), or one file for
+        all tiles (COCO JSON, or GeoJSON whose features name their tile). `group_by` is a regular
+        expression whose first group, matched on a tile's file stem, names its source image (e.g.
+        r"^(.*)_tile" for "slide3_tile07"): tiles of one source image never straddle the
+        train/validation split. Without it every tile is its own source.
         """
+        if format not in FORMATS:
+            raise ValueError(f"unknown format {format!r}; one of {', '.join(FORMATS)}")
         pattern = re.compile(group_by) if group_by else None
         tiles = sorted(p for p in Path(tiles_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        masks = {p.stem: p for p in Path(masks_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
-        missing = [t.name for t in tiles if t.stem not in masks]
         if not tiles:
             raise ValueError(f"no tiles (png, jpg, tif) in {tiles_dir}")
-        if missing:
-            raise ValueError(f"no mask for tiles {missing[:5]} in {masks_dir}")
-        tile_keys = self.upload(tiles)
-        mask_keys = self.upload([masks[t.stem] for t in tiles])
         request = pb.CreateTrainingSetRequest(
             training_set_id=name, display_name=name, pipeline=_name("pipelines", pipeline),
-            class_names=list(class_names), format=pb.ANNOTATION_FORMAT_MASKS, request_id=request_id,
-            tiles=[pb.TileInput(image_key=tile_keys[t], annotation_key=mask_keys[masks[t.stem]],
-                                source_image=_source_image(t.stem, pattern)) for t in tiles],
-        )
+            class_names=list(class_names), format=FORMATS[format], request_id=request_id)
+        if instance_class is not None:
+            request.instance_class = instance_class
+        tile_keys = self.upload(tiles)
+        if Path(annotations).is_dir():
+            paired = _pair_by_stem(tiles, Path(annotations), format)
+            annotation_keys = self.upload(list(paired.values()))
+            keys = {t: annotation_keys[paired[t]] for t in tiles}
+        else:
+            request.annotations_key = self.upload([Path(annotations)])[Path(annotations)]
+            keys = {}
+        request.tiles.extend(pb.TileInput(image_key=tile_keys[t], annotation_key=keys.get(t, ""),
+                                          source_image=_source_image(t.stem, pattern)) for t in tiles)
         return self.pipeline.CreateTrainingSet(request, timeout=max(self.timeout, 300))
 
     # Jobs
@@ -204,6 +213,27 @@ class Client:
             with urllib.request.urlopen(result.mask_url, timeout=self.timeout) as r:
                 (out_dir / f"{tile.stem}.png").write_bytes(r.read())
         return response
+
+
+FORMATS = {
+    "masks": pb.ANNOTATION_FORMAT_MASKS, "instance-masks": pb.ANNOTATION_FORMAT_INSTANCE_MASKS,
+    "coco": pb.ANNOTATION_FORMAT_COCO, "geojson": pb.ANNOTATION_FORMAT_GEOJSON,
+    "labeller": pb.ANNOTATION_FORMAT_LABELLER,
+}
+_ANNOTATION_SUFFIXES = {"masks": IMAGE_SUFFIXES, "instance-masks": IMAGE_SUFFIXES,
+                        "geojson": {".geojson", ".json"}, "labeller": {".json"}}
+
+
+def _pair_by_stem(tiles: list[Path], folder: Path, format: str) -> dict[Path, Path]:
+    suffixes = _ANNOTATION_SUFFIXES.get(format)
+    if suffixes is None:
+        raise ValueError(f"{format} annotations come in one file, not a folder")
+    # Django-Labeller names a tile's labels "<stem>__labels.json".
+    found = {p.stem.removesuffix("__labels"): p for p in folder.iterdir() if p.suffix.lower() in suffixes}
+    missing = [t.name for t in tiles if t.stem not in found]
+    if missing:
+        raise ValueError(f"no annotation file for tiles {missing[:5]} in {folder}")
+    return {t: found[t.stem] for t in tiles}
 
 
 def _source_image(stem: str, pattern: re.Pattern[str] | None) -> str:

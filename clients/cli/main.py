@@ -50,14 +50,10 @@ def cmd_architectures_list(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_sets_create(args: argparse.Namespace, client: Client) -> int:
-    if args.annotations:
-        raise SystemExit("--annotations FILE needs --format coco|geojson|labeller, which are not supported yet; "
-                         "use --masks DIR")
-    if args.format not in ("masks",):
-        raise SystemExit(f"--format {args.format}: only 'masks' is supported so far")
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else []
-    ts = client.create_training_set(args.name, Path(args.tiles), Path(args.masks), pipeline=args.pipeline,
-                                    class_names=classes, group_by=args.group_by)
+    ts = client.create_training_set(args.name, Path(args.tiles), Path(args.masks or args.annotations),
+                                    format=args.format, pipeline=args.pipeline, class_names=classes,
+                                    group_by=args.group_by, instance_class=args.instance_class)
     lines = [f"{ts.name}: {ts.tile_count} tiles ({ts.train_tile_count} train, {ts.validation_tile_count} "
              f"validation), snapshot {ts.snapshot[:19]}"]
     lines += [f"  {c.class_name:16} {c.pixel_count:>10} px in {c.tile_count} tiles" for c in ts.report.classes]
@@ -289,10 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name")
     create.add_argument("--tiles", required=True, help="folder of tile images")
     source = create.add_mutually_exclusive_group(required=True)
-    source.add_argument("--masks", help="folder of class-index masks, paired with tiles by file stem")
-    source.add_argument("--annotations", help="one annotation file (COCO, GeoJSON)")
+    source.add_argument("--masks", help="folder of per-tile annotation files paired with tiles by file stem "
+                                        "(masks, instance masks, GeoJSON, Django-Labeller <stem>__labels.json)")
+    source.add_argument("--annotations", help="one annotation file for all tiles (COCO JSON, GeoJSON)")
     create.add_argument("--format", default="masks", choices=["masks", "instance-masks", "coco", "geojson", "labeller"])
     create.add_argument("--classes", help="class names by index, comma-separated (index 0 = background)")
+    create.add_argument("--instance-class", type=int, help="class index of every instance (--format instance-masks)")
     create.add_argument("--pipeline", default="segmentation")
     create.add_argument("--group-by", default="", help="regex; its first group on a tile's stem names the source image")
 

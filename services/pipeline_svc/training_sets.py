@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from segcore import imaging, splits
+from segcore import annotations, imaging, splits
 from segcore.errors import InvalidParameterError, InvalidTileError
 from services.common import names
 from services.common.database import session_scope
@@ -42,6 +42,13 @@ UPLOAD_PREFIX = "uploads/"
 MAX_TILES = 20_000
 MAX_REPORTED = 50
 UNLABELLED = 255
+FORMATS = {
+    pb.ANNOTATION_FORMAT_UNSPECIFIED: "masks", pb.ANNOTATION_FORMAT_MASKS: "masks",
+    pb.ANNOTATION_FORMAT_INSTANCE_MASKS: "instance-masks", pb.ANNOTATION_FORMAT_COCO: "coco",
+    pb.ANNOTATION_FORMAT_GEOJSON: "geojson", pb.ANNOTATION_FORMAT_LABELLER: "labeller",
+}
+SEVERITIES = {annotations.ERROR: pb.ValidationIssue.SEVERITY_ERROR,
+              annotations.WARNING: pb.ValidationIssue.SEVERITY_WARNING}
 
 
 @dataclass
@@ -54,6 +61,7 @@ class _CheckedTile:
     width: int
     height: int
     class_pixels: np.ndarray  # pixel count per class index
+    issues: list[pb.ValidationIssue]  # warnings found while rendering its annotation
 
 
 def create(engine: Engine, store: ObjectStore, request: pb.CreateTrainingSetRequest) -> TrainingSetRow:
@@ -67,7 +75,7 @@ def create(engine: Engine, store: ObjectStore, request: pb.CreateTrainingSetRequ
         pipeline = catalog.get_row(session, request.pipeline, field="pipeline")
     class_names = list(request.class_names) or list(pipeline.class_names)
     _check_request(request, class_names)
-    tiles, warnings = _read_and_check(store, request, len(class_names))
+    tiles, warnings = _read_and_check(store, request, class_names)
     snapshot = _snapshot_hash(tiles, class_names)
     set_id = request.training_set_id or f"ts-{snapshot.removeprefix('sha256:')[:12]}"
     fraction = request.validation_fraction if request.HasField("validation_fraction") else 0.2
@@ -149,13 +157,28 @@ def _check_request(request: pb.CreateTrainingSetRequest, class_names: list[str])
         v.append(FieldViolation("tiles", "a training set needs at least one tile"))
     if len(request.tiles) > MAX_TILES:
         v.append(FieldViolation("tiles", f"at most {MAX_TILES} tiles"))
-    if request.format not in (pb.ANNOTATION_FORMAT_MASKS, pb.ANNOTATION_FORMAT_UNSPECIFIED):
-        v.append(FieldViolation("format", "only ANNOTATION_FORMAT_MASKS (class-index images) is supported so far"))
+    collection = bool(request.annotations_key)
+    if request.format not in FORMATS:
+        v.append(FieldViolation("format", "unknown annotation format"))
+    elif collection and FORMATS[request.format] not in annotations.COLLECTION_FORMATS:
+        v.append(FieldViolation("annotations_key", f"{FORMATS[request.format]} annotations come one file per tile"))
+    elif not collection and FORMATS[request.format] == "coco":
+        v.append(FieldViolation("annotations_key", "COCO annotations come in one file: set annotations_key"))
+    if collection:
+        try:
+            safe_key(request.annotations_key, field="annotations_key", prefix=UPLOAD_PREFIX)
+        except InvalidArgumentError as exc:
+            v += exc.violations
+    if request.HasField("instance_class") and not 1 <= request.instance_class < len(class_names):
+        v.append(FieldViolation("instance_class", f"must be a class index in 1..{len(class_names) - 1}"))
     if request.HasField("validation_fraction") and not 0.05 <= request.validation_fraction <= 0.5:
         v.append(FieldViolation("validation_fraction", "must be between 0.05 and 0.5"))
     seen: set[str] = set()
     for i, tile in enumerate(request.tiles):
-        for field, key in (("image_key", tile.image_key), ("annotation_key", tile.annotation_key)):
+        keys = [("image_key", tile.image_key)]
+        if tile.annotation_key or not collection:
+            keys.append(("annotation_key", tile.annotation_key))
+        for field, key in keys:
             try:
                 safe_key(key, field=f"tiles[{i}].{field}", prefix=UPLOAD_PREFIX)
             except InvalidArgumentError as exc:
@@ -167,49 +190,73 @@ def _check_request(request: pb.CreateTrainingSetRequest, class_names: list[str])
     check(v[:MAX_REPORTED])
 
 
-def _read_and_check(store: ObjectStore, request: pb.CreateTrainingSetRequest, num_classes: int
+def _read_and_check(store: ObjectStore, request: pb.CreateTrainingSetRequest, class_names: list[str]
                     ) -> tuple[list[_CheckedTile], list[pb.ValidationIssue]]:
-    def one(i: int) -> _CheckedTile | FieldViolation:
+    fmt = FORMATS[request.format]
+    collection = _collection(store, request, fmt, class_names)
+
+    def one(i: int) -> _CheckedTile | list[FieldViolation]:
         tile = request.tiles[i]
         name = PurePosixPath(tile.image_key).stem
         try:
             image_bytes = store.get(tile.image_key)
-            mask_bytes = store.get(tile.annotation_key)
+            annotation = store.get(tile.annotation_key) if tile.annotation_key else None
         except NotFoundError as exc:
-            return FieldViolation(f"tiles[{i}]", f"tile {name!r}: {exc.message}")
+            return [FieldViolation(f"tiles[{i}]", f"tile {name!r}: {exc.message}")]
         try:
-            return _check_tile(name, tile, image_bytes, mask_bytes, num_classes)
+            image = imaging.decode_image(image_bytes, name)
+            height, width = image.shape[:2]
+            rendered = (collection.render(tile=name, width=width, height=height) if collection is not None
+                        else annotations.render_tile(fmt, annotation, tile=name, width=width, height=height,
+                                                     class_names=class_names,
+                                                     instance_class=request.instance_class or 1))
         except InvalidTileError as exc:
-            return FieldViolation(f"tiles[{i}]", f"tile {exc.tile!r}: {exc.reason}")
+            return [FieldViolation(f"tiles[{i}]", f"tile {exc.tile!r}: {exc.reason}")]
+        if rendered.has_errors:
+            return [FieldViolation(f"tiles[{i}]", f"tile {name!r}: {issue.message}")
+                    for issue in rendered.issues if issue.severity == annotations.ERROR]
+        return _checked(name, tile, image_bytes, image, rendered, len(class_names))
 
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="tile-check") as pool:
         results = list(pool.map(one, range(len(request.tiles))))
-    check([r for r in results if isinstance(r, FieldViolation)][:MAX_REPORTED])
+    check([v for r in results if isinstance(r, list) for v in r][:MAX_REPORTED])
     tiles = [r for r in results if isinstance(r, _CheckedTile)]
-    warnings = [
-        pb.ValidationIssue(severity=pb.ValidationIssue.SEVERITY_WARNING, code="TILE_WITHOUT_ANNOTATIONS",
-                           tile=t.name, message="no pixel of any foreground class")
-        for t in tiles if t.class_pixels[1:].sum() == 0
-    ]
-    return tiles, warnings
+    issues = [issue for t in tiles for issue in t.issues]
+    if collection is not None:
+        issues += [_issue(i) for i in collection.issues + collection.unmatched(t.name for t in tiles)]
+    return tiles, issues
 
 
-def _check_tile(name: str, tile: pb.TileInput, image_bytes: bytes, mask_bytes: bytes, num_classes: int
-                ) -> _CheckedTile:
-    image = imaging.decode_image(image_bytes, name)
-    mask = imaging.decode_mask(mask_bytes, name)
-    if image.shape[:2] != mask.shape:
-        raise InvalidTileError(name, f"mask is {mask.shape[1]}x{mask.shape[0]} but the image is "
-                                     f"{image.shape[1]}x{image.shape[0]}")
+def _collection(store: ObjectStore, request: pb.CreateTrainingSetRequest, fmt: str, class_names: list[str]
+                ) -> annotations.AnnotationCollection | None:
+    if not request.annotations_key:
+        return None
+    try:
+        collection = annotations.load_collection(fmt, store.get(request.annotations_key), class_names)
+    except NotFoundError as exc:
+        raise InvalidArgumentError.of("annotations_key", exc.message) from None
+    except InvalidParameterError as exc:
+        raise InvalidArgumentError.of("annotations_key", exc.reason) from None
+    check([FieldViolation("annotations_key", i.message) for i in collection.issues
+           if i.severity == annotations.ERROR][:MAX_REPORTED])
+    return collection
+
+
+def _issue(issue: annotations.AnnotationIssue) -> pb.ValidationIssue:
+    return pb.ValidationIssue(severity=SEVERITIES[issue.severity], code=issue.code, tile=issue.tile,
+                              message=issue.message)
+
+
+def _checked(name: str, tile: pb.TileInput, image_bytes: bytes, image: np.ndarray, rendered: annotations.Rendered,
+             num_classes: int) -> _CheckedTile:
+    mask = rendered.mask
     labelled = mask[mask != UNLABELLED]
-    if labelled.size and (labelled.min() < 0 or labelled.max() >= num_classes):
-        bad = sorted({int(x) for x in np.unique(labelled) if not 0 <= x < num_classes})
-        raise InvalidTileError(name, f"mask has class indices {bad[:5]} outside the class map 0..{num_classes - 1}")
     return _CheckedTile(
         name=name, source_image=tile.source_image or name, image_bytes=image_bytes,
         image_ext=PurePosixPath(tile.image_key).suffix.lower(), mask_png=imaging.encode_mask_png(mask),
         width=int(image.shape[1]), height=int(image.shape[0]),
-        class_pixels=np.bincount(labelled.ravel(), minlength=num_classes)[:num_classes],
+        class_pixels=np.bincount(labelled.ravel().astype(np.int64), minlength=num_classes)[:num_classes],
+        issues=[_issue(i) for i in rendered.issues],
     )
 
 

@@ -9,11 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from segtrain.common.v1 import common_pb2
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
 
 from clients.sdk import Client
 from clients.stack import LocalStack
-from segtrain.common.v1 import common_pb2
-from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from tests.e2e.conftest import wait_for_state
 from tests.helpers import write_sample_set
 
