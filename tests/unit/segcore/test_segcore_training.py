@@ -231,10 +231,13 @@ def test_resume_from_state_equals_uninterrupted_run(discs: DiscFactory) -> None:
 def test_resume_refuses_mismatched_config(discs: DiscFactory) -> None:
     data = discs(4, 32, seed=1), discs(2, 32, seed=2)
     states: list[TrainingState] = []
-    train(cpu_config(epochs=1), *data, checkpoint=states.append)
+    first = train(cpu_config(epochs=2), *data, checkpoint=states.append)
     with pytest.raises(InvalidParameterError) as done:
-        train(cpu_config(epochs=1), *data, init_state=states[0])
+        train(cpu_config(epochs=1), *data, init_state=states[1])  # the state is past the last epoch
     assert done.value.field == "epochs"
+    # A state of the last epoch resumes to its result without training (a node died finalising).
+    finished = train(cpu_config(epochs=2), *data, init_state=states[1])
+    assert finished.history == first.history and finished.best_epoch == first.best_epoch
     with pytest.raises(IncompatibleModelError):
         train(cpu_config(epochs=2, class_names=["bg", "a", "b"]), *data, init_state=states[0])
 
