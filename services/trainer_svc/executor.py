@@ -175,11 +175,13 @@ class JobExecutor:
             return None
         parent, meta = checkpoint.load_model(self._store.get(request.from_model.weights_uri))
         if meta.class_names == list(request.class_names):
+            run.initialisation = f"{request.from_model.name}: all weights"
             return parent
         model = build_model(meta.architecture, len(request.class_names))
         own = model.state_dict()
         kept = {k: v for k, v in parent.state_dict().items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(kept, strict=False)
+        run.initialisation = f"{request.from_model.name}: backbone kept, head re-initialised (class map differs)"
         run.emit(S.JobEvent(warning=S.Warning(
             code="HEAD_REINITIALISED",
             message=f"the parent's classes {meta.class_names} differ from this set's {list(request.class_names)}: "
@@ -203,6 +205,7 @@ class JobExecutor:
         torch.manual_seed(request.hyperparameters.seed)  # the head's initialisation stays reproducible
         model = build_model(request.hyperparameters.architecture, len(request.class_names))
         report = load_pretrained_backbone(model, weights)
+        run.initialisation = f"pretrained backbone {source}"
         run.emit(S.JobEvent(warning=S.Warning(
             code="PRETRAINED_LOADED",
             message=f"{len(report.loaded)} pretrained backbone tensors loaded from {source}; "
@@ -243,7 +246,8 @@ class JobExecutor:
             why += "; training was stopped early on request"
         elif result.early_stopped:
             why += f"; early stopping after {config.early_stopping_patience} epochs without improvement"
-        environment = {**meta.versions, "seed": str(config.seed), "device": meta.device}
+        environment = {**meta.versions, "seed": str(config.seed), "device": meta.device,
+                       "initialisation": run.initialisation}
         return S.JobFinished(
             state=S.JOB_STATE_SUCCEEDED, best_model=best, final_model=final, best_epoch=result.best_epoch,
             best_metrics=epoch_metrics(best_result, list(request.class_names)), selection_reason=why,

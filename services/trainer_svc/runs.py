@@ -29,6 +29,8 @@ class JobRun:
     finished_at: float = 0.0
     cancel_requested: bool = False
     stop_early: bool = False
+    # How the model was initialised; recorded with the registered model.
+    initialisation: str = "fresh"
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def emit(self, event: common_pb2.JobEvent) -> None:

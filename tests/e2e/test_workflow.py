@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
@@ -68,6 +69,14 @@ def test_the_seven_steps(client: Client, stack_store: ObjectStore, tmp_path: Pat
         counts = {c.class_name: c.pixel_count for c in tile.classes}
         assert sum(counts.values()) == 64 * 64
         assert counts == {name: int((mask == i).sum()) for i, name in enumerate(CLASSES)}
+    # A parent of another architecture cannot initialise a job: refused, naming the mismatch.
+    with pytest.raises(grpc.RpcError) as info:
+        client.create_job(pipeline=pipeline.name, training_set=training_set.name, from_model=model.name,
+                          hyperparameters=common_pb2.Hyperparameters(architecture="upernet-resnet18"))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "upernet-convnext-cpu" in info.value.details() and "upernet-resnet18" in info.value.details()
+    child = client.create_job(pipeline=pipeline.name, training_set=training_set.name, from_model=model.name)
+    assert child.hyperparameters.architecture == "upernet-convnext-cpu" and child.from_model == model.name
     charts = client.charts([job.name])
     assert all(Image.open(io.BytesIO(png)).size == (800, 480) for png in charts)
 

@@ -99,7 +99,10 @@ def test_fine_tuning_a_parent_with_another_class_map_keeps_the_backbone(store: O
     run = execute(store, child)
     warnings = kinds(run, "warning")
     assert [w.code for w in warnings] == ["HEAD_REINITIALISED"] and "backbone kept" in warnings[0].message
-    assert run.events[-1].finished.state == S.JOB_STATE_SUCCEEDED
+    finished = run.events[-1].finished
+    assert finished.state == S.JOB_STATE_SUCCEEDED
+    assert finished.environment["initialisation"] == "models/m-parent: backbone kept, head re-initialised " \
+                                                     "(class map differs)"
 
 
 def test_pretrained_backbone_weights_from_storage_and_from_a_directory(store: ObjectStore, tiles: list,  # type: ignore[type-arg]
