@@ -30,6 +30,7 @@ test: setup gen
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/buf lint
 	$(BIN)/ruff check .
+	$(BIN)/mypy segcore services clients scripts
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 

@@ -19,11 +19,16 @@ PLATEAU = "plateau"
 
 
 class EpochLike(Protocol):
-    epoch: int
-    train_loss: float
-    val_loss: float
-    train_iou: float
-    val_iou: float
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def train_loss(self) -> float: ...
+    @property
+    def val_loss(self) -> float: ...
+    @property
+    def train_iou(self) -> float: ...
+    @property
+    def val_iou(self) -> float: ...
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
 
-def make_engine(url: str, tables: Sequence[type[SQLModel]]) -> Engine:
+def make_engine(url: str, tables: Sequence[type]) -> Engine:
     """Creates the engine and the given tables (idempotent). Only the calling service's tables are
     created, although all sqlmodel tables share one metadata object."""
     kwargs: dict[str, Any] = {"pool_pre_ping": True}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import grpc
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.pipeline.v1 import pipeline_pb2_grpc
@@ -11,7 +13,7 @@ from services.pipeline_svc import converters
 from services.pipeline_svc.hyperparameters import DEFAULT_ARCHITECTURE
 from services.pipeline_svc.service import PipelineService
 
-Ctx = grpc.ServicerContext
+Ctx: TypeAlias = grpc.ServicerContext
 
 
 class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):

@@ -1,4 +1,4 @@
-"""Creating immutable, content-hashed training sets from uploaded tiles and annotations.
+"""Creating immutable, content-hashed training sets from uploaded tiles and formats.
 
 Creation reads and checks every tile before anything is written: a set with fatal problems is
 refused naming each tile, and a failure half-way removes what it wrote. Snapshot objects are
@@ -20,7 +20,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from segcore import annotations, imaging, splits
+from segcore import annotations as formats
+from segcore import imaging, splits
 from segcore.errors import InvalidParameterError, InvalidTileError
 from services.common import names
 from services.common.database import session_scope
@@ -47,8 +48,8 @@ FORMATS = {
     pb.ANNOTATION_FORMAT_INSTANCE_MASKS: "instance-masks", pb.ANNOTATION_FORMAT_COCO: "coco",
     pb.ANNOTATION_FORMAT_GEOJSON: "geojson", pb.ANNOTATION_FORMAT_LABELLER: "labeller",
 }
-SEVERITIES = {annotations.ERROR: pb.ValidationIssue.SEVERITY_ERROR,
-              annotations.WARNING: pb.ValidationIssue.SEVERITY_WARNING}
+SEVERITIES = {formats.ERROR: pb.ValidationIssue.SEVERITY_ERROR,
+              formats.WARNING: pb.ValidationIssue.SEVERITY_WARNING}
 
 
 @dataclass
@@ -160,7 +161,7 @@ def _check_request(request: pb.CreateTrainingSetRequest, class_names: list[str])
     collection = bool(request.annotations_key)
     if request.format not in FORMATS:
         v.append(FieldViolation("format", "unknown annotation format"))
-    elif collection and FORMATS[request.format] not in annotations.COLLECTION_FORMATS:
+    elif collection and FORMATS[request.format] not in formats.COLLECTION_FORMATS:
         v.append(FieldViolation("annotations_key", f"{FORMATS[request.format]} annotations come one file per tile"))
     elif not collection and FORMATS[request.format] == "coco":
         v.append(FieldViolation("annotations_key", "COCO annotations come in one file: set annotations_key"))
@@ -207,14 +208,14 @@ def _read_and_check(store: ObjectStore, request: pb.CreateTrainingSetRequest, cl
             image = imaging.decode_image(image_bytes, name)
             height, width = image.shape[:2]
             rendered = (collection.render(tile=name, width=width, height=height) if collection is not None
-                        else annotations.render_tile(fmt, annotation, tile=name, width=width, height=height,
+                        else formats.render_tile(fmt, annotation, tile=name, width=width, height=height,
                                                      class_names=class_names,
                                                      instance_class=request.instance_class or 1))
         except InvalidTileError as exc:
             return [FieldViolation(f"tiles[{i}]", f"tile {exc.tile!r}: {exc.reason}")]
         if rendered.has_errors:
             return [FieldViolation(f"tiles[{i}]", f"tile {name!r}: {issue.message}")
-                    for issue in rendered.issues if issue.severity == annotations.ERROR]
+                    for issue in rendered.issues if issue.severity == formats.ERROR]
         return _checked(name, tile, image_bytes, image, rendered, len(class_names))
 
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="tile-check") as pool:
@@ -228,26 +229,26 @@ def _read_and_check(store: ObjectStore, request: pb.CreateTrainingSetRequest, cl
 
 
 def _collection(store: ObjectStore, request: pb.CreateTrainingSetRequest, fmt: str, class_names: list[str]
-                ) -> annotations.AnnotationCollection | None:
+                ) -> formats.AnnotationCollection | None:
     if not request.annotations_key:
         return None
     try:
-        collection = annotations.load_collection(fmt, store.get(request.annotations_key), class_names)
+        collection = formats.load_collection(fmt, store.get(request.annotations_key), class_names)
     except NotFoundError as exc:
         raise InvalidArgumentError.of("annotations_key", exc.message) from None
     except InvalidParameterError as exc:
         raise InvalidArgumentError.of("annotations_key", exc.reason) from None
     check([FieldViolation("annotations_key", i.message) for i in collection.issues
-           if i.severity == annotations.ERROR][:MAX_REPORTED])
+           if i.severity == formats.ERROR][:MAX_REPORTED])
     return collection
 
 
-def _issue(issue: annotations.AnnotationIssue) -> pb.ValidationIssue:
+def _issue(issue: formats.AnnotationIssue) -> pb.ValidationIssue:
     return pb.ValidationIssue(severity=SEVERITIES[issue.severity], code=issue.code, tile=issue.tile,
                               message=issue.message)
 
 
-def _checked(name: str, tile: pb.TileInput, image_bytes: bytes, image: np.ndarray, rendered: annotations.Rendered,
+def _checked(name: str, tile: pb.TileInput, image_bytes: bytes, image: np.ndarray, rendered: formats.Rendered,
              num_classes: int) -> _CheckedTile:
     mask = rendered.mask
     labelled = mask[mask != UNLABELLED]
@@ -303,6 +304,11 @@ def _report(tiles: list[_CheckedTile], validation: set[str], class_names: list[s
     return pb.ValidationReport(classes=classes, issues=issues)
 
 
+def _put(store: ObjectStore, key: str, data: bytes) -> str:
+    store.put(key, data)
+    return key
+
+
 def _write_snapshot(store: ObjectStore, snapshot: str, tiles: list[_CheckedTile]) -> list[str]:
     """Writes the snapshot's objects that are not there yet; returns the keys written."""
     prefix = snapshot_prefix(snapshot)
@@ -313,7 +319,7 @@ def _write_snapshot(store: ObjectStore, snapshot: str, tiles: list[_CheckedTile]
     written: list[str] = []
     try:
         with ThreadPoolExecutor(max_workers=8, thread_name_prefix="snapshot") as pool:
-            for key in pool.map(lambda kv: (store.put(kv[0], kv[1]), kv[0])[1], todo):
+            for key in pool.map(lambda kv: _put(store, *kv), todo):
                 written.append(key)
     except BaseException:
         store.delete_many([k for k, _ in todo])

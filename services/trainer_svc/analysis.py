@@ -32,7 +32,8 @@ class Analyzer:
         prefix = safe_key(request.output_prefix.rstrip("/"), field="output_prefix") + "/"
         model, meta = self._model(request.model.weights_uri)
         norm = Normalization.from_dict(meta.normalization)
-        results, written = [], []
+        results: list[trainer_pb2.TileResult] = []
+        written: list[str] = []
         try:
             for i, key in enumerate(request.image_keys):
                 results.append(self._one(i, key, model, meta, norm, prefix, written))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from segtrain.common.v1 import common_pb2
@@ -49,7 +49,7 @@ class JobRun:
             self.cancel_requested = True
             self.stop_early = self.stop_early or stop_early
 
-    def follow(self, after: int, heartbeat_s: float, is_active: callable) -> Iterator[common_pb2.JobEvent]:  # type: ignore[valid-type]
+    def follow(self, after: int, heartbeat_s: float, is_active: Callable[[], bool]) -> Iterator[common_pb2.JobEvent]:
         """Events after `after`, then new ones as they come, until the run's final event."""
         while is_active():
             with self._cond:
