@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 from segtrain.common.v1 import common_pb2
@@ -41,6 +42,28 @@ CHANNEL_OPTIONS = [
 ]
 
 
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call."""
+
+    def __init__(self, token: str) -> None:
+        self._entry = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        return _Details(details, [*(details.metadata or ()), self._entry])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, base: Any, metadata: list[tuple[str, str]]) -> None:
+        self.method, self.timeout, self.credentials = base.method, base.timeout, base.credentials
+        self.wait_for_ready, self.compression, self.metadata = base.wait_for_ready, base.compression, metadata
+
+
 def job_name(job: str) -> str:
     return job if job.startswith("jobs/") else f"jobs/{job}"
 
@@ -52,18 +75,23 @@ def _name(collection: str, value: str) -> str:
 class Client:
     """A connection to a segtrain deployment."""
 
-    def __init__(self, address: str | None = None, *, timeout: float = 60.0) -> None:
+    def __init__(self, address: str | None = None, *, token: str | None = None, timeout: float = 60.0) -> None:
         self.address = address or os.environ.get("SEGTRAIN_ADDRESS", DEFAULT_ADDRESS)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self._token = token if token is not None else os.environ.get("SEGTRAIN_TOKEN", "")
+        self._raw_channels: list[grpc.Channel] = []
+        self._channel = self._connect(self.address)
         self.pipeline = pipeline_pb2_grpc.PipelineServiceStub(self._channel)
         self._metrics: metrics_pb2_grpc.MetricsServiceStub | None = None
-        self._metrics_channel: grpc.Channel | None = None
+
+    def _connect(self, address: str) -> grpc.Channel:
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._raw_channels.append(channel)
+        return grpc.intercept_channel(channel, _Bearer(self._token)) if self._token else channel
 
     def close(self) -> None:
-        self._channel.close()
-        if self._metrics_channel is not None:
-            self._metrics_channel.close()
+        for channel in self._raw_channels:
+            channel.close()
 
     def __enter__(self) -> Client:
         return self
@@ -75,8 +103,7 @@ class Client:
     def metrics(self) -> metrics_pb2_grpc.MetricsServiceStub:
         if self._metrics is None:
             info = self.pipeline.GetServiceInfo(pb.GetServiceInfoRequest(), timeout=self.timeout)
-            self._metrics_channel = grpc.insecure_channel(info.metrics_address, options=CHANNEL_OPTIONS)
-            self._metrics = metrics_pb2_grpc.MetricsServiceStub(self._metrics_channel)
+            self._metrics = metrics_pb2_grpc.MetricsServiceStub(self._connect(info.metrics_address))
         return self._metrics
 
     # Pipelines and architectures

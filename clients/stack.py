@@ -5,6 +5,8 @@ and the end-to-end tests; it launches `python -m services.…` and imports no se
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -69,6 +71,9 @@ class LocalStack:
     trainer_ports: list[int] = field(default_factory=list)
     access_key: str = "segtrain"
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    # A bearer token per role; the services get only their digests (and the service token).
+    tokens: dict[str, str] = field(default_factory=lambda: {
+        role: secrets.token_urlsafe(24) for role in ("admin", "trainer", "viewer", "service")})
     processes: dict[str, Process] = field(default_factory=dict)
 
     @property
@@ -99,13 +104,32 @@ class LocalStack:
             "SEGTRAIN_METRICS_LISTEN": self.metrics_address,
             "SEGTRAIN_METRICS_DATABASE_URL": f"sqlite:///{self.root / 'db' / 'metrics.db'}",
             "SEGTRAIN_TRAINER_PIPELINE_ADDRESS": self.pipeline_address,
+            "SEGTRAIN_AUTH_TOKENS_FILE": str(self.root / "auth" / "tokens.json"),
+            "SEGTRAIN_SERVICE_TOKEN": self.tokens["service"],
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
         })
         env.update(self.env_overrides)
         return env
 
+    @property
+    def credentials_file(self) -> Path:
+        return self.root / "auth" / "credentials.json"
+
+    def _write_tokens(self) -> None:
+        """tokens.json (digests, read by the services) and credentials.json (the tokens, for the
+        local user), both readable by the owner only."""
+        folder = self.root / "auth"
+        folder.mkdir(parents=True, exist_ok=True)
+        digests = {"tokens": [{"name": f"local-{role}", "role": role,
+                               "sha256": hashlib.sha256(token.encode()).hexdigest()}
+                              for role, token in self.tokens.items()]}
+        for path, data in ((folder / "tokens.json", digests), (self.credentials_file, self.tokens)):
+            path.write_text(json.dumps(data, indent=2))
+            path.chmod(0o600)
+
     def start(self) -> LocalStack:
         self.logs.mkdir(parents=True, exist_ok=True)
+        self._write_tokens()
         (self.root / "db").mkdir(parents=True, exist_ok=True)
         self.s3_port = self.s3_port or free_port()
         self.metrics_port = self.metrics_port or free_port()

@@ -62,6 +62,7 @@ def main() -> int:
         import os
 
         os.environ["SEGTRAIN_ADDRESS"] = stack.pipeline_address
+        os.environ["SEGTRAIN_TOKEN"] = stack.tokens["trainer"]  # every call is authenticated
         print(f"Stack up: pipeline {stack.pipeline_address}, metrics {stack.metrics_address}, "
               f"S3 {stack.s3_endpoint}; logs in {stack.logs}")
         run("pipelines", "list")                                             # 1. select a pipeline

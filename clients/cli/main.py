@@ -244,8 +244,13 @@ def cmd_up(args: argparse.Namespace, client: Client | None) -> int:
                        metrics_port=args.port + 1, s3_port=args.s3_port)
     stack.start()
     info = {"pipeline": stack.pipeline_address, "metrics": stack.metrics_address, "s3": stack.s3_endpoint,
-            "trainers": [f"127.0.0.1:{p}" for p in stack.trainer_ports], "logs": str(stack.logs)}
-    _out(args, info, "\n".join([f"{k:9} {v}" for k, v in info.items()] + ["Ctrl-C stops everything."]))
+            "trainers": [f"127.0.0.1:{p}" for p in stack.trainer_ports], "logs": str(stack.logs),
+            "credentials": str(stack.credentials_file)}
+    _out(args, info, "\n".join([f"{k:11} {v}" for k, v in info.items()] + [
+        "Tokens per role (admin, trainer, viewer) are in the credentials file. In another shell:",
+        f"  export SEGTRAIN_ADDRESS={stack.pipeline_address} SEGTRAIN_TOKEN=$(python3 -c "
+        f"\"import json; print(json.load(open('{stack.credentials_file}'))['admin'])\")",
+        "Ctrl-C stops everything."]))
     try:
         while all(p.popen.poll() is None for p in stack.processes.values()):
             time.sleep(0.5)
@@ -260,6 +265,7 @@ def cmd_up(args: argparse.Namespace, client: Client | None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segtrain", description=__doc__)
     parser.add_argument("--address", help="pipeline service (default: $SEGTRAIN_ADDRESS or 127.0.0.1:50051)")
+    parser.add_argument("--token", help="bearer token (default: $SEGTRAIN_TOKEN)")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     def verb(p: argparse._SubParsersAction, name: str, handler: Handler | Callable[..., int], **kw: Any
@@ -340,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.handler is cmd_up:
         return cmd_up(args, None)
     try:
-        with Client(args.address) as client:
+        with Client(args.address, token=args.token) as client:
             return int(args.handler(args, client))
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)

@@ -46,6 +46,27 @@ class ServerSettings(BaseSettings):
     shutdown_grace_s: float = 10.0
 
 
+class SecuritySettings(BaseSettings):
+    """Authentication and transport security, shared by every service."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGTRAIN_")
+
+    # JSON file of token digests with names and roles (see services/common/auth.py). Unset disables
+    # authentication, which is allowed only on a loopback listen address.
+    auth_tokens_file: Path | None = None
+    # Token (role "service") this service presents when it calls the other services.
+    service_token: SecretStr | None = None
+    # Server certificate and key (PEM) for TLS; unset serves plaintext.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # CA bundle (PEM): verifies the services this one calls and, with tls_client_auth, its callers.
+    tls_ca_file: Path | None = None
+    # Require client certificates signed by tls_ca_file (mutual TLS between services).
+    tls_client_auth: bool = False
+    # Allow plaintext on a non-loopback address (e.g. inside a private container network).
+    allow_plaintext: bool = False
+
+
 class PipelineSettings(BaseSettings):
     """The pipeline service (control plane)."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from services.common.server import configure_logging, serve_until_signalled
-from services.common.settings import MetricsSettings, ServerSettings
+from services.common.settings import MetricsSettings, SecuritySettings, ServerSettings
 from services.metrics_svc.app import build
 
 
@@ -13,7 +13,7 @@ def main() -> None:
     common = ServerSettings()
     configure_logging(common.log_level)
     settings = MetricsSettings()
-    server, port, health_servicer, _ = build(settings)
+    server, port, health_servicer, _ = build(settings, SecuritySettings())
     logging.getLogger("segtrain.metrics").info("metrics service listening on port %d", port)
     server.start()
     print(f"READY metrics {port}", flush=True)

@@ -8,7 +8,14 @@ import grpc
 from segtrain.metrics.v1 import metrics_pb2 as pb
 from segtrain.metrics.v1 import metrics_pb2_grpc
 
+from services.common.auth import Role
 from services.metrics_svc.service import Heartbeat, MetricsService
+
+# Minimum role of each RPC (services.common.auth); an RPC missing here is refused.
+ACCESS = {f"/segtrain.metrics.v1.MetricsService/{method}": role for method, role in {
+    "AppendJobEvents": Role.SERVICE, "ListJobEvents": Role.VIEWER, "GetJobHistory": Role.VIEWER,
+    "WatchJobEvents": Role.VIEWER, "RenderJobCharts": Role.VIEWER,
+}.items()}
 
 
 class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):

@@ -6,7 +6,7 @@ import logging
 import os
 
 from services.common.server import configure_logging, serve_until_signalled
-from services.common.settings import PipelineSettings, ServerSettings, StorageSettings
+from services.common.settings import PipelineSettings, SecuritySettings, ServerSettings, StorageSettings
 from services.pipeline_svc.app import build
 
 
@@ -14,7 +14,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     common = ServerSettings()
     configure_logging(common.log_level)
-    server, port, health_servicer, service = build(PipelineSettings(), StorageSettings())
+    server, port, health_servicer, service = build(PipelineSettings(), StorageSettings(), SecuritySettings())
     service.start()
     logging.getLogger("segtrain.pipeline").info("pipeline service listening on port %d", port)
     server.start()

@@ -8,30 +8,31 @@ from segtrain.pipeline.v1 import pipeline_pb2, pipeline_pb2_grpc
 
 from services.common.database import make_engine
 from services.common.server import create_server
-from services.common.settings import PipelineSettings, StorageSettings
+from services.common.settings import PipelineSettings, SecuritySettings, StorageSettings
 from services.common.storage import ObjectStore
 from services.pipeline_svc.remote import Remotes
 from services.pipeline_svc.service import PipelineService
-from services.pipeline_svc.servicer import PipelineServicer
+from services.pipeline_svc.servicer import ACCESS, PipelineServicer
 from services.pipeline_svc.tables import TABLES
 
 SERVICE_NAME = pipeline_pb2.DESCRIPTOR.services_by_name["PipelineService"].full_name
 VERSION = "0.1.0"
 
 
-def build(settings: PipelineSettings, storage: StorageSettings
+def build(settings: PipelineSettings, storage: StorageSettings, security: SecuritySettings | None = None
           ) -> tuple[grpc.Server, int, health.HealthServicer, PipelineService]:
+    security = security or SecuritySettings()
     engine = make_engine(settings.database_url, TABLES)
     store = ObjectStore(storage)
     store.ensure_bucket()
     service = PipelineService(
-        engine, store, Remotes(settings.metrics_address),
+        engine, store, Remotes(settings.metrics_address, security),
         metrics_public_address=settings.metrics_public_address or settings.metrics_address,
         schedule_interval_s=settings.schedule_interval_s, heartbeat_interval_s=settings.heartbeat_interval_s,
     )
     servicer = PipelineServicer(service, VERSION)
     server, port, health_servicer = create_server(
         settings.listen, [lambda s: pipeline_pb2_grpc.add_PipelineServiceServicer_to_server(servicer, s)],
-        [SERVICE_NAME],
+        [SERVICE_NAME], access=ACCESS, security=security,
     )
     return server, port, health_servicer, service

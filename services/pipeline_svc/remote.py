@@ -9,11 +9,13 @@ import grpc
 from segtrain.metrics.v1 import metrics_pb2_grpc
 from segtrain.trainer.v1 import trainer_pb2_grpc
 
-from services.common.server import insecure_channel
+from services.common.server import connect
+from services.common.settings import SecuritySettings
 
 
 class Remotes:
-    def __init__(self, metrics_address: str) -> None:
+    def __init__(self, metrics_address: str, security: SecuritySettings) -> None:
+        self._security = security
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
         self.metrics = metrics_pb2_grpc.MetricsServiceStub(self._channel(metrics_address))
@@ -21,7 +23,7 @@ class Remotes:
     def _channel(self, address: str) -> grpc.Channel:
         with self._lock:
             if address not in self._channels:
-                self._channels[address] = insecure_channel(address)
+                self._channels[address] = connect(address, self._security)
             return self._channels[address]
 
     def trainer(self, address: str) -> trainer_pb2_grpc.TrainerServiceStub:

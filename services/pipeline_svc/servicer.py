@@ -8,12 +8,26 @@ import grpc
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.pipeline.v1 import pipeline_pb2_grpc
 
+from services.common.auth import Role
 from services.common.timeutil import to_duration
 from services.pipeline_svc import converters
 from services.pipeline_svc.hyperparameters import DEFAULT_ARCHITECTURE
 from services.pipeline_svc.service import PipelineService
 
 Ctx: TypeAlias = grpc.ServicerContext
+
+
+
+# Minimum role of each RPC (services.common.auth); an RPC missing here is refused.
+ACCESS = {f"/segtrain.pipeline.v1.PipelineService/{method}": role for method, role in {
+    "ListPipelines": Role.VIEWER, "GetPipeline": Role.VIEWER, "CreatePipeline": Role.ADMIN,
+    "ListArchitectures": Role.VIEWER, "CreateUpload": Role.TRAINER, "CreateTrainingSet": Role.TRAINER,
+    "GetTrainingSet": Role.VIEWER, "ListTrainingSets": Role.VIEWER, "CreateJob": Role.TRAINER,
+    "GetJob": Role.VIEWER, "ListJobs": Role.VIEWER, "StartJob": Role.TRAINER, "CancelJob": Role.TRAINER,
+    "CompareJobs": Role.VIEWER, "GetModel": Role.VIEWER, "ListModels": Role.VIEWER,
+    "AnalyzeTiles": Role.TRAINER, "RegisterTrainerNode": Role.ADMIN, "HeartbeatTrainerNode": Role.ADMIN,
+    "ListTrainerNodes": Role.ADMIN, "GetServiceInfo": Role.VIEWER,
+}.items()}
 
 
 class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):

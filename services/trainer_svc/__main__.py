@@ -6,7 +6,7 @@ import logging
 import os
 
 from services.common.server import configure_logging, serve_until_signalled
-from services.common.settings import ServerSettings, StorageSettings, TrainerSettings
+from services.common.settings import SecuritySettings, ServerSettings, StorageSettings, TrainerSettings
 from services.trainer_svc.app import build
 
 
@@ -14,7 +14,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub is ever contacted
     common = ServerSettings()
     configure_logging(common.log_level)
-    server, port, health_servicer, _node, registration = build(TrainerSettings(), StorageSettings())
+    server, port, health_servicer, _node, registration = build(TrainerSettings(), StorageSettings(), SecuritySettings())
     server.start()
     registration.start()
     logging.getLogger("segtrain.trainer").info("trainer node listening on port %d", port)

@@ -8,19 +8,20 @@ import grpc
 from grpc_health.v1 import health
 from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
-from services.common.server import create_server, insecure_channel
-from services.common.settings import StorageSettings, TrainerSettings
+from services.common.server import connect, create_server
+from services.common.settings import SecuritySettings, StorageSettings, TrainerSettings
 from services.common.storage import ObjectStore
 from services.trainer_svc.analysis import Analyzer
 from services.trainer_svc.executor import JobExecutor
 from services.trainer_svc.node import Registration, TrainerNode
-from services.trainer_svc.servicer import TrainerServicer
+from services.trainer_svc.servicer import ACCESS, TrainerServicer
 
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 
 
-def build(settings: TrainerSettings, storage: StorageSettings
+def build(settings: TrainerSettings, storage: StorageSettings, security: SecuritySettings | None = None
           ) -> tuple[grpc.Server, int, health.HealthServicer, TrainerNode, Registration]:
+    security = security or SecuritySettings()
     store = ObjectStore(storage)
     store.ensure_bucket()
     device = None if settings.device == "auto" else settings.device
@@ -30,13 +31,13 @@ def build(settings: TrainerSettings, storage: StorageSettings
     servicer = TrainerServicer(node)
     server, port, health_servicer = create_server(
         settings.listen, [lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s)],
-        [SERVICE_NAME],
+        [SERVICE_NAME], access=ACCESS, security=security,
     )
     host = settings.listen.rsplit(":", 1)[0]
     address = settings.advertise_address or f"{host}:{port}"
     node_id = settings.node_id or _default_node_id(port)
     registration = Registration(node, settings.pipeline_address, node_id, address, _device_name(device),
-                                insecure_channel(settings.pipeline_address))
+                                connect(settings.pipeline_address, security))
     return server, port, health_servicer, node, registration
 
 

@@ -8,7 +8,14 @@ import grpc
 from segtrain.trainer.v1 import trainer_pb2 as pb
 from segtrain.trainer.v1 import trainer_pb2_grpc
 
+from services.common.auth import Role
 from services.trainer_svc.node import TrainerNode
+
+# Minimum role of each RPC (services.common.auth); an RPC missing here is refused.
+ACCESS = {f"/segtrain.trainer.v1.TrainerService/{method}": role for method, role in {
+    "RunJob": Role.SERVICE, "WatchJobRun": Role.SERVICE, "CancelJobRun": Role.SERVICE,
+    "AnalyzeTiles": Role.SERVICE,
+}.items()}
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):

@@ -27,7 +27,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 
 @pytest.fixture(scope="session")
 def client(stack: LocalStack) -> Iterator[Client]:
-    with Client(stack.pipeline_address) as c:
+    with Client(stack.pipeline_address, token=stack.tokens["trainer"]) as c:
         yield c
 
 

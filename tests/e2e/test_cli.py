@@ -25,6 +25,7 @@ def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> list[dict]:  # t
 def test_every_verb_through_the_cli(stack: LocalStack, capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEGTRAIN_ADDRESS", stack.pipeline_address)
+    monkeypatch.setenv("SEGTRAIN_TOKEN", stack.tokens["trainer"])
     pipelines = run_json(capsys, "pipelines", "list")[0]["pipelines"]
     assert "pipelines/segmentation" in {p["name"] for p in pipelines}
     listed = run_json(capsys, "architectures", "list")[0]["architectures"]
@@ -67,6 +68,7 @@ def test_every_verb_through_the_cli(stack: LocalStack, capsys: pytest.CaptureFix
 def test_bad_input_exits_non_zero_with_the_status(stack: LocalStack, capsys: pytest.CaptureFixture[str],
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SEGTRAIN_ADDRESS", stack.pipeline_address)
+    monkeypatch.setenv("SEGTRAIN_TOKEN", stack.tokens["trainer"])
     assert segtrain(["jobs", "create", "--pipeline", "segmentation", "--training-set", "nope"]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
     assert segtrain(["jobs", "get", "jobs/j-doesnotexist"]) == 2
@@ -77,7 +79,8 @@ def test_human_watch_prints_epoch_lines_like_the_seed(stack: LocalStack, capsys:
     from clients.sdk import Client
 
     monkeypatch.setenv("SEGTRAIN_ADDRESS", stack.pipeline_address)
-    client = Client(stack.pipeline_address)
+    monkeypatch.setenv("SEGTRAIN_TOKEN", stack.tokens["trainer"])
+    client = Client(stack.pipeline_address, token=stack.tokens["trainer"])
     tiles, masks = write_sample_set(tmp_path / "set", count=8, tile_size=64, seed=23)
     client.create_training_set("cli-watch", tiles, masks, class_names=["background", "nucleus", "debris"])
     capsys.readouterr()

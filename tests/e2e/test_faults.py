@@ -37,7 +37,7 @@ def node_process(stack: LocalStack, node: str) -> str:
 
 def test_three_sigkills_within_one_job_lose_no_epoch(two_node_stack: LocalStack, tmp_path: Path) -> None:
     stack = two_node_stack
-    client = Client(stack.pipeline_address)
+    client = Client(stack.pipeline_address, token=stack.tokens["trainer"])
     tiles, masks = write_sample_set(tmp_path / "set", count=24, tile_size=96, seed=5)
     training_set = client.create_training_set("faults", tiles, masks, class_names=CLASSES)
     job = client.create_job(pipeline="segmentation", training_set=training_set.name, hyperparameters=common_pb2.
@@ -76,7 +76,7 @@ def test_three_sigkills_within_one_job_lose_no_epoch(two_node_stack: LocalStack,
 
 def test_restarting_pipeline_and_metrics_mid_job_loses_nothing(two_node_stack: LocalStack, tmp_path: Path) -> None:
     stack = two_node_stack
-    client = Client(stack.pipeline_address)
+    client = Client(stack.pipeline_address, token=stack.tokens["trainer"])
     tiles, masks = write_sample_set(tmp_path / "set", count=16, tile_size=96, seed=6)
     training_set = client.create_training_set("restarts", tiles, masks, class_names=CLASSES)
     job = client.create_job(pipeline="segmentation", training_set=training_set.name, hyperparameters=common_pb2.
