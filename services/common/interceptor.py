@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+import sqlalchemy.exc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
@@ -35,6 +36,9 @@ _CODES: list[tuple[type[errors.DomainError], grpc.StatusCode]] = [
 
 def to_status(exc: BaseException) -> status_pb2.Status:
     """The google.rpc.Status a client sees for `exc`."""
+    if isinstance(exc, sqlalchemy.exc.OperationalError):  # the database is down or unreachable
+        log.warning("database unavailable: %s", type(exc.orig).__name__)
+        exc = errors.UnavailableError("the database is unavailable; retry later")
     code = next((c for t, c in _CODES if isinstance(exc, t)), None)
     if code is None or not isinstance(exc, errors.DomainError):
         incident = uuid.uuid4().hex[:12]

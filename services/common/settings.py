@@ -81,6 +81,8 @@ class PipelineSettings(BaseSettings):
     schedule_interval_s: float = 2.0
     # Seconds between node heartbeats; a node missing 3 in a row is marked lost.
     heartbeat_interval_s: float = 5.0
+    # Attempts a job gets (re-queues after lost nodes included) before it fails.
+    max_attempts: int = 5
 
 
 class MetricsSettings(BaseSettings):
@@ -114,3 +116,5 @@ class TrainerSettings(BaseSettings):
     num_threads: int | None = None
     # Seconds between batch-progress events of one job.
     progress_interval_s: float = 1.0
+    # Seconds a job waits out an object-store outage (retrying with backoff) before it fails.
+    storage_patience_s: float = 120.0

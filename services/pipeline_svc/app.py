@@ -29,6 +29,7 @@ def build(settings: PipelineSettings, storage: StorageSettings, security: Securi
         engine, store, Remotes(settings.metrics_address, security),
         metrics_public_address=settings.metrics_public_address or settings.metrics_address,
         schedule_interval_s=settings.schedule_interval_s, heartbeat_interval_s=settings.heartbeat_interval_s,
+        max_attempts=settings.max_attempts,
     )
     servicer = PipelineServicer(service, VERSION)
     server, port, health_servicer = create_server(

@@ -26,10 +26,11 @@ S = common_pb2
 
 class Scheduler(threading.Thread):
     def __init__(self, engine: Engine, remotes: Remotes, outbox: jobs.Outbox, *,
-                 interval_s: float, heartbeat_interval_s: float) -> None:
+                 interval_s: float, heartbeat_interval_s: float, max_attempts: int) -> None:
         super().__init__(name="scheduler", daemon=True)
         self._engine, self._remotes, self._outbox = engine, remotes, outbox
         self._interval_s = interval_s
+        self._max_attempts = max_attempts
         self._lost_after = timedelta(seconds=3 * heartbeat_interval_s)
         # Nodes could not heartbeat while this service was down: judge them only after a full
         # lease period of this process's life.
@@ -72,7 +73,7 @@ class Scheduler(threading.Thread):
         with session_scope(self._engine) as session:
             for job in nodes.jobs_on(session, node_id):
                 log.warning("trainer node %s lost; re-queueing jobs/%s", node_id, job.id)
-                requeue(session, job, f"trainer node {node_id} stopped responding")
+                requeue(session, job, f"trainer node {node_id} stopped responding", self._max_attempts)
         self._outbox.wake.set()
 
     def _assign_one(self) -> bool:
@@ -97,7 +98,8 @@ class Scheduler(threading.Thread):
             with session_scope(self._engine) as session:
                 fresh = session.get(JobRow, job.id, with_for_update=True)
                 if fresh is not None and fresh.state == S.JOB_STATE_ASSIGNED and fresh.attempt == job.attempt:
-                    requeue(session, fresh, f"trainer node {node.id} could not take the job")
+                    fresh.attempt -= 1  # the attempt never started: it does not count
+                    requeue(session, fresh, f"trainer node {node.id} could not take the job", self._max_attempts)
                 stale = session.get(TrainerNodeRow, node.id)
                 if stale is not None and exc.code() == grpc.StatusCode.UNAVAILABLE:
                     stale.state = nodes.LOST
@@ -129,7 +131,8 @@ class Scheduler(threading.Thread):
         with self._lock:
             if job_id in self._relays or self.stopping.is_set():
                 return
-            relay = JobRelay(self._engine, self._remotes, self._outbox, job_id, self._relay_exited, self.stopping)
+            relay = JobRelay(self._engine, self._remotes, self._outbox, job_id, self._relay_exited, self.stopping,
+                             self._max_attempts)
             self._relays[job_id] = relay
         relay.start()
 

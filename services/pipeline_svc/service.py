@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 class PipelineService:
     def __init__(self, engine: Engine, store: ObjectStore, remotes: Remotes, *, metrics_public_address: str,
-                 schedule_interval_s: float, heartbeat_interval_s: float) -> None:
+                 schedule_interval_s: float, heartbeat_interval_s: float, max_attempts: int = 5) -> None:
         self.engine, self.store, self.remotes = engine, store, remotes
         self.metrics_public_address = metrics_public_address
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -32,7 +32,7 @@ class PipelineService:
         self.outbox = jobs.Outbox()
         self._stopping = threading.Event()
         self.scheduler = Scheduler(engine, remotes, self.outbox, interval_s=schedule_interval_s,
-                                   heartbeat_interval_s=heartbeat_interval_s)
+                                   heartbeat_interval_s=heartbeat_interval_s, max_attempts=max_attempts)
         self._outbox_relay = OutboxRelay(engine, remotes, self.outbox, self._stopping)
 
     def start(self) -> None:

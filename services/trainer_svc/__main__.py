@@ -14,16 +14,23 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub is ever contacted
     common = ServerSettings()
     configure_logging(common.log_level)
-    server, port, health_servicer, _node, registration = build(TrainerSettings(), StorageSettings(), SecuritySettings())
+    server, port, health_servicer, node, registration = build(TrainerSettings(), StorageSettings(), SecuritySettings())
     server.start()
     registration.start()
     logging.getLogger("segtrain.trainer").info("trainer node listening on port %d", port)
     print(f"READY trainer {port}", flush=True)
 
     def stop() -> None:
-        # Running jobs are not cancelled: their leases lapse and the pipeline service re-queues
-        # them, to resume from their last checkpoint on another node.
-        registration.draining = True
+        # Hand running jobs back at the next batch: the pipeline service re-queues them at once and
+        # another node resumes from the last full-state checkpoint. A node that dies instead
+        # (SIGKILL) loses its lease and the same happens after the lease period.
+        node.draining = True
+        registration.announce_draining()
+        runs = node.runs.active()
+        for run in runs:
+            run.hand_back()
+        for run in runs:
+            run.wait_finished(common.shutdown_grace_s)
         registration.stopping.set()
 
     serve_until_signalled(server, health_servicer, common.shutdown_grace_s, on_stop=stop)

@@ -26,7 +26,8 @@ def build(settings: TrainerSettings, storage: StorageSettings, security: Securit
     store.ensure_bucket()
     device = None if settings.device == "auto" else settings.device
     executor = JobExecutor(store, device=device, num_threads=settings.num_threads,
-                           progress_interval_s=settings.progress_interval_s)
+                           progress_interval_s=settings.progress_interval_s,
+                           storage_patience_s=settings.storage_patience_s)
     node = TrainerNode(executor, Analyzer(store, device), capacity=settings.capacity)
     servicer = TrainerServicer(node)
     server, port, health_servicer = create_server(

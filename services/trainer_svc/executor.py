@@ -12,7 +12,9 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 from segtrain.common.v1 import common_pb2
@@ -24,13 +26,14 @@ from segcore.architectures import build_model, load_pretrained_backbone
 from segcore.errors import IncompatibleModelError, SegcoreError
 from segcore.progress import EpochResult
 from segcore.training import Sample, TrainConfig, TrainingState, TrainResult, train
-from services.common.errors import DomainError
+from services.common.errors import DomainError, UnavailableError
 from services.common.storage import ObjectStore
 from services.common.timeutil import to_duration
 from services.trainer_svc.runs import JobRun
 
 log = logging.getLogger(__name__)
 S = common_pb2
+T = TypeVar("T")
 
 
 _ADVICE_KINDS = {
@@ -111,10 +114,37 @@ def epoch_metrics(result: EpochResult, class_names: list[str]) -> common_pb2.Epo
     )
 
 
+class _PatientStore:
+    """The object store, retrying while it is unavailable: a short outage delays the job instead
+    of failing it (reads and writes here are idempotent)."""
+
+    def __init__(self, store: ObjectStore, patience_s: float) -> None:
+        self._store = store
+        self._patience_s = patience_s
+
+    def get(self, key: str) -> bytes:
+        return self._retry(lambda: self._store.get(key))
+
+    def put(self, key: str, data: bytes) -> None:
+        self._retry(lambda: self._store.put(key, data))
+
+    def _retry(self, operation: Callable[[], T]) -> T:
+        deadline, delay = time.monotonic() + self._patience_s, 0.2
+        while True:
+            try:
+                return operation()
+            except UnavailableError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("object store unavailable; retrying in %.1f s", delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+
 class JobExecutor:
     def __init__(self, store: ObjectStore, *, device: str | None, num_threads: int | None,
-                 progress_interval_s: float) -> None:
-        self._store = store
+                 progress_interval_s: float, storage_patience_s: float = 120.0) -> None:
+        self._store = _PatientStore(store, storage_patience_s)
         self._device = device
         self._num_threads = num_threads
         self._progress_interval_s = progress_interval_s
@@ -135,6 +165,10 @@ class JobExecutor:
             result = train(config, train_samples, val_samples, reporter, init_state=resume, model=model,
                            checkpoint=lambda state: self._checkpoint(run, request, reporter, state))
             finished = self._finish(run, request, config, result, reporter)
+        except torch.OutOfMemoryError:
+            log.warning("%s ran out of device memory", request.job)
+            finished = S.JobFinished(state=S.JOB_STATE_FAILED, reason=(
+                "out of device memory: lower the batch size, set a crop size, or pick a smaller architecture"))
         except (SegcoreError, DomainError) as exc:
             log.warning("%s failed: %s", request.job, exc)
             finished = S.JobFinished(state=S.JOB_STATE_FAILED, reason=str(exc))
@@ -143,6 +177,9 @@ class JobExecutor:
             log.exception("%s failed (incident %s)", request.job, incident)
             finished = S.JobFinished(state=S.JOB_STATE_FAILED,
                                      reason=f"internal error on the trainer node (incident {incident})")
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the device's memory goes back with the worker
         run.emit(S.JobEvent(finished=finished))
 
     def _config(self, request: trainer_pb2.RunJobRequest) -> TrainConfig:
@@ -229,6 +266,9 @@ class JobExecutor:
 
     def _finish(self, run: JobRun, request: trainer_pb2.RunJobRequest, config: TrainConfig,
                 result: TrainResult, reporter: _Reporter) -> common_pb2.JobFinished:
+        if result.stopped and run.handing_back:
+            return S.JobFinished(state=S.JOB_STATE_QUEUED, epochs_trained=len(result.history), reason=(
+                "the trainer node shut down and handed the job back; it resumes from its last checkpoint"))
         if result.stopped and not run.stop_early:
             return S.JobFinished(state=S.JOB_STATE_CANCELLED, reason="cancelled by request",
                                  epochs_trained=len(result.history))

@@ -13,7 +13,7 @@ from segtrain.pipeline.v1 import pipeline_pb2, pipeline_pb2_grpc
 from segtrain.trainer.v1 import trainer_pb2
 
 from services.common import names
-from services.common.errors import FieldViolation, check
+from services.common.errors import FailedPreconditionError, FieldViolation, check
 from services.common.storage import safe_key
 from services.trainer_svc.analysis import Analyzer
 from services.trainer_svc.executor import JobExecutor
@@ -28,9 +28,12 @@ class TrainerNode:
         self.executor = executor
         self.analyzer = analyzer
         self.runs = RunRegistry(capacity)
+        self.draining = False
 
     def run_job(self, request: trainer_pb2.RunJobRequest) -> bool:
         _validate(request)
+        if self.draining:
+            raise FailedPreconditionError("this trainer node is shutting down")
         run = self.runs.add(request.job, request.attempt)
         if run is None:
             return False
@@ -96,6 +99,14 @@ class Registration(threading.Thread):
                 log.warning("pipeline service unreachable (%s); retrying", exc.code())
                 interval = 1.0
             self.stopping.wait(interval)
+
+    def announce_draining(self) -> None:
+        """Tells the pipeline service at once that this node takes no more work."""
+        self.draining = True
+        try:
+            self._heartbeat()
+        except grpc.RpcError as exc:
+            log.warning("could not announce draining (%s)", exc.code())
 
     def _heartbeat(self) -> float:
         response = self._stub.HeartbeatTrainerNode(pipeline_pb2.HeartbeatTrainerNodeRequest(

@@ -31,6 +31,7 @@ class JobRun:
     stop_early: bool = False
     # How the model was initialised; recorded with the registered model.
     initialisation: str = "fresh"
+    handing_back: bool = False
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def emit(self, event: common_pb2.JobEvent) -> None:
@@ -48,6 +49,16 @@ class JobRun:
         with self._cond:
             self.cancel_requested = True
             self.stop_early = self.stop_early or stop_early
+
+    def hand_back(self) -> None:
+        """Stop at the next batch and return the job to the queue (the node is shutting down)."""
+        with self._cond:
+            self.cancel_requested = True
+            self.handing_back = True
+
+    def wait_finished(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.finished, timeout)
 
     def follow(self, after: int, heartbeat_s: float, is_active: Callable[[], bool]) -> Iterator[common_pb2.JobEvent]:
         """Events after `after`, then new ones as they come, until the run's final event."""

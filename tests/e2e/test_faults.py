@@ -95,3 +95,23 @@ def test_restarting_pipeline_and_metrics_mid_job_loses_nothing(two_node_stack: L
     full = list(client.watch(job.name))
     assert [e.seq for e in seen] == [e.seq for e in full] == list(range(1, len(full) + 1))
     assert [m.epoch for m in client.history(job.name).epochs] == list(range(1, 11))
+
+
+def test_sigterm_hands_the_job_back_to_another_node(two_node_stack: LocalStack, tmp_path: Path) -> None:
+    stack = two_node_stack
+    client = Client(stack.pipeline_address, token=stack.tokens["trainer"])
+    tiles, masks = write_sample_set(tmp_path / "set", count=16, tile_size=96, seed=8)
+    training_set = client.create_training_set("handback", tiles, masks, class_names=CLASSES)
+    job = client.create_job(pipeline="segmentation", training_set=training_set.name, hyperparameters=common_pb2.
+                            Hyperparameters(architecture="upernet-convnext-cpu", epochs=8, batch_size=4))
+    client.start_job(job.name)
+    wait_for_state(client, job.name, {common_pb2.JOB_STATE_RUNNING}, 120)
+    while client.get_job(job.name).latest_metrics.epoch < 2:
+        time.sleep(0.05)
+    node = client.get_job(job.name).trainer_node
+    stack.processes[node_process(stack, node)].stop()  # SIGTERM: a graceful shutdown
+    done = wait_for_state(client, job.name, {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED}, 300)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED and done.attempt == 2, done.failure_reason
+    reasons = [e.state_change.reason for e in client.watch(job.name) if e.HasField("state_change")]
+    assert any("handed the job back" in r for r in reasons), reasons
+    assert [m.epoch for m in client.history(job.name).epochs] == list(range(1, 9))

@@ -102,6 +102,20 @@ def test_start_moves_pending_to_queued_once(client: Client, training_set: pb.Tra
     assert "QUEUED" in error.details()
 
 
+def test_a_retried_create_returns_the_first_job(client: Client, training_set: pb.TrainingSet,
+                                                pipeline_server: PipelineServer) -> None:
+    first = client.create_job(pipeline="segmentation", training_set=training_set.name, request_id="req-42")
+    rows = row_counts(pipeline_server.database_url, ["jobs"])
+    again = client.create_job(pipeline="segmentation", training_set=training_set.name, request_id="req-42")
+    assert again.name == first.name and row_counts(pipeline_server.database_url, ["jobs"]) == rows
+
+
+def test_an_oversized_message_is_refused(client: Client) -> None:
+    huge = pb.CreateUploadRequest(file_names=[f"{i:08d}-{'x' * 1000}.png" for i in range(20_000)])  # ~20 MiB
+    error = error_of(client.pipeline.CreateUpload, huge)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def test_cancel_of_a_queued_job_ends_it(client: Client, training_set: pb.TrainingSet) -> None:
     job = client.create_job(pipeline="segmentation", training_set=training_set.name)
     client.start_job(job.name)

@@ -109,3 +109,26 @@ def test_job_state_machine_persists_and_queues_events(database_url: str) -> None
         assert event.state_change.state == common_pb2.JOB_STATE_QUEUED
         assert jobs.get_row(session, "jobs/j-1").state == common_pb2.JOB_STATE_QUEUED  # the refused move left no trace
     engine.dispose()
+
+
+@pytest.mark.parametrize(("attempt", "state"), [(2, common_pb2.JOB_STATE_QUEUED), (5, common_pb2.JOB_STATE_FAILED)])
+def test_a_lost_job_is_requeued_until_its_attempts_are_used_up(database_url: str, attempt: int, state: int) -> None:
+    from services.pipeline_svc.relay import requeue
+
+    engine = make_engine(database_url, PIPELINE_TABLES)
+    catalog.seed_defaults(engine)
+    with session_scope(engine) as session:
+        session.add(TrainingSetRow(id="ts", display_name="ts", pipeline="segmentation", class_names=["a", "b"],
+                                   snapshot="sha256:0", tile_count=2, train_tile_count=1, validation_tile_count=1,
+                                   validation_fraction=0.2, split_seed=0, report=b""))
+        session.add(JobRow(id="j-1", pipeline="segmentation", training_set="ts", hyperparameters=b"",
+                           state=common_pb2.JOB_STATE_RUNNING, attempt=attempt, trainer_node="n1"))
+    with session_scope(engine) as session:
+        requeue(session, jobs.get_row(session, "jobs/j-1", for_update=True), "node n1 stopped responding",
+                max_attempts=5)
+    with session_scope(engine) as session:
+        job = jobs.get_row(session, "jobs/j-1")
+        assert job.state == state and job.trainer_node == ""
+        if state == common_pb2.JOB_STATE_FAILED:
+            assert "gave up after 5 attempts" in job.failure_reason and "node n1" in job.failure_reason
+    engine.dispose()

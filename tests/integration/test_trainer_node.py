@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from segtrain.trainer.v1 import trainer_pb2
 from segcore import advice as advice_module
 from segcore import synthetic
 from segcore.architectures import build_model
+from services.common.errors import UnavailableError
 from services.common.storage import ObjectStore
 from services.trainer_svc.executor import JobExecutor
 from services.trainer_svc.runs import JobRun
@@ -79,6 +81,56 @@ def test_a_job_reports_phases_epochs_checkpoints_and_its_models(store: ObjectSto
         data = store.get(artifact.uri)
         assert len(data) == artifact.size_bytes and hashlib.sha256(data).hexdigest() == artifact.sha256
     assert finished.environment["seed"] == "0" and finished.environment["device"] == "cpu"
+
+
+def test_a_short_object_store_outage_delays_the_job_but_does_not_fail_it(
+    store: ObjectStore, tiles: list, monkeypatch: pytest.MonkeyPatch  # type: ignore[type-arg]
+) -> None:
+    real_put, real_get = store.put, store.get
+    failures = {"put": 3, "get": 2}
+
+    def flaky(kind: str, real: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object, **kwargs: object) -> object:
+            if failures[kind] > 0:
+                failures[kind] -= 1
+                raise UnavailableError("object store unreachable")
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(store, "put", flaky("put", real_put))
+    monkeypatch.setattr(store, "get", flaky("get", real_get))
+    run = execute(store, request(tiles, epochs=1))
+    assert run.events[-1].finished.state == S.JOB_STATE_SUCCEEDED
+    assert failures == {"put": 0, "get": 0}
+
+
+def test_a_long_outage_fails_the_job_saying_so(store: ObjectStore, tiles: list,  # type: ignore[type-arg]
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def down(*_: object, **__: object) -> bytes:
+        raise UnavailableError("object store unreachable")
+
+    monkeypatch.setattr(store, "get", down)
+    req = request(tiles, epochs=1)
+    run = JobRun(job=req.job, attempt=1)
+    JobExecutor(store, device="cpu", num_threads=1, progress_interval_s=0.0, storage_patience_s=0.5).execute(run, req)
+    finished = run.events[-1].finished
+    assert finished.state == S.JOB_STATE_FAILED and "object store unreachable" in finished.reason
+
+
+def test_a_node_shutting_down_hands_the_job_back(store: ObjectStore, tiles: list) -> None:  # type: ignore[type-arg]
+    req = request(tiles, epochs=200)
+    run = JobRun(job=req.job, attempt=1)
+
+    def shut_down_after_first_epoch() -> None:
+        while not kinds(run, "checkpoint_saved"):
+            threading.Event().wait(0.005)
+        run.hand_back()
+
+    threading.Thread(target=shut_down_after_first_epoch, daemon=True).start()
+    JobExecutor(store, device="cpu", num_threads=1, progress_interval_s=0.0).execute(run, req)
+    finished = run.events[-1].finished
+    assert finished.state == S.JOB_STATE_QUEUED and "handed the job back" in finished.reason
+    assert run.wait_finished(0)
 
 
 def test_advice_from_the_detector_becomes_events(store: ObjectStore, tiles: list,  # type: ignore[type-arg]
