@@ -1,0 +1,111 @@
+"""Load test (bounded, loopback only): 20 jobs queued on 2 trainer nodes with 200 watchers.
+
+Every job must reach a terminal state, every watcher must receive its job's whole log (gap-free,
+no duplicate), and no RPC may fail unexpectedly. Prints a summary and writes
+bench-output/load.json.
+
+    .venv/bin/python bench/load_test.py [--jobs 20] [--watchers 200] [--nodes 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from segtrain.common.v1 import common_pb2  # noqa: E402
+
+from clients.sdk import TERMINAL, Client  # noqa: E402
+from clients.stack import LocalStack  # noqa: E402
+from segcore import synthetic  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--watchers", type=int, default=200)
+    parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=900, help="seconds before the test gives up")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, LocalStack(Path(tmp) / "stack", trainers=args.nodes, env_overrides={
+        "SEGTRAIN_TRAINER_NUM_THREADS": "1", "SEGTRAIN_PIPELINE_HEARTBEAT_INTERVAL_S": "2",
+    }) as stack:
+        return run(stack, Path(tmp), args)
+
+
+def run(stack: LocalStack, tmp: Path, args: argparse.Namespace) -> int:
+    driver = Client(stack.pipeline_address, token=stack.tokens["trainer"])
+    tiles = synthetic.generate_tiles(16, tile_size=64, seed=1)
+    synthetic.write_tile_set(tiles, tmp / "tiles", tmp / "masks")
+    training_set = driver.create_training_set("load", tmp / "tiles", tmp / "masks", class_names=synthetic.CLASS_NAMES)
+    started = time.monotonic()
+    jobs = []
+    for i in range(args.jobs):
+        job = driver.create_job(pipeline="segmentation", training_set=training_set.name, request_id=f"load-{i}",
+                                hyperparameters=common_pb2.Hyperparameters(
+                                    architecture="upernet-convnext-cpu", epochs=args.epochs, batch_size=4))
+        driver.start_job(job.name)
+        jobs.append(job.name)
+    errors: list[str] = []
+    received: dict[int, list[int]] = {}
+
+    def watch(index: int) -> None:
+        client = Client(stack.pipeline_address, token=stack.tokens["viewer"])
+        try:
+            received[index] = [e.seq for e in client.watch(jobs[index % len(jobs)])]
+        except Exception as exc:  # recorded, reported as a failure
+            errors.append(f"watcher {index}: {type(exc).__name__}: {exc}")
+        finally:
+            client.close()
+
+    watchers = [threading.Thread(target=watch, args=(i,), daemon=True) for i in range(args.watchers)]
+    for w in watchers:
+        w.start()
+    states = poll_until_terminal(driver, jobs, started + args.timeout, errors)
+    for w in watchers:
+        w.join(max(1.0, started + args.timeout - time.monotonic()))
+    wall = time.monotonic() - started
+    logs = {name: [e.seq for e in driver.watch(name)] for name in jobs}
+    complete = {name: seqs == list(range(1, len(seqs) + 1)) for name, seqs in logs.items()}
+    broken = [i for i in range(args.watchers)
+              if received.get(i) != logs[jobs[i % len(jobs)]] or not complete[jobs[i % len(jobs)]]]
+    summary = {
+        "jobs": args.jobs, "nodes": args.nodes, "watchers": args.watchers, "epochs_per_job": args.epochs,
+        "wall_s": round(wall, 1), "jobs_per_min": round(60 * args.jobs / wall, 1),
+        "final_states": {common_pb2.JobState.Name(s): list(states.values()).count(s) for s in set(states.values())},
+        "watchers_complete": args.watchers - len(broken), "events_per_job": sorted({len(v) for v in logs.values()}),
+        "unexpected_errors": errors[:10], "error_count": len(errors),
+    }
+    ok = (not errors and not broken and len(states) == args.jobs
+          and all(s in TERMINAL for s in states.values()))
+    summary["pass"] = ok
+    print(json.dumps(summary, indent=2))
+    out = ROOT / "bench-output"
+    out.mkdir(exist_ok=True)
+    (out / "load.json").write_text(json.dumps(summary, indent=2))
+    return 0 if ok else 1
+
+
+def poll_until_terminal(client: Client, jobs: list[str], deadline: float, errors: list[str]) -> dict[str, int]:
+    states: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        try:
+            states = {name: client.get_job(name).state for name in jobs}
+        except Exception as exc:
+            errors.append(f"GetJob: {type(exc).__name__}: {exc}")
+        if states and all(s in TERMINAL for s in states.values()):
+            break
+        time.sleep(1.0)
+    return states
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
