@@ -159,3 +159,38 @@ def test_servers_refuse_to_listen_openly_off_loopback(tmp_path: Path) -> None:
     write_tokens_file(tokens_file, {})
     with pytest.raises(RuntimeError, match="plaintext"):
         create_server("0.0.0.0:0", [], [], access={}, security=SecuritySettings(auth_tokens_file=tokens_file))
+
+
+MALFORMED = [
+    ("trainer", trn("RunJob", trainer_pb2.RunJobRequest(job="jobs/../x", attempt=1)), "job"),
+    ("trainer", trn("RunJob", trainer_pb2.RunJobRequest(job="jobs/j-1", attempt=0, output_prefix="jobs/j-1/",
+                                                        tiles=[trainer_pb2.TrainingTile(
+                                                            name="a", image_uri="training-sets/s/a.png",
+                                                            mask_uri="training-sets/s/a.png")])), "attempt"),
+    ("trainer", trn("RunJob", trainer_pb2.RunJobRequest(job="jobs/j-1", attempt=1, output_prefix="jobs/j-1/",
+                                                        tiles=[trainer_pb2.TrainingTile(
+                                                            name="a", image_uri="/etc/passwd",
+                                                            mask_uri="training-sets/s/a.png")])), "tiles[0].image_uri"),
+    ("trainer", trn("RunJob", trainer_pb2.RunJobRequest(job="jobs/j-1", attempt=1, output_prefix="../outside/",
+                                                        tiles=[trainer_pb2.TrainingTile(
+                                                            name="a", image_uri="training-sets/s/a.png",
+                                                            mask_uri="training-sets/s/a.png")])), "output_prefix"),
+    ("trainer", trn("AnalyzeTiles", trainer_pb2.AnalyzeTilesRequest(output_prefix="analyses/../../x/")),
+     "output_prefix"),
+    ("metrics", metr("WatchJobEvents", metrics_pb2.WatchJobEventsRequest(job="jobs/j-1", after_seq=-1),
+                     stream=True), "after_seq"),
+    ("metrics", metr("RenderJobCharts", metrics_pb2.RenderJobChartsRequest(jobs=["jobs/j-1"], width=10)), "width"),
+    ("metrics", metr("ListJobEvents", metrics_pb2.ListJobEventsRequest(job="jobs/j-1", page_size=10**6)),
+     "page_size"),
+]
+
+
+@pytest.mark.parametrize(("service", "invoke", "field"), MALFORMED)
+def test_malformed_requests_with_a_valid_token_name_the_field(secured: Secured, service: str,
+                                                              invoke: Callable[..., object], field: str) -> None:
+    from tests.helpers import violation_fields
+
+    with pytest.raises(grpc.RpcError) as info:
+        call(getattr(secured, service), TOKENS[Role.SERVICE], invoke)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert field in violation_fields(info.value)
