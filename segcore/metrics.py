@@ -59,17 +59,29 @@ class ConfusionMatrix:
         """Add a batch of predicted and true class indices (any equal shapes)."""
         if pred.shape != target.shape:
             raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-        pred = pred.reshape(-1).long()
-        target = target.reshape(-1).long().to(pred.device)
-        if self.ignore_index is not None:
-            keep = target != self.ignore_index
-            pred, target = pred[keep], target[keep]
         n = self.num_classes
-        # One combined check keeps it to a single host sync per batch on GPU.
-        if bool(((target < 0) | (target >= n) | (pred < 0) | (pred >= n)).any()):
-            raise ValueError(f"pred or target has class indices outside [0, {n})")
-        # One bincount over t * n + p is a single pass, far cheaper than n*n masks.
-        counts = torch.bincount(target * n + pred, minlength=n * n).reshape(n, n)
+        pred = pred.reshape(-1).long()
+        target = target.reshape(-1).to(pred.device).long()
+        if pred.numel():
+            low, high = torch.aminmax(pred)
+            if int(low) < 0 or int(high) >= n:
+                raise ValueError(f"pred has class indices outside [0, {n})")
+        # One bincount over target * n + pred does the whole batch (this runs after every training
+        # batch): ignored pixels are counted in bin 0 and taken out again, instead of boolean
+        # indexing, which copies. Any target outside [0, n) lands outside the n * n bins.
+        index = target * n + pred
+        ignored = 0
+        if self.ignore_index is not None:
+            skip = target == self.ignore_index
+            ignored = int(skip.sum())
+            index = index.masked_fill(skip, 0)
+        if index.numel() and int(index.min()) < 0:
+            raise ValueError(f"target has class indices outside [0, {n})")
+        binned = torch.bincount(index, minlength=n * n)
+        if binned.numel() > n * n:
+            raise ValueError(f"target has class indices outside [0, {n})")
+        binned[0] -= ignored
+        counts = binned.reshape(n, n)
         if self._matrix is None:
             self._matrix = counts
         else:
