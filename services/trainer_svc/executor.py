@@ -114,6 +114,17 @@ def epoch_metrics(result: EpochResult, class_names: list[str]) -> common_pb2.Epo
     )
 
 
+def _seeded_model(request: trainer_pb2.RunJobRequest, architecture: str) -> torch.nn.Module:
+    """A fresh model whose random initialisation (e.g. a new head) is reproducible from the seed."""
+    torch.manual_seed(request.hyperparameters.seed)
+    return build_model(architecture, len(request.class_names))
+
+
+def _record_initialisation(run: JobRun, how: str, code: str, message: str) -> None:
+    run.initialisation = how
+    run.emit(S.JobEvent(warning=S.Warning(code=code, message=message)))
+
+
 class _PatientStore:
     """The object store, retrying while it is unavailable: a short outage delays the job instead
     of failing it (reads and writes here are idempotent)."""
@@ -214,15 +225,14 @@ class JobExecutor:
         if meta.class_names == list(request.class_names):
             run.initialisation = f"{request.from_model.name}: all weights"
             return parent
-        model = build_model(meta.architecture, len(request.class_names))
+        model = _seeded_model(request, meta.architecture)
         own = model.state_dict()
         kept = {k: v for k, v in parent.state_dict().items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(kept, strict=False)
-        run.initialisation = f"{request.from_model.name}: backbone kept, head re-initialised (class map differs)"
-        run.emit(S.JobEvent(warning=S.Warning(
-            code="HEAD_REINITIALISED",
-            message=f"the parent's classes {meta.class_names} differ from this set's {list(request.class_names)}: "
-                    f"backbone kept, {len(own) - len(kept)} head tensors re-initialised")))
+        _record_initialisation(
+            run, f"{request.from_model.name}: backbone kept, head re-initialised (class map differs)",
+            "HEAD_REINITIALISED", f"the parent's classes {meta.class_names} differ from this set's "
+            f"{list(request.class_names)}: backbone kept, {len(own) - len(kept)} head tensors re-initialised")
         return model
 
     def _pretrained_model(self, run: JobRun, request: trainer_pb2.RunJobRequest) -> torch.nn.Module:
@@ -239,14 +249,12 @@ class JobExecutor:
         except (OSError, ValueError) as exc:  # hub unreachable/unknown id, missing directory
             reason = f"could not read pretrained weights {source!r}: {type(exc).__name__}"
             raise IncompatibleModelError(reason) from None
-        torch.manual_seed(request.hyperparameters.seed)  # the head's initialisation stays reproducible
-        model = build_model(request.hyperparameters.architecture, len(request.class_names))
+        model = _seeded_model(request, request.hyperparameters.architecture)
         report = load_pretrained_backbone(model, weights)
-        run.initialisation = f"pretrained backbone {source}"
-        run.emit(S.JobEvent(warning=S.Warning(
-            code="PRETRAINED_LOADED",
-            message=f"{len(report.loaded)} pretrained backbone tensors loaded from {source}; "
-                    f"{len(report.missing)} backbone tensors kept their initialisation")))
+        _record_initialisation(
+            run, f"pretrained backbone {source}", "PRETRAINED_LOADED",
+            f"{len(report.loaded)} pretrained backbone tensors loaded from {source}; "
+            f"{len(report.missing)} backbone tensors kept their initialisation")
         return model
 
     def _resume_state(self, request: trainer_pb2.RunJobRequest) -> TrainingState | None:

@@ -24,6 +24,15 @@ def _event(attempt: int, source_seq: int) -> common_pb2.JobEvent:
                                batch_progress=common_pb2.BatchProgress(batch=source_seq))
 
 
+def add_job(engine: sqlalchemy.engine.Engine, **job: object) -> None:
+    """Job j-1 on a training set "ts" of the seeded pipeline."""
+    with session_scope(engine) as session:
+        session.add(TrainingSetRow(id="ts", display_name="ts", pipeline="segmentation", class_names=["a", "b"],
+                                   snapshot="sha256:0", tile_count=2, train_tile_count=1, validation_tile_count=1,
+                                   validation_fraction=0.2, split_seed=0, report=b""))
+        session.add(JobRow(id="j-1", pipeline="segmentation", training_set="ts", hyperparameters=b"", **job))
+
+
 def test_each_service_creates_only_its_own_tables(database_url: str) -> None:
     engine = make_engine(database_url, METRICS_TABLES)
     assert set(sqlalchemy.inspect(engine).get_table_names()) == {"job_events"}
@@ -87,12 +96,7 @@ def test_pipelines_seed_create_and_conflict(database_url: str) -> None:
 def test_job_state_machine_persists_and_queues_events(database_url: str) -> None:
     engine = make_engine(database_url, PIPELINE_TABLES)
     catalog.seed_defaults(engine)
-    with session_scope(engine) as session:
-        session.add(TrainingSetRow(id="ts", display_name="ts", pipeline="segmentation", class_names=["a", "b"],
-                                   snapshot="sha256:0", tile_count=2, train_tile_count=1, validation_tile_count=1,
-                                   validation_fraction=0.2, split_seed=0, report=b""))
-        session.add(JobRow(id="j-1", pipeline="segmentation", training_set="ts", hyperparameters=b"",
-                           state=common_pb2.JOB_STATE_PENDING))
+    add_job(engine, state=common_pb2.JOB_STATE_PENDING)
     with session_scope(engine) as session:
         job = jobs.get_row(session, "jobs/j-1", for_update=True)
         jobs.transition(session, job, common_pb2.JOB_STATE_QUEUED)
@@ -117,12 +121,7 @@ def test_a_lost_job_is_requeued_until_its_attempts_are_used_up(database_url: str
 
     engine = make_engine(database_url, PIPELINE_TABLES)
     catalog.seed_defaults(engine)
-    with session_scope(engine) as session:
-        session.add(TrainingSetRow(id="ts", display_name="ts", pipeline="segmentation", class_names=["a", "b"],
-                                   snapshot="sha256:0", tile_count=2, train_tile_count=1, validation_tile_count=1,
-                                   validation_fraction=0.2, split_seed=0, report=b""))
-        session.add(JobRow(id="j-1", pipeline="segmentation", training_set="ts", hyperparameters=b"",
-                           state=common_pb2.JOB_STATE_RUNNING, attempt=attempt, trainer_node="n1"))
+    add_job(engine, state=common_pb2.JOB_STATE_RUNNING, attempt=attempt, trainer_node="n1")
     with session_scope(engine) as session:
         requeue(session, jobs.get_row(session, "jobs/j-1", for_update=True), "node n1 stopped responding",
                 max_attempts=5)
