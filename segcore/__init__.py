@@ -7,6 +7,8 @@ file stays empty so ``import segcore.errors`` does not pull in torch):
 * ``errors``        - SegcoreError and its subclasses (carry field/tile names)
 * ``architectures`` - @register_architecture registry, build_model, list_architectures,
                       load_pretrained_backbone
+* ``annotations``   - render_tile / load_collection: annotation formats to class-index
+                      masks with issue reports (a package; no torch)
 * ``imaging``       - decode_image / decode_mask / encode_mask_png, Normalization
 * ``splits``        - deterministic, grouped, stratified split_train_val
 * ``metrics``       - ConfusionMatrix (epoch-level IoU, pixel accuracy)

@@ -6,60 +6,80 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import PurePosixPath
 
+import numpy as np
 import torch
 from segtrain.trainer.v1 import trainer_pb2
 
 from segcore import checkpoint, imaging, inference
 from segcore.checkpoint import ModelMeta
 from segcore.config import resolve_device
+from segcore.errors import InvalidTileError
 from segcore.imaging import Normalization
 from services.common.errors import InvalidArgumentError, NotFoundError
 from services.common.storage import ObjectStore, safe_key
 
 CACHED_MODELS = 2
+CHUNK = 16  # tiles decoded ahead of the forward passes (bounds memory for large requests)
 
 
 class Analyzer:
-    def __init__(self, store: ObjectStore, device: str | None) -> None:
+    """Runs analyses as a pipeline: a pool of I/O threads fetches and decodes the next tiles and
+    encodes and stores finished masks while one long-lived inference thread runs the forwards
+    (torch is fastest on a thread that keeps its thread pool; one forward at a time bounds
+    memory)."""
+
+    def __init__(self, store: ObjectStore, device: str | None, num_threads: int | None = None) -> None:
         self._store = store
         self._device = device
         self._models: OrderedDict[str, tuple[torch.nn.Module, ModelMeta]] = OrderedDict()
         self._lock = threading.Lock()
+        self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="analysis-io")
+        self._inference = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="inference",
+            initializer=(lambda: torch.set_num_threads(num_threads)) if num_threads else None)
 
     def analyze(self, request: trainer_pb2.AnalyzeTilesRequest) -> trainer_pb2.AnalyzeTilesResponse:
         prefix = safe_key(request.output_prefix.rstrip("/"), field="output_prefix") + "/"
         model, meta = self._model(request.model.weights_uri)
         norm = Normalization.from_dict(meta.normalization)
-        results: list[trainer_pb2.TileResult] = []
-        written: list[str] = []
+        keys = list(request.image_keys)
+        stored: list[Future[trainer_pb2.TileResult]] = []
         try:
-            for i, key in enumerate(request.image_keys):
-                results.append(self._one(i, key, model, meta, norm, prefix, written))
+            images = [self._io.submit(self._read, i, key) for i, key in enumerate(keys[:CHUNK])]
+            for i, key in enumerate(keys):
+                if i + CHUNK < len(keys):
+                    images.append(self._io.submit(self._read, i + CHUNK, keys[i + CHUNK]))
+                image = images[i].result()
+                mask = self._inference.submit(inference.predict_mask, model, image, norm,
+                                              tile_size=meta.tile_size or None, device=self._device).result()
+                stored.append(self._io.submit(self._write, key, mask, prefix, len(meta.class_names)))
+            results = [f.result() for f in stored]
         except BaseException:
-            self._store.delete_many(written)  # no half-written analysis
+            for f in stored:
+                f.cancel()
+            wait(stored)
+            self._store.delete_many([f"{prefix}masks/{PurePosixPath(k).stem}.png" for k in keys])  # no half analysis
             raise
         return trainer_pb2.AnalyzeTilesResponse(tiles=results)
 
-    def _one(self, i: int, key: str, model: torch.nn.Module, meta: ModelMeta, norm: Normalization,
-             prefix: str, written: list[str]) -> trainer_pb2.TileResult:
+    def _read(self, i: int, key: str) -> np.ndarray:
         name = PurePosixPath(key).name
         try:
             data = self._store.get(key)
         except NotFoundError:
             raise InvalidArgumentError.of(f"image_keys[{i}]", f"image {name!r} not found") from None
         try:
-            image = imaging.decode_image(data, name)
-        except Exception as exc:  # InvalidTileError names the tile
+            return imaging.decode_image(data, name)
+        except InvalidTileError as exc:
             raise InvalidArgumentError.of(f"image_keys[{i}]", str(exc)) from None
-        with self._lock:  # one forward at a time per node: bounded memory
-            mask = inference.predict_mask(model, image, norm, tile_size=meta.tile_size or None,
-                                          device=self._device)
+
+    def _write(self, key: str, mask: np.ndarray, prefix: str, num_classes: int) -> trainer_pb2.TileResult:
         out = f"{prefix}masks/{PurePosixPath(key).stem}.png"
         self._store.put(out, imaging.encode_mask_png(mask), content_type="image/png")
-        written.append(out)
-        counts = inference.class_pixel_counts(mask, len(meta.class_names))
+        counts = inference.class_pixel_counts(mask, num_classes)
         return trainer_pb2.TileResult(
             image_key=key, mask_uri=out, width=int(mask.shape[1]), height=int(mask.shape[0]),
             classes=[trainer_pb2.ClassPixels(class_index=c, pixel_count=n) for c, n in enumerate(counts)],

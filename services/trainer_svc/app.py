@@ -28,7 +28,7 @@ def build(settings: TrainerSettings, storage: StorageSettings, security: Securit
     executor = JobExecutor(store, device=device, num_threads=settings.num_threads,
                            progress_interval_s=settings.progress_interval_s,
                            storage_patience_s=settings.storage_patience_s)
-    node = TrainerNode(executor, Analyzer(store, device), capacity=settings.capacity)
+    node = TrainerNode(executor, Analyzer(store, device, settings.num_threads), capacity=settings.capacity)
     servicer = TrainerServicer(node)
     server, port, health_servicer = create_server(
         settings.listen, [lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s)],

@@ -1,0 +1,50 @@
+"""Checks of the caller's arguments and JSON decoding: the failures that raise instead of reporting.
+
+Problems inside an annotation file become issues (see ``issues``); what this
+module rejects is different in kind: a bad class list or tile size is the
+caller's mistake (``InvalidParameterError``), and bytes that are not JSON at
+all leave nothing to report issues about, so they raise whatever error the
+caller supplies (``InvalidTileError`` for a per-tile file,
+``InvalidParameterError("annotations", ...)`` for a collection file).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from segcore.annotations.issues import UNLABELLED
+from segcore.errors import InvalidParameterError
+
+
+def class_index(class_names: Sequence[str]) -> dict[str, int]:
+    """Class name -> mask value, after checking the names fit a ``uint8`` mask."""
+    names = list(class_names)
+    if not names:
+        raise InvalidParameterError("class_names", "at least one class is needed")
+    if len(names) > UNLABELLED:
+        raise InvalidParameterError("class_names", "at most 255 classes fit a uint8 mask next to 255 (unlabelled)")
+    if any(not isinstance(name, str) or not name for name in names):
+        raise InvalidParameterError("class_names", "class names must be non-empty strings")
+    if len(set(names)) != len(names):
+        raise InvalidParameterError("class_names", "class names must be unique")
+    return {name: index for index, name in enumerate(names)}
+
+
+def check_size(width: int, height: int) -> None:
+    if width <= 0 or height <= 0:
+        raise InvalidParameterError("size", f"tile size must be positive, got {width}x{height}")
+
+
+def parse_json(data: bytes, fail: Callable[[str], Exception]) -> Any:
+    """The JSON document in ``data``; ``fail(reason)`` builds the exception raised otherwise."""
+    if not data:
+        raise fail("file is empty")
+    try:
+        # utf-8-sig: Windows tools often write a byte-order mark that json.loads rejects.
+        return json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise fail(f"not UTF-8 text: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise fail(f"not valid JSON: {exc}") from exc
