@@ -20,7 +20,7 @@ from segtrain.common.v1 import common_pb2
 from segtrain.metrics.v1 import metrics_pb2
 from segtrain.trainer.v1 import trainer_pb2
 from sqlalchemy.engine import Engine
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from services.common.database import session_scope
 from services.pipeline_svc import jobs, models
@@ -137,34 +137,34 @@ class JobRelay(threading.Thread):
         return True
 
 
-def requeue(session: object, job: JobRow, reason: str, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
+def requeue(session: Session, job: JobRow, reason: str, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
     """Hands an active job back to the queue, or cancels it if a cancel was pending, or fails it
     once it has used up its attempts (a job that keeps losing its node needs a person)."""
     if job.state == S.JOB_STATE_CANCELLING:
-        jobs.transition(session, job, S.JOB_STATE_CANCELLED, reason=reason)  # type: ignore[arg-type]
+        jobs.transition(session, job, S.JOB_STATE_CANCELLED, reason=reason)
         return
     if job.attempt >= max_attempts:
         jobs.transition(session, job, S.JOB_STATE_FAILED, reason=(  # type: ignore[arg-type]
             f"{reason}; gave up after {job.attempt} attempts (SEGTRAIN_PIPELINE_MAX_ATTEMPTS); the last "
             "full-state checkpoint is kept, so starting a new job from scratch is not needed to debug it"))
         return
-    jobs.transition(session, job, S.JOB_STATE_QUEUED, reason=reason)  # type: ignore[arg-type]
+    jobs.transition(session, job, S.JOB_STATE_QUEUED, reason=reason)
     job.trainer_node = ""
     job.progress = common_pb2.Progress(phase=S.PHASE_QUEUED).SerializeToString()
 
 
-def _finalise(session: object, job: JobRow, finished: common_pb2.JobFinished, max_attempts: int) -> None:
+def _finalise(session: Session, job: JobRow, finished: common_pb2.JobFinished, max_attempts: int) -> None:
     if finished.state == S.JOB_STATE_QUEUED:  # the node shut down gracefully and handed the job back
         requeue(session, job, finished.reason or "handed back by its trainer node", max_attempts)
     elif finished.state == S.JOB_STATE_SUCCEEDED:
-        models.register(session, job, finished)  # type: ignore[arg-type]
-        jobs.transition(session, job, S.JOB_STATE_SUCCEEDED)  # type: ignore[arg-type]
+        models.register(session, job, finished)
+        jobs.transition(session, job, S.JOB_STATE_SUCCEEDED)
     elif finished.state == S.JOB_STATE_CANCELLED:
-        jobs.transition(session, job, S.JOB_STATE_CANCELLED, reason=finished.reason or "cancelled")  # type: ignore[arg-type]
+        jobs.transition(session, job, S.JOB_STATE_CANCELLED, reason=finished.reason or "cancelled")
     else:
         if job.state != S.JOB_STATE_RUNNING and job.state != S.JOB_STATE_CANCELLING:
-            jobs.transition(session, job, S.JOB_STATE_RUNNING)  # type: ignore[arg-type]
-        jobs.transition(session, job, S.JOB_STATE_FAILED, reason=finished.reason or "failed")  # type: ignore[arg-type]
+            jobs.transition(session, job, S.JOB_STATE_RUNNING)
+        jobs.transition(session, job, S.JOB_STATE_FAILED, reason=finished.reason or "failed")
 
 
 class OutboxRelay(threading.Thread):

@@ -12,10 +12,10 @@ import grpc
 from segtrain.common.v1 import common_pb2
 from segtrain.trainer.v1 import trainer_pb2
 from sqlalchemy.engine import Engine
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from services.common.database import session_scope
-from services.pipeline_svc import jobs, nodes, training_sets
+from services.pipeline_svc import jobs, models, nodes, training_sets
 from services.pipeline_svc.relay import JobRelay, requeue
 from services.pipeline_svc.remote import Remotes
 from services.pipeline_svc.tables import JobRow, ModelRow, PipelineRow, TrainerNodeRow
@@ -108,9 +108,11 @@ class Scheduler(threading.Thread):
         self._ensure_relay(job.id)
         return True
 
-    def _run_request(self, session: object, job: JobRow) -> trainer_pb2.RunJobRequest:
-        training_set = session.get(training_sets.TrainingSetRow, job.training_set)  # type: ignore[attr-defined]
-        pipeline = session.get(PipelineRow, job.pipeline)  # type: ignore[attr-defined]
+    def _run_request(self, session: Session, job: JobRow) -> trainer_pb2.RunJobRequest:
+        # Jobs reference rows that are never deleted; the foreign keys were checked at creation.
+        training_set = training_sets.get_row(session, job.training_set)
+        pipeline = session.get(PipelineRow, job.pipeline)
+        assert pipeline is not None
         request = trainer_pb2.RunJobRequest(
             job=f"jobs/{job.id}", attempt=job.attempt,
             hyperparameters=common_pb2.Hyperparameters.FromString(job.hyperparameters),
@@ -120,11 +122,10 @@ class Scheduler(threading.Thread):
             pretrained_weights=job.pretrained_weights,
             tiles=[trainer_pb2.TrainingTile(name=t.name, image_uri=t.image_uri, mask_uri=t.mask_uri,
                                             validation=t.validation)
-                   for t in training_sets.tiles_of(session, training_set.id)],  # type: ignore[arg-type]
+                   for t in training_sets.tiles_of(session, training_set.id)],
         )
         if job.from_model:
-            parent = session.get(ModelRow, job.from_model)  # type: ignore[attr-defined]
-            request.from_model.CopyFrom(model_ref(parent))
+            request.from_model.CopyFrom(model_ref(models.get_row(session, job.from_model)))
         return request
 
     def _ensure_relay(self, job_id: str) -> None:
