@@ -7,11 +7,14 @@ another run. See bench/README.md for what each benchmark measures and its caveat
     .venv/bin/python bench/run.py --quick              # small smoke version (~30 s)
     .venv/bin/python bench/run.py --only training,analysis
     .venv/bin/python bench/run.py --threads 2          # torch threads on both sides (default 1)
+    .venv/bin/python bench/run.py --architecture upernet-convnextv2-atto --tiles 32 --epochs 4 --rounds 4
+                                                       # a larger model at sizes 2 cores can afford
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -44,7 +47,7 @@ from segcore import synthetic  # noqa: E402 - numpy + pillow only; torch stays i
 
 BENCHMARKS = ("training", "datapath", "analysis", "watch")
 OUT = ROOT / "bench-output"
-ARCHITECTURE = "upernet-convnext-cpu"
+ARCHITECTURE = "upernet-convnext-cpu"  # default of --architecture
 SEED = 11  # synthetic tiles
 TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
 
@@ -116,6 +119,7 @@ class Worker:
 class Context:
     sizes: Sizes
     threads: int
+    architecture: str  # of every job and worker-side model (benchmarks 1, 3, 4; 2's consumption rate)
     quick: bool
     stack: LocalStack
     client: Client
@@ -216,7 +220,7 @@ def training_set(ctx: Context, key: str, count: int, tile_size: int) -> pb.Train
 def hyperparameters(ctx: Context, epochs: int) -> common_pb2.Hyperparameters:
     # loss "ce" to match the bare loop (the product default is ce+dice); augmentation on, as the
     # product default; no crops (whole tiles), checkpoint after every epoch (the default).
-    return common_pb2.Hyperparameters(architecture=ARCHITECTURE, epochs=epochs, batch_size=ctx.sizes.batch_size,
+    return common_pb2.Hyperparameters(architecture=ctx.architecture, epochs=epochs, batch_size=ctx.sizes.batch_size,
                                       learning_rate=0.001, weight_decay=0.01, seed=0, augment=True, loss="ce")
 
 
@@ -347,7 +351,7 @@ def train_spec(ctx: Context, ts: pb.TrainingSet, epochs: int) -> dict[str, Any]:
     return {"threads": ctx.threads, "tiles": s.train_tiles, "tile_size": s.tile_size, "seed": SEED,
             "train_names": [t.name for t in ts.tiles if not t.validation],
             "val_names": [t.name for t in ts.tiles if t.validation], "batch_size": s.batch_size,
-            "architecture": ARCHITECTURE, "class_names": synthetic.CLASS_NAMES,
+            "architecture": ctx.architecture, "class_names": synthetic.CLASS_NAMES,
             "num_classes": len(synthetic.CLASS_NAMES), "learning_rate": 0.001, "weight_decay": 0.01, "epochs": epochs}
 
 
@@ -411,8 +415,9 @@ def bench_training(ctx: Context) -> dict[str, Any]:
     ratio = median(round_ratios)
     ctx.bare_rate, ctx.model = bare, job.model
     result = {
-        "train_tiles": ts.train_tile_count, "tile_size": s.tile_size, "batch_size": s.batch_size,
-        "epochs": s.epochs, "threads": ctx.threads, "batches": batches, "order": order, "job": job.name,
+        "architecture": ctx.architecture, "train_tiles": ts.train_tile_count, "tile_size": s.tile_size,
+        "batch_size": s.batch_size, "epochs": s.epochs, "rounds": s.rounds, "threads": ctx.threads,
+        "batches": batches, "order": order, "job": job.name,
         "product_images_per_s": round(product, 2), "core_images_per_s": round(core, 2),
         "bare_images_per_s": round(bare, 2), "ratio": round(ratio, 4), "ratio_of_medians": round(product / bare, 4),
         "round_ratios": [round(r, 4) for r in round_ratios], "core_ratio": round(median(round_core), 4),
@@ -427,7 +432,7 @@ def bench_training(ctx: Context) -> dict[str, Any]:
         "verdicts": [verdict("training", ratio, load)],
     }
     print_table("1. training: images/s through the trainer node vs a bare PyTorch loop", [
-        ("setup", f"{ARCHITECTURE}, {ts.train_tile_count} train tiles of {s.tile_size}^2 (batches {batches}), "
+        ("setup", f"{ctx.architecture}, {ts.train_tile_count} train tiles of {s.tile_size}^2 (batches {batches}), "
                   f"{s.epochs} epochs per run, epoch 1 excluded, runs in the order {' '.join(order)}"),
         ("threads", f"torch {ctx.threads} on all sides (SEGTRAIN_TRAINER_NUM_THREADS / torch.set_num_threads)"),
         ("job", "through the trainer node: AdamW, loss ce, augment on (product default), whole tiles; "
@@ -477,7 +482,8 @@ def bench_datapath(ctx: Context) -> dict[str, Any]:
     result = {
         "tiles": n, "threads": ctx.threads, "datapath_tiles_per_s": round(median(chain), 1),
         "epoch_augment_tiles_per_s": round(median(augment_only), 1),
-        "consumption_images_per_s": round(ctx.bare_rate, 2), "ratio": round(ratio, 2),
+        "consumption_images_per_s": round(ctx.bare_rate, 2), "consumption_architecture": ctx.architecture,
+        "ratio": round(ratio, 2),
         "chain_seconds": {k: round(v, 4) for k, v in part.items()},
         "stage_ms_per_tile": {k: round(v, 3) for k, v in r["stage_ms_per_tile"].items()},
         "outside_load_cores": (load := ctx.outside_cores()),
@@ -494,7 +500,7 @@ def bench_datapath(ctx: Context) -> dict[str, Any]:
         ("augment+batch alone", fmt_rates(augment_only) + f"  (the only per-epoch part: "
                                 f"{median(augment_only) / ctx.bare_rate:.0f}x consumption)"),
         ("stage ms/tile (1 thread)", stages),
-        ("consumption images/s", f"{ctx.bare_rate:.1f} (bare training loop, benchmark 1)"),
+        ("consumption images/s", f"{ctx.bare_rate:.1f} (bare training loop of {ctx.architecture}, benchmark 1)"),
         ("ratio", f"{ratio:.1f}x"),
     ], result)
     return result
@@ -524,9 +530,10 @@ def bench_analysis(ctx: Context) -> dict[str, Any]:
     direct_request = trainer_pb2.AnalyzeTilesRequest(
         model=trainer_pb2.ModelRef(name=model.name, weights_uri=model.weights.uri, architecture=model.architecture,
                                    class_names=model.class_names), image_keys=request.image_keys)
+    # The node runs analysis with SEGTRAIN_TRAINER_NUM_THREADS (ctx.threads): the bare side too.
     bare_spec = {**ctx.s3_spec(), "weights_uri": model.weights.uri, "tiles": [str(p) for p in paths],
-                 "image_keys": request.image_keys[:]}
-    infer_worker = Worker()  # its own process: torch's default thread count, like the node's analysis
+                 "image_keys": request.image_keys[:], "threads": ctx.threads}
+    infer_worker = Worker()  # its own process
     rates: dict[str, list[float]] = {"product": [], "direct": [], "bare_b1": [], "bare_b8": [], "predict_mask": []}
     try:
         with grpc.insecure_channel(node.address) as channel:
@@ -559,7 +566,8 @@ def bench_analysis(ctx: Context) -> dict[str, Any]:
     ratio = median([p / b for p, b in zip(product, rates["bare_b1"], strict=True)])
     ratio_b8 = median([p / b for p, b in zip(product, rates["bare_b8"], strict=True)])
     result = {
-        "tiles": len(paths), "tile_size": s.tile_size, "model": model.name, "threads": bare["threads"],
+        "tiles": len(paths), "tile_size": s.tile_size, "model": model.name, "architecture": model.architecture,
+        "threads": bare["threads"],
         "product_tiles_per_s": round(median(product), 1), "bare_b1_tiles_per_s": round(median(rates["bare_b1"]), 1),
         "bare_b8_tiles_per_s": round(median(rates["bare_b8"]), 1),
         "predict_mask_tiles_per_s": round(median(rates["predict_mask"]), 1),
@@ -572,10 +580,10 @@ def bench_analysis(ctx: Context) -> dict[str, Any]:
         "verdicts": [verdict("analysis", ratio, load)],
     }
     print_table("3. analysis: tiles/s through AnalyzeTiles vs a bare forward pass", [
-        ("setup", f"{len(paths)} held-out tiles of {s.tile_size}^2, model {model.name} (benchmark 1's job), "
+        ("setup", f"{len(paths)} held-out tiles of {s.tile_size}^2, model {model.name} ({model.architecture}, "
+                  "benchmark 1's job), "
                   f"{s.repeats} repeats after a warm-up"),
-        ("threads", f"torch default on both sides ({bare['threads']}): the node applies "
-                    "SEGTRAIN_TRAINER_NUM_THREADS only inside training"),
+        ("threads", f"torch {bare['threads']} on both sides (the node's analysis uses SEGTRAIN_TRAINER_NUM_THREADS)"),
         ("product", "client.pipeline.AnalyzeTiles on pre-uploaded keys (RPC time only)"),
         ("product tiles/s", fmt_rates(product)),
         ("  node alone", fmt_rates(direct) + "  (TrainerService.AnalyzeTiles called directly: attribution)"),
@@ -727,7 +735,8 @@ def bench_watch(ctx: Context) -> dict[str, Any]:
         verdict("watch_cost", cost["slowdown_pct"], cost["outside_load_cores"])]}
     s = ctx.sizes
     rows = [
-        ("(a) setup", f"{s.watch_epochs} epochs of {s.watch_tiles} tiles at {s.watch_tile_size}^2; one SDK "
+        ("(a) setup", f"{ctx.architecture}, {s.watch_epochs} epochs of {s.watch_tiles} tiles at "
+                      f"{s.watch_tile_size}^2; one SDK "
                       "Client.watch; latency = receive time - event_time (trainer node's clock = ours)"),
         ("(a) trainer events", f"n={latency['events']}  p50 {latency['p50_ms']:.1f} ms  p99 {latency['p99_ms']:.1f} ms"
                                f"  max {latency['max_ms']:.1f} ms"),
@@ -781,28 +790,62 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads on both sides of training "
                                                                "comparisons (default 1)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--architecture", default=ARCHITECTURE,
+                        help=f"architecture of the jobs and worker-side models (default {ARCHITECTURE}); "
+                             "see `segcore.architectures.list_architectures()`")
+    sizing = parser.add_argument_group("sizes", "override the full (or --quick) sizes; for larger models on 2 cores")
+    sizing.add_argument("--tiles", type=int, help=f"benchmark 1's training set, before the split; a multiple of 4 "
+                                                  f"(default {FULL.train_tiles})")
+    sizing.add_argument("--tile-size", type=int, help=f"tile edge in pixels, benchmarks 1-3 (default {FULL.tile_size})")
+    sizing.add_argument("--batch-size", type=int, help=f"training batch size (default {FULL.batch_size})")
+    sizing.add_argument("--epochs", type=int, help=f"epochs per training run, epoch 1 excluded; >= 2 "
+                                                   f"(default {FULL.epochs})")
+    sizing.add_argument("--rounds", type=int, help=f"benchmark 1's rounds of (bare, core, job) (default {FULL.rounds})")
+    sizing.add_argument("--analysis-tiles", type=int, help=f"held-out tiles analysed (default {FULL.analysis_tiles})")
+    sizing.add_argument("--repeats", type=int, help=f"timed repetitions of benchmarks 2 and 3 (default {FULL.repeats})")
     args = parser.parse_args(argv)
     selected = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = sorted(set(selected) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
-    sizes = QUICK if args.quick else FULL
+    overrides = {name: getattr(args, arg) for name, arg in (
+        ("train_tiles", "tiles"), ("tile_size", "tile_size"), ("batch_size", "batch_size"), ("epochs", "epochs"),
+        ("rounds", "rounds"), ("analysis_tiles", "analysis_tiles"), ("repeats", "repeats"))
+        if getattr(args, arg) is not None}
+    sizes = dataclasses.replace(QUICK if args.quick else FULL, **overrides)
+    if sizes.train_tiles < 8 or sizes.train_tiles % 4:
+        parser.error("--tiles must be a multiple of 4 (4 tiles per source image) and at least 8")
+    if sizes.tile_size < 32 or sizes.tile_size % 32:
+        parser.error("--tile-size must be a multiple of 32")
+    if sizes.epochs < 2:
+        parser.error("--epochs must be at least 2 (epoch 1 is warm-up)")
+    if min(sizes.batch_size, sizes.rounds, sizes.analysis_tiles, sizes.repeats) < 1:
+        parser.error("--batch-size, --rounds, --analysis-tiles and --repeats must be at least 1")
     started = time.monotonic()
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("stack", "data"):
         shutil.rmtree(out / stale, ignore_errors=True)
-    print(f"segtrain benchmarks ({'quick' if args.quick else 'full'}): {', '.join(selected)}; "
-          f"{os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}; "
-          f"torch threads {args.threads}; CPU only")
+    print(f"segtrain benchmarks ({'quick' if args.quick else 'full'}"
+          f"{', sizes overridden: ' + str(overrides) if overrides else ''}): {', '.join(selected)}; "
+          f"architecture {args.architecture}; {os.cpu_count()} CPUs, {platform.platform()}, "
+          f"Python {platform.python_version()}; torch threads {args.threads}; CPU only")
     summary: dict[str, Any] = {"quick": args.quick, "threads": args.threads, "cpus": os.cpu_count(),
+                               "architecture": args.architecture, "sizes": dataclasses.asdict(sizes),
                                "benchmarks": {}, "errors": {}}
     log("starting the local stack (S3, metrics, pipeline, 1 trainer node)")
     stack = LocalStack(out / "stack", trainers=1, env_overrides={"SEGTRAIN_TRAINER_NUM_THREADS": str(args.threads)})
     with stack, connect(stack, "admin") as client:
-        ctx = Context(sizes=sizes, threads=args.threads, quick=args.quick, stack=stack, client=client,
-                      data=out / "data")
+        ctx = Context(sizes=sizes, threads=args.threads, architecture=args.architecture, quick=args.quick,
+                      stack=stack, client=client, data=out / "data")
         try:
+            # The stack's registry (the orchestrator stays torch-free): a typo fails here, not in a job.
+            known = {a.name: a for a in client.list_architectures()}
+            if args.architecture not in known:
+                raise SystemExit(f"unknown architecture {args.architecture!r}; choose from {', '.join(sorted(known))}")
+            summary["parameter_count"] = known[args.architecture].parameter_count
+            log(f"architecture {args.architecture}: {known[args.architecture].parameter_count / 1e6:.2f} M parameters "
+                "(2-class head)")
             for name in (b for b in BENCHMARKS if b in selected):
                 t0 = time.monotonic()
                 ctx.outside = OutsideLoad()
