@@ -10,7 +10,7 @@ poor.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,40 @@ def predict_mask(
                 hits[top : top + window_h, left : left + window_w] += 1
     assert logit_sum is not None  # at least one window always exists
     return argmax_classes(logit_sum / hits, dim=0).numpy().astype(np.int64)
+
+
+def predict_masks(
+    model: torch.nn.Module,
+    images: Sequence[np.ndarray],
+    norm: Normalization,
+    *,
+    tile_size: int | None = None,
+    overlap: int = 32,
+    device: torch.device | str | None = None,
+    batch_size: int = 8,
+) -> list[np.ndarray]:
+    """``predict_mask`` for several images, in order. Images that fit in one window and share a
+    shape go through the network together (one forward per ``batch_size`` of them), which is
+    what makes analysing many tiles fast; larger images take the sliding-window path."""
+    masks: list[np.ndarray | None] = [None] * len(images)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        fits = tile_size is None or max(image.shape[:2]) <= tile_size
+        if fits and image.ndim == 3 and image.shape[2] == 3:
+            groups.setdefault(image.shape, []).append(i)
+        else:
+            masks[i] = predict_mask(model, image, norm, tile_size=tile_size, overlap=overlap, device=device)
+    target = torch.device(device) if device is not None else _model_device(model)
+    model.eval()
+    with torch.inference_mode(), _autocast(target):
+        for (height, width, _), indices in groups.items():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                pixels = torch.stack([normalize(images[i], norm) for i in chunk])
+                logits = _forward(model, pixels.to(target), height, width).float().cpu()
+                for i, image_logits in zip(chunk, logits, strict=True):
+                    masks[i] = argmax_classes(image_logits, dim=0).numpy().astype(np.int64)
+    return [m for m in masks if m is not None]
 
 
 def window_starts(length: int, window: int, overlap: int) -> list[int]:

@@ -22,14 +22,13 @@ from services.common.errors import InvalidArgumentError, NotFoundError
 from services.common.storage import ObjectStore, safe_key
 
 CACHED_MODELS = 2
-CHUNK = 16  # tiles decoded ahead of the forward passes (bounds memory for large requests)
+BATCH = 8  # tiles per forward pass (those that fit one window and share a shape)
 
 
 class Analyzer:
     """Runs analyses as a pipeline: a pool of I/O threads fetches and decodes the next tiles and
-    encodes and stores finished masks while one long-lived inference thread runs the forwards
-    (torch is fastest on a thread that keeps its thread pool; one forward at a time bounds
-    memory)."""
+    encodes and stores finished masks while one long-lived inference thread runs batched forwards
+    (torch is fastest on a thread that keeps its thread pool; one batch at a time bounds memory)."""
 
     def __init__(self, store: ObjectStore, device: str | None, num_threads: int | None = None) -> None:
         self._store = store
@@ -47,18 +46,21 @@ class Analyzer:
         norm = Normalization.from_dict(meta.normalization)
         keys = list(request.image_keys)
         stored: list[Future[trainer_pb2.TileResult]] = []
+        images: list[Future[np.ndarray]] = []
         try:
-            images = [self._io.submit(self._read, i, key) for i, key in enumerate(keys[:CHUNK])]
-            for i, key in enumerate(keys):
-                if i + CHUNK < len(keys):
-                    images.append(self._io.submit(self._read, i + CHUNK, keys[i + CHUNK]))
-                image = images[i].result()
-                mask = self._inference.submit(inference.predict_mask, model, image, norm,
-                                              tile_size=meta.tile_size or None, device=self._device).result()
-                stored.append(self._io.submit(self._write, key, mask, prefix, len(meta.class_names)))
+            # Decoding runs up to two batches ahead of the forwards; masks are stored behind them.
+            images += [self._io.submit(self._read, i, key) for i, key in enumerate(keys[: 2 * BATCH])]
+            for start in range(0, len(keys), BATCH):
+                ahead = range(start + 2 * BATCH, min(start + 3 * BATCH, len(keys)))
+                images += [self._io.submit(self._read, i, keys[i]) for i in ahead]
+                batch = [f.result() for f in images[start : start + BATCH]]
+                masks = self._inference.submit(inference.predict_masks, model, batch, norm, batch_size=BATCH,
+                                               tile_size=meta.tile_size or None, device=self._device).result()
+                stored += [self._io.submit(self._write, key, mask, prefix, len(meta.class_names))
+                           for key, mask in zip(keys[start : start + BATCH], masks, strict=True)]
             results = [f.result() for f in stored]
         except BaseException:
-            for f in stored:
+            for f in [*images, *stored]:
                 f.cancel()
             wait(stored)
             self._store.delete_many([f"{prefix}masks/{PurePosixPath(k).stem}.png" for k in keys])  # no half analysis

@@ -10,7 +10,7 @@ from segcore_testutil import make_discs
 from segcore.architectures import build_model
 from segcore.errors import InvalidParameterError
 from segcore.imaging import Normalization
-from segcore.inference import class_pixel_counts, predict_mask, window_starts
+from segcore.inference import class_pixel_counts, predict_mask, predict_masks, window_starts
 from segcore.metrics import ConfusionMatrix
 from segcore.training import Sample, TrainConfig, TrainResult
 
@@ -71,3 +71,18 @@ def test_class_pixel_counts() -> None:
     mask = np.array([[0, 0, 1], [2, 255, 1]])
     assert class_pixel_counts(mask, 3) == [2, 2, 1]
     assert class_pixel_counts(mask, 5) == [2, 2, 1, 0, 0]
+
+
+def test_predict_masks_batches_tiles_and_matches_one_by_one() -> None:
+    torch.manual_seed(0)
+    model = build_model("upernet-convnext-cpu", 3).eval()
+    norm = Normalization(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    rng = np.random.default_rng(0)
+    images = [rng.random((64, 64, 3), dtype=np.float32) for _ in range(5)]
+    images.insert(2, rng.random((96, 80, 3), dtype=np.float32))  # larger than the tile: sliding window
+    images.append(rng.random((48, 48, 3), dtype=np.float32))  # another shape
+    batched = predict_masks(model, images, norm, tile_size=64, batch_size=4)
+    single = [predict_mask(model, image, norm, tile_size=64) for image in images]
+    assert [m.shape for m in batched] == [image.shape[:2] for image in images]
+    for a, b in zip(batched, single, strict=True):
+        assert (a == b).mean() > 0.999  # the same up to float ties between batch compositions
