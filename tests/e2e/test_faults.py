@@ -30,6 +30,19 @@ def two_node_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSt
         yield stack
 
 
+def start_job(stack: LocalStack, tmp_path: Path, name: str, *, tiles: int, epochs: int, seed: int,
+              **params: object) -> tuple[Client, str]:
+    """A trainer's client and a started job of `epochs` on a fresh set of `tiles` 96² tiles."""
+    client = Client(stack.pipeline_address, token=stack.tokens["trainer"])
+    images, masks = write_sample_set(tmp_path / "set", count=tiles, tile_size=96, seed=seed)
+    training_set = client.create_training_set(name, images, masks, class_names=CLASSES)
+    job = client.create_job(pipeline="segmentation", training_set=training_set.name, hyperparameters=common_pb2.
+                            Hyperparameters(architecture="upernet-convnext-cpu", epochs=epochs, batch_size=4,
+                                            **params))  # type: ignore[arg-type]
+    client.start_job(job.name)
+    return client, job.name
+
+
 def node_process(stack: LocalStack, node: str) -> str:
     """The stack's process name of "trainerNodes/local-N"."""
     return f"trainer-{node.rsplit('-', 1)[1]}"
@@ -37,13 +50,8 @@ def node_process(stack: LocalStack, node: str) -> str:
 
 def test_three_sigkills_within_one_job_lose_no_epoch(two_node_stack: LocalStack, tmp_path: Path) -> None:
     stack = two_node_stack
-    client = Client(stack.pipeline_address, token=stack.tokens["trainer"])
-    tiles, masks = write_sample_set(tmp_path / "set", count=24, tile_size=96, seed=5)
-    training_set = client.create_training_set("faults", tiles, masks, class_names=CLASSES)
-    job = client.create_job(pipeline="segmentation", training_set=training_set.name, hyperparameters=common_pb2.
-                            Hyperparameters(architecture="upernet-convnext-cpu", epochs=12, batch_size=4,
-                                            learning_rate=0.005))
-    client.start_job(job.name)
+    client, name = start_job(stack, tmp_path, "faults", tiles=24, epochs=12, seed=5, learning_rate=0.005)
+    job = client.get_job(name)
     watched: list[common_pb2.JobEvent] = []
     watcher = threading.Thread(target=lambda: watched.extend(client.watch(job.name)), daemon=True)
     watcher.start()
@@ -76,12 +84,8 @@ def test_three_sigkills_within_one_job_lose_no_epoch(two_node_stack: LocalStack,
 
 def test_restarting_pipeline_and_metrics_mid_job_loses_nothing(two_node_stack: LocalStack, tmp_path: Path) -> None:
     stack = two_node_stack
-    client = Client(stack.pipeline_address, token=stack.tokens["trainer"])
-    tiles, masks = write_sample_set(tmp_path / "set", count=16, tile_size=96, seed=6)
-    training_set = client.create_training_set("restarts", tiles, masks, class_names=CLASSES)
-    job = client.create_job(pipeline="segmentation", training_set=training_set.name, hyperparameters=common_pb2.
-                            Hyperparameters(architecture="upernet-convnext-cpu", epochs=10, batch_size=4))
-    client.start_job(job.name)
+    client, name = start_job(stack, tmp_path, "restarts", tiles=16, epochs=10, seed=6)
+    job = client.get_job(name)
     seen: list[common_pb2.JobEvent] = []
     watcher = threading.Thread(target=lambda: seen.extend(client.watch(job.name)), daemon=True)
     watcher.start()
@@ -99,12 +103,8 @@ def test_restarting_pipeline_and_metrics_mid_job_loses_nothing(two_node_stack: L
 
 def test_sigterm_hands_the_job_back_to_another_node(two_node_stack: LocalStack, tmp_path: Path) -> None:
     stack = two_node_stack
-    client = Client(stack.pipeline_address, token=stack.tokens["trainer"])
-    tiles, masks = write_sample_set(tmp_path / "set", count=16, tile_size=96, seed=8)
-    training_set = client.create_training_set("handback", tiles, masks, class_names=CLASSES)
-    job = client.create_job(pipeline="segmentation", training_set=training_set.name, hyperparameters=common_pb2.
-                            Hyperparameters(architecture="upernet-convnext-cpu", epochs=8, batch_size=4))
-    client.start_job(job.name)
+    client, name = start_job(stack, tmp_path, "handback", tiles=16, epochs=8, seed=8)
+    job = client.get_job(name)
     wait_for_state(client, job.name, {common_pb2.JOB_STATE_RUNNING}, 120)
     while client.get_job(job.name).latest_metrics.epoch < 2:
         time.sleep(0.05)
