@@ -165,7 +165,15 @@ class Client:
                                           source_image=_source_image(t.stem, pattern)) for t in tiles)
         return self.pipeline.CreateTrainingSet(request, timeout=max(self.timeout, 300))
 
+    def list_training_sets(self) -> list[pb.TrainingSet]:
+        return _all_pages(lambda token: self.pipeline.ListTrainingSets(
+            pb.ListTrainingSetsRequest(page_token=token), timeout=self.timeout), "training_sets")
+
     # Jobs
+    def list_jobs(self) -> list[pb.Job]:
+        return _all_pages(lambda token: self.pipeline.ListJobs(
+            pb.ListJobsRequest(page_token=token), timeout=self.timeout), "jobs")
+
     def create_job(self, *, pipeline: str, training_set: str, from_model: str = "",
                    hyperparameters: common_pb2.Hyperparameters | None = None, request_id: str = "") -> pb.Job:
         return self.pipeline.CreateJob(pb.CreateJobRequest(

@@ -63,6 +63,22 @@ def cmd_sets_create(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_sets_list(args: argparse.Namespace, client: Client) -> int:
+    sets = client.list_training_sets()
+    rows = [f"{t.name:32} {t.tile_count:>5} tiles ({t.train_tile_count} train, {t.validation_tile_count} val)  "
+            f"classes={','.join(t.class_names)}  {t.snapshot[:19]}" for t in sets]
+    _out(args, {"training_sets": [MessageToDict(t, preserving_proto_field_name=True) for t in sets]}, "\n".join(rows))
+    return 0
+
+
+def cmd_jobs_list(args: argparse.Namespace, client: Client) -> int:
+    jobs = client.list_jobs()
+    rows = [f"{j.name:24} {state_name(j.state):11} {j.progress.percent:5.0f}%  {j.hyperparameters.architecture:24} "
+            f"{j.training_set}" for j in jobs]
+    _out(args, {"jobs": [MessageToDict(j, preserving_proto_field_name=True) for j in jobs]}, "\n".join(rows))
+    return 0
+
+
 def _hyperparameters(args: argparse.Namespace) -> common_pb2.Hyperparameters:
     params = common_pb2.Hyperparameters()
     for field in ("batch_size", "epochs", "architecture", "learning_rate", "seed", "early_stopping_patience",
@@ -287,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     verb(group, "list", cmd_architectures_list)
 
     group = sub.add_parser("sets").add_subparsers(dest="action", required=True)
+    verb(group, "list", cmd_sets_list, help="list training sets, newest first")
     create = verb(group, "create", cmd_sets_create, help="create a training set from local files")
     create.add_argument("name")
     create.add_argument("--tiles", required=True, help="folder of tile images")
@@ -301,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--group-by", default="", help="regex; its first group on a tile's stem names the source image")
 
     group = sub.add_parser("jobs").add_subparsers(dest="action", required=True)
+    verb(group, "list", cmd_jobs_list, help="list jobs, newest first")
     create = verb(group, "create", cmd_jobs_create, help="create a job; prints its name")
     create.add_argument("--pipeline", required=True)
     create.add_argument("--training-set", required=True)

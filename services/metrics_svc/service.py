@@ -4,7 +4,7 @@ live watching, and charts."""
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -47,14 +47,15 @@ class MetricsService:
         self._engine = engine
         self._heartbeat_s = heartbeat_interval_s
         self.hub = EventHub(watcher_buffer)
-        # Appends to one job are serialised so seq numbers stay gap-free and publish order = seq order.
-        self._job_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        # Appends to one job are serialised so seq numbers stay gap-free and publish order = seq order;
+        # a fixed set of striped locks keeps memory bounded however many jobs there are.
+        self._job_locks = [threading.Lock() for _ in range(64)]
 
     def append(self, job: str, events: Sequence[common_pb2.JobEvent]) -> tuple[int, int]:
         job_id = names.parse_name(job, names.JOBS, field="job")
         job = names.format_name(names.JOBS, job_id)
         _validate_events(events)
-        with self._job_locks[job]:
+        with self._job_locks[zlib.crc32(job.encode()) % len(self._job_locks)]:
             with session_scope(self._engine) as session:
                 stored = repository.append(session, job=job, events=events)
                 last = repository.last_seq(session, job=job)

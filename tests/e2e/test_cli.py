@@ -52,6 +52,8 @@ def test_every_verb_through_the_cli(stack: LocalStack, capsys: pytest.CaptureFix
 
     done = run_json(capsys, "jobs", "get", job["name"])[0]
     assert done["state"] == "JOB_STATE_SUCCEEDED" and done["model"]
+    assert job["name"] in {j["name"] for j in run_json(capsys, "jobs", "list")[0]["jobs"]}
+    assert "trainingSets/cli-cells" in {t["name"] for t in run_json(capsys, "sets", "list")[0]["training_sets"]}
     models = run_json(capsys, "models", "list")[0]["models"]
     assert done["model"] in {m["name"] for m in models}
 
