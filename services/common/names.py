@@ -42,3 +42,23 @@ def parse_name(name: str, collection: str, *, field: str = "name") -> str:
             field, "id must be 1-63 lowercase letters, digits or '-', starting and ending alphanumeric"
         )
     return resource_id
+
+
+def pipeline(pipeline_id: str) -> str:
+    return format_name(PIPELINES, pipeline_id)
+
+
+def training_set(set_id: str) -> str:
+    return format_name(TRAINING_SETS, set_id)
+
+
+def job(job_id: str) -> str:
+    return format_name(JOBS, job_id)
+
+
+def model(model_id: str) -> str:
+    return format_name(MODELS, model_id)
+
+
+def trainer_node(node_id: str) -> str:
+    return format_name(TRAINER_NODES, node_id)

@@ -11,6 +11,7 @@ from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.trainer.v1 import trainer_pb2
 from sqlalchemy.engine import Engine
 
+from services.common import names
 from services.common.database import session_scope
 from services.common.errors import FieldViolation, InvalidArgumentError, UnavailableError, check
 from services.common.storage import ObjectStore, safe_key
@@ -58,7 +59,7 @@ def analyze(engine: Engine, store: ObjectStore, remotes: Remotes, request: pb.An
             raise InvalidArgumentError.of("image_keys", exc.details() or "bad image") from None
         raise UnavailableError(f"trainer node {node_id} could not run the analysis") from None
     return pb.AnalyzeTilesResponse(
-        analysis_id=analysis_id, trainer_node=f"trainerNodes/{node_id}",
+        analysis_id=analysis_id, trainer_node=names.trainer_node(node_id),
         tiles=[_tile(t, class_names, store) for t in result.tiles],
     )
 

@@ -8,6 +8,7 @@ from segtrain.metrics.v1 import metrics_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from sqlalchemy.engine import Engine
 
+from services.common import names
 from services.common.database import session_scope
 from services.common.errors import InvalidArgumentError
 from services.pipeline_svc import jobs
@@ -18,18 +19,18 @@ MAX_JOBS = 10
 METRICS = ("train_loss", "val_loss", "train_iou", "val_iou")
 
 
-def compare(engine: Engine, remotes: Remotes, names: list[str]) -> pb.JobComparison:
-    if not 2 <= len(names) <= MAX_JOBS:
+def compare(engine: Engine, remotes: Remotes, job_names: list[str]) -> pb.JobComparison:
+    if not 2 <= len(job_names) <= MAX_JOBS:
         raise InvalidArgumentError.of("jobs", f"name 2 to {MAX_JOBS} jobs")
     with session_scope(engine) as session:
-        rows = [jobs.get_row(session, name, field=f"jobs[{i}]") for i, name in enumerate(names)]
+        rows = [jobs.get_row(session, name, field=f"jobs[{i}]") for i, name in enumerate(job_names)]
         snapshots = {r.id: _snapshot(session.get(TrainingSetRow, r.training_set)) for r in rows}
     series = []
     for row in rows:
-        history = remotes.metrics.GetJobHistory(metrics_pb2.GetJobHistoryRequest(job=f"jobs/{row.id}"), timeout=30)
+        history = remotes.metrics.GetJobHistory(metrics_pb2.GetJobHistoryRequest(job=names.job(row.id)), timeout=30)
         series.append(pb.JobComparison.Series(
-            job=f"jobs/{row.id}", training_set=f"trainingSets/{row.training_set}",
-            training_set_snapshot=snapshots[row.id], from_model=f"models/{row.from_model}" if row.from_model else "",
+            job=names.job(row.id), training_set=names.training_set(row.training_set),
+            training_set_snapshot=snapshots[row.id], from_model=names.model(row.from_model) if row.from_model else "",
             hyperparameters=common_pb2.Hyperparameters.FromString(row.hyperparameters), epochs=history.epochs,
             state=row.state,  # type: ignore[arg-type]
         ))

@@ -45,7 +45,7 @@ def heartbeat(engine: Engine, request: pb.HeartbeatTrainerNodeRequest) -> tuple[
             return False, []
         row.heartbeat_time, row.state = utcnow(), DRAINING if request.draining else READY
         session.add(row)
-        running = {f"jobs/{j.id}": j for j in jobs_on(session, node_id)}
+        running = {names.job(j.id): j for j in jobs_on(session, node_id)}
     # A job the node reports but no longer holds here (cancelled, re-assigned) must stop there.
     return True, [name for name in request.jobs if name not in running or running[name].cancel_requested]
 

@@ -22,6 +22,7 @@ from segtrain.trainer.v1 import trainer_pb2
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from services.common import names
 from services.common.database import session_scope
 from services.pipeline_svc import jobs, models
 from services.pipeline_svc.remote import Remotes
@@ -78,7 +79,7 @@ class JobRelay(threading.Thread):
             return node.address, job.attempt, job.relayed_source_seq
 
     def _follow(self, address: str, attempt: int, after: int) -> None:
-        request = trainer_pb2.WatchJobRunRequest(job=f"jobs/{self.job_id}", attempt=attempt, after_source_seq=after)
+        request = trainer_pb2.WatchJobRunRequest(job=names.job(self.job_id), attempt=attempt, after_source_seq=after)
         call = self._remotes.trainer(address).WatchJobRun(request)
         self._call = call  # type: ignore[assignment]
         for response in call:

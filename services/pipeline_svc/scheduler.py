@@ -14,6 +14,7 @@ from segtrain.trainer.v1 import trainer_pb2
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from services.common import names
 from services.common.database import session_scope
 from services.pipeline_svc import jobs, models, nodes, training_sets
 from services.pipeline_svc.relay import JobRelay, requeue
@@ -114,10 +115,10 @@ class Scheduler(threading.Thread):
         pipeline = session.get(PipelineRow, job.pipeline)
         assert pipeline is not None
         request = trainer_pb2.RunJobRequest(
-            job=f"jobs/{job.id}", attempt=job.attempt,
+            job=names.job(job.id), attempt=job.attempt,
             hyperparameters=common_pb2.Hyperparameters.FromString(job.hyperparameters),
             class_names=training_set.class_names, tile_size=pipeline.tile_size,
-            training_set=f"trainingSets/{training_set.id}", training_set_snapshot=training_set.snapshot,
+            training_set=names.training_set(training_set.id), training_set_snapshot=training_set.snapshot,
             output_prefix=f"jobs/{job.id}/", resume_checkpoint_uri=job.checkpoint_uri,
             pretrained_weights=job.pretrained_weights,
             tiles=[trainer_pb2.TrainingTile(name=t.name, image_uri=t.image_uri, mask_uri=t.mask_uri,
@@ -145,5 +146,5 @@ class Scheduler(threading.Thread):
 
 def model_ref(model: ModelRow) -> trainer_pb2.ModelRef:
     finished = common_pb2.JobFinished.FromString(model.finished)
-    return trainer_pb2.ModelRef(name=f"models/{model.id}", weights_uri=finished.best_model.uri,
+    return trainer_pb2.ModelRef(name=names.model(model.id), weights_uri=finished.best_model.uri,
                                 architecture=model.architecture, class_names=model.class_names)

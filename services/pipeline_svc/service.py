@@ -11,6 +11,7 @@ from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.trainer.v1 import trainer_pb2
 from sqlalchemy.engine import Engine
 
+from services.common import names
 from services.common.database import session_scope
 from services.common.storage import ObjectStore
 from services.pipeline_svc import analysis, catalog, comparison, jobs, models, nodes, training_sets, uploads
@@ -98,7 +99,7 @@ class PipelineService:
     def cancel_job(self, name: str, stop_early: bool) -> JobRow:
         job, node_id = jobs.request_cancel(self.engine, name, stop_early, self.outbox)
         if node_id:
-            self._tell_node_to_stop(node_id, f"jobs/{job.id}", stop_early)
+            self._tell_node_to_stop(node_id, names.job(job.id), stop_early)
         return job
 
     def _tell_node_to_stop(self, node_id: str, job_name: str, stop_early: bool) -> None:
@@ -113,8 +114,8 @@ class PipelineService:
             # The node learns it at its next heartbeat (stop_jobs) if this call did not reach it.
             log.warning("could not tell node %s to stop %s: %s", node_id, job_name, exc.code())
 
-    def compare_jobs(self, names: list[str]) -> pb.JobComparison:
-        return comparison.compare(self.engine, self.remotes, names)
+    def compare_jobs(self, job_names: list[str]) -> pb.JobComparison:
+        return comparison.compare(self.engine, self.remotes, job_names)
 
     # Models and analysis
     def get_model(self, name: str) -> ModelRow:
@@ -139,5 +140,5 @@ class PipelineService:
 
     def list_nodes(self) -> list[tuple[TrainerNodeRow, list[str]]]:
         with session_scope(self.engine) as session:
-            return [(row, [f"jobs/{j.id}" for j in nodes.jobs_on(session, row.id)])
+            return [(row, [names.job(j.id) for j in nodes.jobs_on(session, row.id)])
                     for row in nodes.list_rows(session)]

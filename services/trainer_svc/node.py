@@ -110,7 +110,7 @@ class Registration(threading.Thread):
 
     def _heartbeat(self) -> float:
         response = self._stub.HeartbeatTrainerNode(pipeline_pb2.HeartbeatTrainerNodeRequest(
-            name=f"trainerNodes/{self._node_id}", jobs=self._node.running_jobs(), draining=self.draining),
+            name=names.trainer_node(self._node_id), jobs=self._node.running_jobs(), draining=self.draining),
             timeout=10)
         if not response.registered:
             self.registered.clear()
