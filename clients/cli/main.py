@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +32,22 @@ def state_name(state: int) -> str:
     return common_pb2.JobState.Name(state).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
 
 
-def cmd_pipelines_list(args: argparse.Namespace, client: Client) -> int:
-    pipelines = client.list_pipelines()
-    rows = [f"{p.name:32} {p.display_name:28} {p.Type.Name(p.type).removeprefix('TYPE_'):9} "
-            f"classes={','.join(p.class_names)} tile={p.tile_size}" for p in pipelines]
-    _out(args, {"pipelines": [MessageToDict(p, preserving_proto_field_name=True) for p in pipelines]}, "\n".join(rows))
+def _out_list(args: argparse.Namespace, key: str, items: Sequence[Message], row: Callable[[Any], str]) -> int:
+    """Prints a listing: one line per item, or {key: [...]} with --json."""
+    _out(args, {key: [MessageToDict(i, preserving_proto_field_name=True) for i in items]},
+         "\n".join(row(i) for i in items))
     return 0
+
+
+def cmd_pipelines_list(args: argparse.Namespace, client: Client) -> int:
+    return _out_list(args, "pipelines", client.list_pipelines(), lambda p: (
+        f"{p.name:32} {p.display_name:28} {p.Type.Name(p.type).removeprefix('TYPE_'):9} "
+        f"classes={','.join(p.class_names)} tile={p.tile_size}"))
 
 
 def cmd_architectures_list(args: argparse.Namespace, client: Client) -> int:
-    archs = client.list_architectures()
-    rows = [f"{a.name:28} {a.parameter_count:>12,} params{'  (default)' if a.is_default else ''}  {a.description}"
-            for a in archs]
-    _out(args, {"architectures": [MessageToDict(a, preserving_proto_field_name=True) for a in archs]},
-         "\n".join(rows))
-    return 0
+    return _out_list(args, "architectures", client.list_architectures(), lambda a: (
+        f"{a.name:28} {a.parameter_count:>12,} params{'  (default)' if a.is_default else ''}  {a.description}"))
 
 
 def cmd_sets_create(args: argparse.Namespace, client: Client) -> int:
@@ -64,19 +65,15 @@ def cmd_sets_create(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_sets_list(args: argparse.Namespace, client: Client) -> int:
-    sets = client.list_training_sets()
-    rows = [f"{t.name:32} {t.tile_count:>5} tiles ({t.train_tile_count} train, {t.validation_tile_count} val)  "
-            f"classes={','.join(t.class_names)}  {t.snapshot[:19]}" for t in sets]
-    _out(args, {"training_sets": [MessageToDict(t, preserving_proto_field_name=True) for t in sets]}, "\n".join(rows))
-    return 0
+    return _out_list(args, "training_sets", client.list_training_sets(), lambda t: (
+        f"{t.name:32} {t.tile_count:>5} tiles ({t.train_tile_count} train, {t.validation_tile_count} val)  "
+        f"classes={','.join(t.class_names)}  {t.snapshot[:19]}"))
 
 
 def cmd_jobs_list(args: argparse.Namespace, client: Client) -> int:
-    jobs = client.list_jobs()
-    rows = [f"{j.name:24} {state_name(j.state):11} {j.progress.percent:5.0f}%  {j.hyperparameters.architecture:24} "
-            f"{j.training_set}" for j in jobs]
-    _out(args, {"jobs": [MessageToDict(j, preserving_proto_field_name=True) for j in jobs]}, "\n".join(rows))
-    return 0
+    return _out_list(args, "jobs", client.list_jobs(), lambda j: (
+        f"{j.name:24} {state_name(j.state):11} {j.progress.percent:5.0f}%  {j.hyperparameters.architecture:24} "
+        f"{j.training_set}"))
 
 
 def _hyperparameters(args: argparse.Namespace) -> common_pb2.Hyperparameters:
@@ -233,11 +230,9 @@ def cmd_jobs_chart(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_models_list(args: argparse.Namespace, client: Client) -> int:
-    models = client.list_models()
-    rows = [f"{m.name:24} {m.architecture:24} best epoch {m.best_epoch:>3}  val IoU {m.best_metrics.val_iou:.4f}  "
-            f"from {m.job}" for m in models]
-    _out(args, {"models": [MessageToDict(m, preserving_proto_field_name=True) for m in models]}, "\n".join(rows))
-    return 0
+    return _out_list(args, "models", client.list_models(), lambda m: (
+        f"{m.name:24} {m.architecture:24} best epoch {m.best_epoch:>3}  val IoU {m.best_metrics.val_iou:.4f}  "
+        f"from {m.job}"))
 
 
 def cmd_analyze(args: argparse.Namespace, client: Client) -> int:

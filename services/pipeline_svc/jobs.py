@@ -174,3 +174,19 @@ def request_cancel(engine: Engine, name: str, stop_early: bool, outbox: Outbox) 
             job.cancel_requested, job.stop_early, node = True, stop_early, job.trainer_node
     outbox.wake.set()
     return job, node
+
+
+def requeue(session: Session, job: JobRow, reason: str, max_attempts: int) -> None:
+    """Hands an active job back to the queue, or cancels it if a cancel was pending, or fails it
+    once it has used up its attempts (a job that keeps losing its node needs a person)."""
+    if job.state == S.JOB_STATE_CANCELLING:
+        transition(session, job, S.JOB_STATE_CANCELLED, reason=reason)
+        return
+    if job.attempt >= max_attempts:
+        transition(session, job, S.JOB_STATE_FAILED, reason=(
+            f"{reason}; gave up after {job.attempt} attempts (SEGTRAIN_PIPELINE_MAX_ATTEMPTS); the last "
+            "full-state checkpoint is kept, so starting a new job from scratch is not needed to debug it"))
+        return
+    transition(session, job, S.JOB_STATE_QUEUED, reason=reason)
+    job.trainer_node = ""
+    job.progress = common_pb2.Progress(phase=S.PHASE_QUEUED).SerializeToString()

@@ -31,7 +31,6 @@ from services.pipeline_svc.tables import JobRow, OutboxRow, TrainerNodeRow
 log = logging.getLogger(__name__)
 S = common_pb2
 RETRY_S = 0.5
-DEFAULT_MAX_ATTEMPTS = 5
 
 
 class JobRelay(threading.Thread):
@@ -131,32 +130,16 @@ class JobRelay(threading.Thread):
             with session_scope(self._engine) as session:
                 job = session.get(JobRow, self.job_id, with_for_update=True)
                 if job is not None and job.attempt == attempt and job.state in jobs.ACTIVE:
-                    requeue(session, job, "the trainer node lost the job (restarted?)", self._max_attempts)
+                    jobs.requeue(session, job, "the trainer node lost the job (restarted?)", self._max_attempts)
             self._outbox.wake.set()
             return False
         log.info("stream of jobs/%s interrupted (%s); reconnecting", self.job_id, exc.code())
         return True
 
 
-def requeue(session: Session, job: JobRow, reason: str, max_attempts: int = DEFAULT_MAX_ATTEMPTS) -> None:
-    """Hands an active job back to the queue, or cancels it if a cancel was pending, or fails it
-    once it has used up its attempts (a job that keeps losing its node needs a person)."""
-    if job.state == S.JOB_STATE_CANCELLING:
-        jobs.transition(session, job, S.JOB_STATE_CANCELLED, reason=reason)
-        return
-    if job.attempt >= max_attempts:
-        jobs.transition(session, job, S.JOB_STATE_FAILED, reason=(  # type: ignore[arg-type]
-            f"{reason}; gave up after {job.attempt} attempts (SEGTRAIN_PIPELINE_MAX_ATTEMPTS); the last "
-            "full-state checkpoint is kept, so starting a new job from scratch is not needed to debug it"))
-        return
-    jobs.transition(session, job, S.JOB_STATE_QUEUED, reason=reason)
-    job.trainer_node = ""
-    job.progress = common_pb2.Progress(phase=S.PHASE_QUEUED).SerializeToString()
-
-
 def _finalise(session: Session, job: JobRow, finished: common_pb2.JobFinished, max_attempts: int) -> None:
     if finished.state == S.JOB_STATE_QUEUED:  # the node shut down gracefully and handed the job back
-        requeue(session, job, finished.reason or "handed back by its trainer node", max_attempts)
+        jobs.requeue(session, job, finished.reason or "handed back by its trainer node", max_attempts)
     elif finished.state == S.JOB_STATE_SUCCEEDED:
         models.register(session, job, finished)
         jobs.transition(session, job, S.JOB_STATE_SUCCEEDED)

@@ -17,7 +17,7 @@ from sqlmodel import Session, col, select
 from services.common import names
 from services.common.database import session_scope
 from services.pipeline_svc import jobs, models, nodes, training_sets
-from services.pipeline_svc.relay import JobRelay, requeue
+from services.pipeline_svc.relay import JobRelay
 from services.pipeline_svc.remote import Remotes
 from services.pipeline_svc.tables import JobRow, ModelRow, PipelineRow, TrainerNodeRow
 
@@ -74,7 +74,7 @@ class Scheduler(threading.Thread):
         with session_scope(self._engine) as session:
             for job in nodes.jobs_on(session, node_id):
                 log.warning("trainer node %s lost; re-queueing jobs/%s", node_id, job.id)
-                requeue(session, job, f"trainer node {node_id} stopped responding", self._max_attempts)
+                jobs.requeue(session, job, f"trainer node {node_id} stopped responding", self._max_attempts)
         self._outbox.wake.set()
 
     def _assign_one(self) -> bool:
@@ -100,7 +100,7 @@ class Scheduler(threading.Thread):
                 fresh = session.get(JobRow, job.id, with_for_update=True)
                 if fresh is not None and fresh.state == S.JOB_STATE_ASSIGNED and fresh.attempt == job.attempt:
                     fresh.attempt -= 1  # the attempt never started: it does not count
-                    requeue(session, fresh, f"trainer node {node.id} could not take the job", self._max_attempts)
+                    jobs.requeue(session, fresh, f"trainer node {node.id} could not take the job", self._max_attempts)
                 stale = session.get(TrainerNodeRow, node.id)
                 if stale is not None and exc.code() == grpc.StatusCode.UNAVAILABLE:
                     stale.state = nodes.LOST

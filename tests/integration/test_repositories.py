@@ -117,13 +117,11 @@ def test_job_state_machine_persists_and_queues_events(database_url: str) -> None
 
 @pytest.mark.parametrize(("attempt", "state"), [(2, common_pb2.JOB_STATE_QUEUED), (5, common_pb2.JOB_STATE_FAILED)])
 def test_a_lost_job_is_requeued_until_its_attempts_are_used_up(database_url: str, attempt: int, state: int) -> None:
-    from services.pipeline_svc.relay import requeue
-
     engine = make_engine(database_url, PIPELINE_TABLES)
     catalog.seed_defaults(engine)
     add_job(engine, state=common_pb2.JOB_STATE_RUNNING, attempt=attempt, trainer_node="n1")
     with session_scope(engine) as session:
-        requeue(session, jobs.get_row(session, "jobs/j-1", for_update=True), "node n1 stopped responding",
+        jobs.requeue(session, jobs.get_row(session, "jobs/j-1", for_update=True), "node n1 stopped responding",
                 max_attempts=5)
     with session_scope(engine) as session:
         job = jobs.get_row(session, "jobs/j-1")
