@@ -148,13 +148,13 @@ def core_parts(spec: dict[str, Any]) -> dict[str, Any]:
     prepared = prepare_samples(samples, norm, spec["num_classes"], IGNORE_INDEX, field="samples")
     generator = torch.Generator().manual_seed(0)
     plan = plan_batches(len(prepared), spec["batch_size"], generator)
-    batches = [make_batch(prepared, b, generator=generator, norm=norm, crop_size=None, augment_data=True,
+    batches = [make_batch(prepared, b, generator=generator, crop_size=None, augment_data=True,
                           ignore_index=IGNORE_INDEX) for b in plan]
     logits = [torch.randn(x.shape[0], spec["num_classes"], *x.shape[-2:], requires_grad=True) for x, _ in batches]
 
     def batching() -> None:
         for b in plan_batches(len(prepared), spec["batch_size"], generator):
-            make_batch(prepared, b, generator=generator, norm=norm, crop_size=None, augment_data=True,
+            make_batch(prepared, b, generator=generator, crop_size=None, augment_data=True,
                        ignore_index=IGNORE_INDEX)
 
     def masked_loss() -> None:
@@ -230,7 +230,7 @@ def datapath(spec: dict[str, Any]) -> dict[str, Any]:
         t2 = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)
         for indices in plan_batches(n, batch_size, generator):
-            make_batch(prepared, indices, generator=generator, norm=norm, crop_size=None, augment_data=True,
+            make_batch(prepared, indices, generator=generator, crop_size=None, augment_data=True,
                        ignore_index=IGNORE_INDEX)
         t3 = time.perf_counter()
         return {"fetch_decode": t1 - t0, "normalise": t2 - t1, "augment_batch": t3 - t2, "total": t3 - t0}
@@ -250,7 +250,7 @@ def datapath(spec: dict[str, Any]) -> dict[str, Any]:
         t2 = time.perf_counter()
         prepared = prepare_samples([sample], norm, num_classes, IGNORE_INDEX, field="samples")
         t3 = time.perf_counter()
-        make_batch(prepared * 2, [0, 1], generator=generator, norm=norm, crop_size=None, augment_data=True,
+        make_batch(prepared * 2, [0, 1], generator=generator, crop_size=None, augment_data=True,
                    ignore_index=IGNORE_INDEX)
         t4 = time.perf_counter()
         for key, value in zip(stage, (t1 - t0, t2 - t1, t3 - t2, (t4 - t3) / 2), strict=True):

@@ -9,10 +9,15 @@ file stays empty so ``import segcore.errors`` does not pull in torch):
                       load_pretrained_backbone
 * ``annotations``   - render_tile / load_collection: annotation formats to class-index
                       masks with issue reports (a package; no torch)
-* ``imaging``       - decode_image / decode_mask / encode_mask_png, Normalization
+* ``hyperparameters`` - the training-parameter contract: names, types, defaults, bounds
+                      (no torch; the services and the CLI import it)
+* ``imaging``       - decode_image (native pixel type and units) / decode_mask / encode_mask_png
+* ``intensity``     - Normalization modes (percentile, dataset, imagenet), image profiles and the
+                      choice "auto" makes (numpy only)
 * ``splits``        - deterministic, grouped, stratified split_train_val
 * ``metrics``       - ConfusionMatrix (epoch-level IoU, pixel accuracy)
-* ``config``        - TrainConfig and its validation
+* ``config``        - TrainConfig (defaults and validation from ``hyperparameters``)
+* ``advice``        - overfitting/plateau advice and degenerate-model quality issues
 * ``data``          - Sample, batching (batch-of-one policy), augmentation, padding
 * ``losses``        - CE / Dice / CE+Dice, class weights
 * ``progress``      - EpochResult, TrainingObserver protocol (4 hooks)
@@ -22,4 +27,6 @@ file stays empty so ``import segcore.errors`` does not pull in torch):
                       save_training_state / load_training_state, environment_info
 * ``inference``     - predict_mask (sliding window), class_pixel_counts
 * ``synthetic``     - synthetic labelled tiles for demos and tests
+* ``regimes``       - synthetic tiles of five imaging regimes (8-bit brightfield, dim 16-bit and
+                      12-bit fluorescence, float with an offset, H&E-like RGB)
 """

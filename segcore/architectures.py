@@ -43,7 +43,6 @@ from segcore.errors import IncompatibleModelError, UnknownArchitectureError
 
 Builder = Callable[[int], torch.nn.Module]
 
-DEFAULT_ARCHITECTURE: str = "upernet-convnext-base"
 
 # Labels used only to count parameters; the head's share depends on it (tiny).
 _COUNT_LABELS = 2

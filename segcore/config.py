@@ -7,37 +7,45 @@ so a service can report exactly which request field is wrong.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from segcore.architectures import DEFAULT_ARCHITECTURE, architecture_names
-from segcore.data import MIN_INPUT_SIZE
+from segcore import hyperparameters
+from segcore.architectures import architecture_names
 from segcore.errors import InvalidParameterError, UnknownArchitectureError
-from segcore.losses import LOSSES
 from segcore.metrics import IGNORE_INDEX
+
+_D = hyperparameters.DEFAULTS
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Everything that determines a training run (besides the data)."""
+    """Everything that determines a training run (besides the data).
+
+    The training parameters and their defaults come from ``segcore.hyperparameters`` (the one
+    contract the services validate with too); ``class_names``, ``device`` and ``num_threads``
+    are not job parameters but facts of the data and of the machine.
+    """
 
     class_names: list[str]  # index 0 is background
-    architecture: str = DEFAULT_ARCHITECTURE
-    batch_size: int = 8
-    epochs: int = 10
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.05  # share of all steps spent on linear LR warm-up
-    seed: int = 0
-    crop_size: int | None = None  # random square crops for training; None = whole tiles
-    augment: bool = True  # flips, 90-degree rotations, mild intensity jitter
-    loss: str = "ce"  # "ce" | "dice" | "ce+dice"
-    class_weights: bool = False  # inverse-sqrt-frequency weights in the CE term
-    early_stopping_patience: int | None = None  # epochs without val mIoU gain
-    checkpoint_every: int = 1  # epochs between checkpoint callbacks
+    architecture: str = _D["architecture"]  # type: ignore[assignment]
+    batch_size: int = _D["batch_size"]  # type: ignore[assignment]
+    epochs: int = _D["epochs"]  # type: ignore[assignment]
+    learning_rate: float = _D["learning_rate"]  # type: ignore[assignment]
+    weight_decay: float = _D["weight_decay"]  # type: ignore[assignment]
+    warmup_fraction: float = _D["warmup_fraction"]  # type: ignore[assignment]
+    seed: int = _D["seed"]  # type: ignore[assignment]
+    crop_size: int | None = _D["crop_size"]  # type: ignore[assignment]
+    augment: bool = _D["augment"]  # type: ignore[assignment]
+    loss: str = _D["loss"]  # type: ignore[assignment]
+    class_weights: bool = _D["class_weights"]  # type: ignore[assignment]
+    early_stopping_patience: int | None = _D["early_stopping_patience"]  # type: ignore[assignment]
+    checkpoint_every: int = _D["checkpoint_every"]  # type: ignore[assignment]
+    normalization: str = _D["normalization"]  # type: ignore[assignment]
+    percentile_low: float = _D["percentile_low"]  # type: ignore[assignment]
+    percentile_high: float = _D["percentile_high"]  # type: ignore[assignment]
     device: str | None = None  # None: cuda if available, else cpu
     num_threads: int | None = None  # CPU threads during training; None: leave as is
 
@@ -45,32 +53,21 @@ class TrainConfig:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def parameters(self) -> dict[str, object]:
+        """The contract's parameters as set on this config."""
+        return {p.name: getattr(self, p.name) for p in hyperparameters.PARAMETERS}
+
     def validate(self) -> None:
         """Raise InvalidParameterError (or UnknownArchitectureError) for bad values."""
         if self.architecture not in architecture_names():
             raise UnknownArchitectureError(self.architecture, architecture_names())
         _check_class_names(self.class_names)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("epochs", self.epochs, 1)
-        _check_int("checkpoint_every", self.checkpoint_every, 1)
-        _check_int("seed", self.seed, 0, "must be in [0, 2**32)", upper=2**32 - 1)
-        if self.crop_size is not None:
-            _check_int(
-                "crop_size", self.crop_size, MIN_INPUT_SIZE, "must be at least 32 pixels (network stride)"
-            )
-        for name in ("early_stopping_patience", "num_threads"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
-        _check_float("learning_rate", self.learning_rate, positive=True)
-        _check_float("weight_decay", self.weight_decay, positive=False)
-        _check_float("warmup_fraction", self.warmup_fraction, positive=False)
-        if self.warmup_fraction >= 1:
-            raise InvalidParameterError("warmup_fraction", "must be in [0, 1)")
-        if self.loss not in LOSSES:
-            raise InvalidParameterError("loss", f"unknown loss {self.loss!r}; valid: {', '.join(LOSSES)}")
-        for name in ("augment", "class_weights"):
-            if not isinstance(getattr(self, name), bool):
-                raise InvalidParameterError(name, f"must be a bool, got {getattr(self, name)!r}")
+        for name, reason in hyperparameters.violations(self.parameters(), architecture_names()):
+            raise InvalidParameterError(name, reason)
+        if self.num_threads is not None and (
+            not isinstance(self.num_threads, int) or isinstance(self.num_threads, bool) or self.num_threads < 1
+        ):
+            raise InvalidParameterError("num_threads", f"must be an integer >= 1, got {self.num_threads!r}")
         resolve_device(self.device)
 
 
@@ -85,26 +82,6 @@ def _check_class_names(names: Sequence[str]) -> None:
         raise InvalidParameterError("class_names", "names must be non-empty strings")
     if len(set(names)) != len(names):
         raise InvalidParameterError("class_names", "names must be unique")
-
-
-def _check_int(
-    name: str, value: object, lower: int, reason: str | None = None, upper: int | None = None
-) -> None:
-    # bool is an int subclass; True as a batch size is a caller bug, not 1.
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lower
-    if ok and upper is not None:
-        ok = value <= upper  # type: ignore[operator]
-    if not ok:
-        raise InvalidParameterError(name, (reason or f"must be an integer >= {lower}") + f", got {value!r}")
-
-
-def _check_float(name: str, value: object, *, positive: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = value > 0 if positive else value >= 0  # type: ignore[operator]
-    if not ok:
-        kind = "a finite number > 0" if positive else "a finite number >= 0"
-        raise InvalidParameterError(name, f"must be {kind}, got {value!r}")
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -28,17 +28,20 @@ import torch
 import torch.nn.functional as F
 
 from segcore.errors import InvalidParameterError, InvalidTileError
+from segcore.hyperparameters import MIN_INPUT_SIZE
 from segcore.imaging import Normalization, normalize
 
-# ConvNeXt downsamples by 32; smaller inputs collapse to zero size at stage 4.
-MIN_INPUT_SIZE = 32
-_JITTER_GAIN = 0.1  # contrast factor in [0.9, 1.1]
-_JITTER_BIAS = 0.05  # brightness shift in [-0.05, 0.05] of the [0, 1] range
+# Photometric jitter, relative to each image's own intensity scale (its mean and standard deviation
+# per channel after normalization), so it can never swamp the signal of a dim image:
+# x' = mean + gain * (x - mean) + bias * std, gain in [0.9, 1.1], bias in [-0.2, 0.2].
+_JITTER_GAIN = 0.1
+_JITTER_BIAS = 0.2
 
 
 @dataclass
 class Sample:
-    """One annotated tile: float32 ``H x W x 3`` image in [0, 1], int64 ``H x W`` mask."""
+    """One annotated tile: ``H x W x 3`` image in its native pixel type and units (see
+    segcore.imaging), ``H x W`` integer class mask."""
 
     tile_id: str
     image: np.ndarray
@@ -49,6 +52,8 @@ class Sample:
 class PreparedSample:
     image: torch.Tensor  # normalised C x H x W float32
     mask: torch.Tensor  # H x W int64
+    mean: torch.Tensor  # C x 1 x 1: the image's own per-channel mean (the jitter's reference)
+    std: torch.Tensor  # C x 1 x 1: and standard deviation
 
 
 def prepare_samples(
@@ -81,7 +86,10 @@ def _prepare_one(sample: Sample, norm: Normalization, num_classes: int, ignore_i
         raise InvalidTileError(
             sample.tile_id, f"mask contains class {bad} but only {num_classes} classes are configured"
         )
-    return PreparedSample(normalize(image, norm), torch.from_numpy(mask.astype(np.int64)))
+    pixels = normalize(image, norm)
+    mean = pixels.mean(dim=(1, 2), keepdim=True)
+    std = pixels.std(dim=(1, 2), keepdim=True) if pixels[0].numel() > 1 else torch.zeros_like(mean)
+    return PreparedSample(pixels, torch.from_numpy(mask.astype(np.int64)), mean, std)
 
 
 def plan_batches(num_samples: int, batch_size: int, generator: torch.Generator | None) -> list[list[int]]:
@@ -117,9 +125,11 @@ def augment(
     image: torch.Tensor,
     mask: torch.Tensor,
     generator: torch.Generator,
-    norm: Normalization,
+    mean: torch.Tensor,
+    std: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random flips, 90-degree rotation (square tiles) and mild intensity jitter."""
+    """Random flips, 90-degree rotation (square tiles) and intensity jitter relative to the
+    image's own per-channel ``mean`` and ``std`` (see ``_JITTER_GAIN``/``_JITTER_BIAS``)."""
     draws = torch.rand(5, generator=generator).tolist()  # one draw call: cheap and ordered
     if draws[0] < 0.5:
         image, mask = image.flip(-1), mask.flip(-1)
@@ -129,11 +139,7 @@ def augment(
         image, mask = image.rot90(1, (-2, -1)), mask.rot90(1, (-2, -1))
     gain = 1.0 + _JITTER_GAIN * (2 * draws[3] - 1)
     bias = _JITTER_BIAS * (2 * draws[4] - 1)
-    # Jitter is defined on [0, 1] pixels (x' = gain * x + bias) but applied to the
-    # normalised tensor z = (x - mean) / std:  z' = gain * z + ((gain - 1) * mean + bias) / std.
-    mean = torch.tensor(norm.mean).view(3, 1, 1)
-    std = torch.tensor(norm.std).view(3, 1, 1)
-    image = gain * image + ((gain - 1.0) * mean + bias) / std
+    image = gain * image + ((1.0 - gain) * mean + bias * std)
     return image, mask
 
 
@@ -178,7 +184,6 @@ def make_batch(
     indices: Sequence[int],
     *,
     generator: torch.Generator | None,
-    norm: Normalization,
     crop_size: int | None,
     augment_data: bool,
     ignore_index: int,
@@ -186,11 +191,12 @@ def make_batch(
     """Build one batch; ``generator=None`` means evaluation (no crop, no augmentation)."""
     items = []
     for i in indices:
-        image, mask = prepared[i].image, prepared[i].mask
+        sample = prepared[i]
+        image, mask = sample.image, sample.mask
         if generator is not None and crop_size is not None:
             image, mask = random_crop(image, mask, crop_size, generator)
         if generator is not None and augment_data:
-            image, mask = augment(image, mask, generator, norm)
+            image, mask = augment(image, mask, generator, sample.mean, sample.std)
         items.append((image, mask))
     # Training pads small tiles up to the crop size so every batch has one shape.
     min_size = (crop_size or 0) if generator is not None else 0

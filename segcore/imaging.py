@@ -1,10 +1,15 @@
 """Decoding of image tiles and label masks, and per-channel normalisation.
 
 This module owns the pixel conventions of segcore:
-* images are float32 ``H x W x 3`` in [0, 1] (integers are divided by their
-  dtype's maximum, so 8- and 16-bit sources land on the same scale);
+* images decode to ``H x W x 3`` in their native type and units (uint8, uint16 for 12- and
+  16-bit data, signed integers, float32 in any units): nothing is rescaled or clipped here, so
+  no dynamic range is lost. Channels map to the model's three inputs as follows: grey is
+  replicated; two channels (a 2-channel TIFF) fill inputs 1 and 2 and input 3 is zero; RGB as
+  is; a fourth channel (alpha) is dropped; grey+alpha PNGs are grey; more than 4 channels are
+  refused, naming the tile;
 * masks are int64 ``H x W`` class indices, 255 meaning "unlabelled";
-* the network sees ``(image - mean) / std`` per channel, as a ``C x H x W`` tensor.
+* the network sees ``segcore.intensity.standardized(image, norm)`` as a ``C x H x W`` tensor
+  (see segcore.intensity for the normalization modes).
 
 TIFF goes through tifffile (Pillow's TIFF support misses many scientific
 layouts); PNG/JPEG and everything else through Pillow. Any decode failure is an
@@ -15,9 +20,6 @@ precisely instead of failing a whole job with a library traceback.
 from __future__ import annotations
 
 import io
-import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import tifffile
@@ -25,35 +27,16 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from segcore.errors import InvalidParameterError, InvalidTileError
+from segcore.intensity import IMAGENET_NORMALIZATION, Normalization, compute_normalization, standardized
+
+__all__ = [
+    "IMAGENET_NORMALIZATION", "Normalization", "compute_normalization", "decode_image", "decode_mask",
+    "encode_mask_png", "normalize",
+]
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic + BigTIFF
-# Keeps a constant channel (e.g. an all-black band) from dividing by zero.
-_MIN_STD = 1e-6
-
-
-@dataclass(frozen=True)
-class Normalization:
-    """Per-channel mean and standard deviation, in [0, 1] pixel units."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def to_dict(self) -> dict[str, list[float]]:
-        return {"mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Iterable[float]]) -> Normalization:
-        mean = tuple(float(v) for v in data["mean"])
-        std = tuple(float(v) for v in data["std"])
-        if len(mean) != 3 or len(std) != 3:
-            raise InvalidParameterError("normalization", "mean and std need 3 values each")
-        if not all(math.isfinite(s) and s > 0 for s in std):
-            raise InvalidParameterError("normalization", f"std must be positive, got {std}")
-        return cls(mean=mean, std=std)  # type: ignore[arg-type]
-
-
-# Statistics of the ImageNet training set; use them with ImageNet-pretrained backbones.
-IMAGENET_NORMALIZATION = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+_MAX_CHANNELS = 4
+_PLANAR_CHANNELS = 8  # a first axis this short before a longer last one is channels (C x H x W)
 
 
 # ------------------------------------------------------------------------- decoding
@@ -92,7 +75,9 @@ def _pil_to_array(img: Image.Image, *, for_mask: bool) -> np.ndarray:
     if img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
         return np.asarray(img.convert("RGB"))
     if img.mode == "1":
-        return np.asarray(img, dtype=np.uint8)
+        return np.asarray(img).astype(np.uint8) * np.uint8(255)
+    if img.mode in ("LA", "La", "PA") and not for_mask:
+        return np.asarray(img.convert("L"))  # grey + alpha: the alpha is not a signal channel
     if img.mode.startswith("I;16"):
         return np.asarray(img).astype(np.uint16)
     if img.mode == "I":
@@ -102,47 +87,41 @@ def _pil_to_array(img: Image.Image, *, for_mask: bool) -> np.ndarray:
     return np.asarray(img)
 
 
-def _to_unit_float(arr: np.ndarray, name: str) -> np.ndarray:
-    if np.issubdtype(arr.dtype, np.bool_):
-        return arr.astype(np.float32)
-    if np.issubdtype(arr.dtype, np.integer):
-        info = np.iinfo(arr.dtype)
-        if info.min < 0:
-            # Signed data has no natural [0, 1] mapping; shift the full range.
-            return ((arr.astype(np.float64) - info.min) / (info.max - info.min)).astype(np.float32)
-        return (arr.astype(np.float64) / info.max).astype(np.float32)
-    if np.issubdtype(arr.dtype, np.floating):
-        out = arr.astype(np.float32)
-        if not np.isfinite(out).all():
-            raise InvalidTileError(name, "image contains NaN or infinite values")
-        # Float data is assumed to be in [0, 1] already; clip small excursions.
-        return np.clip(out, 0.0, 1.0)
-    raise InvalidTileError(name, f"unsupported pixel type {arr.dtype}")
-
-
 def decode_image(data: bytes, name: str) -> np.ndarray:
-    """Decode PNG/JPEG/TIFF bytes to float32 ``H x W x 3`` in [0, 1].
+    """Decode PNG/JPEG/TIFF bytes to ``H x W x 3`` in the file's own pixel type and units.
 
-    Grayscale is replicated to three channels, alpha is dropped. Raises
-    InvalidTileError(name, reason) for corrupt data or unsupported layouts.
+    Channels map as the module docstring says. Raises InvalidTileError(name, reason) for corrupt
+    data, NaN/infinite values or unsupported layouts.
     """
     arr = _read_array(data, name, for_mask=False)
-    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+    if arr.ndim == 3 and arr.shape[0] <= _PLANAR_CHANNELS < arr.shape[-1]:
         arr = np.moveaxis(arr, 0, -1)  # planar TIFF (C x H x W)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3:
         raise InvalidTileError(name, f"expected a 2-D image, got array of shape {arr.shape}")
-    channels = arr.shape[2]
-    if channels in (1, 2):  # gray or gray+alpha
-        arr = np.repeat(arr[:, :, :1], 3, axis=2)
-    elif channels in (3, 4):
-        arr = arr[:, :, :3]
-    else:
-        raise InvalidTileError(name, f"expected 1, 3 or 4 channels, got {channels}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise InvalidTileError(name, "image has zero size")
-    return np.ascontiguousarray(_to_unit_float(arr, name))
+    arr = _three_channels(arr, name)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise InvalidTileError(name, "image contains NaN or infinite values")
+        arr = arr.astype(np.float32, copy=False)
+    elif not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        raise InvalidTileError(name, f"unsupported pixel type {arr.dtype}")
+    return np.ascontiguousarray(arr)
+
+
+def _three_channels(arr: np.ndarray, name: str) -> np.ndarray:
+    channels = arr.shape[2]
+    if channels == 1:
+        return np.repeat(arr, 3, axis=2)
+    if channels == 2:
+        return np.concatenate([arr, np.zeros_like(arr[:, :, :1])], axis=2)
+    if channels in (3, 4):
+        return arr[:, :, :3]
+    raise InvalidTileError(name, f"has {channels} channels; at most {_MAX_CHANNELS} are supported (grey, "
+                                 "2-channel, RGB, RGBA): select up to 3 channels before uploading")
 
 
 def decode_mask(data: bytes, name: str) -> np.ndarray:
@@ -196,33 +175,8 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
 # -------------------------------------------------------------------- normalisation
 
 
-def compute_normalization(images: Iterable[np.ndarray]) -> Normalization:
-    """Per-channel mean/std over all pixels of ``images`` (float H x W x 3)."""
-    # Running float64 sums keep memory flat and stay exact enough for millions of pixels.
-    total = np.zeros(3, dtype=np.float64)
-    total_sq = np.zeros(3, dtype=np.float64)
-    count = 0
-    for image in images:
-        flat = np.asarray(image, dtype=np.float64).reshape(-1, 3)
-        total += flat.sum(axis=0)
-        total_sq += np.square(flat).sum(axis=0)
-        count += flat.shape[0]
-    if count == 0:
-        raise InvalidParameterError("images", "need at least one image to compute normalization")
-    mean = total / count
-    var = np.maximum(total_sq / count - np.square(mean), 0.0)
-    std = np.maximum(np.sqrt(var), _MIN_STD)
-    return Normalization(
-        mean=tuple(float(v) for v in mean),  # type: ignore[arg-type]
-        std=tuple(float(v) for v in std),  # type: ignore[arg-type]
-    )
-
-
 def normalize(image: np.ndarray, norm: Normalization) -> torch.Tensor:
-    """``(image - mean) / std`` as a float32 ``C x H x W`` tensor."""
+    """Network input for an ``H x W x 3`` image in native units: a float32 ``C x H x W`` tensor."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise InvalidParameterError("image", f"expected H x W x 3, got shape {image.shape}")
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
-    mean = torch.tensor(norm.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(norm.std, dtype=torch.float32).view(3, 1, 1)
-    return ((tensor - mean) / std).contiguous()
+    return torch.from_numpy(standardized(image, norm)).permute(2, 0, 1).contiguous()

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-LOSSES: tuple[str, ...] = ("ce", "dice", "ce+dice")
+from segcore.hyperparameters import LOSSES
+
 _DICE_SMOOTH = 1.0  # keeps classes absent from a batch from producing 0/0
 
 

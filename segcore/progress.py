@@ -8,7 +8,7 @@ printer, a test spy) cannot change training except by asking it to stop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 
@@ -26,6 +26,10 @@ class EpochResult:
     learning_rate: float  # LR of the epoch's last optimiser step
     seconds: float
     is_best: bool
+    # Validation pixels per class in the ground truth and in the predictions (empty in states
+    # saved before they were recorded); the degenerate-model checks read them.
+    val_true_pixels: list[int] = field(default_factory=list)
+    val_pred_pixels: list[int] = field(default_factory=list)
 
     def log_line(self) -> str:
         return (

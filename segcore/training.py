@@ -37,7 +37,7 @@ from segcore.architectures import build_model
 from segcore.config import TrainConfig, resolve_device
 from segcore.data import PreparedSample, Sample, make_batch, num_train_batches, plan_batches, prepare_samples
 from segcore.errors import IncompatibleModelError, InvalidParameterError, TrainingDivergedError
-from segcore.imaging import Normalization, compute_normalization
+from segcore.intensity import Normalization, choose_normalization, compute_normalization, profile_images
 from segcore.losses import class_weights_from_masks, segmentation_loss
 from segcore.metrics import IGNORE_INDEX, ConfusionMatrix, argmax_classes
 from segcore.progress import EpochResult, NullObserver, PrintObserver, TrainingObserver
@@ -187,7 +187,7 @@ def _setup(
     if init_state is not None:
         _check_resumable(config, init_state)
         normalization = Normalization.from_dict(init_state.normalization)
-    norm = normalization or compute_normalization(s.image for s in train_samples)
+    norm = normalization or _normalization_for(config, train_samples)
     n = config.num_classes
     train_set = prepare_samples(train_samples, norm, n, IGNORE_INDEX, field="train_samples")
     val_set = prepare_samples(val_samples, norm, n, IGNORE_INDEX, field="val_samples")
@@ -207,6 +207,14 @@ def _setup(
     if init_state is not None:
         _restore(run, init_state)
     return run
+
+
+def _normalization_for(config: TrainConfig, samples: Sequence[Sample]) -> Normalization:
+    """The config's normalization with statistics of the training images ("auto" resolved from
+    their profile, as the pipeline service resolves it from a training set's)."""
+    mode, _ = choose_normalization(config.normalization, profile_images(s.image for s in samples))
+    return compute_normalization((s.image for s in samples), mode, percentile_low=config.percentile_low,
+                                 percentile_high=config.percentile_high)
 
 
 def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -263,7 +271,6 @@ def _train_epoch(run: _Run, epoch: int, observer: TrainingObserver) -> tuple[flo
             run.train_set,
             indices,
             generator=run.generator,
-            norm=run.norm,
             crop_size=cfg.crop_size,
             augment_data=cfg.augment,
             ignore_index=IGNORE_INDEX,
@@ -330,7 +337,6 @@ def _evaluate(run: _Run, observer: TrainingObserver) -> tuple[float, ConfusionMa
             run.val_set,
             indices,
             generator=None,
-            norm=run.norm,
             crop_size=None,
             augment_data=False,
             ignore_index=IGNORE_INDEX,
@@ -370,6 +376,8 @@ def _record_epoch(
         val_loss=val_loss,
         val_iou=val_iou,
         per_class_iou=val_cm.iou_per_class(),
+        val_true_pixels=[int(v) for v in val_cm.matrix.sum(dim=1).tolist()],
+        val_pred_pixels=[int(v) for v in val_cm.matrix.sum(dim=0).tolist()],
         learning_rate=run.last_lr,
         seconds=time.perf_counter() - started,
         is_best=is_best,

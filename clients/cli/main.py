@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from segtrain.common.v1 import common_pb2
 
 from clients.sdk import IMAGE_SUFFIXES, TERMINAL, Client
+from segcore import hyperparameters as contract
 
 Handler = Callable[[argparse.Namespace, Client], int]
 
@@ -78,12 +79,24 @@ def cmd_jobs_list(args: argparse.Namespace, client: Client) -> int:
 
 def _hyperparameters(args: argparse.Namespace) -> common_pb2.Hyperparameters:
     params = common_pb2.Hyperparameters()
-    for field in ("batch_size", "epochs", "architecture", "learning_rate", "seed", "early_stopping_patience",
-                  "crop_size", "weight_decay", "loss"):
-        value = getattr(args, field)
+    for parameter in contract.PARAMETERS:
+        value = getattr(args, parameter.name)
         if value is not None:
-            setattr(params, field, value)
+            setattr(params, parameter.name, value)
     return params
+
+
+def _add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per parameter of the training contract; unset flags take the pipeline's defaults."""
+    for p in contract.PARAMETERS:
+        flag = "--" + p.name.replace("_", "-")
+        default = "unset" if p.default is None else str(p.default).lower() if p.kind is bool else p.default
+        limits = f"; {p.bounds_text()}" if p.kind in (int, float) else ""
+        text = f"{p.doc} (default {default}{limits})".replace("%", "%%")
+        if p.kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(flag, type=p.kind, choices=p.choices, default=None, help=text)
 
 
 def cmd_jobs_create(args: argparse.Namespace, client: Client) -> int:
@@ -116,6 +129,9 @@ def cmd_jobs_get(args: argparse.Namespace, client: Client) -> int:
         text.append(f"reason: {job.failure_reason}")
     if job.model:
         text.append(f"model: {job.model}")
+    if job.normalization_reason:
+        text.append(f"normalization: {job.normalization_reason}")
+    text += [f"QUALITY WARNING {w.code} ({w.class_name}): {w.message}" for w in job.quality_warnings]
     _out(args, job, "\n".join(text))
     return 0
 
@@ -232,7 +248,7 @@ def cmd_jobs_chart(args: argparse.Namespace, client: Client) -> int:
 def cmd_models_list(args: argparse.Namespace, client: Client) -> int:
     return _out_list(args, "models", client.list_models(), lambda m: (
         f"{m.name:24} {m.architecture:24} best epoch {m.best_epoch:>3}  val IoU {m.best_metrics.val_iou:.4f}  "
-        f"from {m.job}"))
+        f"from {m.job}" + "".join(f"  QUALITY WARNING {w.code} ({w.class_name})" for w in m.quality_warnings)))
 
 
 def cmd_analyze(args: argparse.Namespace, client: Client) -> int:
@@ -318,15 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--pipeline", required=True)
     create.add_argument("--training-set", required=True)
     create.add_argument("--from-model")
-    create.add_argument("--batch-size", type=int)
-    create.add_argument("--epochs", type=int)
-    create.add_argument("--architecture")
-    create.add_argument("--learning-rate", type=float)
-    create.add_argument("--seed", type=int)
-    create.add_argument("--early-stopping-patience", type=int)
-    create.add_argument("--crop-size", type=int)
-    create.add_argument("--weight-decay", type=float)
-    create.add_argument("--loss", choices=["ce", "dice", "ce+dice"])
+    _add_hyperparameter_flags(create)
     for name, handler in (("start", cmd_jobs_start), ("get", cmd_jobs_get)):
         verb(group, name, handler).add_argument("job")
     cancel = verb(group, "cancel", cmd_jobs_cancel)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
@@ -27,7 +27,31 @@ def make_engine(url: str, tables: Sequence[type]) -> Engine:
     if url.startswith("sqlite"):
         event.listen(engine, "connect", _sqlite_pragmas)
     SQLModel.metadata.create_all(engine, tables=[t.__table__ for t in tables])  # type: ignore[attr-defined]
+    _add_missing_columns(engine, tables)
     return engine
+
+
+def _add_missing_columns(engine: Engine, tables: Sequence[type]) -> None:
+    """Adds columns that the models have and an existing database lacks. Only additive changes
+    with a server default are made this way (each new column declares one); anything else needs
+    a migration. Until migrations exist this keeps a database made by an older version usable."""
+    inspector = inspect(engine)
+    for model in tables:
+        table = model.__table__  # type: ignore[attr-defined]
+        if not inspector.has_table(table.name):
+            continue
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if column.server_default is None and not column.nullable:
+                raise RuntimeError(f"database table {table.name} lacks column {column.name}, which has no default: "
+                                   "recreate the database")
+            kind = column.type.compile(dialect=engine.dialect)
+            default = f" DEFAULT '{column.server_default.arg}'" if column.server_default is not None else ""
+            nullness = "" if column.nullable else " NOT NULL"
+            with engine.begin() as connection:
+                connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}{nullness}{default}'))
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -54,8 +54,9 @@ class Architectures:
 
 
 def seed_defaults(engine: Engine) -> None:
-    """Creates the out-of-the-box pipelines if missing."""
-    defaults = hyperparameters.product_defaults().SerializeToString()
+    """Creates the out-of-the-box pipelines if missing. They store no overrides: their jobs follow
+    the contract's defaults."""
+    defaults = b""
     seeded = [
         PipelineRow(
             id=DEFAULT_PIPELINE, display_name="Default segmentation", type=pb.Pipeline.TYPE_TRAINING,
@@ -103,7 +104,6 @@ def create(engine: Engine, request: pb.CreatePipelineRequest, architectures: Arc
     check(v)
     hyperparameters.validate(p.default_hyperparameters, architectures.names(),
                              prefix="pipeline.default_hyperparameters")
-    defaults = hyperparameters.merge(hyperparameters.product_defaults(), p.default_hyperparameters)
     with session_scope(engine) as session:
         if request.request_id:
             previous = session.exec(select(PipelineRow).where(PipelineRow.request_id == request.request_id)).first()
@@ -113,7 +113,9 @@ def create(engine: Engine, request: pb.CreatePipelineRequest, architectures: Arc
             raise AlreadyExistsError(f"pipelines/{request.pipeline_id} already exists")
         row = PipelineRow(
             id=request.pipeline_id, display_name=p.display_name, type=p.type, class_names=list(p.class_names),
-            tile_size=p.tile_size, default_hyperparameters=defaults.SerializeToString(),
+            tile_size=p.tile_size,
+            # Only what the creator set: unset fields follow the code's defaults when each job is created.
+            default_hyperparameters=p.default_hyperparameters.SerializeToString(),
             description=p.description, request_id=request.request_id or None,
         )
         session.add(row)
@@ -130,5 +132,7 @@ def class_name_violations(class_names: list[str], field: str) -> list[FieldViola
     return []
 
 
-def default_hyperparameters(row: PipelineRow) -> common_pb2.Hyperparameters:
+def stored_hyperparameters(row: PipelineRow) -> common_pb2.Hyperparameters:
+    """The overrides the pipeline's creator set (rows created before overrides were stored alone
+    hold a full copy of the defaults of their time, which they keep)."""
     return common_pb2.Hyperparameters.FromString(row.default_hyperparameters)

@@ -7,6 +7,7 @@ from segtrain.pipeline.v1 import pipeline_pb2 as pb
 
 from services.common import names
 from services.common.timeutil import to_timestamp
+from services.pipeline_svc import hyperparameters
 from services.pipeline_svc.tables import (
     JobRow,
     ModelRow,
@@ -21,7 +22,8 @@ def pipeline(row: PipelineRow) -> pb.Pipeline:
     return pb.Pipeline(
         name=names.pipeline(row.id), display_name=row.display_name, type=row.type,  # type: ignore[arg-type]
         class_names=row.class_names, tile_size=row.tile_size,
-        default_hyperparameters=common_pb2.Hyperparameters.FromString(row.default_hyperparameters),
+        default_hyperparameters=hyperparameters.pipeline_defaults(
+            common_pb2.Hyperparameters.FromString(row.default_hyperparameters)),
         description=row.description, create_time=to_timestamp(row.create_time),
     )
 
@@ -50,6 +52,8 @@ def job(row: JobRow) -> pb.Job:
         model=names.model(row.model) if row.model else "",
         create_time=to_timestamp(row.create_time), start_time=to_timestamp(row.start_time),
         end_time=to_timestamp(row.end_time), update_time=to_timestamp(row.update_time),
+        normalization_reason=row.normalization_reason,
+        quality_warnings=[common_pb2.QualityWarning(**w) for w in row.quality_warnings],
     )
     if row.latest_metrics:
         message.latest_metrics.CopyFrom(common_pb2.EpochMetrics.FromString(row.latest_metrics))
@@ -68,6 +72,7 @@ def model(row: ModelRow) -> pb.Model:
         best_metrics=finished.best_metrics, selection_reason=finished.selection_reason,
         parent_model=names.model(row.parent_model) if row.parent_model else "",
         environment=dict(finished.environment), create_time=to_timestamp(row.create_time),
+        quality_warnings=finished.quality_warnings, normalization=finished.normalization,
     )
 
 

@@ -10,6 +10,8 @@ from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from segcore import intensity
+from services.common import hyperparameters as wire
 from services.common import names
 from services.common.database import session_scope
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
@@ -17,7 +19,7 @@ from services.common.pagination import page
 from services.common.storage import safe_key
 from services.common.timeutil import utcnow
 from services.pipeline_svc import catalog, hyperparameters, training_sets
-from services.pipeline_svc.tables import JobRow, ModelRow, OutboxRow
+from services.pipeline_svc.tables import JobRow, ModelRow, OutboxRow, TrainingSetRow
 
 S = common_pb2
 TERMINAL = {S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED}
@@ -106,20 +108,36 @@ def create(engine: Engine, request: pb.CreateJobRequest, architectures: catalog.
         if request.from_model:
             parent = _parent(session, request.from_model, overrides)
             if not overrides.HasField("architecture"):
-                overrides = hyperparameters.merge(overrides, common_pb2.Hyperparameters(
-                    architecture=parent.architecture))
-        effective = hyperparameters.merge(catalog.default_hyperparameters(pipeline), overrides)
+                overrides = wire.merged(overrides, common_pb2.Hyperparameters(architecture=parent.architecture))
+        effective = hyperparameters.effective(catalog.stored_hyperparameters(pipeline), overrides)
+        effective.normalization, reason = _normalization(session, effective.normalization, training_set, parent,
+                                                         pretrained=bool(request.pretrained_weights))
         job = JobRow(
             id=names.new_id("j"), display_name=request.display_name, pipeline=pipeline.id,
             training_set=training_set.id, from_model=parent.id if parent else "",
             pretrained_weights=request.pretrained_weights,
             hyperparameters=effective.SerializeToString(), state=S.JOB_STATE_PENDING,
-            request_id=request.request_id or None,
+            request_id=request.request_id or None, normalization_reason=reason,
         )
         emit(session, job, common_pb2.JobEvent(state_change=common_pb2.StateChange(state=S.JOB_STATE_PENDING)))
+        emit(session, job, common_pb2.JobEvent(warning=common_pb2.Warning(code="NORMALIZATION", message=reason)))
         session.add(job)
     outbox.wake.set()
     return job
+
+
+def _normalization(session: Session, requested: str, training_set: TrainingSetRow, parent: ModelRow | None, *,
+                   pretrained: bool) -> tuple[str, str]:
+    """The concrete normalization a job uses and why: "auto" resolved from the set's image
+    profile, the parent model's normalization, and whether a pretrained backbone is loaded."""
+    parent_mode = None
+    if parent is not None:
+        parent_job = session.get(JobRow, parent.job)
+        parent_params = common_pb2.Hyperparameters.FromString(parent_job.hyperparameters) if parent_job else None
+        # Models from before normalization modes used what is now called "dataset".
+        parent_mode = parent_params.normalization if parent_params and parent_params.normalization else "dataset"
+    profile = training_sets.image_profile(training_set)
+    return intensity.choose_normalization(requested, profile, pretrained=pretrained, parent_mode=parent_mode)
 
 
 def _check_pretrained(request: pb.CreateJobRequest) -> None:

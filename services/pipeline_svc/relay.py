@@ -142,7 +142,11 @@ def _finalise(session: Session, job: JobRow, finished: common_pb2.JobFinished, m
         jobs.requeue(session, job, finished.reason or "handed back by its trainer node", max_attempts)
     elif finished.state == S.JOB_STATE_SUCCEEDED:
         models.register(session, job, finished)
-        jobs.transition(session, job, S.JOB_STATE_SUCCEEDED)
+        job.quality_warnings = [{"code": w.code, "class_name": w.class_name, "message": w.message}
+                                for w in finished.quality_warnings]
+        caveat = "; ".join(f"{w.code} ({w.class_name})" for w in finished.quality_warnings)
+        jobs.transition(session, job, S.JOB_STATE_SUCCEEDED,
+                        reason=f"the model has quality warnings: {caveat}" if caveat else "")
     elif finished.state == S.JOB_STATE_CANCELLED:
         jobs.transition(session, job, S.JOB_STATE_CANCELLED, reason=finished.reason or "cancelled")
     else:

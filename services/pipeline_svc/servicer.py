@@ -8,10 +8,10 @@ import grpc
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.pipeline.v1 import pipeline_pb2_grpc
 
+from segcore.hyperparameters import DEFAULT_ARCHITECTURE
 from services.common.auth import Role
 from services.common.timeutil import to_duration
 from services.pipeline_svc import converters
-from services.pipeline_svc.hyperparameters import DEFAULT_ARCHITECTURE
 from services.pipeline_svc.service import PipelineService
 
 Ctx: TypeAlias = grpc.ServicerContext

@@ -18,7 +18,7 @@ class PipelineRow(SQLModel, table=True):
     type: int
     class_names: list[str] = Field(sa_column=Column(JSON, nullable=False))
     tile_size: int
-    # Serialized segtrain.common.v1.Hyperparameters with every field set.
+    # Serialized segtrain.common.v1.Hyperparameters: the fields the pipeline's creator set.
     default_hyperparameters: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     description: str = ""
     request_id: str | None = Field(default=None, unique=True, max_length=128)
@@ -86,6 +86,11 @@ class JobRow(SQLModel, table=True):
     cancel_requested: bool = False
     stop_early: bool = False
     model: str = ""
+    # Why hyperparameters.normalization is what it is (what "auto" chose, or that it was asked for).
+    normalization_reason: str = Field(default="", sa_column_kwargs={"server_default": ""})
+    # segcore.advice quality issues of the registered model, as [{"code", "class_name", "message"}].
+    quality_warnings: list[dict[str, str]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]"))
     request_id: str | None = Field(default=None, unique=True, max_length=128)
     create_time: datetime = Field(default_factory=utcnow)
     start_time: datetime | None = None

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from segcore import annotations as formats
-from segcore import imaging, splits
+from segcore import imaging, intensity, splits
 from segcore.errors import InvalidParameterError, InvalidTileError
 from services.common import names
 from services.common.database import session_scope
@@ -62,6 +62,7 @@ class _CheckedTile:
     width: int
     height: int
     class_pixels: np.ndarray  # pixel count per class index
+    profile: intensity.ImageProfile  # pixel type, channels and value range of its image
     issues: list[pb.ValidationIssue]  # warnings found while rendering its annotation
 
 
@@ -257,6 +258,7 @@ def _checked(name: str, tile: pb.TileInput, image_bytes: bytes, image: np.ndarra
         image_ext=PurePosixPath(tile.image_key).suffix.lower(), mask_png=imaging.encode_mask_png(mask),
         width=int(image.shape[1]), height=int(image.shape[0]),
         class_pixels=np.bincount(labelled.ravel().astype(np.int64), minlength=num_classes)[:num_classes],
+        profile=intensity.profile_image(image),
         issues=[_issue(i) for i in rendered.issues],
     )
 
@@ -301,7 +303,21 @@ def _report(tiles: list[_CheckedTile], validation: set[str], class_names: list[s
             issues.append(pb.ValidationIssue(
                 severity=pb.ValidationIssue.SEVERITY_WARNING, code="CLASS_NOT_IN_VALIDATION",
                 message=f"class {stats.class_name!r} does not appear in the validation split"))
-    return pb.ValidationReport(classes=classes, issues=issues)
+    profile = intensity.profile_images([])
+    for t in tiles:
+        profile = profile.merged(t.profile)
+    return pb.ValidationReport(classes=classes, issues=issues, image_profile=pb.ImageProfile(
+        pixel_types=profile.pixel_types, single_channel=profile.single_channel, min_value=profile.min_value,
+        max_value=profile.max_value, recorded=True))
+
+
+def image_profile(row: TrainingSetRow) -> intensity.ImageProfile | None:
+    """What the set's images are made of; None for sets created before profiles were recorded."""
+    p = pb.ValidationReport.FromString(row.report).image_profile
+    if not p.recorded:
+        return None
+    return intensity.ImageProfile(pixel_types=tuple(p.pixel_types), single_channel=p.single_channel,
+                                  min_value=p.min_value, max_value=p.max_value)
 
 
 def _put(store: ObjectStore, key: str, data: bytes) -> str:

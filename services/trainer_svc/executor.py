@@ -24,8 +24,10 @@ from segcore import advice, checkpoint, imaging
 from segcore.advice import AdviceDetector
 from segcore.architectures import build_model, load_pretrained_backbone
 from segcore.errors import IncompatibleModelError, SegcoreError
+from segcore.intensity import Normalization
 from segcore.progress import EpochResult
 from segcore.training import Sample, TrainConfig, TrainingState, TrainResult, train
+from services.common import hyperparameters as wire
 from services.common.errors import DomainError, UnavailableError
 from services.common.storage import ObjectStore
 from services.common.timeutil import to_duration
@@ -40,6 +42,7 @@ _ADVICE_KINDS = {
     advice.OVERFITTING: S.Advice.KIND_OVERFITTING,
     advice.GENERALISATION_GAP: S.Advice.KIND_GENERALISATION_GAP,
     advice.PLATEAU: S.Advice.KIND_PLATEAU,
+    advice.DEGENERATE: S.Advice.KIND_DEGENERATE,
 }
 
 
@@ -55,7 +58,7 @@ class _Reporter:
         self._last_batch_event = 0.0
         self._batches = 1
         self._history: list[EpochResult] = []
-        self._advisor = AdviceDetector()
+        self._advisor = AdviceDetector(class_names=class_names)
 
     def progress(self, epoch: int, batch: int, phase: int) -> common_pb2.Progress:
         done = ((epoch - 1) + batch / self._batches) / self._epochs if epoch else 0.0
@@ -172,8 +175,9 @@ class JobExecutor:
             resume = self._resume_state(request)
             if resume is not None:
                 reporter.resume_history(resume.history)
-            model = self._initial_model(run, request) if resume is None else None
+            model, normalization = self._initial_model(run, request, config) if resume is None else (None, None)
             result = train(config, train_samples, val_samples, reporter, init_state=resume, model=model,
+                           normalization=normalization,
                            checkpoint=lambda state: self._checkpoint(run, request, reporter, state))
             finished = self._finish(run, request, config, result, reporter)
         except torch.OutOfMemoryError:
@@ -194,15 +198,10 @@ class JobExecutor:
         run.emit(S.JobEvent(finished=finished))
 
     def _config(self, request: trainer_pb2.RunJobRequest) -> TrainConfig:
-        p = request.hyperparameters
-        return TrainConfig(
-            class_names=list(request.class_names), architecture=p.architecture, batch_size=p.batch_size,
-            epochs=p.epochs, learning_rate=p.learning_rate, weight_decay=p.weight_decay, seed=p.seed,
-            crop_size=p.crop_size if p.HasField("crop_size") else None, augment=p.augment, loss=p.loss or "ce",
-            class_weights=p.class_weights,
-            early_stopping_patience=p.early_stopping_patience if p.HasField("early_stopping_patience") else None,
-            checkpoint_every=p.checkpoint_every or 1, device=self._device, num_threads=self._num_threads,
-        )
+        # Unset fields take the contract's defaults, inside TrainConfig: no fallbacks of our own.
+        values = wire.values_of(request.hyperparameters)
+        return TrainConfig(class_names=list(request.class_names), device=self._device, num_threads=self._num_threads,
+                           **values)  # type: ignore[arg-type]
 
     def _load_samples(self, request: trainer_pb2.RunJobRequest) -> tuple[list[Sample], list[Sample]]:
         def load(tile: trainer_pb2.TrainingTile) -> tuple[bool, Sample]:
@@ -214,14 +213,22 @@ class JobExecutor:
             loaded = list(pool.map(load, request.tiles))
         return [s for v, s in loaded if not v], [s for v, s in loaded if v]
 
-    def _initial_model(self, run: JobRun, request: trainer_pb2.RunJobRequest) -> torch.nn.Module | None:
-        """The parent model to fine-tune (its head re-initialised when the class map differs), or a
-        fresh model with pretrained backbone weights, or None for a fresh model."""
+    def _initial_model(self, run: JobRun, request: trainer_pb2.RunJobRequest, config: TrainConfig
+                       ) -> tuple[torch.nn.Module | None, Normalization | None]:
+        """The parent model to fine-tune (its head re-initialised when the class map differs) with
+        the parent's normalization when the job uses the same mode, or a fresh model with
+        pretrained backbone weights, or (None, None) for a fresh model."""
         if request.pretrained_weights:
-            return self._pretrained_model(run, request)
+            return self._pretrained_model(run, request), None
         if not request.HasField("from_model"):
-            return None
+            return None, None
         parent, meta = checkpoint.load_model(self._store.get(request.from_model.weights_uri))
+        inherited = Normalization.from_dict(meta.normalization)
+        normalization = inherited if inherited.mode == config.normalization else None
+        return self._fine_tuned(run, request, parent, meta), normalization
+
+    def _fine_tuned(self, run: JobRun, request: trainer_pb2.RunJobRequest, parent: torch.nn.Module,
+                    meta: checkpoint.ModelMeta) -> torch.nn.Module:
         if meta.class_names == list(request.class_names):
             run.initialisation = f"{request.from_model.name}: all weights"
             return parent
@@ -296,10 +303,15 @@ class JobExecutor:
             why += f"; early stopping after {config.early_stopping_patience} epochs without improvement"
         environment = {**meta.versions, "seed": str(config.seed), "device": meta.device,
                        "initialisation": run.initialisation}
+        warnings = [S.QualityWarning(code=i.code, class_name=i.class_name, message=i.message)
+                    for i in advice.quality_issues(best_result, config.class_names)]
+        for w in warnings:
+            run.emit(S.JobEvent(warning=S.Warning(code=w.code, message=w.message)))
         return S.JobFinished(
             state=S.JOB_STATE_SUCCEEDED, best_model=best, final_model=final, best_epoch=result.best_epoch,
             best_metrics=epoch_metrics(best_result, list(request.class_names)), selection_reason=why,
-            epochs_trained=len(result.history), environment=environment,
+            epochs_trained=len(result.history), environment=environment, quality_warnings=warnings,
+            normalization=result.normalization.describe(),
         )
 
     def _put_model(self, key: str, state: dict, meta: checkpoint.ModelMeta) -> common_pb2.Artifact:  # type: ignore[type-arg]

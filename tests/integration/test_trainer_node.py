@@ -24,6 +24,7 @@ from services.trainer_svc.runs import JobRun
 from tests.helpers import png_bytes
 
 S = common_pb2
+QUALITY_CODES = {advice_module.PREDICTIONS_COLLAPSED, advice_module.CLASS_NOT_LEARNED}
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,8 @@ def test_fine_tuning_a_parent_with_another_class_map_keeps_the_backbone(store: O
         name="models/m-parent", weights_uri=parent.best_model.uri, architecture="upernet-convnext-cpu",
         class_names=synthetic.CLASS_NAMES))
     run = execute(store, child)
-    warnings = kinds(run, "warning")
+    # One epoch on ten tiles also leaves classes unlearned: those are quality warnings, not this one's.
+    warnings = [w for w in kinds(run, "warning") if w.code not in QUALITY_CODES]
     assert [w.code for w in warnings] == ["HEAD_REINITIALISED"] and "backbone kept" in warnings[0].message
     finished = run.events[-1].finished
     assert finished.state == S.JOB_STATE_SUCCEEDED
@@ -165,7 +167,7 @@ def test_pretrained_backbone_weights_from_storage_and_from_a_directory(store: Ob
     donor.backbone.save_pretrained(tmp_path / "backbone")
     for source in (key, f"file:{tmp_path / 'backbone'}"):
         run = execute(store, request(tiles, epochs=1, pretrained_weights=source))
-        warnings = kinds(run, "warning")
+        warnings = [w for w in kinds(run, "warning") if w.code not in QUALITY_CODES]
         assert [w.code for w in warnings] == ["PRETRAINED_LOADED"], source
         assert run.events[-1].finished.state == S.JOB_STATE_SUCCEEDED
     missing = execute(store, request(tiles, epochs=1, pretrained_weights="hf:nobody/no-such-model"))

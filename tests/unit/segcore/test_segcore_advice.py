@@ -1,10 +1,19 @@
-"""Overfitting, generalisation-gap and plateau detection on crafted metric series."""
+"""Overfitting, generalisation-gap, plateau and degenerate-model detection on crafted series."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from segcore.advice import GENERALISATION_GAP, OVERFITTING, PLATEAU, AdviceDetector
+from segcore.advice import (
+    CLASS_NOT_LEARNED,
+    DEGENERATE,
+    GENERALISATION_GAP,
+    OVERFITTING,
+    PLATEAU,
+    PREDICTIONS_COLLAPSED,
+    AdviceDetector,
+    quality_issues,
+)
 
 
 @dataclass
@@ -64,3 +73,60 @@ def test_no_val_improvement_for_k_epochs_is_a_plateau() -> None:
     series += [(0.1, 0.2, 0.8, 0.74)] * 5  # then stalls for 5 epochs
     fired = feed(series)
     assert fired == {10: [PLATEAU]}
+
+
+@dataclass
+class P:
+    """An epoch with validation pixel counts, as segcore.training records them."""
+
+    epoch: int
+    per_class_iou: list[float | None]
+    val_true_pixels: list[int]
+    val_pred_pixels: list[int]
+    train_loss: float = 0.5
+    val_loss: float = 0.5
+    train_iou: float = 0.4
+    val_iou: float = 0.4
+
+
+CLASSES = ["background", "nucleus", "debris"]
+
+
+def test_predictions_collapsed_to_background_are_a_quality_issue_naming_the_class() -> None:
+    collapsed = P(4, [0.85, 0.0, 0.0], [8500, 1200, 300], [10000, 0, 0])
+    issues = quality_issues(collapsed, CLASSES)
+    assert [(i.code, i.class_name) for i in issues] == [(PREDICTIONS_COLLAPSED, "background")]
+    assert "15.0 % of the validation pixels belong to other classes" in issues[0].message
+    assert "normalization" in issues[0].message and "learning rate" in issues[0].message
+
+
+def test_a_present_class_with_iou_zero_is_not_learned_but_an_absent_one_is_fine() -> None:
+    epoch = P(2, [0.9, 0.8, 0.0], [8000, 1500, 500], [8200, 1700, 100])
+    assert [(i.code, i.class_name) for i in quality_issues(epoch, CLASSES)] == [(CLASS_NOT_LEARNED, "debris")]
+    absent = P(2, [0.9, 0.8, None], [8500, 1500, 0], [8400, 1600, 0])
+    assert quality_issues(absent, CLASSES) == []
+    healthy = P(2, [0.95, 0.8, 0.6], [8000, 1500, 500], [8000, 1500, 500])
+    assert quality_issues(healthy, CLASSES) == []
+
+
+def test_an_all_background_validation_split_is_not_called_collapsed() -> None:
+    assert quality_issues(P(1, [1.0, None, None], [10000, 0, 0], [10000, 0, 0]), CLASSES) == []
+
+
+def test_degenerate_advice_fires_once_after_three_epochs_and_clears_on_recovery() -> None:
+    detector = AdviceDetector(class_names=CLASSES)
+    bad = [P(i, [0.85, 0.0, 0.0], [8500, 1200, 300], [10000, 0, 0]) for i in range(1, 5)]
+    good = P(5, [0.95, 0.8, 0.6], [8000, 1500, 500], [8000, 1500, 500])
+    history: list[P] = []
+    fired = {}
+    for epoch in [*bad, good]:
+        history.append(epoch)
+        fired[epoch.epoch] = [a for a in detector.update(history) if a.kind == DEGENERATE]
+    assert [e for e, found in fired.items() if found] == [3]
+    assert "collapsed to 'background'" in fired[3][0].message and "3 epochs" in fired[3][0].message
+
+
+def test_epochs_without_pixel_counts_never_look_degenerate() -> None:
+    detector = AdviceDetector(class_names=CLASSES)
+    history = [E(i, 1.0, 1.0, 0.3, 0.3) for i in range(1, 6)]
+    assert all(a.kind != DEGENERATE for i in range(1, 6) for a in detector.update(history[:i]))

@@ -13,13 +13,13 @@ from safetensors.torch import save as save_safetensors
 from transformers import ConvNextBackbone, ConvNextConfig, ConvNextModel
 
 from segcore.architectures import (
-    DEFAULT_ARCHITECTURE,
     architecture_names,
     build_model,
     list_architectures,
     load_pretrained_backbone,
 )
 from segcore.errors import IncompatibleModelError, UnknownArchitectureError
+from segcore.hyperparameters import DEFAULT_ARCHITECTURE
 
 EXPECTED = {
     "upernet-convnext-base",

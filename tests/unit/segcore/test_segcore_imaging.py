@@ -28,6 +28,7 @@ RGB8 = RNG.integers(0, 256, (9, 11, 3), dtype=np.uint8)
 RGBA8 = RNG.integers(0, 256, (9, 11, 4), dtype=np.uint8)
 GRAY16 = RNG.integers(0, 65536, (9, 11), dtype=np.uint16)
 RGB16 = RNG.integers(0, 65536, (9, 11, 3), dtype=np.uint16)
+FLOAT_RGB = (RGB8 * 40.5 - 3000).astype(np.float32)  # arbitrary units with an offset
 
 
 def pil_bytes(array: np.ndarray, fmt: str, **kwargs: Any) -> bytes:
@@ -49,47 +50,48 @@ def as_rgb(gray: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize(
     "data, expected",
     [
-        (pil_bytes(GRAY8, "PNG"), as_rgb(GRAY8) / 255),
-        (pil_bytes(RGB8, "PNG"), RGB8 / 255),
-        (pil_bytes(RGBA8, "PNG"), RGBA8[:, :, :3] / 255),
-        (pil_bytes(GRAY16, "PNG"), as_rgb(GRAY16) / 65535),
-        (tiff_bytes(GRAY8), as_rgb(GRAY8) / 255),
-        (tiff_bytes(RGB8), RGB8 / 255),
-        (tiff_bytes(RGBA8, photometric="rgb", extrasamples=["unassalpha"]), RGBA8[:, :, :3] / 255),
-        (tiff_bytes(GRAY16), as_rgb(GRAY16) / 65535),
-        (tiff_bytes(RGB16), RGB16 / 65535),
-        (tiff_bytes(RGB8.transpose(2, 0, 1), photometric="rgb", planarconfig="separate"), RGB8 / 255),
-        (tiff_bytes((RGB8 / 255).astype(np.float32), photometric="rgb"), RGB8 / 255),
+        (pil_bytes(GRAY8, "PNG"), as_rgb(GRAY8)),
+        (pil_bytes(RGB8, "PNG"), RGB8),
+        (pil_bytes(RGBA8, "PNG"), RGBA8[:, :, :3]),
+        (pil_bytes(GRAY16, "PNG"), as_rgb(GRAY16)),
+        (tiff_bytes(GRAY8), as_rgb(GRAY8)),
+        (tiff_bytes(RGB8), RGB8),
+        (tiff_bytes(RGBA8, photometric="rgb", extrasamples=["unassalpha"]), RGBA8[:, :, :3]),
+        (tiff_bytes(GRAY16), as_rgb(GRAY16)),
+        (tiff_bytes(RGB16), RGB16),
+        (tiff_bytes(RGB8.transpose(2, 0, 1), photometric="rgb", planarconfig="separate"), RGB8),
+        (tiff_bytes(FLOAT_RGB, photometric="rgb"), FLOAT_RGB),
     ],
     ids=[
         "png-gray8", "png-rgb8", "png-rgba8", "png-gray16", "tiff-gray8", "tiff-rgb8",
-        "tiff-rgba8", "tiff-gray16", "tiff-rgb16", "tiff-planar", "tiff-float",
+        "tiff-rgba8", "tiff-gray16", "tiff-rgb16", "tiff-planar", "tiff-float-any-units",
     ],
 )  # fmt: skip
-def test_decode_image_lossless_formats(data: bytes, expected: np.ndarray) -> None:
+def test_decode_image_keeps_native_type_and_range(data: bytes, expected: np.ndarray) -> None:
     image = decode_image(data, "tile.any")
-    assert image.dtype == np.float32
+    assert image.dtype == expected.dtype
     assert image.shape == (9, 11, 3)
-    np.testing.assert_allclose(image, expected, atol=1e-6)
+    np.testing.assert_array_equal(image, expected)
 
 
 @pytest.mark.parametrize("array", [GRAY8, RGB8], ids=["gray", "rgb"])
 def test_decode_image_jpeg(array: np.ndarray) -> None:
     smooth = np.full_like(array, 200)  # flat content survives JPEG almost exactly
     image = decode_image(pil_bytes(smooth, "JPEG", quality=95), "tile.jpg")
-    assert image.shape == (9, 11, 3) and image.dtype == np.float32
-    np.testing.assert_allclose(image, 200 / 255, atol=3 / 255)
+    assert image.shape == (9, 11, 3) and image.dtype == np.uint8
+    np.testing.assert_allclose(image, 200, atol=3)
 
 
 def test_tiff_detected_by_magic_bytes_not_name() -> None:
     image = decode_image(tiff_bytes(GRAY16), "no-extension")
-    np.testing.assert_allclose(image[:, :, 0], GRAY16 / 65535, atol=1e-6)
+    np.testing.assert_array_equal(image[:, :, 0], GRAY16)
 
 
-def test_16_bit_and_8_bit_share_a_scale() -> None:
+def test_16_bit_and_8_bit_share_a_scale_under_dataset_normalization() -> None:
     white8 = decode_image(pil_bytes(np.full((4, 4), 255, np.uint8), "PNG"), "a.png")
     white16 = decode_image(pil_bytes(np.full((4, 4), 65535, np.uint16), "PNG"), "b.png")
-    assert white8.max() == white16.max() == 1.0
+    norm = Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    assert float(normalize(white8, norm).max()) == float(normalize(white16, norm).max()) == 1.0
 
 
 @pytest.mark.parametrize(
