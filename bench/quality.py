@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -68,6 +69,7 @@ class Row:
     normalization: str
     product_s: float
     bare_s: float
+    product_epochs_s: float  # the job's epochs alone (training + validation), from its event log
     normalization_reason: str
     train_tiles: int
     passed: bool
@@ -97,7 +99,8 @@ def read_pairs(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
     pairs = []
     for path in sorted((folder / "tiles").iterdir()):
         image = imaging.decode_image(path.read_bytes(), path.name)
-        mask = imaging.decode_mask((folder / "masks" / f"{path.stem}.png").read_bytes(), path.name)
+        mask_path = folder / "masks" / f"{path.stem}.png"
+        mask = imaging.decode_mask(mask_path.read_bytes(), mask_path.name)
         pairs.append((path.stem, image, mask))
     return pairs
 
@@ -116,8 +119,18 @@ def foreground_iou(predictions: list[np.ndarray], truths: list[np.ndarray], num_
 # --------------------------------------------------------------------------------- product
 
 
-def run_product(client: Client, data: Data, s: Settings, out: Path) -> tuple[float, float, str, str, set[str]]:
-    """(foreground IoU, job seconds, normalization, why, training tile names) through the stack."""
+@dataclass(frozen=True)
+class Product:
+    iou: float
+    seconds: float  # StartJob to SUCCEEDED
+    epochs_seconds: float
+    normalization: str
+    reason: str
+    train_names: set[str]
+
+
+def run_product(client: Client, data: Data, s: Settings, out: Path) -> Product:
+    """The job through the stack, and its model's foreground IoU on the held-back tiles."""
     ts = client.create_training_set(f"quality-{data.regime}", data.set_dir / "tiles", data.set_dir / "masks",
                                     class_names=data.classes, group_by=r"^(.*)_tile")
     job = client.create_job(pipeline="segmentation", training_set=ts.name, hyperparameters=common_pb2.Hyperparameters(
@@ -134,8 +147,10 @@ def run_product(client: Client, data: Data, s: Settings, out: Path) -> tuple[flo
     client.analyze(done.model, sorted((data.test_dir / "tiles").iterdir()), masks_dir)
     predictions = [imaging.decode_mask((masks_dir / f"{name}.png").read_bytes(), name) for name, _, _ in tests]
     iou = foreground_iou(predictions, [m for _, _, m in tests], len(data.classes))
-    train_names = {t.name for t in ts.tiles if not t.validation}
-    return iou, seconds, done.hyperparameters.normalization, done.normalization_reason, train_names
+    epochs_s = sum(e.epoch_metrics.epoch_time.ToTimedelta().total_seconds() for e in client.watch(job.name)
+                   if e.HasField("epoch_metrics"))
+    return Product(iou, seconds, epochs_s, done.hyperparameters.normalization, done.normalization_reason,
+                   {t.name for t in ts.tiles if not t.validation})
 
 
 def wait_terminal(client: Client, job: str, timeout: float = 1800) -> pb.Job:
@@ -199,23 +214,24 @@ def logits_of(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def run_regime(client: Client, regime: str, s: Settings, out: Path) -> Row:
     data = write_data(regime, s, out / "data" / regime)
-    product_iou, product_s, normalization, reason, train_names = run_product(client, data, s, out)
-    bare_iou, bare_s = run_bare(data, s, train_names)
-    row = Row(regime, round(product_iou, 4), round(bare_iou, 4), normalization, round(product_s, 1),
-              round(bare_s, 1), reason, len(train_names), product_iou >= bare_iou - TOLERANCE)
-    print(f"  {regime:20} product {product_iou:.4f} ({normalization}, {product_s:.0f} s)  "
-          f"bare {bare_iou:.4f} ({bare_s:.0f} s)  {'PASS' if row.passed else 'MISS'}", flush=True)
+    p = run_product(client, data, s, out)
+    bare_iou, bare_s = run_bare(data, s, p.train_names)
+    row = Row(regime, round(p.iou, 4), round(bare_iou, 4), p.normalization, round(p.seconds, 1), round(bare_s, 1),
+              round(p.epochs_seconds, 1), p.reason, len(p.train_names), p.iou >= bare_iou - TOLERANCE)
+    print(f"  {regime:20} product {p.iou:.4f} ({p.normalization}, {p.seconds:.0f} s, epochs {p.epochs_seconds:.0f} s)"
+          f"  bare {bare_iou:.4f} ({bare_s:.0f} s)  {'PASS' if row.passed else 'MISS'}", flush=True)
     return row
 
 
 def print_table(rows: list[Row], s: Settings) -> None:
     print(f"\nForeground IoU on {s.test_tiles} held-back tiles of {s.tile_size}^2 per regime; {s.architecture}, "
           f"{s.epochs} epochs, batch {s.batch_size}, lr 0.001; target product >= bare - {TOLERANCE}")
-    print(f"| {'regime':20} | product | bare   | product - bare | normalization (auto) | product s | bare s |")
-    print(f"|{'-' * 22}|---------|--------|----------------|----------------------|-----------|--------|")
+    print(f"| {'regime':20} | product | bare   | product - bare | normalization (auto) | product s (epochs) | bare s |")
+    print(f"|{'-' * 22}|---------|--------|----------------|----------------------|--------------------|--------|")
     for r in rows:
         print(f"| {r.name:20} | {r.product_iou:.4f}  | {r.bare_iou:.4f} | {r.product_iou - r.bare_iou:+.4f}"
-              f"{' PASS' if r.passed else ' MISS':>9} | {r.normalization:20} | {r.product_s:9.1f} | {r.bare_s:6.1f} |")
+              f"{' PASS' if r.passed else ' MISS':>9} | {r.normalization:20} | "
+              f"{r.product_s:7.1f} ({r.product_epochs_s:5.1f})    | {r.bare_s:6.1f} |")
 
 
 def parse(argv: list[str] | None) -> tuple[Settings, list[str]]:
@@ -240,6 +256,8 @@ def parse(argv: list[str] | None) -> tuple[Settings, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     settings, chosen = parse(argv)
+    # SIGTERM unwinds like Ctrl-C, so the stack's processes are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = OUT / "quality"
     torch.set_num_threads(settings.threads)
     started = time.monotonic()

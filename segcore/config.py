@@ -36,6 +36,7 @@ class TrainConfig:
     learning_rate: float = _D["learning_rate"]  # type: ignore[assignment]
     weight_decay: float = _D["weight_decay"]  # type: ignore[assignment]
     warmup_fraction: float = _D["warmup_fraction"]  # type: ignore[assignment]
+    lr_schedule: str = _D["lr_schedule"]  # type: ignore[assignment]
     seed: int = _D["seed"]  # type: ignore[assignment]
     crop_size: int | None = _D["crop_size"]  # type: ignore[assignment]
     augment: bool = _D["augment"]  # type: ignore[assignment]

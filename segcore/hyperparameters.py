@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 NORMALIZATIONS = ("auto", "percentile", "dataset", "imagenet")
 LOSSES = ("ce", "dice", "ce+dice")
+LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_ARCHITECTURE = "upernet-convnext-base"
 # ConvNeXt downsamples by 32; smaller inputs collapse to zero size at stage 4.
 MIN_INPUT_SIZE = 32
@@ -97,7 +98,7 @@ def _number(value: float | None) -> str:
 PARAMETERS: tuple[Parameter, ...] = (
     Parameter("batch_size", int, 8, "tiles per optimisation step", minimum=1, maximum=4096),
     Parameter("epochs", int, 10, "passes over the training split", minimum=1, maximum=10_000),
-    Parameter("learning_rate", float, 0.001, "peak AdamW learning rate (linear warm-up, then cosine decay)",
+    Parameter("learning_rate", float, 0.001, "AdamW learning rate (reached after the warm-up)",
               minimum=0.0, maximum=10.0, exclusive_minimum=True),
     Parameter("architecture", str, DEFAULT_ARCHITECTURE, "registered architecture name (see ListArchitectures)",
               architecture=True),
@@ -108,7 +109,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("crop_size", int, None, "random square training crops in pixels; unset trains on whole tiles",
               minimum=MIN_INPUT_SIZE, maximum=8192, optional=True),
     Parameter("augment", bool, True, "flips, 90-degree rotations and intensity jitter relative to each image"),
-    Parameter("loss", str, "ce+dice", "ce (cross-entropy), dice, or ce+dice (robust to small objects)",
+    Parameter("loss", str, "ce+dice", "ce (cross-entropy), dice, or ce+dice (Dice added: small classes get learned)",
               choices=LOSSES),
     Parameter("class_weights", bool, False, "weight cross-entropy by inverse-sqrt class frequency"),
     Parameter("early_stopping_patience", int, None,
@@ -124,6 +125,9 @@ PARAMETERS: tuple[Parameter, ...] = (
               minimum=0.0, maximum=50.0, exclusive_maximum=True),
     Parameter("percentile_high", float, 99.8, "percentile mapped to 1 by percentile normalization",
               minimum=50.0, maximum=100.0, exclusive_minimum=True),
+    Parameter("lr_schedule", str, "constant",
+              "after the warm-up: constant (the learning rate as given) or cosine (decay towards 0)",
+              choices=LR_SCHEDULES),
 )
 
 BY_NAME: dict[str, Parameter] = {p.name: p for p in PARAMETERS}

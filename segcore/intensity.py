@@ -6,10 +6,11 @@ and resolve "auto" without the training stack.
 
 A ``Normalization`` is two steps, stored with every model and applied identically at analysis:
 1. a per-image *scaling* to roughly 0..1:
-   * ``percentile``: per image and channel, the ``percentile_low`` percentile maps to 0 and
-     ``percentile_high`` to 1 (1 and 99.8 by default, as microscopy tools do). Invariant to
-     offset, exposure and bit depth, so a 16-bit image whose signal fills 0.4 % of the range
-     trains as well as an 8-bit one;
+   * ``percentile``: per image, the ``percentile_low`` percentile maps to 0 and
+     ``percentile_high`` to 1 (1 and 99.8 by default, as microscopy tools do), over all channels
+     of a colour image (its colour balance is kept) and per channel of a two-channel image.
+     Invariant to offset, exposure and bit depth, so a 16-bit image whose signal fills 0.4 % of
+     the range trains as well as an 8-bit one;
    * ``dataset`` and ``imagenet``: integers divided by their type's maximum (signed types shifted
      by their minimum first), floats taken as they are;
 2. a per-channel standardisation ``(x - mean) / std``: statistics of the training set's scaled
@@ -103,18 +104,31 @@ def unit_scale(image: np.ndarray) -> np.ndarray:
 
 
 def percentile_scale(image: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Per channel of an ``H x W x C`` image: the ``low`` percentile -> 0, ``high`` -> 1 (not
-    clipped). A constant channel maps to 0. Equal channels (grey) are measured once."""
+    """The ``low`` percentile -> 0, ``high`` -> 1 (not clipped), for an ``H x W x 3`` image.
+
+    Colour images are measured over all channels at once, which keeps their colour balance (a
+    stain's hue is what tells nuclei from stroma); grey images (three equal channels) likewise;
+    two-channel images (third channel empty) per channel, since independent fluorophores have
+    unrelated ranges. A constant image or channel maps to 0.
+    """
     pixels = image.astype(np.float32, copy=False)
-    channels = pixels.shape[2]
-    grey = channels > 1 and all(np.array_equal(pixels[:, :, 0], pixels[:, :, c]) for c in range(1, channels))
-    measured = pixels[:, :, :1] if grey else pixels
-    bounds = np.percentile(measured.reshape(-1, measured.shape[2]), [low, high], axis=0).astype(np.float32)
-    lo, span = bounds[0], bounds[1] - bounds[0]
-    span = np.where(span > 0, span, np.float32(1.0))
-    if grey:
-        lo, span = np.repeat(lo, channels), np.repeat(span, channels)
+    if _is_two_channel(pixels):
+        bounds = np.percentile(pixels[:, :, :2].reshape(-1, 2), [low, high], axis=0)
+        lo, hi = np.append(bounds[0], 0.0), np.append(bounds[1], 1.0)
+    else:
+        measured = pixels[:, :, 0] if _is_grey(pixels) else pixels
+        lo, hi = (np.asarray(v) for v in np.percentile(measured, [low, high]))
+    span = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
+    lo = lo.astype(np.float32)
     return ((pixels - lo) / span).astype(np.float32)
+
+
+def _is_grey(pixels: np.ndarray) -> bool:
+    return all(np.array_equal(pixels[:, :, 0], pixels[:, :, c]) for c in range(1, pixels.shape[2]))
+
+
+def _is_two_channel(pixels: np.ndarray) -> bool:
+    return not pixels[:, :, 2].any() and not np.array_equal(pixels[:, :, 0], pixels[:, :, 1])
 
 
 def scaled(image: np.ndarray, norm: Normalization) -> np.ndarray:
@@ -180,7 +194,7 @@ class ImageProfile:
         if len(self.pixel_types) == 1 and np.issubdtype(np.dtype(self.pixel_types[0]), np.integer):
             info = np.iinfo(np.dtype(self.pixel_types[0]))
             used = (self.max_value - self.min_value) / (int(info.max) - int(info.min))
-            text += f" ({100 * used:.2g} % of the {self.pixel_types[0]} range)"
+            text += f" ({100 * used:.3g} % of the {self.pixel_types[0]} range)"
         return text
 
 

@@ -45,7 +45,7 @@ import tifffile
 from PIL import Image
 
 from segcore import synthetic
-from segcore.synthetic import _random_harmonics, _rasterize, _Shape, _smooth_noise
+from segcore.synthetic import _halo_shape, _random_harmonics, _rasterize, _Shape, _smooth_noise
 
 __all__ = [
     "REGIMES",
@@ -364,16 +364,7 @@ def _paint_halo(
     ``eosin`` given: ``target`` is an RGB OD map stained along that vector;
     otherwise it is a single-channel fluorophore map.
     """
-    radius = rng.uniform(14.0, 22.0) * scale
-    shape = _Shape(
-        cy=centre[0] + rng.normal(0.0, 3.0 * scale),
-        cx=centre[1] + rng.normal(0.0, 3.0 * scale),
-        semi_major=radius * rng.uniform(1.0, 1.3),
-        semi_minor=radius,
-        angle=rng.uniform(0, math.pi),
-        harmonics=_random_harmonics(rng, amplitude=0.2, k_max=5),
-    )
-    region = _rasterize(shape, target.shape[:2], softness=4.0 * scale)
+    region = _rasterize(_halo_shape(rng, centre, scale), target.shape[:2], softness=4.0 * scale)
     if region is None:
         return
     sl, alpha, _depth = region

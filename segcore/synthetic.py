@@ -304,12 +304,10 @@ def _paint_debris(
     mask[sl][alpha >= 0.5] = _DEBRIS
 
 
-def _paint_cytoplasm(
-    rng: np.random.Generator, od: np.ndarray, centre: tuple[float, float], scale: float
-) -> None:
-    """Faint, soft-edged eosin halo (OD only; the mask stays background)."""
+def _halo_shape(rng: np.random.Generator, centre: tuple[float, float], scale: float) -> _Shape:
+    """The outline of a cytoplasm halo around a nucleus at ``centre``."""
     radius = rng.uniform(14.0, 22.0) * scale
-    shape = _Shape(
+    return _Shape(
         cy=centre[0] + rng.normal(0.0, 3.0 * scale),
         cx=centre[1] + rng.normal(0.0, 3.0 * scale),
         semi_major=radius * rng.uniform(1.0, 1.3),
@@ -317,7 +315,13 @@ def _paint_cytoplasm(
         angle=rng.uniform(0, math.pi),
         harmonics=_random_harmonics(rng, amplitude=0.2, k_max=5),
     )
-    region = _rasterize(shape, od.shape[:2], softness=4.0 * scale)
+
+
+def _paint_cytoplasm(
+    rng: np.random.Generator, od: np.ndarray, centre: tuple[float, float], scale: float
+) -> None:
+    """Faint, soft-edged eosin halo (OD only; the mask stays background)."""
+    region = _rasterize(_halo_shape(rng, centre, scale), od.shape[:2], softness=4.0 * scale)
     if region is None:
         return
     sl, alpha, _depth = region

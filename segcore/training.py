@@ -236,10 +236,14 @@ def _make_scheduler(
     total = config.epochs * num_batches
     warmup = round(config.warmup_fraction * total)
 
+    cosine = config.lr_schedule == "cosine"
+
     def factor(step: int) -> float:
-        # Linear warm-up from 1/warmup to 1, then cosine decay towards 0.
+        # Linear warm-up from 1/warmup to 1, then constant or cosine decay towards 0.
         if step < warmup:
             return (step + 1) / warmup
+        if not cosine:
+            return 1.0
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 

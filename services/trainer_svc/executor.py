@@ -117,10 +117,10 @@ def epoch_metrics(result: EpochResult, class_names: list[str]) -> common_pb2.Epo
     )
 
 
-def _seeded_model(request: trainer_pb2.RunJobRequest, architecture: str) -> torch.nn.Module:
+def _seeded_model(config: TrainConfig, architecture: str) -> torch.nn.Module:
     """A fresh model whose random initialisation (e.g. a new head) is reproducible from the seed."""
-    torch.manual_seed(request.hyperparameters.seed)
-    return build_model(architecture, len(request.class_names))
+    torch.manual_seed(config.seed)
+    return build_model(architecture, config.num_classes)
 
 
 def _record_initialisation(run: JobRun, how: str, code: str, message: str) -> None:
@@ -165,21 +165,8 @@ class JobExecutor:
 
     def execute(self, run: JobRun, request: trainer_pb2.RunJobRequest) -> None:
         """Runs the attempt to its end; always finishes the run's log with a `finished` event."""
-        params = request.hyperparameters
-        reporter = _Reporter(run, params.epochs, self._progress_interval_s, list(request.class_names))
         try:
-            config = self._config(request)
-            reporter.phase(S.PHASE_PREPARING_DATA)
-            train_samples, val_samples = self._load_samples(request)
-            reporter.phase(S.PHASE_RENDERING_MASKS)
-            resume = self._resume_state(request)
-            if resume is not None:
-                reporter.resume_history(resume.history)
-            model, normalization = self._initial_model(run, request, config) if resume is None else (None, None)
-            result = train(config, train_samples, val_samples, reporter, init_state=resume, model=model,
-                           normalization=normalization,
-                           checkpoint=lambda state: self._checkpoint(run, request, reporter, state))
-            finished = self._finish(run, request, config, result, reporter)
+            finished = self._train(run, request, self._config(request))
         except torch.OutOfMemoryError:
             log.warning("%s ran out of device memory", request.job)
             finished = S.JobFinished(state=S.JOB_STATE_FAILED, reason=(
@@ -196,6 +183,20 @@ class JobExecutor:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the device's memory goes back with the worker
         run.emit(S.JobEvent(finished=finished))
+
+    def _train(self, run: JobRun, request: trainer_pb2.RunJobRequest, config: TrainConfig) -> common_pb2.JobFinished:
+        reporter = _Reporter(run, config.epochs, self._progress_interval_s, config.class_names)
+        reporter.phase(S.PHASE_PREPARING_DATA)
+        train_samples, val_samples = self._load_samples(request)
+        reporter.phase(S.PHASE_RENDERING_MASKS)
+        resume = self._resume_state(request)
+        if resume is not None:
+            reporter.resume_history(resume.history)
+        model, normalization = self._initial_model(run, request, config) if resume is None else (None, None)
+        result = train(config, train_samples, val_samples, reporter, init_state=resume, model=model,
+                       normalization=normalization,
+                       checkpoint=lambda state: self._checkpoint(run, request, reporter, state))
+        return self._finish(run, request, config, result, reporter)
 
     def _config(self, request: trainer_pb2.RunJobRequest) -> TrainConfig:
         # Unset fields take the contract's defaults, inside TrainConfig: no fallbacks of our own.
@@ -219,20 +220,20 @@ class JobExecutor:
         the parent's normalization when the job uses the same mode, or a fresh model with
         pretrained backbone weights, or (None, None) for a fresh model."""
         if request.pretrained_weights:
-            return self._pretrained_model(run, request), None
+            return self._pretrained_model(run, request, config), None
         if not request.HasField("from_model"):
             return None, None
         parent, meta = checkpoint.load_model(self._store.get(request.from_model.weights_uri))
         inherited = Normalization.from_dict(meta.normalization)
         normalization = inherited if inherited.mode == config.normalization else None
-        return self._fine_tuned(run, request, parent, meta), normalization
+        return self._fine_tuned(run, request, config, parent, meta), normalization
 
-    def _fine_tuned(self, run: JobRun, request: trainer_pb2.RunJobRequest, parent: torch.nn.Module,
-                    meta: checkpoint.ModelMeta) -> torch.nn.Module:
+    def _fine_tuned(self, run: JobRun, request: trainer_pb2.RunJobRequest, config: TrainConfig,
+                    parent: torch.nn.Module, meta: checkpoint.ModelMeta) -> torch.nn.Module:
         if meta.class_names == list(request.class_names):
             run.initialisation = f"{request.from_model.name}: all weights"
             return parent
-        model = _seeded_model(request, meta.architecture)
+        model = _seeded_model(config, meta.architecture)
         own = model.state_dict()
         kept = {k: v for k, v in parent.state_dict().items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(kept, strict=False)
@@ -242,7 +243,8 @@ class JobExecutor:
             f"{list(request.class_names)}: backbone kept, {len(own) - len(kept)} head tensors re-initialised")
         return model
 
-    def _pretrained_model(self, run: JobRun, request: trainer_pb2.RunJobRequest) -> torch.nn.Module:
+    def _pretrained_model(self, run: JobRun, request: trainer_pb2.RunJobRequest, config: TrainConfig
+                          ) -> torch.nn.Module:
         source = request.pretrained_weights
         try:
             if source.startswith("file:"):
@@ -256,7 +258,7 @@ class JobExecutor:
         except (OSError, ValueError) as exc:  # hub unreachable/unknown id, missing directory
             reason = f"could not read pretrained weights {source!r}: {type(exc).__name__}"
             raise IncompatibleModelError(reason) from None
-        model = _seeded_model(request, request.hyperparameters.architecture)
+        model = _seeded_model(config, config.architecture)
         report = load_pretrained_backbone(model, weights)
         _record_initialisation(
             run, f"pretrained backbone {source}", "PRETRAINED_LOADED",

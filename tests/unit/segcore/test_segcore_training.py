@@ -191,14 +191,16 @@ def test_learns_discs(trained_discs: tuple[TrainConfig, TrainResult, list[Sample
     assert result.best_state is not None and set(result.best_state) == set(result.final_state)
 
 
-def test_lr_schedule_warms_up_then_decays(
-    trained_discs: tuple[TrainConfig, TrainResult, list[Sample]],
-) -> None:
-    config, result, _ = trained_discs
-    lrs = [h.learning_rate for h in result.history]
-    assert max(lrs) <= config.learning_rate
-    assert lrs == sorted(lrs, reverse=True)  # warm-up (5% of 30 steps) ends inside epoch 1
-    assert lrs[-1] < 0.05 * config.learning_rate
+def test_lr_schedule_warms_up_then_holds_or_decays(discs: DiscFactory) -> None:
+    data = discs(12, 32, seed=1), discs(4, 32, seed=2)
+    for schedule in ("constant", "cosine"):
+        config = cpu_config(epochs=6, batch_size=4, lr_schedule=schedule)
+        lrs = [h.learning_rate for h in train(config, *data).history]
+        assert max(lrs) <= config.learning_rate  # warm-up (5% of 18 steps) ends inside epoch 1
+        if schedule == "constant":
+            assert lrs == [config.learning_rate] * 6
+        else:
+            assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.1 * config.learning_rate
 
 
 def test_same_seed_same_first_epoch(discs: DiscFactory) -> None:
