@@ -129,3 +129,23 @@ def test_a_lost_job_is_requeued_until_its_attempts_are_used_up(database_url: str
         if state == common_pb2.JOB_STATE_FAILED:
             assert "gave up after 5 attempts" in job.failure_reason and "node n1" in job.failure_reason
     engine.dispose()
+
+
+def test_a_database_from_before_new_columns_gets_them_with_their_defaults(database_url: str) -> None:
+    engine = make_engine(database_url, PIPELINE_TABLES)
+    catalog.seed_defaults(engine)
+    add_job(engine, state=common_pb2.JOB_STATE_PENDING)
+    with engine.begin() as connection:  # the jobs table as the previous version created it
+        connection.execute(sqlalchemy.text("ALTER TABLE jobs DROP COLUMN normalization_reason"))
+        connection.execute(sqlalchemy.text("ALTER TABLE jobs DROP COLUMN quality_warnings"))
+    engine.dispose()
+    engine = make_engine(database_url, PIPELINE_TABLES)
+    columns = {c["name"] for c in sqlalchemy.inspect(engine).get_columns("jobs")}
+    assert {"normalization_reason", "quality_warnings"} <= columns
+    with session_scope(engine) as session:
+        old = session.get(JobRow, "j-1")
+        assert old is not None and (old.normalization_reason, old.quality_warnings) == ("", [])
+        old.quality_warnings = [{"code": "CLASS_NOT_LEARNED", "class_name": "b", "message": "m"}]
+    with session_scope(engine) as session:
+        assert session.get(JobRow, "j-1").quality_warnings[0]["code"] == "CLASS_NOT_LEARNED"  # type: ignore[union-attr]
+    engine.dispose()
