@@ -31,6 +31,9 @@ from services.pipeline_svc.tables import JobRow, OutboxRow, TrainerNodeRow
 log = logging.getLogger(__name__)
 S = common_pb2
 RETRY_S = 0.5
+# Answers that retrying the same rows can never change: the rows are at fault, not the service.
+REFUSED_FOR_GOOD = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS}
 
 
 class JobRelay(threading.Thread):
@@ -178,19 +181,43 @@ class OutboxRelay(threading.Thread):
 
     def _drain_once(self) -> bool:
         with session_scope(self._engine) as session:
-            rows = list(session.exec(select(OutboxRow).order_by(col(OutboxRow.id)).limit(200)))
+            rows = list(session.exec(select(OutboxRow).where(col(OutboxRow.parked).is_(False))
+                                     .order_by(col(OutboxRow.id)).limit(200)))
         if not rows:
             return False
         by_job: dict[str, list[OutboxRow]] = {}
         for row in rows:
             by_job.setdefault(row.job, []).append(row)
         for job, job_rows in by_job.items():
-            events = [common_pb2.JobEvent.FromString(r.payload) for r in job_rows]
-            self._remotes.metrics.AppendJobEvents(metrics_pb2.AppendJobEventsRequest(job=job, events=events),
-                                                  timeout=10)
-            with session_scope(self._engine) as session:
-                for r in job_rows:
-                    stored = session.get(OutboxRow, r.id)
-                    if stored is not None:
-                        session.delete(stored)
+            try:
+                self._append(job, job_rows)
+            except grpc.RpcError as exc:
+                if exc.code() not in REFUSED_FOR_GOOD:
+                    raise  # transient (the metrics service is down, overloaded, slow): retried as a whole
+                for row in job_rows:  # find the rows refused for good; the others go through
+                    self._append_or_park(job, row)
         return True
+
+    def _append(self, job: str, rows: list[OutboxRow]) -> None:
+        events = [common_pb2.JobEvent.FromString(r.payload) for r in rows]
+        self._remotes.metrics.AppendJobEvents(metrics_pb2.AppendJobEventsRequest(job=job, events=events), timeout=10)
+        with session_scope(self._engine) as session:
+            for r in rows:
+                stored = session.get(OutboxRow, r.id)
+                if stored is not None:
+                    session.delete(stored)
+
+    def _append_or_park(self, job: str, row: OutboxRow) -> None:
+        try:
+            self._append(job, [row])
+        except grpc.RpcError as exc:
+            if exc.code() not in REFUSED_FOR_GOOD:
+                raise
+            reason = f"{exc.code().name}: {exc.details()}"[:500]
+            log.error("outbox relay: the metrics service refused event row %s of %s for good (%s); parked",
+                      row.id, job, reason)
+            with session_scope(self._engine) as session:
+                stored = session.get(OutboxRow, row.id)
+                if stored is not None:
+                    stored.parked, stored.park_reason = True, reason
+                    session.add(stored)

@@ -138,6 +138,9 @@ class OutboxRow(SQLModel, table=True):
     job: str = Field(index=True)
     # Serialized segtrain.common.v1.JobEvent (attempt 0, source_seq from JobRow.control_seq).
     payload: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    # Set when the metrics service refused the row for good: it is kept for a person, not retried.
+    parked: bool = Field(default=False, sa_column_kwargs={"server_default": "0"})
+    park_reason: str = Field(default="", sa_column_kwargs={"server_default": ""})
 
 
 TABLES = [PipelineRow, TrainingSetRow, TileRow, JobRow, ModelRow, TrainerNodeRow, OutboxRow]

@@ -4,17 +4,21 @@ training sets, jobs, and how bad input is refused without leaving anything behin
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+import sqlalchemy
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
+from sqlmodel import Session, select
 
 from clients.sdk import Client
 from services.common.storage import ObjectStore
+from services.pipeline_svc.tables import OutboxRow
 from tests.helpers import error_of, png_bytes, row_counts, upload_bytes, violation_fields, write_sample_set
 from tests.integration.conftest import PipelineServer
 
@@ -262,3 +266,29 @@ def test_internal_errors_reveal_nothing(client: Client, pipeline_server: Pipelin
     assert error.code() == grpc.StatusCode.INTERNAL
     assert error.details().startswith("internal error (incident ")
     assert "hunter2" not in error.details() and "/srv" not in error.details()
+
+
+def test_an_outbox_row_refused_for_good_is_parked_and_does_not_block_later_events(
+        client: Client, pipeline_server: PipelineServer, training_set: pb.TrainingSet) -> None:
+    """The metrics service refuses an event without a payload (INVALID_ARGUMENT): retrying it can
+    never succeed, so it is parked and every later state change of every job still arrives."""
+    engine = sqlalchemy.create_engine(pipeline_server.database_url)
+    with Session(engine) as session:
+        bad = common_pb2.JobEvent(job="jobs/j-000000000bad", attempt=0, source_seq=1)  # no payload
+        session.add(OutboxRow(job=bad.job, payload=bad.SerializeToString()))
+        session.commit()
+    job = client.create_job(pipeline="segmentation", training_set=training_set.name)
+    client.cancel_job(job.name)
+    deadline = time.monotonic() + 10  # before the fix the relay retried the bad row forever
+    while True:
+        with Session(engine) as session:
+            left = list(session.exec(select(OutboxRow)))
+        if [r.job for r in left] == ["jobs/j-000000000bad"] and left[0].parked:
+            break
+        assert time.monotonic() < deadline, [(r.job, r.parked) for r in left]
+        time.sleep(0.1)
+    assert left[0].park_reason.startswith("INVALID_ARGUMENT")
+    events = list(client.watch(job.name))  # the job's log is complete, so the watch ends
+    states = [e.state_change.state for e in events if e.HasField("state_change")]
+    assert states == [common_pb2.JOB_STATE_PENDING, common_pb2.JOB_STATE_CANCELLED]
+    engine.dispose()

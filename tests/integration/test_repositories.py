@@ -9,6 +9,7 @@ import sqlalchemy
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from sqlalchemy.exc import IntegrityError
+from sqlmodel import col, select
 
 from services.common.database import make_engine, session_scope
 from services.common.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
@@ -135,13 +136,20 @@ def test_a_database_from_before_new_columns_gets_them_with_their_defaults(databa
     engine = make_engine(database_url, PIPELINE_TABLES)
     catalog.seed_defaults(engine)
     add_job(engine, state=common_pb2.JOB_STATE_PENDING)
+    with session_scope(engine) as session:
+        session.add(OutboxRow(job="jobs/j-1", payload=b"event"))
     with engine.begin() as connection:  # the jobs table as the previous version created it
         connection.execute(sqlalchemy.text("ALTER TABLE jobs DROP COLUMN normalization_reason"))
         connection.execute(sqlalchemy.text("ALTER TABLE jobs DROP COLUMN quality_warnings"))
+        connection.execute(sqlalchemy.text("ALTER TABLE event_outbox DROP COLUMN parked"))
+        connection.execute(sqlalchemy.text("ALTER TABLE event_outbox DROP COLUMN park_reason"))
     engine.dispose()
     engine = make_engine(database_url, PIPELINE_TABLES)
     columns = {c["name"] for c in sqlalchemy.inspect(engine).get_columns("jobs")}
     assert {"normalization_reason", "quality_warnings"} <= columns
+    with session_scope(engine) as session:
+        rows = list(session.exec(select(OutboxRow).where(col(OutboxRow.parked).is_(False))))
+        assert [(r.job, r.park_reason) for r in rows] == [("jobs/j-1", "")]
     with session_scope(engine) as session:
         old = session.get(JobRow, "j-1")
         assert old is not None and (old.normalization_reason, old.quality_warnings) == ("", [])
