@@ -78,7 +78,3 @@ class EventHub:
             subs = list(self._subs.get(job, ()))
         for sub in subs:
             sub.push(events)
-
-    def watcher_count(self, job: str) -> int:
-        with self._lock:
-            return len(self._subs.get(job, ()))
