@@ -150,25 +150,13 @@ def generate_regime(
     ``(seed, i)``, so a smaller ``count`` yields a prefix of a larger one.
     """
     _check_regime(regime)
-    _check_sizes(count, tile_size, tiles_per_image)
     if regime == "brightfield-8bit":
         return [
             RegimeTile(t.name, t.source_image, t.image, t.mask)
             for t in synthetic.generate_tiles(count, tile_size=tile_size, seed=seed, tiles_per_image=tiles_per_image)
         ]
-    render = _renderer(regime)
-    n_images = math.ceil(count / tiles_per_image)
-    # Same naming as segcore.synthetic.generate_tiles.
-    digits = max(2, len(str(max(n_images, tiles_per_image) - 1)))
-    tiles: list[RegimeTile] = []
-    for img_idx, child in enumerate(np.random.SeedSequence(seed).spawn(n_images)):
-        source = f"img{img_idx:0{digits}d}"
-        # Always render the full source image so pixels never depend on count.
-        rendered = render(child, tile_size, tiles_per_image)
-        n_here = min(tiles_per_image, count - len(tiles))
-        for tile_idx, (image, mask) in enumerate(rendered[:n_here]):
-            tiles.append(RegimeTile(f"{source}_tile{tile_idx:0{digits}d}", source, image, mask))
-    return tiles
+    return [RegimeTile(*cut) for cut in synthetic.cut_tiles(count, _renderer(regime), tile_size=tile_size, seed=seed,
+                                                            tiles_per_image=tiles_per_image)]
 
 
 def encode_image(image: np.ndarray) -> bytes:
@@ -212,15 +200,6 @@ def _check_regime(regime: str) -> None:
         raise ValueError(f"unknown regime {regime!r}; valid regimes: {', '.join(REGIMES)}")
 
 
-def _check_sizes(count: int, tile_size: int, tiles_per_image: int) -> None:
-    if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
-    if tile_size < 16:
-        raise ValueError(f"tile_size must be >= 16, got {tile_size}")
-    if tiles_per_image < 1:
-        raise ValueError(f"tiles_per_image must be >= 1, got {tiles_per_image}")
-
-
 def _is_png_encodable(image: np.ndarray) -> bool:
     if image.dtype == np.uint8:
         return image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)
@@ -246,6 +225,12 @@ def _layout(tile_size: int, n_tiles: int) -> tuple[int, int]:
     """Grid (rows, cols) of tiles that make up one source image."""
     cols = math.ceil(math.sqrt(n_tiles))
     return math.ceil(n_tiles / cols), cols
+
+
+def _canvas(tile_size: int, n_tiles: int) -> tuple[int, int, float]:
+    """Height and width of a source image of ``n_tiles`` tiles, and the geometry scale."""
+    rows, cols = _layout(tile_size, n_tiles)
+    return rows * tile_size, cols * tile_size, tile_size / _REF_TILE
 
 
 def _cut_tiles(image: np.ndarray, mask: np.ndarray, tile_size: int, n_tiles: int) -> _Rendered:
@@ -280,9 +265,7 @@ def _render_fluorescence_source(
 
 def _fluorescence_scene(rng: np.random.Generator, tile_size: int, n_tiles: int) -> tuple[np.ndarray, np.ndarray]:
     """Relative fluorophore map (nuclei ~0.5-1.9, background 0) and its mask."""
-    rows, cols = _layout(tile_size, n_tiles)
-    h, w = rows * tile_size, cols * tile_size
-    scale = tile_size / _REF_TILE
+    h, w, scale = _canvas(tile_size, n_tiles)
     fluor = np.zeros((h, w), dtype=np.float32)
     mask = np.zeros((h, w), dtype=np.uint8)
     chromatin = _smooth_noise(rng, h, w, cell_sizes=(2.5 * scale, 5.0 * scale), weights=(0.6, 1.0))
@@ -439,9 +422,7 @@ def _gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
 def _render_he_source(seq: np.random.SeedSequence, tile_size: int, n_tiles: int) -> _Rendered:
     """Render one H&E source image: textured stroma, cytoplasm, nuclei."""
     rng = np.random.default_rng(seq)
-    rows, cols = _layout(tile_size, n_tiles)
-    h, w = rows * tile_size, cols * tile_size
-    scale = tile_size / _REF_TILE
+    h, w, scale = _canvas(tile_size, n_tiles)
     style = _random_stain_style(rng)
     od = _stroma(rng, h, w, scale, style.fibre_angle)[..., None] * style.eosin_od.astype(np.float32)
     mask = np.zeros((h, w), dtype=np.uint8)

@@ -22,7 +22,7 @@ Only numpy, pillow and the standard library are used.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,35 +91,39 @@ def generate_tiles(
     Deterministic for a given ``seed``; source image ``i`` depends only on
     ``(seed, i)``, so a smaller ``count`` yields a prefix of a larger one.
     """
+    def render(child: np.random.SeedSequence, size: int, n_tiles: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return _render_source_image(np.random.default_rng(child), size, n_tiles)
+
+    return [SyntheticTile(*cut) for cut in cut_tiles(count, render, tile_size=tile_size, seed=seed,
+                                                     tiles_per_image=tiles_per_image)]
+
+
+SourceRenderer = Callable[[np.random.SeedSequence, int, int], Sequence[tuple[np.ndarray, np.ndarray]]]
+
+
+def cut_tiles(count: int, render: SourceRenderer, *, tile_size: int, seed: int, tiles_per_image: int
+              ) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """``(name, source_image, image, mask)`` of ``count`` tiles, ``tiles_per_image`` per source
+    image; ``render(stream, tile_size, tiles_per_image)`` draws one source image's tiles.
+
+    Source image ``i`` gets its own ``SeedSequence.spawn`` stream and is always rendered whole, so
+    images do not shift when ``count`` changes and a smaller ``count`` is a prefix of a larger one.
+    """
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     if tile_size < 16:
         raise ValueError(f"tile_size must be >= 16, got {tile_size}")
     if tiles_per_image < 1:
         raise ValueError(f"tiles_per_image must be >= 1, got {tiles_per_image}")
-
     n_images = math.ceil(count / tiles_per_image)
-    # One independent stream per source image (SeedSequence.spawn), so images
-    # do not shift when count changes.
-    children = np.random.SeedSequence(seed).spawn(n_images)
     digits = max(2, len(str(max(n_images, tiles_per_image) - 1)))
-    tiles: list[SyntheticTile] = []
-    for img_idx, child in enumerate(children):
-        rng = np.random.default_rng(child)
+    tiles: list[tuple[str, str, np.ndarray, np.ndarray]] = []
+    for img_idx, child in enumerate(np.random.SeedSequence(seed).spawn(n_images)):
         source = f"img{img_idx:0{digits}d}"
-        # Always render the full source image, even for a final partial
-        # group, so a tile's pixels never depend on ``count``.
-        rendered = _render_source_image(rng, tile_size, tiles_per_image)
+        rendered = render(child, tile_size, tiles_per_image)
         n_here = min(tiles_per_image, count - len(tiles))
-        for tile_idx, (image, mask) in enumerate(rendered[:n_here]):
-            tiles.append(
-                SyntheticTile(
-                    name=f"{source}_tile{tile_idx:0{digits}d}",
-                    source_image=source,
-                    image=image,
-                    mask=mask,
-                )
-            )
+        tiles += [(f"{source}_tile{i:0{digits}d}", source, image, mask)
+                  for i, (image, mask) in enumerate(rendered[:n_here])]
     return tiles
 
 
