@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -94,7 +95,10 @@ def write_data(regime: str, s: Settings, root: Path) -> Data:
     return Data(regime, root / "set", root / "test", regimes.class_names(regime))
 
 
-def read_pairs(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+Pairs = list[tuple[str, np.ndarray, np.ndarray]]  # (name, image in native units, mask)
+
+
+def read_pairs(folder: Path) -> Pairs:
     """(name, image in native units, mask) for every tile of a folder, sorted by name."""
     pairs = []
     for path in sorted((folder / "tiles").iterdir()):
@@ -129,7 +133,7 @@ class Product:
     train_names: set[str]
 
 
-def run_product(client: Client, data: Data, s: Settings, out: Path) -> Product:
+def run_product(client: Client, data: Data, tests: Pairs, s: Settings, out: Path) -> Product:
     """The job through the stack, and its model's foreground IoU on the held-back tiles."""
     ts = client.create_training_set(f"quality-{data.regime}", data.set_dir / "tiles", data.set_dir / "masks",
                                     class_names=data.classes, group_by=r"^(.*)_tile")
@@ -142,7 +146,6 @@ def run_product(client: Client, data: Data, s: Settings, out: Path) -> Product:
     if done.state != common_pb2.JOB_STATE_SUCCEEDED:
         raise RuntimeError(f"{data.regime}: {job.name} ended {common_pb2.JobState.Name(done.state)}: "
                            f"{done.failure_reason}")
-    tests = read_pairs(data.test_dir)
     masks_dir = out / data.regime / "product-masks"
     client.analyze(done.model, sorted((data.test_dir / "tiles").iterdir()), masks_dir)
     predictions = [imaging.decode_mask((masks_dir / f"{name}.png").read_bytes(), name) for name, _, _ in tests]
@@ -173,7 +176,7 @@ def standardised(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy((pixels - mean) / np.where(std > 0, std, 1.0)).permute(2, 0, 1).contiguous()
 
 
-def run_bare(data: Data, s: Settings, train_names: set[str]) -> tuple[float, float]:
+def run_bare(data: Data, tests: Pairs, s: Settings, train_names: set[str]) -> tuple[float, float]:
     """(foreground IoU, training seconds) of the plain loop on the product's training split."""
     train = [(standardised(i), torch.from_numpy(m)) for n, i, m in read_pairs(data.set_dir) if n in train_names]
     torch.manual_seed(s.seed)
@@ -196,7 +199,6 @@ def run_bare(data: Data, s: Settings, train_names: set[str]) -> tuple[float, flo
             optimiser.step()
     seconds = time.monotonic() - started
     model.eval()
-    tests = read_pairs(data.test_dir)
     with torch.inference_mode():
         predictions = [logits_of(model, standardised(i)[None]).argmax(1)[0].numpy() for _, i, _ in tests]
     return foreground_iou(predictions, [m for _, _, m in tests], len(data.classes)), seconds
@@ -214,8 +216,9 @@ def logits_of(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def run_regime(client: Client, regime: str, s: Settings, out: Path) -> Row:
     data = write_data(regime, s, out / "data" / regime)
-    p = run_product(client, data, s, out)
-    bare_iou, bare_s = run_bare(data, s, p.train_names)
+    tests = read_pairs(data.test_dir)  # decoded once, scored by both sides
+    p = run_product(client, data, tests, s, out)
+    bare_iou, bare_s = run_bare(data, tests, s, p.train_names)
     row = Row(regime, round(p.iou, 4), round(bare_iou, 4), p.normalization, round(p.seconds, 1), round(bare_s, 1),
               round(p.epochs_seconds, 1), p.reason, len(p.train_names), p.iou >= bare_iou - TOLERANCE)
     print(f"  {regime:20} product {p.iou:.4f} ({p.normalization}, {p.seconds:.0f} s, epochs {p.epochs_seconds:.0f} s)"
@@ -259,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM unwinds like Ctrl-C, so the stack's processes are stopped, not orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     out = OUT / "quality"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh stack: sets of an earlier run would collide by name
     torch.set_num_threads(settings.threads)
     started = time.monotonic()
     print(f"bench-quality: {', '.join(chosen)}; {os.cpu_count()} CPUs, {platform.platform()}, "

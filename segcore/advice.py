@@ -58,7 +58,12 @@ class Advice:
 class QualityIssue:
     code: str  # PREDICTIONS_COLLAPSED or CLASS_NOT_LEARNED
     class_name: str
-    message: str
+    finding: str  # what was seen
+
+    @property
+    def message(self) -> str:
+        """The finding and what to check."""
+        return f"{self.finding} {_WHAT_TO_CHECK}"
 
 
 @runtime_checkable
@@ -83,15 +88,14 @@ def quality_issues(result: EpochWithPixels, class_names: Sequence[str]) -> list[
         return [QualityIssue(PREDICTIONS_COLLAPSED, class_names[top], (
             f"Validation predictions collapsed to '{class_names[top]}' ({100 * pred[top] / total_pred:.1f} % of "
             f"pixels) although {100 * (1 - truth[top] / total_true):.1f} % of the validation pixels belong to "
-            f"other classes (epoch {result.epoch}). {_WHAT_TO_CHECK}"))]
+            f"other classes (epoch {result.epoch})."))]
     issues = []
     for c in range(1, len(class_names)):
         iou = result.per_class_iou[c] if c < len(result.per_class_iou) else None
         if truth[c] >= _PRESENT_SHARE * total_true and (iou or 0.0) < _NOT_LEARNED_IOU:
             issues.append(QualityIssue(CLASS_NOT_LEARNED, class_names[c], (
                 f"Class '{class_names[c]}' covers {100 * truth[c] / total_true:.1f} % of the validation pixels "
-                f"but its IoU is {iou or 0.0:.3f} (epoch {result.epoch}): the model does not find it. "
-                f"{_WHAT_TO_CHECK}")))
+                f"but its IoU is {iou or 0.0:.3f} (epoch {result.epoch}): the model does not find it.")))
     return issues
 
 
@@ -161,9 +165,9 @@ class AdviceDetector:
         found = [quality_issues(e, self.class_names) for e in recent if isinstance(e, EpochWithPixels)]
         if len(found) < self.window or not all(found):
             return None
-        return Advice(DEGENERATE, recent[-1].epoch, " ".join(
-            issue.message.replace(_WHAT_TO_CHECK, "").strip() for issue in found[-1]) + (
-            f" This has held for {self.window} epochs. {_WHAT_TO_CHECK}"))
+        findings = " ".join(issue.finding for issue in found[-1])
+        return Advice(DEGENERATE, recent[-1].epoch,
+                      f"{findings} This has held for {self.window} epochs. {_WHAT_TO_CHECK}")
 
     def _plateau(self, h: Sequence[EpochLike]) -> Advice | None:
         if len(h) <= self.plateau_window:

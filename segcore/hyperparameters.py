@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 NORMALIZATIONS = ("auto", "percentile", "dataset", "imagenet")
 LOSSES = ("ce", "dice", "ce+dice")
@@ -69,6 +70,11 @@ class Parameter:
             return False
         return not (self.maximum is not None
                     and (value >= self.maximum if self.exclusive_maximum else value > self.maximum))
+
+    def default_text(self) -> str:
+        if self.default is None:
+            return "unset"
+        return str(self.default).lower() if self.kind is bool else str(self.default)
 
     def bounds_text(self) -> str:
         low = "(" if self.exclusive_minimum else "["
@@ -131,7 +137,8 @@ PARAMETERS: tuple[Parameter, ...] = (
 )
 
 BY_NAME: dict[str, Parameter] = {p.name: p for p in PARAMETERS}
-DEFAULTS: dict[str, object] = {p.name: p.default for p in PARAMETERS}
+# Any: TrainConfig's fields take their typed defaults from here (the contract test checks types).
+DEFAULTS: dict[str, Any] = {p.name: p.default for p in PARAMETERS}
 
 
 def violations(values: Mapping[str, object], architectures: Collection[str] | None = None
@@ -162,7 +169,7 @@ def markdown_table() -> str:
     for p in PARAMETERS:
         flag = "--" + p.name.replace("_", "-")
         flag = f"`{flag}` / `--no-{flag[2:]}`" if p.kind is bool else f"`{flag}`"
-        default = "unset" if p.default is None else str(p.default).lower() if p.kind is bool else p.default
+        default = p.default_text()
         if p.choices:
             allowed = ", ".join(f"`{c}`" for c in p.choices)
         elif p.architecture:

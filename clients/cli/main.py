@@ -90,9 +90,8 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per parameter of the training contract; unset flags take the pipeline's defaults."""
     for p in contract.PARAMETERS:
         flag = "--" + p.name.replace("_", "-")
-        default = "unset" if p.default is None else str(p.default).lower() if p.kind is bool else p.default
         limits = f"; {p.bounds_text()}" if p.kind in (int, float) else ""
-        text = f"{p.doc} (default {default}{limits})".replace("%", "%%")
+        text = f"{p.doc} (default {p.default_text()}{limits})".replace("%", "%%")
         if p.kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:

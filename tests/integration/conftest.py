@@ -9,13 +9,16 @@ from pathlib import Path
 import grpc
 import pytest
 from segtrain.metrics.v1 import metrics_pb2_grpc
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.pipeline.v1 import pipeline_pb2_grpc
 
+from clients.sdk import Client
 from services.common.settings import MetricsSettings, PipelineSettings, StorageSettings
 from services.metrics_svc import app as metrics_app
 from services.metrics_svc.service import MetricsService
 from services.pipeline_svc import app as pipeline_app
 from services.pipeline_svc.service import PipelineService
+from tests.helpers import write_sample_set
 
 
 @dataclass
@@ -55,6 +58,20 @@ def metrics_server(tmp_path: Path) -> Iterator[MetricsServer]:
     finally:
         running.channel.close()
         server.stop(0).wait()
+
+
+@pytest.fixture
+def client(pipeline_server: PipelineServer) -> Client:
+    """An SDK client of the in-process pipeline service."""
+    return Client(pipeline_server.address)
+
+
+@pytest.fixture
+def training_set(client: Client, tmp_path: Path) -> pb.TrainingSet:
+    """Twelve synthetic 3-class tiles, split by source image."""
+    tiles, masks = write_sample_set(tmp_path / "set", count=12)
+    return client.create_training_set("cells", tiles, masks, class_names=["background", "nucleus", "debris"],
+                                      group_by=r"^(.*)_tile")
 
 
 @pytest.fixture

@@ -22,11 +22,6 @@ CLASSES = ["background", "cell", "debris"]
 SIZE = 32
 
 
-@pytest.fixture
-def client(pipeline_server: PipelineServer) -> Client:
-    return Client(pipeline_server.address)
-
-
 def write_tiles(folder: Path, count: int = 4) -> list[str]:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)

@@ -18,10 +18,9 @@ from clients.cli.main import build_parser
 from clients.sdk import Client
 from segcore import hyperparameters as contract
 from segcore import regimes
-from segcore.errors import InvalidParameterError, SegcoreError
+from segcore.errors import InvalidParameterError, SegcoreError, UnknownArchitectureError
 from segcore.training import TrainConfig
-from tests.helpers import error_of, violation_fields, write_sample_set
-from tests.integration.conftest import PipelineServer
+from tests.helpers import error_of, violation_fields
 
 CPU_ARCH = "upernet-convnext-cpu"
 
@@ -52,18 +51,6 @@ def _edges(p: contract.Parameter) -> list[tuple[object, bool]]:
 CASES = [(p.name, value, ok) for p in contract.PARAMETERS for value, ok in _edges(p)]
 
 
-@pytest.fixture
-def client(pipeline_server: PipelineServer) -> Client:
-    return Client(pipeline_server.address)
-
-
-@pytest.fixture
-def training_set(client: Client, tmp_path: Path) -> pb.TrainingSet:
-    tiles, masks = write_sample_set(tmp_path / "set", count=12)
-    return client.create_training_set("cells", tiles, masks, class_names=["background", "nucleus", "debris"],
-                                      group_by=r"^(.*)_tile")
-
-
 def test_every_bound_holds_at_create_job_and_in_train_config(client: Client, training_set: pb.TrainingSet) -> None:
     assert len(CASES) > 60
     for name, value, accepted in CASES:
@@ -71,7 +58,8 @@ def test_every_bound_holds_at_create_job_and_in_train_config(client: Client, tra
         setattr(request, name, value)
         if accepted:
             job = client.create_job(pipeline="segmentation", training_set=training_set.name, hyperparameters=request)
-            assert getattr(job.hyperparameters, name) == value or name == "normalization", (name, value)
+            resolved = name == "normalization" and value == "auto"  # CreateJob stores the concrete choice
+            assert getattr(job.hyperparameters, name) == value or resolved, (name, value)
         else:
             error = error_of(client.create_job, pipeline="segmentation", training_set=training_set.name,
                              hyperparameters=request)
@@ -83,7 +71,10 @@ def test_every_bound_holds_at_create_job_and_in_train_config(client: Client, tra
         else:
             with pytest.raises(SegcoreError) as info:
                 config.validate()
-            assert getattr(info.value, "field", "architecture") == name, (name, value)
+            if name == "architecture":
+                assert isinstance(info.value, UnknownArchitectureError), value
+            else:
+                assert isinstance(info.value, InvalidParameterError) and info.value.field == name, (name, value)
 
 
 def test_the_issue_examples_are_refused_at_create_job(client: Client, training_set: pb.TrainingSet) -> None:
@@ -102,6 +93,9 @@ def test_proto_train_config_and_cli_carry_exactly_the_contract() -> None:
     assert [f.name for f in common_pb2.Hyperparameters.DESCRIPTOR.fields] == names
     config_fields = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     assert {n: config_fields[n] for n in names} == contract.DEFAULTS
+    for p in contract.PARAMETERS:  # each default has its parameter's type and passes its own bounds
+        assert (p.default is None and p.optional) or type(p.default) is p.kind, p.name
+        assert p.violation(p.default, [contract.DEFAULT_ARCHITECTURE]) is None, p.name
     assert set(config_fields) - set(names) == {"class_names", "device", "num_threads"}
     parser = build_parser()
     args = parser.parse_args(["jobs", "create", "--pipeline", "p", "--training-set", "s", "--no-augment",

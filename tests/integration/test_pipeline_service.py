@@ -25,18 +25,6 @@ from tests.integration.conftest import PipelineServer
 TABLES = ["pipelines", "training_sets", "tiles", "jobs", "models", "event_outbox"]
 
 
-@pytest.fixture
-def client(pipeline_server: PipelineServer) -> Client:
-    return Client(pipeline_server.address)
-
-
-@pytest.fixture
-def training_set(client: Client, tmp_path: Path) -> pb.TrainingSet:
-    tiles, masks = write_sample_set(tmp_path / "set", count=12)
-    return client.create_training_set("cells", tiles, masks, class_names=["background", "nucleus", "debris"],
-                                      group_by=r"^(.*)_tile")
-
-
 def test_default_pipeline_carries_the_seed_defaults(client: Client) -> None:
     pipelines = {p.name: p for p in client.list_pipelines()}
     default = pipelines["pipelines/segmentation"]
