@@ -44,6 +44,11 @@ def parse_name(name: str, collection: str, *, field: str = "name") -> str:
     return resource_id
 
 
+def canonical(name: str, collection: str, *, field: str = "name") -> str:
+    """`collection/{id}` for a name or a bare id (INVALID_ARGUMENT naming `field` otherwise)."""
+    return format_name(collection, parse_name(name, collection, field=field))
+
+
 def pipeline(pipeline_id: str) -> str:
     return format_name(PIPELINES, pipeline_id)
 

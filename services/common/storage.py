@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import re
@@ -14,13 +15,15 @@ from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error
 
-from services.common.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
 from services.common.settings import StorageSettings
 
 log = logging.getLogger(__name__)
 
 _KEY_PART = re.compile(r"^[A-Za-z0-9._\-]+$")
 MAX_KEY_LENGTH = 512
+# How long a presigned upload or download URL stays valid.
+PRESIGNED_URL_LIFETIME = timedelta(hours=2)
 
 
 def safe_key(key: str, *, field: str, prefix: str = "") -> str:
@@ -41,6 +44,19 @@ def safe_key(key: str, *, field: str, prefix: str = "") -> str:
             field, f"{key!r} is not a valid object key{where} (letters, digits, '._-' and '/' only)"
         )
     return key
+
+
+def verified(data: bytes, *, key: str, sha256: str) -> bytes:
+    """`data` if its SHA-256 is `sha256` (hex); FAILED_PRECONDITION otherwise: the object changed
+    since its hash was recorded, or none was, and loading it would run unknown weights."""
+    if not sha256:
+        raise FailedPreconditionError(f"object {key!r} has no recorded sha256; refusing to load it unverified")
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256.lower():
+        raise FailedPreconditionError(
+            f"object {key!r} does not match the sha256 recorded when it was registered "
+            f"(recorded {sha256[:12]}…, found {actual[:12]}…); it was changed or replaced in storage")
+    return data
 
 
 def _is_missing(exc: S3Error | InvalidResponseError) -> bool:

@@ -52,8 +52,7 @@ class MetricsService:
         self._job_locks = [threading.Lock() for _ in range(64)]
 
     def append(self, job: str, events: Sequence[common_pb2.JobEvent]) -> tuple[int, int]:
-        job_id = names.parse_name(job, names.JOBS, field="job")
-        job = names.format_name(names.JOBS, job_id)
+        job = names.canonical(job, names.JOBS, field="job")
         _validate_events(events)
         with self._job_locks[zlib.crc32(job.encode()) % len(self._job_locks)]:
             with session_scope(self._engine) as session:
@@ -67,7 +66,7 @@ class MetricsService:
         return last, last_source
 
     def list_events(self, job: str, after_seq: int, page_size: int) -> tuple[list[common_pb2.JobEvent], int]:
-        job = _job_name(job)
+        job = names.canonical(job, names.JOBS, field="job")
         check(_range_violations(after_seq, page_size, MAX_APPEND * 5))
         with session_scope(self._engine) as session:
             events = repository.read(session, job=job, after_seq=after_seq, limit=page_size or REPLAY_PAGE)
@@ -75,7 +74,7 @@ class MetricsService:
 
     def history(self, job: str) -> tuple[list[common_pb2.EpochMetrics], int]:
         """Each epoch once: a later attempt's epoch supersedes the earlier attempt's."""
-        job = _job_name(job)
+        job = names.canonical(job, names.JOBS, field="job")
         with session_scope(self._engine) as session:
             epoch_events = repository.read_kind(session, jobs=[job], kind="epoch_metrics")
             finals = repository.read_kind(session, jobs=[job], kind="state_change")
@@ -86,7 +85,7 @@ class MetricsService:
         self, job: str, after_seq: int, *, include_batch_progress: bool, is_active: Callable[[], bool]
     ) -> Iterator[common_pb2.JobEvent | Heartbeat]:
         """Replays the log after `after_seq`, then streams live events; ends after the final event."""
-        job = _job_name(job)
+        job = names.canonical(job, names.JOBS, field="job")
         if after_seq < 0:
             raise InvalidArgumentError.of("after_seq", "must be >= 0")
         sub = self.hub.subscribe(job)  # before the replay, so nothing falls between the two
@@ -139,7 +138,7 @@ class MetricsService:
     def render_charts(self, jobs: Sequence[str], width: int, height: int) -> tuple[bytes, bytes]:
         if not jobs:
             raise InvalidArgumentError.of("jobs", "name at least one job")
-        job_names = [names.format_name(names.JOBS, names.parse_name(j, names.JOBS, field="jobs")) for j in jobs]
+        job_names = [names.canonical(j, names.JOBS, field="jobs") for j in jobs]
         width, height = width or 800, height or 480
         check([v for v in [
             FieldViolation("width", "must be 200..4000") if not 200 <= width <= 4000 else None,
@@ -148,7 +147,7 @@ class MetricsService:
         with session_scope(self._engine) as session:
             epoch_events = repository.read_kind(session, jobs=job_names, kind="epoch_metrics")
         series = {
-            name.removeprefix("jobs/"): [
+            names.parse_name(name, names.JOBS): [
                 charts.EpochPoint(m.epoch, m.train_loss, m.val_loss, m.train_iou, m.val_iou)
                 for m in effective_epochs([e for e in epoch_events if e.job == name])
             ]
@@ -170,10 +169,6 @@ def effective_epochs(events: Sequence[common_pb2.JobEvent]) -> list[common_pb2.E
             epochs = {e: m for e, m in epochs.items() if e < metrics.epoch}
         epochs[metrics.epoch] = metrics
     return [epochs[e] for e in sorted(epochs)]
-
-
-def _job_name(job: str) -> str:
-    return names.format_name(names.JOBS, names.parse_name(job, names.JOBS, field="job"))
 
 
 def _range_violations(after_seq: int, page_size: int, max_page: int) -> list[FieldViolation]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
 from pathlib import PurePosixPath
 
 import grpc
@@ -11,16 +10,21 @@ from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.trainer.v1 import trainer_pb2
 from sqlalchemy.engine import Engine
 
-from services.common import names
+from services.common import names, object_keys
 from services.common.database import session_scope
-from services.common.errors import FieldViolation, InvalidArgumentError, UnavailableError, check
-from services.common.storage import ObjectStore, safe_key
+from services.common.errors import (
+    FailedPreconditionError,
+    FieldViolation,
+    InvalidArgumentError,
+    UnavailableError,
+    check,
+)
+from services.common.storage import PRESIGNED_URL_LIFETIME, ObjectStore
 from services.pipeline_svc import models, nodes
 from services.pipeline_svc.remote import Remotes
 from services.pipeline_svc.scheduler import model_ref
 
 MAX_IMAGES = 1000
-URL_LIFETIME = timedelta(hours=2)
 
 
 def analyze(engine: Engine, store: ObjectStore, remotes: Remotes, request: pb.AnalyzeTilesRequest
@@ -33,7 +37,7 @@ def analyze(engine: Engine, store: ObjectStore, remotes: Remotes, request: pb.An
     stems: set[str] = set()
     for i, key in enumerate(request.image_keys):
         try:
-            safe_key(key, field=f"image_keys[{i}]", prefix="uploads/")
+            object_keys.check_upload_key(key, field=f"image_keys[{i}]")
         except InvalidArgumentError as exc:
             v += exc.violations
         stem = PurePosixPath(key).stem
@@ -51,12 +55,14 @@ def analyze(engine: Engine, store: ObjectStore, remotes: Remotes, request: pb.An
     analysis_id = uuid.uuid4().hex[:16]
     node_id, address = candidates[hash(analysis_id) % len(candidates)]
     trainer_request = trainer_pb2.AnalyzeTilesRequest(
-        model=ref, image_keys=request.image_keys, output_prefix=f"analyses/{analysis_id}/")
+        model=ref, image_keys=request.image_keys, output_prefix=object_keys.analysis_prefix(analysis_id))
     try:
         result = remotes.trainer(address).AnalyzeTiles(trainer_request, timeout=600)
     except grpc.RpcError as exc:
         if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
             raise InvalidArgumentError.of("image_keys", exc.details() or "bad image") from None
+        if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # e.g. the weights fail their sha256 check
+            raise FailedPreconditionError(f"{request.model}: {exc.details()}") from None
         raise UnavailableError(f"trainer node {node_id} could not run the analysis") from None
     return pb.AnalyzeTilesResponse(
         analysis_id=analysis_id, trainer_node=names.trainer_node(node_id),
@@ -68,7 +74,7 @@ def _tile(t: trainer_pb2.TileResult, class_names: list[str], store: ObjectStore)
     total = max(1, t.width * t.height)
     counts = {c.class_index: c.pixel_count for c in t.classes}
     return pb.TileAnalysis(
-        image_key=t.image_key, mask_uri=t.mask_uri, mask_url=store.presign_get(t.mask_uri, URL_LIFETIME),
+        image_key=t.image_key, mask_uri=t.mask_uri, mask_url=store.presign_get(t.mask_uri, PRESIGNED_URL_LIFETIME),
         width=t.width, height=t.height,
         classes=[pb.ClassArea(class_index=i, class_name=name, pixel_count=counts.get(i, 0),
                               fraction=counts.get(i, 0) / total)

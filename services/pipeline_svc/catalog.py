@@ -110,7 +110,7 @@ def create(engine: Engine, request: pb.CreatePipelineRequest, architectures: Arc
             if previous is not None:
                 return previous
         if session.get(PipelineRow, request.pipeline_id) is not None:
-            raise AlreadyExistsError(f"pipelines/{request.pipeline_id} already exists")
+            raise AlreadyExistsError(f"{names.pipeline(request.pipeline_id)} already exists")
         row = PipelineRow(
             id=request.pipeline_id, display_name=p.display_name, type=p.type, class_names=list(p.class_names),
             tile_size=p.tile_size,

@@ -12,11 +12,10 @@ from sqlmodel import Session, col, select
 
 from segcore import intensity
 from services.common import hyperparameters as wire
-from services.common import names
+from services.common import names, object_keys
 from services.common.database import session_scope
 from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from services.common.pagination import page
-from services.common.storage import safe_key
 from services.common.timeutil import utcnow
 from services.pipeline_svc import catalog, hyperparameters, training_sets
 from services.pipeline_svc.tables import JobRow, ModelRow, OutboxRow, TrainingSetRow
@@ -51,7 +50,7 @@ def transition(session: Session, job: JobRow, to: int, *, reason: str = "") -> N
     """Moves `job` to state `to` and queues the state-change event; the caller commits."""
     if to not in TRANSITIONS.get(job.state, set()):
         raise FailedPreconditionError(
-            f"jobs/{job.id} is {state_name(job.state)}; it cannot become {state_name(to)}"
+            f"{names.job(job.id)} is {state_name(job.state)}; it cannot become {state_name(to)}"
         )
     now = utcnow()
     job.state = to
@@ -101,7 +100,7 @@ def create(engine: Engine, request: pb.CreateJobRequest, architectures: catalog.
                 return previous
         pipeline = catalog.get_row(session, request.pipeline, field="pipeline")
         if pipeline.type != pb.Pipeline.TYPE_TRAINING:
-            raise FailedPreconditionError(f"pipelines/{pipeline.id} is not a TRAINING pipeline")
+            raise FailedPreconditionError(f"{names.pipeline(pipeline.id)} is not a TRAINING pipeline")
         training_set = training_sets.get_row(session, request.training_set, field="training_set")
         overrides = request.hyperparameters
         parent = None
@@ -149,7 +148,7 @@ def _check_pretrained(request: pb.CreateJobRequest) -> None:
                                                             "not both")
     if source.startswith(("file:/", "hf:")) and len(source.split(":", 1)[1]) > 1:
         return
-    safe_key(source, field="pretrained_weights", prefix="uploads/")
+    object_keys.check_upload_key(source, field="pretrained_weights")
 
 
 def _parent(session: Session, name: str, overrides: common_pb2.Hyperparameters) -> ModelRow:
@@ -159,7 +158,7 @@ def _parent(session: Session, name: str, overrides: common_pb2.Hyperparameters) 
         raise NotFoundError(names.format_name(names.MODELS, model_id))
     if overrides.HasField("architecture") and overrides.architecture != parent.architecture:
         raise FailedPreconditionError(
-            f"from_model models/{model_id} is a {parent.architecture!r} model; it cannot initialise "
+            f"from_model {names.model(model_id)} is a {parent.architecture!r} model; it cannot initialise "
             f"architecture {overrides.architecture!r}"
         )
     return parent

@@ -24,6 +24,7 @@ from sqlmodel import Session, col, select
 
 from services.common import names
 from services.common.database import session_scope
+from services.common.errors import FailedPreconditionError
 from services.pipeline_svc import jobs, models
 from services.pipeline_svc.remote import Remotes
 from services.pipeline_svc.tables import JobRow, OutboxRow, TrainerNodeRow
@@ -144,7 +145,11 @@ def _finalise(session: Session, job: JobRow, finished: common_pb2.JobFinished, m
     if finished.state == S.JOB_STATE_QUEUED:  # the node shut down gracefully and handed the job back
         jobs.requeue(session, job, finished.reason or "handed back by its trainer node", max_attempts)
     elif finished.state == S.JOB_STATE_SUCCEEDED:
-        models.register(session, job, finished)
+        try:
+            models.register(session, job, finished)
+        except FailedPreconditionError as exc:
+            jobs.transition(session, job, S.JOB_STATE_FAILED, reason=f"model not registered: {exc.message}")
+            return
         job.quality_warnings = [{"code": w.code, "class_name": w.class_name, "message": w.message}
                                 for w in finished.quality_warnings]
         caveat = "; ".join(f"{w.code} ({w.class_name})" for w in finished.quality_warnings)
@@ -153,8 +158,6 @@ def _finalise(session: Session, job: JobRow, finished: common_pb2.JobFinished, m
     elif finished.state == S.JOB_STATE_CANCELLED:
         jobs.transition(session, job, S.JOB_STATE_CANCELLED, reason=finished.reason or "cancelled")
     else:
-        if job.state != S.JOB_STATE_RUNNING and job.state != S.JOB_STATE_CANCELLING:
-            jobs.transition(session, job, S.JOB_STATE_RUNNING)
         jobs.transition(session, job, S.JOB_STATE_FAILED, reason=finished.reason or "failed")
 
 

@@ -14,7 +14,7 @@ from segtrain.trainer.v1 import trainer_pb2
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from services.common import names
+from services.common import names, object_keys
 from services.common.database import session_scope
 from services.pipeline_svc import jobs, models, nodes, training_sets
 from services.pipeline_svc.relay import JobRelay
@@ -119,7 +119,7 @@ class Scheduler(threading.Thread):
             hyperparameters=common_pb2.Hyperparameters.FromString(job.hyperparameters),
             class_names=training_set.class_names, tile_size=pipeline.tile_size,
             training_set=names.training_set(training_set.id), training_set_snapshot=training_set.snapshot,
-            output_prefix=f"jobs/{job.id}/", resume_checkpoint_uri=job.checkpoint_uri,
+            output_prefix=object_keys.attempt_prefix(job.id, job.attempt), resume_checkpoint_uri=job.checkpoint_uri,
             pretrained_weights=job.pretrained_weights,
             tiles=[trainer_pb2.TrainingTile(name=t.name, image_uri=t.image_uri, mask_uri=t.mask_uri,
                                             validation=t.validation)
@@ -147,4 +147,5 @@ class Scheduler(threading.Thread):
 def model_ref(model: ModelRow) -> trainer_pb2.ModelRef:
     finished = common_pb2.JobFinished.FromString(model.finished)
     return trainer_pb2.ModelRef(name=names.model(model.id), weights_uri=finished.best_model.uri,
+                                weights_sha256=model.weights_sha256 or finished.best_model.sha256,
                                 architecture=model.architecture, class_names=model.class_names)

@@ -111,6 +111,8 @@ class ModelRow(SQLModel, table=True):
     tile_size: int
     # Serialized segtrain.common.v1.JobFinished the model was registered from.
     finished: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    # Hex SHA-256 of the registered weights, checked by a node before it loads them.
+    weights_sha256: str = Field(default="", max_length=64, sa_column_kwargs={"server_default": ""})
     parent_model: str = ""
     create_time: datetime = Field(default_factory=utcnow)
 

@@ -2,7 +2,7 @@
 
 Creation reads and checks every tile before anything is written: a set with fatal problems is
 refused naming each tile, and a failure half-way removes what it wrote. Snapshot objects are
-content-addressed (training-sets/{hash}/...), so identical content is stored once.
+content-addressed (services.common.object_keys), so identical content is stored once.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from sqlmodel import Session, col, select
 from segcore import annotations as formats
 from segcore import imaging, intensity, splits
 from segcore.errors import InvalidParameterError, InvalidTileError
-from services.common import names
+from services.common import names, object_keys
 from services.common.database import session_scope
 from services.common.errors import (
     AlreadyExistsError,
@@ -33,13 +33,12 @@ from services.common.errors import (
     check,
 )
 from services.common.pagination import page
-from services.common.storage import ObjectStore, safe_key
+from services.common.storage import ObjectStore
 from services.pipeline_svc import catalog
 from services.pipeline_svc.tables import TileRow, TrainingSetRow
 
 log = logging.getLogger(__name__)
 
-UPLOAD_PREFIX = "uploads/"
 MAX_TILES = 20_000
 MAX_REPORTED = 50
 UNLABELLED = 255
@@ -89,7 +88,7 @@ def create(engine: Engine, store: ObjectStore, request: pb.CreateTrainingSetRequ
         if existing is not None:
             if (existing.snapshot, existing.split_seed, existing.validation_fraction) == (snapshot, seed, fraction):
                 return existing  # the same content again: recognised, not duplicated
-            raise AlreadyExistsError(f"trainingSets/{set_id} already exists with different content")
+            raise AlreadyExistsError(f"{names.training_set(set_id)} already exists with different content")
     written = _write_snapshot(store, snapshot, tiles)
     try:
         with session_scope(engine) as session:
@@ -102,17 +101,17 @@ def create(engine: Engine, store: ObjectStore, request: pb.CreateTrainingSetRequ
             )
             session.add(row)
             session.flush()
-            prefix = snapshot_prefix(snapshot)
             for t in tiles:
                 session.add(TileRow(
-                    training_set=set_id, name=t.name, image_uri=f"{prefix}images/{t.name}{t.image_ext}",
-                    mask_uri=f"{prefix}masks/{t.name}.png", source_image=t.source_image,
+                    training_set=set_id, name=t.name, source_image=t.source_image,
+                    image_uri=object_keys.snapshot_image(snapshot, t.name, t.image_ext),
+                    mask_uri=object_keys.snapshot_mask(snapshot, t.name),
                     width=t.width, height=t.height, validation=t.name in validation,
                 ))
         return row
     except IntegrityError:
         _undo(engine, store, snapshot, written)
-        raise AlreadyExistsError(f"trainingSets/{set_id} was created concurrently") from None
+        raise AlreadyExistsError(f"{names.training_set(set_id)} was created concurrently") from None
     except BaseException:
         _undo(engine, store, snapshot, written)
         raise
@@ -124,10 +123,6 @@ def _undo(engine: Engine, store: ObjectStore, snapshot: str, written: list[str])
         shared = session.exec(select(TrainingSetRow.id).where(TrainingSetRow.snapshot == snapshot)).first()
     if shared is None:
         store.delete_many(written)
-
-
-def snapshot_prefix(snapshot: str) -> str:
-    return f"training-sets/{snapshot.removeprefix('sha256:')[:32]}/"
 
 
 def get_row(session: Session, name: str, *, field: str = "name") -> TrainingSetRow:
@@ -168,7 +163,7 @@ def _check_request(request: pb.CreateTrainingSetRequest, class_names: list[str])
         v.append(FieldViolation("annotations_key", "COCO annotations come in one file: set annotations_key"))
     if collection:
         try:
-            safe_key(request.annotations_key, field="annotations_key", prefix=UPLOAD_PREFIX)
+            object_keys.check_upload_key(request.annotations_key, field="annotations_key")
         except InvalidArgumentError as exc:
             v += exc.violations
     if request.HasField("instance_class") and not 1 <= request.instance_class < len(class_names):
@@ -182,7 +177,7 @@ def _check_request(request: pb.CreateTrainingSetRequest, class_names: list[str])
             keys.append(("annotation_key", tile.annotation_key))
         for field, key in keys:
             try:
-                safe_key(key, field=f"tiles[{i}].{field}", prefix=UPLOAD_PREFIX)
+                object_keys.check_upload_key(key, field=f"tiles[{i}].{field}")
             except InvalidArgumentError as exc:
                 v += exc.violations
         stem = PurePosixPath(tile.image_key).stem
@@ -327,10 +322,9 @@ def _put(store: ObjectStore, key: str, data: bytes) -> str:
 
 def _write_snapshot(store: ObjectStore, snapshot: str, tiles: list[_CheckedTile]) -> list[str]:
     """Writes the snapshot's objects that are not there yet; returns the keys written."""
-    prefix = snapshot_prefix(snapshot)
-    existing = set(store.list_keys(prefix))
-    uploads = [(f"{prefix}images/{t.name}{t.image_ext}", t.image_bytes) for t in tiles]
-    uploads += [(f"{prefix}masks/{t.name}.png", t.mask_png) for t in tiles]
+    existing = set(store.list_keys(object_keys.snapshot_prefix(snapshot)))
+    uploads = [(object_keys.snapshot_image(snapshot, t.name, t.image_ext), t.image_bytes) for t in tiles]
+    uploads += [(object_keys.snapshot_mask(snapshot, t.name), t.mask_png) for t in tiles]
     todo = [(k, data) for k, data in uploads if k not in existing]
     written: list[str] = []
     try:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
 
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 
+from services.common import object_keys
 from services.common.errors import FieldViolation, check
-from services.common.storage import ObjectStore, safe_key
+from services.common.storage import PRESIGNED_URL_LIFETIME, ObjectStore
 from services.common.timeutil import to_timestamp, utcnow
 
-URL_LIFETIME = timedelta(hours=2)
 MAX_FILES = 5000
 
 
@@ -30,6 +29,6 @@ def create(store: ObjectStore, file_names: list[str]) -> pb.Upload:
     upload_id = uuid.uuid4().hex
     files = []
     for i, name in enumerate(file_names):
-        key = safe_key(f"uploads/{upload_id}/{name}", field=f"file_names[{i}]")
-        files.append(pb.Upload.File(file_name=name, key=key, url=store.presign_put(key, URL_LIFETIME)))
-    return pb.Upload(upload_id=upload_id, files=files, expire_time=to_timestamp(utcnow() + URL_LIFETIME))
+        key = object_keys.upload_key(upload_id, name, field=f"file_names[{i}]")
+        files.append(pb.Upload.File(file_name=name, key=key, url=store.presign_put(key, PRESIGNED_URL_LIFETIME)))
+    return pb.Upload(upload_id=upload_id, files=files, expire_time=to_timestamp(utcnow() + PRESIGNED_URL_LIFETIME))

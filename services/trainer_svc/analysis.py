@@ -18,8 +18,9 @@ from segcore.checkpoint import ModelMeta
 from segcore.config import resolve_device
 from segcore.errors import InvalidTileError
 from segcore.imaging import Normalization
+from services.common import object_keys
 from services.common.errors import InvalidArgumentError, NotFoundError
-from services.common.storage import ObjectStore, safe_key
+from services.common.storage import ObjectStore, verified
 
 CACHED_MODELS = 2
 BATCH = 8  # tiles per forward pass (those that fit one window and share a shape)
@@ -41,8 +42,8 @@ class Analyzer:
             initializer=(lambda: torch.set_num_threads(num_threads)) if num_threads else None)
 
     def analyze(self, request: trainer_pb2.AnalyzeTilesRequest) -> trainer_pb2.AnalyzeTilesResponse:
-        prefix = safe_key(request.output_prefix.rstrip("/"), field="output_prefix") + "/"
-        model, meta = self._model(request.model.weights_uri)
+        prefix = object_keys.check_analysis_prefix(request.output_prefix, field="output_prefix")
+        model, meta = self._model(request.model)
         norm = Normalization.from_dict(meta.normalization)
         keys = list(request.image_keys)
         stored: list[Future[trainer_pb2.TileResult]] = []
@@ -63,7 +64,7 @@ class Analyzer:
             for f in [*images, *stored]:
                 f.cancel()
             wait(stored)
-            self._store.delete_many([f"{prefix}masks/{PurePosixPath(k).stem}.png" for k in keys])  # no half analysis
+            self._store.delete_many([object_keys.analysis_mask(prefix, k) for k in keys])  # no half analysis
             raise
         return trainer_pb2.AnalyzeTilesResponse(tiles=results)
 
@@ -79,7 +80,7 @@ class Analyzer:
             raise InvalidArgumentError.of(f"image_keys[{i}]", str(exc)) from None
 
     def _write(self, key: str, mask: np.ndarray, prefix: str, num_classes: int) -> trainer_pb2.TileResult:
-        out = f"{prefix}masks/{PurePosixPath(key).stem}.png"
+        out = object_keys.analysis_mask(prefix, key)
         self._store.put(out, imaging.encode_mask_png(mask), content_type="image/png")
         counts = inference.class_pixel_counts(mask, num_classes)
         return trainer_pb2.TileResult(
@@ -87,16 +88,20 @@ class Analyzer:
             classes=[trainer_pb2.ClassPixels(class_index=c, pixel_count=n) for c, n in enumerate(counts)],
         )
 
-    def _model(self, weights_uri: str) -> tuple[torch.nn.Module, ModelMeta]:
+    def _model(self, ref: trainer_pb2.ModelRef) -> tuple[torch.nn.Module, ModelMeta]:
+        """The model, from the cache or loaded from storage after its sha256 check."""
+        cache_key = f"{ref.weights_uri}@{ref.weights_sha256}"
         with self._lock:
-            if weights_uri in self._models:
-                self._models.move_to_end(weights_uri)
-                return self._models[weights_uri]
-        model, meta = checkpoint.load_model(self._store.get(weights_uri))
+            if cache_key in self._models:
+                self._models.move_to_end(cache_key)
+                return self._models[cache_key]
+        object_keys.check_model_key(ref.weights_uri, field="model.weights_uri")
+        data = verified(self._store.get(ref.weights_uri), key=ref.weights_uri, sha256=ref.weights_sha256)
+        model, meta = checkpoint.load_model(data)
         model.eval()
         model.to(resolve_device(self._device))  # None: CUDA when available, as for training
         with self._lock:
-            self._models[weights_uri] = (model, meta)
+            self._models[cache_key] = (model, meta)
             while len(self._models) > CACHED_MODELS:
                 self._models.popitem(last=False)
         return model, meta

@@ -28,8 +28,9 @@ from segcore.intensity import Normalization
 from segcore.progress import EpochResult
 from segcore.training import Sample, TrainConfig, TrainingState, TrainResult, train
 from services.common import hyperparameters as wire
+from services.common import object_keys
 from services.common.errors import DomainError, UnavailableError
-from services.common.storage import ObjectStore
+from services.common.storage import ObjectStore, verified
 from services.common.timeutil import to_duration
 from services.trainer_svc.runs import JobRun
 
@@ -139,6 +140,10 @@ class _PatientStore:
     def get(self, key: str) -> bytes:
         return self._retry(lambda: self._store.get(key))
 
+    def get_model(self, ref: trainer_pb2.ModelRef) -> bytes:
+        """A registered model's weights, checked against the sha256 recorded at registration."""
+        return verified(self.get(ref.weights_uri), key=ref.weights_uri, sha256=ref.weights_sha256)
+
     def put(self, key: str, data: bytes) -> None:
         self._retry(lambda: self._store.put(key, data))
 
@@ -223,7 +228,7 @@ class JobExecutor:
             return self._pretrained_model(run, request, config), None
         if not request.HasField("from_model"):
             return None, None
-        parent, meta = checkpoint.load_model(self._store.get(request.from_model.weights_uri))
+        parent, meta = checkpoint.load_model(self._store.get_model(request.from_model))
         inherited = Normalization.from_dict(meta.normalization)
         normalization = inherited if inherited.mode == config.normalization else None
         return self._fine_tuned(run, request, config, parent, meta), normalization
@@ -276,7 +281,7 @@ class JobExecutor:
         reporter.phase_after_epoch(S.PHASE_CHECKPOINTING, state.epoch)
         data = checkpoint.save_training_state(state)
         # One rolling full-state checkpoint: resume needs only the latest (no per-epoch bloat).
-        key = f"{request.output_prefix}checkpoints/state-latest.pt"
+        key = object_keys.state_checkpoint(request.output_prefix)
         self._store.put(key, data)
         run.emit(S.JobEvent(checkpoint_saved=S.CheckpointSaved(epoch=state.epoch, uri=key, size_bytes=len(data),
                                                                 kind="state")))
@@ -295,8 +300,8 @@ class JobExecutor:
         meta = checkpoint.model_meta_for(config, result, tile_size=request.tile_size, extra={
             "job": request.job, "training_set": request.training_set,
             "training_set_snapshot": request.training_set_snapshot})
-        best = self._put_model(f"{request.output_prefix}models/best.safetensors", result.best_state, meta)
-        final = self._put_model(f"{request.output_prefix}models/final.safetensors", result.final_state, meta)
+        best = self._put_model(object_keys.model_weights(request.output_prefix, "best"), result.best_state, meta)
+        final = self._put_model(object_keys.model_weights(request.output_prefix, "final"), result.final_state, meta)
         best_result = next(r for r in result.history if r.epoch == result.best_epoch)
         why = f"highest validation IoU ({best_result.val_iou:.4f}) of {len(result.history)} epochs"
         if result.stopped:

@@ -12,9 +12,8 @@ from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2, pipeline_pb2_grpc
 from segtrain.trainer.v1 import trainer_pb2
 
-from services.common import names
+from services.common import names, object_keys
 from services.common.errors import FailedPreconditionError, FieldViolation, check
-from services.common.storage import safe_key
 from services.trainer_svc.analysis import Analyzer
 from services.trainer_svc.executor import JobExecutor
 from services.trainer_svc.runs import RunRegistry
@@ -57,17 +56,24 @@ class TrainerNode:
 
 
 def _validate(request: trainer_pb2.RunJobRequest) -> None:
-    names.parse_name(request.job, names.JOBS, field="job")
+    """Every key the attempt reads lies in the layout's place for it; it writes only under its own
+    attempt's prefix."""
+    job_id = names.parse_name(request.job, names.JOBS, field="job")
     v = []
     if request.attempt < 1:
         v.append(FieldViolation("attempt", "must be >= 1"))
     if not request.tiles:
         v.append(FieldViolation("tiles", "no tiles"))
-    for i, tile in enumerate(request.tiles):
-        safe_key(tile.image_uri, field=f"tiles[{i}].image_uri", prefix="training-sets/")
-        safe_key(tile.mask_uri, field=f"tiles[{i}].mask_uri", prefix="training-sets/")
-    safe_key(request.output_prefix.rstrip("/"), field="output_prefix", prefix="jobs/")
     check(v)
+    for i, tile in enumerate(request.tiles):
+        object_keys.check_snapshot_key(tile.image_uri, field=f"tiles[{i}].image_uri")
+        object_keys.check_snapshot_key(tile.mask_uri, field=f"tiles[{i}].mask_uri")
+    object_keys.check_attempt_prefix(request.output_prefix, job_id=job_id, attempt=request.attempt,
+                                     field="output_prefix")
+    if request.resume_checkpoint_uri:
+        object_keys.check_job_key(request.resume_checkpoint_uri, job_id=job_id, field="resume_checkpoint_uri")
+    if request.HasField("from_model"):
+        object_keys.check_model_key(request.from_model.weights_uri, field="from_model.weights_uri")
 
 
 class Registration(threading.Thread):

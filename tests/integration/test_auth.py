@@ -167,7 +167,7 @@ MALFORMED = [
                                                         tiles=[trainer_pb2.TrainingTile(
                                                             name="a", image_uri="training-sets/s/a.png",
                                                             mask_uri="training-sets/s/a.png")])), "attempt"),
-    ("trainer", trn("RunJob", trainer_pb2.RunJobRequest(job="jobs/j-1", attempt=1, output_prefix="jobs/j-1/",
+    ("trainer", trn("RunJob", trainer_pb2.RunJobRequest(job="jobs/j-1", attempt=1, output_prefix="jobs/j-1/attempts/1/",
                                                         tiles=[trainer_pb2.TrainingTile(
                                                             name="a", image_uri="/etc/passwd",
                                                             mask_uri="training-sets/s/a.png")])), "tiles[0].image_uri"),

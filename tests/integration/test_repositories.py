@@ -11,13 +11,14 @@ from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
+from services.common import object_keys
 from services.common.database import make_engine, session_scope
 from services.common.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
 from services.metrics_svc import repository as events
 from services.metrics_svc.tables import TABLES as METRICS_TABLES
-from services.pipeline_svc import catalog, jobs
+from services.pipeline_svc import catalog, jobs, models, scheduler
 from services.pipeline_svc.tables import TABLES as PIPELINE_TABLES
-from services.pipeline_svc.tables import JobRow, OutboxRow, TrainingSetRow
+from services.pipeline_svc.tables import JobRow, ModelRow, OutboxRow, TrainingSetRow
 
 
 def _event(attempt: int, source_seq: int) -> common_pb2.JobEvent:
@@ -156,4 +157,33 @@ def test_a_database_from_before_new_columns_gets_them_with_their_defaults(databa
         old.quality_warnings = [{"code": "CLASS_NOT_LEARNED", "class_name": "b", "message": "m"}]
     with session_scope(engine) as session:
         assert session.get(JobRow, "j-1").quality_warnings[0]["code"] == "CLASS_NOT_LEARNED"  # type: ignore[union-attr]
+    engine.dispose()
+
+
+def _finished(job_id: str, attempt: int, sha: str = "ab" * 32) -> common_pb2.JobFinished:
+    prefix = object_keys.attempt_prefix(job_id, attempt)
+    return common_pb2.JobFinished(
+        state=common_pb2.JOB_STATE_SUCCEEDED,
+        best_model=common_pb2.Artifact(uri=object_keys.model_weights(prefix, "best"), sha256=sha),
+        final_model=common_pb2.Artifact(uri=object_keys.model_weights(prefix, "final"), sha256=sha))
+
+
+def test_a_model_is_registered_only_from_its_own_attempts_keys_with_its_sha256(database_url: str) -> None:
+    """A stale attempt's weights, or weights without a hash, are never registered; the hash of
+    what is registered is recorded for every later load to check."""
+    engine = make_engine(database_url, PIPELINE_TABLES)
+    catalog.seed_defaults(engine)
+    add_job(engine, state=common_pb2.JOB_STATE_RUNNING, attempt=2, trainer_node="n1")
+    with session_scope(engine) as session:
+        job = jobs.get_row(session, "jobs/j-1")
+        for refused, why in ((_finished("j-1", 1), "attempts/2/models/best"),  # the earlier attempt's file
+                             (_finished("j-2", 2), "attempts/2/models/best"),  # another job's file
+                             (_finished("j-1", 2, sha=""), "sha256")):
+            with pytest.raises(FailedPreconditionError, match=why):
+                models.register(session, job, refused)
+        row = models.register(session, job, _finished("j-1", 2))
+    with session_scope(engine) as session:
+        stored = session.get(ModelRow, row.id)
+        assert stored is not None and stored.weights_sha256 == "ab" * 32
+        assert scheduler.model_ref(stored).weights_sha256 == "ab" * 32
     engine.dispose()

@@ -17,8 +17,10 @@ from segtrain.trainer.v1 import trainer_pb2
 from segcore import advice as advice_module
 from segcore import synthetic
 from segcore.architectures import build_model
-from services.common.errors import UnavailableError
+from services.common import object_keys
+from services.common.errors import FailedPreconditionError, UnavailableError
 from services.common.storage import ObjectStore
+from services.trainer_svc.analysis import Analyzer
 from services.trainer_svc.executor import JobExecutor
 from services.trainer_svc.runs import JobRun
 from tests.helpers import png_bytes
@@ -44,7 +46,7 @@ def request(tiles: list[trainer_pb2.TrainingTile], *, epochs: int = 2, classes: 
     job = f"j-{uuid.uuid4().hex[:8]}"
     return trainer_pb2.RunJobRequest(
         job=f"jobs/{job}", attempt=1, class_names=classes or synthetic.CLASS_NAMES, tile_size=64, tiles=tiles,
-        output_prefix=f"jobs/{job}/", hyperparameters=S.Hyperparameters(
+        output_prefix=object_keys.attempt_prefix(job, 1), hyperparameters=S.Hyperparameters(
             architecture="upernet-convnext-cpu", epochs=epochs, batch_size=4, learning_rate=0.003, seed=0,
             weight_decay=0.01, augment=True, loss="ce+dice", checkpoint_every=1), **kw)
 
@@ -147,7 +149,8 @@ def test_advice_from_the_detector_becomes_events(store: ObjectStore, tiles: list
 def test_fine_tuning_a_parent_with_another_class_map_keeps_the_backbone(store: ObjectStore, tiles: list) -> None:  # type: ignore[type-arg]
     parent = execute(store, request(tiles, epochs=1)).events[-1].finished
     child = request(tiles, epochs=1, classes=["background", "cell", "debris", "other"], from_model=trainer_pb2.ModelRef(
-        name="models/m-parent", weights_uri=parent.best_model.uri, architecture="upernet-convnext-cpu",
+        name="models/m-parent", weights_uri=parent.best_model.uri, weights_sha256=parent.best_model.sha256,
+        architecture="upernet-convnext-cpu",
         class_names=synthetic.CLASS_NAMES))
     run = execute(store, child)
     # One epoch on ten tiles also leaves classes unlearned: those are quality warnings, not this one's.
@@ -192,6 +195,7 @@ def test_resuming_from_a_checkpoint_continues_after_its_epoch(store: ObjectStore
     second = trainer_pb2.RunJobRequest()
     second.CopyFrom(first)
     second.attempt, second.resume_checkpoint_uri = 2, checkpoint.uri
+    second.output_prefix = object_keys.attempt_prefix(second.job.removeprefix("jobs/"), 2)
     resumed = execute(store, second)
     assert [m.epoch for m in kinds(resumed, "epoch_metrics")] == [3]
     assert resumed.events[-1].finished.state == S.JOB_STATE_SUCCEEDED
@@ -230,3 +234,26 @@ def test_stop_early_keeps_and_returns_the_best_model(store: ObjectStore, tiles: 
     finished = run.events[-1].finished
     assert finished.state == S.JOB_STATE_SUCCEEDED and store.exists(finished.best_model.uri)
     assert "stopped early" in finished.selection_reason and finished.epochs_trained >= 2
+
+
+def test_attempts_write_apart_and_a_changed_model_is_never_loaded(store: ObjectStore, tiles: list) -> None:  # type: ignore[type-arg]
+    """Two attempts of one job keep their own files; weights replaced in storage after their hash
+    was recorded are refused as a parent (the job fails saying so) and for analysis."""
+    first = request(tiles, epochs=1)
+    second = trainer_pb2.RunJobRequest()
+    second.CopyFrom(first)
+    second.attempt, second.output_prefix = 2, object_keys.attempt_prefix(first.job.removeprefix("jobs/"), 2)
+    a, b = execute(store, first).events[-1].finished, execute(store, second).events[-1].finished
+    assert a.best_model.uri != b.best_model.uri and store.exists(a.best_model.uri) and store.exists(b.best_model.uri)
+
+    weights = store.get(a.best_model.uri)  # someone changes one weight of the registered file (the last
+    store.put(a.best_model.uri, weights[:-1] + bytes([weights[-1] ^ 1]))  # bytes are tensor data: it still loads
+    ref = trainer_pb2.ModelRef(name="models/m-a", weights_uri=a.best_model.uri, weights_sha256=a.best_model.sha256,
+                               architecture="upernet-convnext-cpu", class_names=synthetic.CLASS_NAMES)
+    child = execute(store, request(tiles, epochs=1, from_model=ref)).events[-1].finished
+    assert child.state == S.JOB_STATE_FAILED and "does not match the sha256" in child.reason
+    analysis = trainer_pb2.AnalyzeTilesRequest(model=ref, image_keys=[tiles[0].image_uri],
+                                               output_prefix=object_keys.analysis_prefix("a-tampered"))
+    with pytest.raises(FailedPreconditionError, match="does not match the sha256"):
+        Analyzer(store, "cpu", 1).analyze(analysis)
+    assert not store.list_keys(object_keys.analysis_prefix("a-tampered"))

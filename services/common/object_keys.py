@@ -1,0 +1,132 @@
+"""The object-store layout: every prefix and key shape in the bucket, and the checks that a key
+from a request or a peer lies where it should. No other module writes a key literal.
+
+Keys a job attempt writes carry the attempt, so an attempt that outlives its assignment (a node
+that was paused and resumes after the job was re-run elsewhere) can never overwrite what a later
+attempt registered. `LAYOUT` is the table the README's "Object keys" section shows (a test keeps
+the two identical).
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Literal
+
+from services.common.errors import InvalidArgumentError
+from services.common.storage import safe_key
+
+UPLOADS = "uploads/"
+SNAPSHOTS = "training-sets/"
+JOBS = "jobs/"
+ANALYSES = "analyses/"
+
+ModelKind = Literal["best", "final"]
+
+# (key pattern, written by, what): the README's "Object keys" table.
+LAYOUT: tuple[tuple[str, str, str], ...] = (
+    (f"{UPLOADS}{{upload_id}}/{{file}}", "clients, via presigned PUTs from `CreateUpload`",
+     "tiles and masks to turn into a training set; images to analyse; pretrained weights"),
+    (f"{SNAPSHOTS}{{snapshot-hash[:32]}}/images/{{tile}}{{ext}}", "pipeline (`CreateTrainingSet`)",
+     "tile images of a snapshot, content-addressed: identical sets share them"),
+    (f"{SNAPSHOTS}{{snapshot-hash[:32]}}/masks/{{tile}}.png", "pipeline",
+     "the checked class-index masks, re-encoded as PNG"),
+    (f"{JOBS}{{job}}/attempts/{{attempt}}/checkpoints/state-latest.pt", "trainer",
+     "the attempt's rolling full-state checkpoint (weights, optimiser, scheduler, RNG state, best weights so "
+     "far, history), overwritten every `checkpoint_every` epochs and after the last; the next attempt resumes "
+     "from it"),
+    (f"{JOBS}{{job}}/attempts/{{attempt}}/models/best.safetensors", "trainer",
+     "the registered model: weights of the best epoch by validation IoU, with metadata (architecture, "
+     "classes, normalisation, versions); its sha256 is recorded at registration and checked on every load"),
+    (f"{JOBS}{{job}}/attempts/{{attempt}}/models/final.safetensors", "trainer", "weights after the last epoch"),
+    (f"{ANALYSES}{{analysis_id}}/masks/{{stem}}.png", "trainer (`AnalyzeTiles`)", "predicted class-index masks"),
+)
+
+
+# Uploads -------------------------------------------------------------------------------------
+
+def upload_key(upload_id: str, file_name: str, *, field: str) -> str:
+    return safe_key(f"{UPLOADS}{upload_id}/{file_name}", field=field)
+
+
+def check_upload_key(key: str, *, field: str) -> str:
+    """`key` if it names an uploaded object; INVALID_ARGUMENT naming `field` otherwise."""
+    return safe_key(key, field=field, prefix=UPLOADS)
+
+
+# Training-set snapshots ----------------------------------------------------------------------
+
+def snapshot_prefix(snapshot: str) -> str:
+    """Where a snapshot's objects live: content-addressed by the snapshot hash ("sha256:...")."""
+    return f"{SNAPSHOTS}{snapshot.removeprefix('sha256:')[:32]}/"
+
+
+def snapshot_image(snapshot: str, tile: str, ext: str) -> str:
+    return f"{snapshot_prefix(snapshot)}images/{tile}{ext}"
+
+
+def snapshot_mask(snapshot: str, tile: str) -> str:
+    return f"{snapshot_prefix(snapshot)}masks/{tile}.png"
+
+
+def check_snapshot_key(key: str, *, field: str) -> str:
+    return safe_key(key, field=field, prefix=SNAPSHOTS)
+
+
+# Job attempts ----------------------------------------------------------------------------------
+
+def job_prefix(job_id: str) -> str:
+    return f"{JOBS}{job_id}/"
+
+
+def attempt_prefix(job_id: str, attempt: int) -> str:
+    """Everything one attempt of a job writes lies under this prefix."""
+    if attempt < 1:
+        raise ValueError(f"attempts count from 1, got {attempt}")
+    return f"{job_prefix(job_id)}attempts/{attempt}/"
+
+
+def state_checkpoint(attempt_prefix: str) -> str:
+    return f"{attempt_prefix}checkpoints/state-latest.pt"
+
+
+def model_weights(attempt_prefix: str, kind: ModelKind) -> str:
+    return f"{attempt_prefix}models/{kind}.safetensors"
+
+
+def check_attempt_prefix(prefix: str, *, job_id: str, attempt: int, field: str) -> str:
+    """`prefix` if it is the one this job attempt writes under; INVALID_ARGUMENT otherwise."""
+    expected = attempt_prefix(job_id, attempt)
+    if prefix != expected:
+        raise InvalidArgumentError.of(field, f"must be {expected!r} for this job attempt, got {prefix!r}")
+    return prefix
+
+
+def check_job_key(key: str, *, job_id: str, field: str) -> str:
+    """`key` if it lies under the job's own keys (any attempt, or the layout before attempts)."""
+    return safe_key(key, field=field, prefix=job_prefix(job_id))
+
+
+def check_model_key(key: str, *, field: str) -> str:
+    """`key` if it can name a job's model file."""
+    safe_key(key, field=field, prefix=JOBS)
+    if not key.endswith(".safetensors"):
+        raise InvalidArgumentError.of(field, f"{key!r} is not a model file (.safetensors)")
+    return key
+
+
+# Analyses ------------------------------------------------------------------------------------
+
+def analysis_prefix(analysis_id: str) -> str:
+    return f"{ANALYSES}{analysis_id}/"
+
+
+def analysis_mask(analysis_prefix: str, image_key: str) -> str:
+    """The mask of one analysed image: named by the image's stem (so stems must be unique)."""
+    return f"{analysis_prefix}masks/{PurePosixPath(image_key).stem}.png"
+
+
+def check_analysis_prefix(prefix: str, *, field: str) -> str:
+    safe_key(prefix.rstrip("/"), field=field, prefix=ANALYSES)
+    if not prefix.endswith("/") or prefix.count("/") != 2:
+        raise InvalidArgumentError.of(field, f"must look like '{ANALYSES}{{analysis_id}}/', got {prefix!r}")
+    return prefix
