@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from segtrain.common.v1 import common_pb2  # noqa: E402
+from segtrain.pipeline.v1 import pipeline_pb2 as pb  # noqa: E402
 
 from clients.sdk import TERMINAL, Client  # noqa: E402
 from clients.stack import LocalStack  # noqa: E402
@@ -43,32 +44,12 @@ def main() -> int:
 
 def run(stack: LocalStack, tmp: Path, args: argparse.Namespace) -> int:
     driver = Client(stack.pipeline_address, token=stack.tokens["trainer"])
-    tiles = synthetic.generate_tiles(16, tile_size=64, seed=1)
-    synthetic.write_tile_set(tiles, tmp / "tiles", tmp / "masks")
-    training_set = driver.create_training_set("load", tmp / "tiles", tmp / "masks", class_names=synthetic.CLASS_NAMES)
+    training_set = _create_training_set(driver, tmp)
     started = time.monotonic()
-    jobs = []
-    for i in range(args.jobs):
-        job = driver.create_job(pipeline="segmentation", training_set=training_set.name, request_id=f"load-{i}",
-                                hyperparameters=common_pb2.Hyperparameters(
-                                    architecture="upernet-convnext-cpu", epochs=args.epochs, batch_size=4))
-        driver.start_job(job.name)
-        jobs.append(job.name)
+    jobs = _queue_jobs(driver, training_set, args.jobs, args.epochs)
     errors: list[str] = []
     received: dict[int, list[int]] = {}
-
-    def watch(index: int) -> None:
-        client = Client(stack.pipeline_address, token=stack.tokens["viewer"])
-        try:
-            received[index] = [e.seq for e in client.watch(jobs[index % len(jobs)])]
-        except Exception as exc:  # recorded, reported as a failure
-            errors.append(f"watcher {index}: {type(exc).__name__}: {exc}")
-        finally:
-            client.close()
-
-    watchers = [threading.Thread(target=watch, args=(i,), daemon=True) for i in range(args.watchers)]
-    for w in watchers:
-        w.start()
+    watchers = _start_watchers(stack, jobs, args.watchers, received, errors)
     states = poll_until_terminal(driver, jobs, started + args.timeout, errors)
     for w in watchers:
         w.join(max(1.0, started + args.timeout - time.monotonic()))
@@ -87,11 +68,54 @@ def run(stack: LocalStack, tmp: Path, args: argparse.Namespace) -> int:
     ok = (not errors and not broken and len(states) == args.jobs
           and all(s in TERMINAL for s in states.values()))
     summary["pass"] = ok
+    _report(summary)
+    return 0 if ok else 1
+
+
+def _create_training_set(driver: Client, tmp: Path) -> pb.TrainingSet:
+    tiles = synthetic.generate_tiles(16, tile_size=64, seed=1)
+    synthetic.write_tile_set(tiles, tmp / "tiles", tmp / "masks")
+    return driver.create_training_set("load", tmp / "tiles", tmp / "masks", class_names=synthetic.CLASS_NAMES)
+
+
+def _queue_jobs(driver: Client, training_set: pb.TrainingSet, count: int, epochs: int) -> list[str]:
+    """Creates and starts `count` jobs at once (the nodes take them in turn); their names."""
+    jobs = []
+    for i in range(count):
+        job = driver.create_job(pipeline="segmentation", training_set=training_set.name, request_id=f"load-{i}",
+                                hyperparameters=common_pb2.Hyperparameters(
+                                    architecture="upernet-convnext-cpu", epochs=epochs, batch_size=4))
+        driver.start_job(job.name)
+        jobs.append(job.name)
+    return jobs
+
+
+def _start_watchers(stack: LocalStack, jobs: list[str], count: int, received: dict[int, list[int]],
+                    errors: list[str]) -> list[threading.Thread]:
+    """`count` watcher threads, each its own viewer client on one of the jobs (round robin); each
+    puts the seqs it received in `received` and any failure in `errors`."""
+
+    def watch(index: int) -> None:
+        client = Client(stack.pipeline_address, token=stack.tokens["viewer"])
+        try:
+            received[index] = [e.seq for e in client.watch(jobs[index % len(jobs)])]
+        except Exception as exc:  # recorded, reported as a failure
+            errors.append(f"watcher {index}: {type(exc).__name__}: {exc}")
+        finally:
+            client.close()
+
+    watchers = [threading.Thread(target=watch, args=(i,), daemon=True) for i in range(count)]
+    for w in watchers:
+        w.start()
+    return watchers
+
+
+def _report(summary: dict[str, object]) -> None:
+    """Prints the summary and writes it to bench-output/load.json."""
     print(json.dumps(summary, indent=2))
     out = ROOT / "bench-output"
     out.mkdir(exist_ok=True)
     (out / "load.json").write_text(json.dumps(summary, indent=2))
-    return 0 if ok else 1
 
 
 def poll_until_terminal(client: Client, jobs: list[str], deadline: float, errors: list[str]) -> dict[str, int]:

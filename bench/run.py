@@ -44,6 +44,7 @@ from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc  # noqa: E402
 from clients.sdk import Client  # noqa: E402
 from clients.stack import LocalStack  # noqa: E402
 from segcore import synthetic  # noqa: E402 - numpy + pillow only; torch stays in the workers
+from services.common import object_keys  # noqa: E402
 
 BENCHMARKS = ("training", "datapath", "analysis", "watch")
 OUT = ROOT / "bench-output"
@@ -375,65 +376,116 @@ def fmt_rates(values: list[float]) -> str:
 # ----------------------------------------------------------------------------- 1. training
 
 
+def _training_order(rounds: int) -> list[str]:
+    # Short runs, interleaved and mirrored (bare core job, job core bare, ...), so load from other
+    # users of the machine hits every side alike and a linear drift cancels.
+    return [arm for r in range(rounds) for arm in (("bare", "core", "job"), ("job", "core", "bare"))[r % 2]]
+
+
+@dataclass
+class TrainingRuns:
+    """Benchmark 1's measurements, arm by arm (bare, core, job) and round by round."""
+
+    rates: dict[str, list[float]] = field(default_factory=lambda: {"bare": [], "core": [], "job": []})
+    shares: dict[str, list[float]] = field(default_factory=lambda: {"bare": [], "core": []})  # worker CPU share
+    batches: list[int] = field(default_factory=list)  # the bare loop's batch sizes
+    jobs: list[JobOutcome] = field(default_factory=list)
+    rounds: list[dict[str, float]] = field(default_factory=list)  # per round: median images/s of each arm
+
+    def run(self, ctx: Context, ts: pb.TrainingSet, arm: str) -> None:
+        """One run of `arm`; its epoch rates go to the arm and its median to the current round."""
+        if arm == "job":
+            outcome = run_job(ctx, ts, ctx.sizes.epochs)
+            self.jobs.append(outcome)
+            run_rates = list(epoch_rates(outcome.events, ts.train_tile_count).values())
+        else:
+            result = worker_rates(f"{arm}-train", ctx, ts, ctx.sizes.epochs)
+            run_rates = result["rates"]
+            self.shares[arm] += result["cpu_share"]
+            self.batches = result.get("batches", self.batches)
+        self.rates[arm] += run_rates
+        self.rounds[-1][arm] = median(run_rates)
+
+    def round_ratios(self, numerator: str, denominator: str) -> list[float]:
+        return [r[numerator] / r[denominator] for r in self.rounds]
+
+
+def _run_training_arms(ctx: Context, ts: pb.TrainingSet, order: list[str]) -> TrainingRuns:
+    runs = TrainingRuns()
+    for i, arm in enumerate(order):
+        if i % 3 == 0:
+            runs.rounds.append({})
+        runs.run(ctx, ts, arm)
+    return runs
+
+
+@dataclass(frozen=True)
+class TrainingFigures:
+    """Benchmark 1's figures from its runs (unrounded; rounding is for the JSON summary only)."""
+
+    product: float  # median images/s of each side
+    core: float
+    bare: float
+    round_ratios: list[float]  # job / bare per round
+    round_core: list[float]  # core / bare per round
+    round_node: list[float]  # job / core per round
+    ratio: float  # the verdict's figure
+
+    @classmethod
+    def of(cls, runs: TrainingRuns) -> TrainingFigures:
+        # The verdict uses the median of per-round ratios: each round's runs are seconds apart, so a
+        # burst of outside load that hits one round moves one ratio, not the pooled medians.
+        round_ratios = runs.round_ratios("job", "bare")
+        product, core, bare = (median(runs.rates[k]) for k in ("job", "core", "bare"))
+        return cls(product, core, bare, round_ratios, runs.round_ratios("core", "bare"),
+                   runs.round_ratios("job", "core"), median(round_ratios))
+
+
 def bench_training(ctx: Context) -> dict[str, Any]:
     s = ctx.sizes
     ts = training_set(ctx, "train", s.train_tiles, s.tile_size)
-    # Short runs, interleaved and mirrored (bare core job, job core bare, ...), so load from other
-    # users of the machine hits every side alike and a linear drift cancels.
-    order = [arm for r in range(s.rounds) for arm in (("bare", "core", "job"), ("job", "core", "bare"))[r % 2]]
+    order = _training_order(s.rounds)
     log(f"training: {' '.join(order)} ({s.epochs} epochs each; bare and core in their own process while "
         "the stack is idle)")
-    rates: dict[str, list[float]] = {"bare": [], "core": [], "job": []}
-    shares: dict[str, list[float]] = {"bare": [], "core": []}
-    batches: list[int] = []
-    job = None
-    jobs: list[JobOutcome] = []
-    runs: list[dict[str, float]] = []  # per round: median images/s of each arm
-    for i, arm in enumerate(order):
-        if i % 3 == 0:
-            runs.append({})
-        if arm == "job":
-            outcome = run_job(ctx, ts, s.epochs)
-            job = outcome.job
-            jobs.append(outcome)
-            run_rates = list(epoch_rates(outcome.events, ts.train_tile_count).values())
-        else:
-            result = worker_rates(f"{arm}-train", ctx, ts, s.epochs)
-            run_rates = result["rates"]
-            shares[arm] += result["cpu_share"]
-            batches = result.get("batches", batches)
-        rates[arm] += run_rates
-        runs[-1][arm] = median(run_rates)
-    assert job is not None
-    # The verdict uses the median of per-round ratios: each round's runs are seconds apart, so a
-    # burst of outside load that hits one round moves one ratio, not the pooled medians.
-    round_ratios = [r["job"] / r["bare"] for r in runs]
-    round_core = [r["core"] / r["bare"] for r in runs]
-    round_node = [r["job"] / r["core"] for r in runs]
+    runs = _run_training_arms(ctx, ts, order)
+    job = runs.jobs[-1].job
     parts = ctx.trainer_worker.call("core-parts", train_spec(ctx, ts, s.epochs))["ms_per_epoch"]
-    product, core, bare = (median(rates[k]) for k in ("job", "core", "bare"))
-    ratio = median(round_ratios)
-    ctx.bare_rate, ctx.model = bare, job.model
-    result = {
+    figures = TrainingFigures.of(runs)
+    ctx.bare_rate, ctx.model = figures.bare, job.model
+    result = _training_result(ctx, ts, order, job, runs, figures, parts)
+    _print_training(ctx, ts, order, runs, figures, parts, result)
+    return result
+
+
+def _training_result(ctx: Context, ts: pb.TrainingSet, order: list[str], job: pb.Job, runs: TrainingRuns,
+                     figures: TrainingFigures, parts: dict[str, float]) -> dict[str, Any]:
+    s, f, rates = ctx.sizes, figures, runs.rates
+    return {
         "architecture": ctx.architecture, "train_tiles": ts.train_tile_count, "tile_size": s.tile_size,
         "batch_size": s.batch_size, "epochs": s.epochs, "rounds": s.rounds, "threads": ctx.threads,
-        "batches": batches, "order": order, "job": job.name,
-        "product_images_per_s": round(product, 2), "core_images_per_s": round(core, 2),
-        "bare_images_per_s": round(bare, 2), "ratio": round(ratio, 4), "ratio_of_medians": round(product / bare, 4),
-        "round_ratios": [round(r, 4) for r in round_ratios], "core_ratio": round(median(round_core), 4),
-        "node_ratio": round(median(round_node), 4),
+        "batches": runs.batches, "order": order, "job": job.name,
+        "product_images_per_s": round(f.product, 2), "core_images_per_s": round(f.core, 2),
+        "bare_images_per_s": round(f.bare, 2), "ratio": round(f.ratio, 4),
+        "ratio_of_medians": round(f.product / f.bare, 4),
+        "round_ratios": [round(r, 4) for r in f.round_ratios], "core_ratio": round(median(f.round_core), 4),
+        "node_ratio": round(median(f.round_node), 4),
         "epoch_rates": {k: [round(r, 2) for r in v] for k, v in rates.items()},
-        "cpu_share_median": {k: round(median(v), 3) for k, v in shares.items()},
+        "cpu_share_median": {k: round(median(v), 3) for k, v in runs.shares.items()},
         "core_extra_ms_per_epoch": {k: round(v, 2) for k, v in parts.items()},
         "epoch_ms": {k: round(1000 * ts.train_tile_count / median(v), 1) for k, v in rates.items()},
-        "job_cpu_s": mean_cpu(jobs), "job_wall_s": round(statistics.mean(o.wall_s for o in jobs), 2),
+        "job_cpu_s": mean_cpu(runs.jobs), "job_wall_s": round(statistics.mean(o.wall_s for o in runs.jobs), 2),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "outside_load_cores": (load := ctx.outside_cores()),
-        "verdicts": [verdict("training", ratio, load)],
+        "verdicts": [verdict("training", f.ratio, load)],
     }
+
+
+def _print_training(ctx: Context, ts: pb.TrainingSet, order: list[str], runs: TrainingRuns,
+                    figures: TrainingFigures, parts: dict[str, float], result: dict[str, Any]) -> None:
+    s, f, rates, shares = ctx.sizes, figures, runs.rates, runs.shares
     print_table("1. training: images/s through the trainer node vs a bare PyTorch loop", [
-        ("setup", f"{ctx.architecture}, {ts.train_tile_count} train tiles of {s.tile_size}^2 (batches {batches}), "
-                  f"{s.epochs} epochs per run, epoch 1 excluded, runs in the order {' '.join(order)}"),
+        ("setup", f"{ctx.architecture}, {ts.train_tile_count} train tiles of {s.tile_size}^2 (batches "
+                  f"{runs.batches}), {s.epochs} epochs per run, epoch 1 excluded, runs in the order {' '.join(order)}"),
         ("threads", f"torch {ctx.threads} on all sides (SEGTRAIN_TRAINER_NUM_THREADS / torch.set_num_threads)"),
         ("job", "through the trainer node: AdamW, loss ce, augment on (product default), whole tiles; "
                 "PHASE_TRAINING -> PHASE_VALIDATING event_time"),
@@ -443,21 +495,20 @@ def bench_training(ctx: Context) -> dict[str, Any]:
         ("core images/s", fmt_rates(rates["core"])),
         ("bare images/s", fmt_rates(rates["bare"])),
         ("epoch ms (median)", ", ".join(f"{k} {v:.0f}" for k, v in result["epoch_ms"].items())),
-        ("core / bare", f"{median(round_core):.3f}  (segcore's own overhead: augmentation, loss, IoU "
+        ("core / bare", f"{median(f.round_core):.3f}  (segcore's own overhead: augmentation, loss, IoU "
                         "bookkeeping; median of per-round ratios)"),
         ("  core extras, ms/epoch", ", ".join(f"{k} {v:.1f}" for k, v in parts.items())
          + "  (timed apart, same threads)"),
-        ("job / core", f"{median(round_node):.3f}  (the node and the services around it)"),
+        ("job / core", f"{median(f.round_node):.3f}  (the node and the services around it)"),
         ("CPU share received", f"bare {median(shares['bare']):.2f}, core {median(shares['core']):.2f} (CPU time / "
                                "wall time / threads per epoch; < 1 = other processes took the cores)"),
         ("stack CPU s per job", _cpu_line(result["job_cpu_s"], result["job_wall_s"])
          + f"  ({s.epochs} epochs incl. validation, checkpoints)"),
         ("load average", f"{result['loadavg']} (1, 5, 15 min) at the end"),
-        ("job / bare per round", " ".join(f"{r:.3f}" for r in round_ratios)),
-        ("ratio job / bare", f"{ratio:.4f}  (median of the per-round ratios; ratio of the pooled medians "
-                             f"{product / bare:.4f})"),
+        ("job / bare per round", " ".join(f"{r:.3f}" for r in f.round_ratios)),
+        ("ratio job / bare", f"{f.ratio:.4f}  (median of the per-round ratios; ratio of the pooled medians "
+                             f"{f.product / f.bare:.4f})"),
     ], result)
-    return result
 
 
 # ----------------------------------------------------------------------------- 2. data path
@@ -509,13 +560,19 @@ def bench_datapath(ctx: Context) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- 3. analysis
 
 
-def bench_analysis(ctx: Context) -> dict[str, Any]:
+def _analysis_model(ctx: Context) -> pb.Model:
+    """Benchmark 1's registered model, or a 3-epoch job's when benchmark 1 did not run."""
     s = ctx.sizes
     if not ctx.model:
         log("analysis: no model from the training benchmark in this run; training one (3 epochs)")
         ts = training_set(ctx, "train", s.train_tiles, s.tile_size)
         ctx.model = run_job(ctx, ts, 3).job.model
-    model = ctx.client.pipeline.GetModel(pb.GetModelRequest(name=ctx.model), timeout=30)
+    return ctx.client.pipeline.GetModel(pb.GetModelRequest(name=ctx.model), timeout=30)
+
+
+def _upload_held_out(ctx: Context) -> tuple[list[Path], list[str]]:
+    """Writes and uploads the held-out tiles; their local paths and object keys."""
+    s = ctx.sizes
     # Held-out tiles: source images after the training set's (generate_tiles yields a prefix).
     tiles = synthetic.generate_tiles(s.train_tiles + s.analysis_tiles, tile_size=s.tile_size, seed=SEED)
     held = tiles[-s.analysis_tiles:]
@@ -523,35 +580,66 @@ def bench_analysis(ctx: Context) -> dict[str, Any]:
     synthetic.write_tile_set(held, folder / "tiles", folder / "truth")
     paths = [folder / "tiles" / f"{t.name}.png" for t in held]
     keys = ctx.client.upload(paths)
-    request = pb.AnalyzeTilesRequest(model=model.name, image_keys=[keys[p] for p in paths])
-    log(f"analysis: AnalyzeTiles of {len(paths)} tiles x {s.repeats} (after a warm-up call)")
+    return paths, [keys[p] for p in paths]
 
+
+@dataclass(frozen=True)
+class AnalysisFigures:
+    """Benchmark 3's timed rounds (warm-up left out) and the ratios of its verdict."""
+
+    rates: dict[str, list[float]]  # tiles/s per round: product, direct (node alone) and the bare variants
+    bare: dict[str, Any]  # the bare worker's last answer (threads, node steps, node code without gRPC)
+    ratio: float  # product / bare one-tile forward, median of per-round ratios
+    ratio_b8: float  # the same against a batch-8 forward
+
+    @classmethod
+    def of(cls, rates: dict[str, list[float]], bare: dict[str, Any]) -> AnalysisFigures:
+        # Per-round ratios (product and bare timed seconds apart), then their median.
+        def per_round(key: str) -> float:
+            return median([p / b for p, b in zip(rates["product"], rates[key], strict=True)])
+
+        return cls(rates, bare, per_round("bare_b1"), per_round("bare_b8"))
+
+
+def _time_product_and_node(ctx: Context, stub: trainer_pb2_grpc.TrainerServiceStub, request: pb.AnalyzeTilesRequest,
+                           direct_request: trainer_pb2.AnalyzeTilesRequest, i: int) -> tuple[float, float]:
+    """Round i's tiles/s through the product and through the trainer node alone."""
+    n = len(request.image_keys)
+    started = time.perf_counter()
+    response = ctx.client.pipeline.AnalyzeTiles(request, timeout=600)
+    product_rate = n / (time.perf_counter() - started)
+    assert len(response.tiles) == n
+    # Attribution only: the same request straight to the trainer node (what the
+    # pipeline service forwards), without the pipeline's lookups and presigned URLs.
+    direct_request.output_prefix = object_keys.analysis_prefix(f"bench-direct-{i}")
+    started = time.perf_counter()
+    stub.AnalyzeTiles(direct_request, timeout=600, metadata=auth_metadata(ctx.stack, "service"))
+    direct_rate = n / (time.perf_counter() - started)
+    return product_rate, direct_rate
+
+
+def _measure_analysis(ctx: Context, model: pb.Model, request: pb.AnalyzeTilesRequest,
+                      paths: list[Path]) -> AnalysisFigures:
     node = ctx.client.pipeline.ListTrainerNodes(pb.ListTrainerNodesRequest(), timeout=30).trainer_nodes[0]
     direct_request = trainer_pb2.AnalyzeTilesRequest(
-        model=trainer_pb2.ModelRef(name=model.name, weights_uri=model.weights.uri, architecture=model.architecture,
-                                   class_names=model.class_names), image_keys=request.image_keys)
+        model=trainer_pb2.ModelRef(name=model.name, weights_uri=model.weights.uri, weights_sha256=model.weights.sha256,
+                                   architecture=model.architecture, class_names=model.class_names),
+        image_keys=request.image_keys)
     # The node runs analysis with SEGTRAIN_TRAINER_NUM_THREADS (ctx.threads): the bare side too.
-    bare_spec = {**ctx.s3_spec(), "weights_uri": model.weights.uri, "tiles": [str(p) for p in paths],
+    bare_spec = {**ctx.s3_spec(), "weights_uri": model.weights.uri, "weights_sha256": model.weights.sha256,
+                 "tiles": [str(p) for p in paths],
                  "image_keys": request.image_keys[:], "threads": ctx.threads}
     infer_worker = Worker()  # its own process
     rates: dict[str, list[float]] = {"product": [], "direct": [], "bare_b1": [], "bare_b8": [], "predict_mask": []}
+    repeats = ctx.sizes.repeats
     try:
         with grpc.insecure_channel(node.address) as channel:
             stub = trainer_pb2_grpc.TrainerServiceStub(channel)
             # Round 0 warms up (the node loads and caches the model); rounds interleave product,
             # node and bare so a burst of outside load hits all of them alike.
-            for i in range(s.repeats + 1):
-                started = time.perf_counter()
-                response = ctx.client.pipeline.AnalyzeTiles(request, timeout=600)
-                product_rate = len(paths) / (time.perf_counter() - started)
-                assert len(response.tiles) == len(paths)
-                # Attribution only: the same request straight to the trainer node (what the
-                # pipeline service forwards), without the pipeline's lookups and presigned URLs.
-                direct_request.output_prefix = f"analyses/bench-direct-{i}/"
-                started = time.perf_counter()
-                stub.AnalyzeTiles(direct_request, timeout=600, metadata=auth_metadata(ctx.stack, "service"))
-                direct_rate = len(paths) / (time.perf_counter() - started)
-                bare = infer_worker.call("bare-infer", {**bare_spec, "stages": i == s.repeats})
+            for i in range(repeats + 1):
+                product_rate, direct_rate = _time_product_and_node(ctx, stub, request, direct_request, i)
+                bare = infer_worker.call("bare-infer", {**bare_spec, "stages": i == repeats})
                 if i == 0:
                     continue
                 rates["product"].append(product_rate)
@@ -560,42 +648,58 @@ def bench_analysis(ctx: Context) -> dict[str, Any]:
                     rates[k].append(v)
     finally:
         infer_worker.close()
-    product, direct = rates["product"], rates["direct"]
-    node_path = bare["node_path_tiles_per_s"]
-    # Per-round ratios (product and bare timed seconds apart), then their median.
-    ratio = median([p / b for p, b in zip(product, rates["bare_b1"], strict=True)])
-    ratio_b8 = median([p / b for p, b in zip(product, rates["bare_b8"], strict=True)])
-    result = {
-        "tiles": len(paths), "tile_size": s.tile_size, "model": model.name, "architecture": model.architecture,
+    return AnalysisFigures.of(rates, bare)
+
+
+def bench_analysis(ctx: Context) -> dict[str, Any]:
+    model = _analysis_model(ctx)
+    paths, keys = _upload_held_out(ctx)
+    request = pb.AnalyzeTilesRequest(model=model.name, image_keys=keys)
+    log(f"analysis: AnalyzeTiles of {len(paths)} tiles x {ctx.sizes.repeats} (after a warm-up call)")
+    figures = _measure_analysis(ctx, model, request, paths)
+    result = _analysis_result(ctx, model, len(paths), figures)
+    _print_analysis(ctx, model, len(paths), figures, result)
+    return result
+
+
+def _analysis_result(ctx: Context, model: pb.Model, n: int, figures: AnalysisFigures) -> dict[str, Any]:
+    rates, bare = figures.rates, figures.bare
+    return {
+        "tiles": n, "tile_size": ctx.sizes.tile_size, "model": model.name, "architecture": model.architecture,
         "threads": bare["threads"],
-        "product_tiles_per_s": round(median(product), 1), "bare_b1_tiles_per_s": round(median(rates["bare_b1"]), 1),
+        "product_tiles_per_s": round(median(rates["product"]), 1),
+        "bare_b1_tiles_per_s": round(median(rates["bare_b1"]), 1),
         "bare_b8_tiles_per_s": round(median(rates["bare_b8"]), 1),
         "predict_mask_tiles_per_s": round(median(rates["predict_mask"]), 1),
-        "node_direct_tiles_per_s": round(median(direct), 1),
+        "node_direct_tiles_per_s": round(median(rates["direct"]), 1),
         "tiles_per_s": {k: [round(r, 1) for r in v] for k, v in rates.items()},
-        "ratio": round(ratio, 4), "ratio_vs_batch8": round(ratio_b8, 4),
+        "ratio": round(figures.ratio, 4), "ratio_vs_batch8": round(figures.ratio_b8, 4),
         "stage_ms_per_tile": {k: round(v, 3) for k, v in bare["stage_ms_per_tile"].items()},
-        "node_code_tiles_per_s": {k: round(v, 1) for k, v in node_path.items()},
+        "node_code_tiles_per_s": {k: round(v, 1) for k, v in bare["node_path_tiles_per_s"].items()},
         "outside_load_cores": (load := ctx.outside_cores()),
-        "verdicts": [verdict("analysis", ratio, load)],
+        "verdicts": [verdict("analysis", figures.ratio, load)],
     }
+
+
+def _print_analysis(ctx: Context, model: pb.Model, n: int, figures: AnalysisFigures, result: dict[str, Any]) -> None:
+    rates, bare = figures.rates, figures.bare
+    node_path = bare["node_path_tiles_per_s"]
     print_table("3. analysis: tiles/s through AnalyzeTiles vs a bare forward pass", [
-        ("setup", f"{len(paths)} held-out tiles of {s.tile_size}^2, model {model.name} ({model.architecture}, "
+        ("setup", f"{n} held-out tiles of {ctx.sizes.tile_size}^2, model {model.name} ({model.architecture}, "
                   "benchmark 1's job), "
-                  f"{s.repeats} repeats after a warm-up"),
+                  f"{ctx.sizes.repeats} repeats after a warm-up"),
         ("threads", f"torch {bare['threads']} on both sides (the node's analysis uses SEGTRAIN_TRAINER_NUM_THREADS)"),
         ("product", "client.pipeline.AnalyzeTiles on pre-uploaded keys (RPC time only)"),
-        ("product tiles/s", fmt_rates(product)),
-        ("  node alone", fmt_rates(direct) + "  (TrainerService.AnalyzeTiles called directly: attribution)"),
+        ("product tiles/s", fmt_rates(rates["product"])),
+        ("  node alone", fmt_rates(rates["direct"]) + "  (TrainerService.AnalyzeTiles called directly: attribution)"),
         ("bare forward tiles/s", fmt_rates(rates["bare_b1"]) + "  (one tile per forward, as the node)"),
         ("bare forward, batch 8", fmt_rates(rates["bare_b8"])),
         ("segcore predict_mask", fmt_rates(rates["predict_mask"]) + "  (normalise + forward + argmax, in memory)"),
         ("node steps ms/tile", ", ".join(f"{k} {v:.2f}" for k, v in bare["stage_ms_per_tile"].items())),
         ("node code, no gRPC", ", ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in node_path.items())
          + " tiles/s  (Analyzer in a worker process: attribution)"),
-        ("ratio", f"{ratio:.3f} (median of per-round ratios; vs batch-8 forward: {ratio_b8:.3f})"),
+        ("ratio", f"{figures.ratio:.3f} (median of per-round ratios; vs batch-8 forward: {figures.ratio_b8:.3f})"),
     ], result)
-    return result
 
 
 # ----------------------------------------------------------------------------- 4. watch
@@ -783,7 +887,20 @@ RUNNERS: dict[str, Callable[[Context], dict[str, Any]]] = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class Options:
+    """The command line, checked: the benchmarks to run and the sizes to run them at."""
+
+    quick: bool
+    threads: int
+    out: Path
+    architecture: str
+    selected: list[str]  # in the order given
+    overrides: dict[str, int]  # Sizes fields set on the command line
+    sizes: Sizes
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test of the harness")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {BENCHMARKS}")
@@ -803,6 +920,12 @@ def main(argv: list[str] | None = None) -> int:
     sizing.add_argument("--rounds", type=int, help=f"benchmark 1's rounds of (bare, core, job) (default {FULL.rounds})")
     sizing.add_argument("--analysis-tiles", type=int, help=f"held-out tiles analysed (default {FULL.analysis_tiles})")
     sizing.add_argument("--repeats", type=int, help=f"timed repetitions of benchmarks 2 and 3 (default {FULL.repeats})")
+    return parser
+
+
+def parse_options(argv: list[str] | None) -> Options:
+    """The parsed command line; exits with a usage error for an unknown benchmark or a bad size."""
+    parser = _parser()
     args = parser.parse_args(argv)
     selected = [b.strip() for b in args.only.split(",") if b.strip()]
     unknown = sorted(set(selected) - set(BENCHMARKS))
@@ -821,43 +944,36 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--epochs must be at least 2 (epoch 1 is warm-up)")
     if min(sizes.batch_size, sizes.rounds, sizes.analysis_tiles, sizes.repeats) < 1:
         parser.error("--batch-size, --rounds, --analysis-tiles and --repeats must be at least 1")
-    started = time.monotonic()
-    out: Path = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("stack", "data"):
-        shutil.rmtree(out / stale, ignore_errors=True)
-    print(f"segtrain benchmarks ({'quick' if args.quick else 'full'}"
-          f"{', sizes overridden: ' + str(overrides) if overrides else ''}): {', '.join(selected)}; "
-          f"architecture {args.architecture}; {os.cpu_count()} CPUs, {platform.platform()}, "
-          f"Python {platform.python_version()}; torch threads {args.threads}; CPU only")
-    summary: dict[str, Any] = {"quick": args.quick, "threads": args.threads, "cpus": os.cpu_count(),
-                               "architecture": args.architecture, "sizes": dataclasses.asdict(sizes),
-                               "benchmarks": {}, "errors": {}}
-    log("starting the local stack (S3, metrics, pipeline, 1 trainer node)")
-    stack = LocalStack(out / "stack", trainers=1, env_overrides={"SEGTRAIN_TRAINER_NUM_THREADS": str(args.threads)})
-    with stack, connect(stack, "admin") as client:
-        ctx = Context(sizes=sizes, threads=args.threads, architecture=args.architecture, quick=args.quick,
-                      stack=stack, client=client, data=out / "data")
+    return Options(quick=args.quick, threads=args.threads, out=args.out, architecture=args.architecture,
+                   selected=selected, overrides=overrides, sizes=sizes)
+
+
+def _check_architecture(client: Client, architecture: str, summary: dict[str, Any]) -> None:
+    # The stack's registry (the orchestrator stays torch-free): a typo fails here, not in a job.
+    known = {a.name: a for a in client.list_architectures()}
+    if architecture not in known:
+        raise SystemExit(f"unknown architecture {architecture!r}; choose from {', '.join(sorted(known))}")
+    summary["parameter_count"] = known[architecture].parameter_count
+    log(f"architecture {architecture}: {known[architecture].parameter_count / 1e6:.2f} M parameters "
+        "(2-class head)")
+
+
+def _run_benchmarks(ctx: Context, selected: list[str], summary: dict[str, Any]) -> None:
+    """The selected benchmarks in their fixed order; one that fails is reported and the rest still run."""
+    for name in (b for b in BENCHMARKS if b in selected):
+        t0 = time.monotonic()
+        ctx.outside = OutsideLoad()
         try:
-            # The stack's registry (the orchestrator stays torch-free): a typo fails here, not in a job.
-            known = {a.name: a for a in client.list_architectures()}
-            if args.architecture not in known:
-                raise SystemExit(f"unknown architecture {args.architecture!r}; choose from {', '.join(sorted(known))}")
-            summary["parameter_count"] = known[args.architecture].parameter_count
-            log(f"architecture {args.architecture}: {known[args.architecture].parameter_count / 1e6:.2f} M parameters "
-                "(2-class head)")
-            for name in (b for b in BENCHMARKS if b in selected):
-                t0 = time.monotonic()
-                ctx.outside = OutsideLoad()
-                try:
-                    summary["benchmarks"][name] = RUNNERS[name](ctx)
-                    summary["benchmarks"][name]["seconds"] = round(time.monotonic() - t0, 1)
-                except Exception as exc:  # reported; the other benchmarks still run
-                    traceback.print_exc()
-                    summary["errors"][name] = repr(exc)[:2000]
-                    print(f"\n{name}: ERROR {exc!r}"[:3000], flush=True)
-        finally:
-            ctx.trainer_worker.close()
+            summary["benchmarks"][name] = RUNNERS[name](ctx)
+            summary["benchmarks"][name]["seconds"] = round(time.monotonic() - t0, 1)
+        except Exception as exc:  # reported; the other benchmarks still run
+            traceback.print_exc()
+            summary["errors"][name] = repr(exc)[:2000]
+            print(f"\n{name}: ERROR {exc!r}"[:3000], flush=True)
+
+
+def _finish(summary: dict[str, Any], started: float, out: Path) -> None:
+    """Counts the verdicts, prints the summary line and the JSON summary, and writes results.json."""
     summary["wall_s"] = round(time.monotonic() - started, 1)
     verdicts = [v for b in summary["benchmarks"].values() for v in b.get("verdicts", [])]
     summary["passed"] = sum(v["pass"] for v in verdicts)
@@ -868,6 +984,33 @@ def main(argv: list[str] | None = None) -> int:
           f"wall time {summary['wall_s']:.0f} s; logs in {out / 'stack' / 'logs'}")
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, separators=(",", ":")), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_options(argv)
+    started = time.monotonic()
+    out: Path = opts.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("stack", "data"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    print(f"segtrain benchmarks ({'quick' if opts.quick else 'full'}"
+          f"{', sizes overridden: ' + str(opts.overrides) if opts.overrides else ''}): {', '.join(opts.selected)}; "
+          f"architecture {opts.architecture}; {os.cpu_count()} CPUs, {platform.platform()}, "
+          f"Python {platform.python_version()}; torch threads {opts.threads}; CPU only")
+    summary: dict[str, Any] = {"quick": opts.quick, "threads": opts.threads, "cpus": os.cpu_count(),
+                               "architecture": opts.architecture, "sizes": dataclasses.asdict(opts.sizes),
+                               "benchmarks": {}, "errors": {}}
+    log("starting the local stack (S3, metrics, pipeline, 1 trainer node)")
+    stack = LocalStack(out / "stack", trainers=1, env_overrides={"SEGTRAIN_TRAINER_NUM_THREADS": str(opts.threads)})
+    with stack, connect(stack, "admin") as client:
+        ctx = Context(sizes=opts.sizes, threads=opts.threads, architecture=opts.architecture, quick=opts.quick,
+                      stack=stack, client=client, data=out / "data")
+        try:
+            _check_architecture(client, opts.architecture, summary)
+            _run_benchmarks(ctx, opts.selected, summary)
+        finally:
+            ctx.trainer_worker.close()
+    _finish(summary, started, out)
     return 1 if summary["errors"] else 0
 
 

@@ -23,8 +23,16 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from segcore.data import Sample
+    from services.common.storage import ObjectStore
 
 ROOT = Path(__file__).resolve().parent.parent
 for extra in (ROOT, ROOT / "gen"):
@@ -51,6 +59,32 @@ def _samples(spec: dict[str, Any], key: str = "train_names") -> list[Any]:
     tiles = {t.name: t for t in generate_tiles(spec["tiles"], tile_size=spec["tile_size"], seed=spec["seed"])}
     return [Sample(n, tiles[n].image.astype(np.float32) / 255.0, tiles[n].mask.astype(np.int64))
             for n in spec[key]]
+
+
+class _StageTimes:
+    """Seconds per named stage, one entry per measurement; reported as the median in ms."""
+
+    def __init__(self, *stages: str) -> None:
+        self.seconds: dict[str, list[float]] = {stage: [] for stage in stages}
+
+    def add(self, *values: float) -> None:
+        """One measurement of every stage, in the order the stages were named."""
+        for stage, value in zip(self.seconds, values, strict=True):
+            self.seconds[stage].append(value)
+
+    def median_ms(self) -> dict[str, float]:
+        return {stage: 1000 * statistics.median(v) for stage, v in self.seconds.items()}
+
+
+def _object_store(spec: dict[str, Any]) -> ObjectStore:
+    """The stack's object store, from the S3 endpoint and credentials in the spec."""
+    from pydantic import SecretStr
+
+    from services.common.settings import StorageSettings
+    from services.common.storage import ObjectStore
+
+    return ObjectStore(StorageSettings(endpoint=spec["s3_endpoint"], access_key=spec["access_key"],
+                                       secret_key=SecretStr(spec["secret_key"])))
 
 
 # ----------------------------------------------------------------------------- bare training
@@ -134,6 +168,25 @@ def core_parts(spec: dict[str, Any]) -> dict[str, Any]:
     benchmark's data (ms per epoch, median of `repeats`): building augmented batches
     (make_batch), the masked loss (segmentation_loss "ce", forward + backward) minus
     F.cross_entropy, and the per-batch IoU bookkeeping (argmax + ConfusionMatrix.update)."""
+    threads = _set_threads(spec["threads"])
+    parts = _core_extras(spec)
+    times = _StageTimes(*parts)
+    for fn in parts.values():
+        fn()  # warm-up
+    for _ in range(spec.get("repeats", 7)):
+        for name, fn in parts.items():
+            started = time.perf_counter()
+            fn()
+            times.seconds[name].append(time.perf_counter() - started)
+    ms = times.median_ms()
+    return {"threads": threads, "ms_per_epoch": {"augment_batch": ms["augment_batch"],
+                                                 "masked_loss_extra": ms["masked_loss"] - ms["plain_loss"],
+                                                 "iou_bookkeeping": ms["iou"]}}
+
+
+def _core_extras(spec: dict[str, Any]) -> dict[str, Callable[[], None]]:
+    """One epoch of each of segcore's extras (and of the plain loss they are compared with) on the
+    benchmark's augmented batches, with random logits standing in for the model's output."""
     import torch
     import torch.nn.functional as F
 
@@ -142,7 +195,6 @@ def core_parts(spec: dict[str, Any]) -> dict[str, Any]:
     from segcore.losses import segmentation_loss
     from segcore.metrics import IGNORE_INDEX, ConfusionMatrix, argmax_classes
 
-    threads = _set_threads(spec["threads"])
     samples = _samples(spec)
     norm = compute_normalization(s.image for s in samples)
     prepared = prepare_samples(samples, norm, spec["num_classes"], IGNORE_INDEX, field="samples")
@@ -171,19 +223,7 @@ def core_parts(spec: dict[str, Any]) -> dict[str, Any]:
             cm.update(argmax_classes(lg.detach(), dim=1), y)
         cm.mean_iou()
 
-    parts = {"augment_batch": batching, "masked_loss": masked_loss, "plain_loss": plain_loss, "iou": iou}
-    times: dict[str, list[float]] = {k: [] for k in parts}
-    for fn in parts.values():
-        fn()  # warm-up
-    for _ in range(spec.get("repeats", 7)):
-        for name, fn in parts.items():
-            started = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - started)
-    ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
-    return {"threads": threads, "ms_per_epoch": {"augment_batch": ms["augment_batch"],
-                                                 "masked_loss_extra": ms["masked_loss"] - ms["plain_loss"],
-                                                 "iou_bookkeeping": ms["iou"]}}
+    return {"augment_batch": batching, "masked_loss": masked_loss, "plain_loss": plain_loss, "iou": iou}
 
 
 # ----------------------------------------------------------------------------- data path
@@ -197,72 +237,139 @@ def datapath(spec: dict[str, Any]) -> dict[str, Any]:
     (segcore.data.prepare_samples) and one epoch of augmented batches (segcore.data.make_batch).
     `stages`: the same steps one tile at a time, each timed on its own, to show where time goes.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-    from pydantic import SecretStr
-
-    from segcore import imaging
-    from segcore.data import Sample, make_batch, plan_batches, prepare_samples
-    from segcore.metrics import IGNORE_INDEX
-    from services.common.settings import StorageSettings
-    from services.common.storage import ObjectStore
-
     threads = _set_threads(spec["threads"])
-    store = ObjectStore(StorageSettings(endpoint=spec["s3_endpoint"], access_key=spec["access_key"],
-                                        secret_key=SecretStr(spec["secret_key"])))
-    pairs = [(t["name"], t["image_uri"], t["mask_uri"]) for t in spec["tiles"]]
-    n, num_classes, batch_size = len(pairs), spec["num_classes"], spec["batch_size"]
+    path = _DataPath(store=_object_store(spec),
+                     pairs=[(t["name"], t["image_uri"], t["mask_uri"]) for t in spec["tiles"]],
+                     num_classes=spec["num_classes"], batch_size=spec["batch_size"])
+    path.chain(0)  # warm-up: connections, allocator, first-call costs
+    chains = [path.chain(r + 1) for r in range(spec["repeats"])]
+    return {"threads": threads, "tiles": len(path.pairs), "chains": chains,
+            "stage_ms_per_tile": path.stage_ms_per_tile()}
 
-    def load(pair: tuple[str, str, str]) -> Sample:
-        name, image_key, mask_key = pair
-        image = imaging.decode_image(store.get(image_key), name)
-        mask = imaging.decode_mask(store.get(mask_key), name)
-        return Sample(name, image, mask)
 
-    def one_chain(seed: int) -> dict[str, float]:
-        t0 = time.perf_counter()
+@dataclass(frozen=True)
+class _DataPath:
+    """The benchmark's tiles in the stack's object storage and the trainer's batch settings."""
+
+    store: ObjectStore
+    pairs: list[tuple[str, str, str]]  # (name, image key, mask key) per tile
+    num_classes: int
+    batch_size: int
+
+    def _fetch_decode(self) -> list[Sample]:
+        """ObjectStore.get + decode of every tile and mask on an 8-thread pool (as the trainer)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from segcore import imaging
+        from segcore.data import Sample
+
+        def load(pair: tuple[str, str, str]) -> Sample:
+            name, image_key, mask_key = pair
+            image = imaging.decode_image(self.store.get(image_key), name)
+            mask = imaging.decode_mask(self.store.get(mask_key), name)
+            return Sample(name, image, mask)
+
         with ThreadPoolExecutor(max_workers=8) as pool:
-            samples = list(pool.map(load, pairs))
+            return list(pool.map(load, self.pairs))
+
+    def chain(self, seed: int) -> dict[str, float]:
+        """One pass of the whole chain; seconds of each part and in total."""
+        import torch
+
+        from segcore import imaging
+        from segcore.data import make_batch, plan_batches, prepare_samples
+        from segcore.metrics import IGNORE_INDEX
+
+        t0 = time.perf_counter()
+        samples = self._fetch_decode()
         t1 = time.perf_counter()
         norm = imaging.compute_normalization(s.image for s in samples)
-        prepared = prepare_samples(samples, norm, num_classes, IGNORE_INDEX, field="samples")
+        prepared = prepare_samples(samples, norm, self.num_classes, IGNORE_INDEX, field="samples")
         t2 = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)
-        for indices in plan_batches(n, batch_size, generator):
+        for indices in plan_batches(len(self.pairs), self.batch_size, generator):
             make_batch(prepared, indices, generator=generator, crop_size=None, augment_data=True,
                        ignore_index=IGNORE_INDEX)
         t3 = time.perf_counter()
         return {"fetch_decode": t1 - t0, "normalise": t2 - t1, "augment_batch": t3 - t2, "total": t3 - t0}
 
-    one_chain(0)  # warm-up: connections, allocator, first-call costs
-    chains = [one_chain(r + 1) for r in range(spec["repeats"])]
+    def stage_ms_per_tile(self) -> dict[str, float]:
+        """Per-stage cost, one tile at a time on one thread."""
+        import torch
 
-    # Per-stage cost, one tile at a time on one thread.
-    stage: dict[str, list[float]] = {"s3_get": [], "decode": [], "normalise": [], "augment_collate": []}
-    generator = torch.Generator().manual_seed(0)
-    norm = imaging.Normalization(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    for name, image_key, mask_key in pairs:
-        t0 = time.perf_counter()
-        image_bytes, mask_bytes = store.get(image_key), store.get(mask_key)
-        t1 = time.perf_counter()
-        sample = Sample(name, imaging.decode_image(image_bytes, name), imaging.decode_mask(mask_bytes, name))
-        t2 = time.perf_counter()
-        prepared = prepare_samples([sample], norm, num_classes, IGNORE_INDEX, field="samples")
-        t3 = time.perf_counter()
-        make_batch(prepared * 2, [0, 1], generator=generator, crop_size=None, augment_data=True,
-                   ignore_index=IGNORE_INDEX)
-        t4 = time.perf_counter()
-        for key, value in zip(stage, (t1 - t0, t2 - t1, t3 - t2, (t4 - t3) / 2), strict=True):
-            stage[key].append(value)
-    return {"threads": threads, "tiles": n, "chains": chains,
-            "stage_ms_per_tile": {k: 1000 * statistics.median(v) for k, v in stage.items()}}
+        from segcore import imaging
+        from segcore.data import Sample, make_batch, prepare_samples
+        from segcore.metrics import IGNORE_INDEX
+
+        stages = _StageTimes("s3_get", "decode", "normalise", "augment_collate")
+        generator = torch.Generator().manual_seed(0)
+        norm = imaging.Normalization(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+        for name, image_key, mask_key in self.pairs:
+            t0 = time.perf_counter()
+            image_bytes, mask_bytes = self.store.get(image_key), self.store.get(mask_key)
+            t1 = time.perf_counter()
+            sample = Sample(name, imaging.decode_image(image_bytes, name), imaging.decode_mask(mask_bytes, name))
+            t2 = time.perf_counter()
+            prepared = prepare_samples([sample], norm, self.num_classes, IGNORE_INDEX, field="samples")
+            t3 = time.perf_counter()
+            make_batch(prepared * 2, [0, 1], generator=generator, crop_size=None, augment_data=True,
+                       ignore_index=IGNORE_INDEX)
+            t4 = time.perf_counter()
+            stages.add(t1 - t0, t2 - t1, t3 - t2, (t4 - t3) / 2)
+        return stages.median_ms()
 
 
 # ----------------------------------------------------------------------------- bare inference
 
 
-_INFER_CACHE: dict[str, Any] = {}
+@dataclass(frozen=True)
+class _LoadedModel:
+    """A model file's weights in eval mode and the tiles, decoded and normalised in memory."""
+
+    model: Any
+    meta: Any
+    norm: Any
+    images: list[Any]  # decoded tiles
+    pixels: list[Any]  # the same, normalised tensors
+
+    def forward_s(self, batch_size: int) -> float:
+        """Seconds of bare forward passes over all tiles, `batch_size` tiles per pass."""
+        import torch
+
+        started = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, len(self.pixels), batch_size):
+                self.model(pixel_values=torch.stack(self.pixels[i:i + batch_size]))
+        return time.perf_counter() - started
+
+    def predict_mask_s(self) -> float:
+        """Seconds of segcore.inference.predict_mask over all tiles (normalise + forward + argmax)."""
+        from segcore import inference
+
+        started = time.perf_counter()
+        for image in self.images:
+            inference.predict_mask(self.model, image, self.norm, tile_size=self.meta.tile_size or None)
+        return time.perf_counter() - started
+
+
+_INFER_CACHE: dict[str, _LoadedModel] = {}
+
+
+def _loaded_model(store: ObjectStore, spec: dict[str, Any]) -> tuple[_LoadedModel, bool]:
+    """The spec's model and tiles, loaded on the first call and kept; True when loaded just now."""
+    from segcore import checkpoint, imaging
+
+    cache_key = json.dumps([spec["weights_uri"], spec["tiles"]])
+    first = cache_key not in _INFER_CACHE
+    if first:
+        model, meta = checkpoint.load_model(store.get(spec["weights_uri"]))
+        model.eval()
+        norm = imaging.Normalization.from_dict(meta.normalization)
+        paths = [Path(p) for p in spec["tiles"]]
+        images = [imaging.decode_image(p.read_bytes(), p.name) for p in paths]
+        pixels = [imaging.normalize(im, norm) for im in images]
+        _INFER_CACHE[cache_key] = _LoadedModel(model, meta, norm, images, pixels)
+    return _INFER_CACHE[cache_key], first
 
 
 def bare_infer(spec: dict[str, Any]) -> dict[str, Any]:
@@ -272,70 +379,49 @@ def bare_infer(spec: dict[str, Any]) -> dict[str, Any]:
     With `stages`, also times per tile the steps the trainer node's analysis does around the
     forward pass (S3 get, decode, PNG encode of the mask, S3 put), so a gap can be attributed.
     """
-    import numpy as np
-    import torch
-    from pydantic import SecretStr
-
-    from segcore import checkpoint, imaging, inference
-    from services.common.settings import StorageSettings
-    from services.common.storage import ObjectStore
-
     threads = _set_threads(spec.get("threads"))
-    store = ObjectStore(StorageSettings(endpoint=spec["s3_endpoint"], access_key=spec["access_key"],
-                                        secret_key=SecretStr(spec["secret_key"])))
-    cache_key = json.dumps([spec["weights_uri"], spec["tiles"]])
-    first = cache_key not in _INFER_CACHE
-    if first:
-        model, meta = checkpoint.load_model(store.get(spec["weights_uri"]))
-        model.eval()
-        norm = imaging.Normalization.from_dict(meta.normalization)
-        paths = [Path(p) for p in spec["tiles"]]
-        images = [imaging.decode_image(p.read_bytes(), p.name) for p in paths]
-        _INFER_CACHE[cache_key] = (model, meta, norm, images, [imaging.normalize(im, norm) for im in images])
-    model, meta, norm, images, pixels = _INFER_CACHE[cache_key]
-    n = len(pixels)
-
-    def forward(batch_size: int) -> float:
-        started = time.perf_counter()
-        with torch.no_grad():
-            for i in range(0, n, batch_size):
-                model(pixel_values=torch.stack(pixels[i:i + batch_size]))
-        return time.perf_counter() - started
-
-    def predict_mask_path() -> float:
-        started = time.perf_counter()
-        for image in images:
-            inference.predict_mask(model, image, norm, tile_size=meta.tile_size or None)
-        return time.perf_counter() - started
-
-    variants = {"bare_b1": lambda: forward(1), "bare_b8": lambda: forward(8), "predict_mask": predict_mask_path}
+    store = _object_store(spec)
+    loaded, first = _loaded_model(store, spec)
+    n = len(loaded.pixels)
+    variants: dict[str, Callable[[], float]] = {"bare_b1": lambda: loaded.forward_s(1),
+                                                "bare_b8": lambda: loaded.forward_s(8),
+                                                "predict_mask": loaded.predict_mask_s}
     if first:
         for fn in variants.values():
             fn()  # warm-up
     result: dict[str, Any] = {"threads": threads, "tiles": n,
                               "tiles_per_s": {label: n / fn() for label, fn in variants.items()}}
     if spec.get("stages"):
-        stage: dict[str, list[float]] = {"s3_get": [], "decode": [], "encode_png": [], "s3_put": []}
-        mask = np.zeros(images[0].shape[:2], dtype=np.int64)
-        for i, key in enumerate(spec["image_keys"]):
-            t0 = time.perf_counter()
-            data = store.get(key)
-            t1 = time.perf_counter()
-            imaging.decode_image(data, key)
-            t2 = time.perf_counter()
-            png = imaging.encode_mask_png(mask)
-            t3 = time.perf_counter()
-            store.put(f"bench/analysis-probe/{i}.png", png, content_type="image/png")
-            t4 = time.perf_counter()
-            for k, v in zip(stage, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-                stage[k].append(v)
-        store.delete_prefix("bench/analysis-probe/")
-        result["stage_ms_per_tile"] = {k: 1000 * statistics.median(v) for k, v in stage.items()}
+        result["stage_ms_per_tile"] = _node_steps_ms(store, spec["image_keys"], loaded.images[0].shape[:2])
         result["node_path_tiles_per_s"] = _node_path(store, spec)
     return result
 
 
-def _node_path(store: Any, spec: dict[str, Any]) -> dict[str, float]:
+def _node_steps_ms(store: ObjectStore, image_keys: list[str], mask_shape: tuple[int, int]) -> dict[str, float]:
+    """Per tile, the trainer node's analysis steps around the forward pass: S3 get, decode, PNG
+    encode of a mask, S3 put (to a probe prefix, deleted afterwards)."""
+    import numpy as np
+
+    from segcore import imaging
+
+    stages = _StageTimes("s3_get", "decode", "encode_png", "s3_put")
+    mask = np.zeros(mask_shape, dtype=np.int64)
+    for i, key in enumerate(image_keys):
+        t0 = time.perf_counter()
+        data = store.get(key)
+        t1 = time.perf_counter()
+        imaging.decode_image(data, key)
+        t2 = time.perf_counter()
+        png = imaging.encode_mask_png(mask)
+        t3 = time.perf_counter()
+        store.put(f"bench/analysis-probe/{i}.png", png, content_type="image/png")
+        t4 = time.perf_counter()
+        stages.add(t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+    store.delete_prefix("bench/analysis-probe/")
+    return stages.median_ms()
+
+
+def _node_path(store: ObjectStore, spec: dict[str, Any]) -> dict[str, float]:
     """The trainer node's own analysis code (services.trainer_svc.analysis.Analyzer: S3 get, decode,
     predict_mask, PNG encode, S3 put per tile) in this process, without gRPC, run on this main
     thread, on a second thread (the node runs it on a gRPC worker thread), and on a second
@@ -348,8 +434,11 @@ def _node_path(store: Any, spec: dict[str, Any]) -> dict[str, float]:
     from services.trainer_svc.analysis import Analyzer
 
     analyzer = Analyzer(store, "cpu")
-    request = trainer_pb2.AnalyzeTilesRequest(model=trainer_pb2.ModelRef(weights_uri=spec["weights_uri"]),
-                                              image_keys=spec["image_keys"], output_prefix="bench/node-path/")
+    from services.common import object_keys
+
+    ref = trainer_pb2.ModelRef(weights_uri=spec["weights_uri"], weights_sha256=spec["weights_sha256"])
+    request = trainer_pb2.AnalyzeTilesRequest(model=ref, image_keys=spec["image_keys"],
+                                              output_prefix=object_keys.analysis_prefix("bench-node-path"))
     n = len(spec["image_keys"])
 
     def timed(threads: int | None) -> float:
@@ -382,6 +471,58 @@ def _node_path(store: Any, spec: dict[str, Any]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- watchers
 
 
+class _WatchStreams:
+    """`count` concurrent WatchJobEvents streams of one job and what each of them received."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.count: int = spec["count"]
+        self.first = [False] * self.count  # stream i has received its first message
+        self.events = [0] * self.count
+        self.errors: dict[str, int] = {}
+        self.first_all: asyncio.Event | None = None  # created inside the event loop
+
+    async def one(self, i: int) -> None:
+        """Stream i: its own channel, reading and decoding every event until the stream ends."""
+        import grpc
+        from segtrain.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+
+        async with grpc.aio.insecure_channel(self.spec["address"]) as channel:
+            stub = metrics_pb2_grpc.MetricsServiceStub(channel)
+            request = metrics_pb2.WatchJobEventsRequest(job=self.spec["job"], after_seq=0)
+            try:
+                metadata = [tuple(kv) for kv in self.spec.get("metadata", [])]  # the bearer token, if any
+                async for item in stub.WatchJobEvents(request, metadata=metadata or None):
+                    if not self.first[i]:
+                        self.first[i] = True
+                        if all(self.first) and self.first_all is not None:
+                            self.first_all.set()
+                    if item.HasField("event"):
+                        self.events[i] += 1
+                        item.event.progress.percent  # noqa: B018 - consume it like a UI would
+            except grpc.aio.AioRpcError as exc:
+                self.errors[exc.code().name] = self.errors.get(exc.code().name, 0) + 1
+
+    async def run(self) -> dict[str, Any]:
+        import asyncio
+
+        self.first_all = asyncio.Event()
+        started = time.monotonic()
+        tasks = [asyncio.create_task(self.one(i)) for i in range(self.count)]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.first_all.wait(), self.spec["connect_timeout_s"])
+        print(f"CONNECTED {sum(self.first)}", flush=True)
+        cpu_connected = time.process_time()
+        _done, pending = await asyncio.wait(tasks, timeout=self.spec["timeout_s"])
+        for task in pending:
+            task.cancel()
+        events = self.events
+        return {"count": self.count, "connected": sum(self.first), "finished": self.count - len(pending),
+                "events_min": min(events), "events_median": statistics.median(events), "events_max": max(events),
+                "errors": self.errors, "seconds": time.monotonic() - started,
+                "cpu_s": time.process_time() - cpu_connected}  # after all streams were open
+
+
 def watchers(spec: dict[str, Any]) -> dict[str, Any]:
     """`count` concurrent WatchJobEvents streams of one job (one channel each, like separate UIs),
     each reading and decoding every event until the job's final event ends the stream.
@@ -390,50 +531,11 @@ def watchers(spec: dict[str, Any]) -> dict[str, Any]:
     `connect_timeout_s`), then the summary when all streams ended or `timeout_s` passed."""
     import asyncio
 
-    import grpc
-    from segtrain.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+    # Loaded before the streams start their clock; each stream's own import then comes from the cache.
+    import grpc  # noqa: F401
+    from segtrain.metrics.v1 import metrics_pb2, metrics_pb2_grpc  # noqa: F401
 
-    count = spec["count"]
-    first = [False] * count
-    events = [0] * count
-    errors: dict[str, int] = {}
-    first_all: asyncio.Event | None = None  # created inside the event loop
-
-    async def one(i: int) -> None:
-        async with grpc.aio.insecure_channel(spec["address"]) as channel:
-            stub = metrics_pb2_grpc.MetricsServiceStub(channel)
-            request = metrics_pb2.WatchJobEventsRequest(job=spec["job"], after_seq=0)
-            try:
-                metadata = [tuple(kv) for kv in spec.get("metadata", [])]  # the bearer token, if any
-                async for item in stub.WatchJobEvents(request, metadata=metadata or None):
-                    if not first[i]:
-                        first[i] = True
-                        if all(first) and first_all is not None:
-                            first_all.set()
-                    if item.HasField("event"):
-                        events[i] += 1
-                        item.event.progress.percent  # noqa: B018 - consume it like a UI would
-            except grpc.aio.AioRpcError as exc:
-                errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
-
-    async def main() -> dict[str, Any]:
-        nonlocal first_all
-        first_all = asyncio.Event()
-        started = time.monotonic()
-        tasks = [asyncio.create_task(one(i)) for i in range(count)]
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(first_all.wait(), spec["connect_timeout_s"])
-        print(f"CONNECTED {sum(first)}", flush=True)
-        cpu_connected = time.process_time()
-        _done, pending = await asyncio.wait(tasks, timeout=spec["timeout_s"])
-        for task in pending:
-            task.cancel()
-        return {"count": count, "connected": sum(first), "finished": count - len(pending),
-                "events_min": min(events), "events_median": statistics.median(events), "events_max": max(events),
-                "errors": errors, "seconds": time.monotonic() - started,
-                "cpu_s": time.process_time() - cpu_connected}  # after all streams were open
-
-    return asyncio.run(main())
+    return asyncio.run(_WatchStreams(spec).run())
 
 
 COMMANDS = {"bare-train": bare_train, "core-train": core_train, "core-parts": core_parts, "datapath": datapath,

@@ -23,11 +23,13 @@ from segtrain.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.pipeline.v1 import pipeline_pb2_grpc
 
+from clients import names
+from clients.names import TERMINAL as TERMINAL  # re-exported: the job states after which a job is done
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
-TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
 
 _RETRY_CONFIG = json.dumps({"methodConfig": [{
     "name": [{"service": "segtrain.pipeline.v1.PipelineService"}, {"service": "segtrain.metrics.v1.MetricsService"}],
@@ -62,14 +64,6 @@ class _Details(grpc.ClientCallDetails):
     def __init__(self, base: Any, metadata: list[tuple[str, str]]) -> None:
         self.method, self.timeout, self.credentials = base.method, base.timeout, base.credentials
         self.wait_for_ready, self.compression, self.metadata = base.wait_for_ready, base.compression, metadata
-
-
-def job_name(job: str) -> str:
-    return job if job.startswith("jobs/") else f"jobs/{job}"
-
-
-def _name(collection: str, value: str) -> str:
-    return value if not value or value.startswith(f"{collection}/") else f"{collection}/{value}"
 
 
 class Client:
@@ -130,7 +124,7 @@ class Client:
 
     def create_training_set(
         self, name: str, tiles_dir: Path, annotations: Path, *, format: str = "masks",
-        pipeline: str = "segmentation", class_names: Sequence[str] = (), group_by: str = "",
+        pipeline: str = names.DEFAULT_PIPELINE, class_names: Sequence[str] = (), group_by: str = "",
         instance_class: int | None = None, request_id: str = "",
     ) -> pb.TrainingSet:
         """Uploads tiles with their annotations and creates the set.
@@ -149,7 +143,7 @@ class Client:
         if not tiles:
             raise ValueError(f"no tiles (png, jpg, tif) in {tiles_dir}")
         request = pb.CreateTrainingSetRequest(
-            training_set_id=name, display_name=name, pipeline=_name("pipelines", pipeline),
+            training_set_id=name, display_name=name, pipeline=names.pipeline(pipeline),
             class_names=list(class_names), format=FORMATS[format], request_id=request_id)
         if instance_class is not None:
             request.instance_class = instance_class
@@ -177,18 +171,18 @@ class Client:
     def create_job(self, *, pipeline: str, training_set: str, from_model: str = "",
                    hyperparameters: common_pb2.Hyperparameters | None = None, request_id: str = "") -> pb.Job:
         return self.pipeline.CreateJob(pb.CreateJobRequest(
-            pipeline=_name("pipelines", pipeline), training_set=_name("trainingSets", training_set),
-            from_model=_name("models", from_model), hyperparameters=hyperparameters, request_id=request_id,
+            pipeline=names.pipeline(pipeline), training_set=names.training_set(training_set),
+            from_model=names.model(from_model), hyperparameters=hyperparameters, request_id=request_id,
         ), timeout=self.timeout)
 
     def start_job(self, job: str) -> pb.Job:
-        return self.pipeline.StartJob(pb.StartJobRequest(name=job_name(job)), timeout=self.timeout)
+        return self.pipeline.StartJob(pb.StartJobRequest(name=names.job(job)), timeout=self.timeout)
 
     def get_job(self, job: str) -> pb.Job:
-        return self.pipeline.GetJob(pb.GetJobRequest(name=job_name(job)), timeout=self.timeout)
+        return self.pipeline.GetJob(pb.GetJobRequest(name=names.job(job)), timeout=self.timeout)
 
     def cancel_job(self, job: str, *, stop_early: bool = False) -> pb.Job:
-        return self.pipeline.CancelJob(pb.CancelJobRequest(name=job_name(job), stop_early=stop_early),
+        return self.pipeline.CancelJob(pb.CancelJobRequest(name=names.job(job), stop_early=stop_early),
                                        timeout=self.timeout)
 
     def rerun(self, job: str, *, start: bool = True) -> pb.Job:
@@ -199,7 +193,7 @@ class Client:
         return self.start_job(again.name) if start else again
 
     def compare(self, jobs: Sequence[str]) -> pb.JobComparison:
-        return self.pipeline.CompareJobs(pb.CompareJobsRequest(jobs=[job_name(j) for j in jobs]),
+        return self.pipeline.CompareJobs(pb.CompareJobsRequest(jobs=[names.job(j) for j in jobs]),
                                          timeout=self.timeout)
 
     def watch(self, job: str, *, after_seq: int = 0, reconnect: bool = True,
@@ -208,7 +202,7 @@ class Client:
         reconnects after the last seq it yielded, so nothing is missed or repeated."""
         last, delay = after_seq, 0.2
         while True:
-            request = metrics_pb2.WatchJobEventsRequest(job=job_name(job), after_seq=last,
+            request = metrics_pb2.WatchJobEventsRequest(job=names.job(job), after_seq=last,
                                                         include_batch_progress=include_batch_progress)
             try:
                 for item in self.metrics.WatchJobEvents(request):
@@ -226,11 +220,11 @@ class Client:
                 delay = min(delay * 2, 5.0)
 
     def history(self, job: str) -> metrics_pb2.JobHistory:
-        return self.metrics.GetJobHistory(metrics_pb2.GetJobHistoryRequest(job=job_name(job)), timeout=self.timeout)
+        return self.metrics.GetJobHistory(metrics_pb2.GetJobHistoryRequest(job=names.job(job)), timeout=self.timeout)
 
     def charts(self, jobs: Sequence[str], width: int = 800, height: int = 480) -> tuple[bytes, bytes]:
         response = self.metrics.RenderJobCharts(metrics_pb2.RenderJobChartsRequest(
-            jobs=[job_name(j) for j in jobs], width=width, height=height), timeout=self.timeout)
+            jobs=[names.job(j) for j in jobs], width=width, height=height), timeout=self.timeout)
         return response.loss_png, response.iou_png
 
     # Models and analysis
@@ -242,7 +236,7 @@ class Client:
         """Runs the model on local images and writes `<stem>.png` class-index masks to `out_dir`."""
         keys = self.upload(list(tiles))
         response = self.pipeline.AnalyzeTiles(pb.AnalyzeTilesRequest(
-            model=_name("models", model), image_keys=[keys[t] for t in tiles]), timeout=max(self.timeout, 600))
+            model=names.model(model), image_keys=[keys[t] for t in tiles]), timeout=max(self.timeout, 600))
         out_dir.mkdir(parents=True, exist_ok=True)
         for tile, result in zip(tiles, response.tiles, strict=True):
             with urllib.request.urlopen(result.mask_url, timeout=self.timeout) as r:

@@ -1,11 +1,12 @@
 """Starts the local stack as separate processes: an S3 API server (`rclone serve s3` over a data
 folder), the metrics and pipeline services and trainer nodes. Used by `segtrain up`, `make demo`
-and the end-to-end tests; it launches `python -m services.…` and imports no service code.
+and the end-to-end tests; it launches `python -m services.…`. Of the services it imports only the
+owners of their configuration contract: the settings classes (rendered to the environment with
+`environment`) and the tokens file format.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -18,6 +19,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
+
+from services.common.settings import (
+    MetricsSettings,
+    PipelineSettings,
+    SecuritySettings,
+    StorageSettings,
+    TrainerSettings,
+    environment,
+    given,
+)
+from services.common.tokens import Role, write_tokens_file
 
 READY_TIMEOUT_S = 120.0
 
@@ -73,7 +85,7 @@ class LocalStack:
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     # A bearer token per role; the services get only their digests (and the service token).
     tokens: dict[str, str] = field(default_factory=lambda: {
-        role: secrets.token_urlsafe(24) for role in ("admin", "trainer", "viewer", "service")})
+        role.name.lower(): secrets.token_urlsafe(24) for role in Role})
     processes: dict[str, Process] = field(default_factory=dict)
 
     @property
@@ -93,39 +105,47 @@ class LocalStack:
         return self.root / "logs"
 
     def env(self) -> dict[str, str]:
-        """Environment of every service process (secrets included; never logged)."""
+        """Environment of every service process (secrets included; never logged): the caller's
+        environment without its SEGTRAIN_* variables, the stack's settings, then env_overrides."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("SEGTRAIN_")}
-        env.update({
-            "SEGTRAIN_S3_ENDPOINT": self.s3_endpoint, "SEGTRAIN_S3_ACCESS_KEY": self.access_key,
-            "SEGTRAIN_S3_SECRET_KEY": self.secret_key,
-            "SEGTRAIN_PIPELINE_LISTEN": self.pipeline_address,
-            "SEGTRAIN_PIPELINE_DATABASE_URL": f"sqlite:///{self.root / 'db' / 'pipeline.db'}",
-            "SEGTRAIN_PIPELINE_METRICS_ADDRESS": self.metrics_address,
-            "SEGTRAIN_METRICS_LISTEN": self.metrics_address,
-            "SEGTRAIN_METRICS_DATABASE_URL": f"sqlite:///{self.root / 'db' / 'metrics.db'}",
-            "SEGTRAIN_TRAINER_PIPELINE_ADDRESS": self.pipeline_address,
-            "SEGTRAIN_AUTH_TOKENS_FILE": str(self.root / "auth" / "tokens.json"),
-            "SEGTRAIN_SERVICE_TOKEN": self.tokens["service"],
-            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-        })
+        env.update(environment(*self.settings()))
+        env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
         env.update(self.env_overrides)
         return env
+
+    def settings(self) -> tuple[StorageSettings, PipelineSettings, MetricsSettings, TrainerSettings,
+                                SecuritySettings]:
+        """What the stack sets for every service process; every other field keeps its default."""
+        return (
+            given(StorageSettings, endpoint=self.s3_endpoint, access_key=self.access_key,
+                  secret_key=self.secret_key),
+            given(PipelineSettings, listen=self.pipeline_address, metrics_address=self.metrics_address,
+                  database_url=f"sqlite:///{self.root / 'db' / 'pipeline.db'}"),
+            given(MetricsSettings, listen=self.metrics_address,
+                  database_url=f"sqlite:///{self.root / 'db' / 'metrics.db'}"),
+            given(TrainerSettings, pipeline_address=self.pipeline_address),
+            given(SecuritySettings, auth_tokens_file=self.tokens_file, service_token=self.tokens["service"]),
+        )
+
+    def trainer_settings(self, index: int, port: int) -> TrainerSettings:
+        """What a trainer node gets on top of `settings`: its own address and node id."""
+        return given(TrainerSettings, listen=f"127.0.0.1:{port}", node_id=f"local-{index}")
+
+    @property
+    def tokens_file(self) -> Path:
+        return self.root / "auth" / "tokens.json"
 
     @property
     def credentials_file(self) -> Path:
         return self.root / "auth" / "credentials.json"
 
     def _write_tokens(self) -> None:
-        """tokens.json (digests, read by the services) and credentials.json (the tokens, for the
+        """tokens.json (digests, read by the services) and credentials.json (role -> token, for the
         local user), both readable by the owner only."""
-        folder = self.root / "auth"
-        folder.mkdir(parents=True, exist_ok=True)
-        digests = {"tokens": [{"name": f"local-{role}", "role": role,
-                               "sha256": hashlib.sha256(token.encode()).hexdigest()}
-                              for role, token in self.tokens.items()]}
-        for path, data in ((folder / "tokens.json", digests), (self.credentials_file, self.tokens)):
-            path.write_text(json.dumps(data, indent=2))
-            path.chmod(0o600)
+        self.tokens_file.parent.mkdir(parents=True, exist_ok=True)
+        write_tokens_file(self.tokens_file, {
+            token: (f"local-{role}", Role[role.upper()]) for role, token in self.tokens.items()})
+        _write_private(self.credentials_file, json.dumps(self.tokens, indent=2))
 
     def start(self) -> LocalStack:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -151,9 +171,8 @@ class LocalStack:
         port = port or free_port()
         self.trainer_ports.append(port)
         name = f"trainer-{index}"
-        self._start(name, [sys.executable, "-m", "services.trainer_svc"], {
-            "SEGTRAIN_TRAINER_LISTEN": f"127.0.0.1:{port}", "SEGTRAIN_TRAINER_NODE_ID": f"local-{index}",
-        })
+        self._start(name, [sys.executable, "-m", "services.trainer_svc"],
+                    environment(self.trainer_settings(index, port)))
         return name
 
     def restart(self, name: str) -> None:
@@ -205,6 +224,14 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Writes a file readable by its owner only, from its creation on (an existing one is narrowed)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        os.fchmod(fd, 0o600)
+        file.write(text)
 
 
 def _wait_port(port: int, process: Process, timeout: float = 20.0) -> None:

@@ -270,17 +270,31 @@ def _fluorescence_scene(rng: np.random.Generator, tile_size: int, n_tiles: int) 
     mask = np.zeros((h, w), dtype=np.uint8)
     chromatin = _smooth_noise(rng, h, w, cell_sizes=(2.5 * scale, 5.0 * scale), weights=(0.6, 1.0))
     density = float(np.exp(rng.normal(0.0, 0.3)))
-    for origin in _region_origins(tile_size, n_tiles):
-        centres = _scatter(rng, origin, tile_size, 7.0 * density)
-        for centre in centres:
-            if rng.random() < 0.4:
-                # Dim cytoplasmic autofluorescence: unlabelled background clutter.
-                _paint_halo(rng, fluor, centre, scale, strength=rng.uniform(0.03, 0.08), eosin=None)
-        for centre in centres:
-            _paint_fluor_nucleus(rng, fluor, mask, chromatin, centre, scale)
-            if rng.random() < 0.25:  # touching neighbour (dividing / clustered cells)
-                _paint_fluor_nucleus(rng, fluor, mask, chromatin, _bud(rng, centre, scale), scale)
+    _populate(
+        rng, tile_size, n_tiles, scale, mean_count=7.0 * density, halo_probability=0.4, bud_probability=0.25,
+        # Dim cytoplasmic autofluorescence: unlabelled background clutter.
+        halo=lambda c: _paint_halo(rng, fluor, c, scale, strength=rng.uniform(0.03, 0.08), eosin=None),
+        nucleus=lambda c: _paint_fluor_nucleus(rng, fluor, mask, chromatin, c, scale),
+    )
     return np.minimum(fluor, _FLUOR_MAX), mask
+
+
+def _populate(
+    rng: np.random.Generator, tile_size: int, n_tiles: int, scale: float, *, mean_count: float,
+    halo_probability: float, bud_probability: float, halo: Callable[[tuple[float, float]], None],
+    nucleus: Callable[[tuple[float, float]], None],
+) -> None:
+    """Scatters cells over every tile region: first a halo behind some of them, then each nucleus,
+    sometimes with a touching neighbour (dividing or clustered cells)."""
+    for origin in _region_origins(tile_size, n_tiles):
+        centres = _scatter(rng, origin, tile_size, mean_count)
+        for centre in centres:
+            if rng.random() < halo_probability:
+                halo(centre)
+        for centre in centres:
+            nucleus(centre)
+            if rng.random() < bud_probability:
+                nucleus(_bud(rng, centre, scale))
 
 
 def _scatter(
@@ -428,15 +442,11 @@ def _render_he_source(seq: np.random.SeedSequence, tile_size: int, n_tiles: int)
     mask = np.zeros((h, w), dtype=np.uint8)
     chromatin = _smooth_noise(rng, h, w, cell_sizes=(2.5 * scale, 6.0 * scale), weights=(1.0, 0.7))
     density = float(np.exp(rng.normal(0.0, 0.3)))
-    for origin in _region_origins(tile_size, n_tiles):
-        centres = _scatter(rng, origin, tile_size, 9.0 * density)
-        for centre in centres:
-            if rng.random() < 0.5:
-                _paint_halo(rng, od, centre, scale, strength=rng.uniform(0.15, 0.3), eosin=style.eosin_od)
-        for centre in centres:
-            _paint_he_nucleus(rng, od, mask, chromatin, style, centre, scale)
-            if rng.random() < 0.2:
-                _paint_he_nucleus(rng, od, mask, chromatin, style, _bud(rng, centre, scale), scale)
+    _populate(
+        rng, tile_size, n_tiles, scale, mean_count=9.0 * density, halo_probability=0.5, bud_probability=0.2,
+        halo=lambda c: _paint_halo(rng, od, c, scale, strength=rng.uniform(0.15, 0.3), eosin=style.eosin_od),
+        nucleus=lambda c: _paint_he_nucleus(rng, od, mask, chromatin, style, c, scale),
+    )
     return _cut_tiles(_form_rgb(rng, od, style), mask, tile_size, n_tiles)
 
 

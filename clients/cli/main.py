@@ -8,17 +8,22 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from segtrain.common.v1 import common_pb2
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
 
-from clients.sdk import IMAGE_SUFFIXES, TERMINAL, Client
+from clients import names
+from clients.names import TERMINAL
+from clients.sdk import IMAGE_SUFFIXES, Client
 from segcore import hyperparameters as contract
 
 Handler = Callable[[argparse.Namespace, Client], int]
+Verbs: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"  # a parser's subcommands
+M = TypeVar("M", bound=Message)
 
 
 def _out(args: argparse.Namespace, message: Message | dict[str, Any], text: str) -> None:
@@ -33,22 +38,47 @@ def state_name(state: int) -> str:
     return common_pb2.JobState.Name(state).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
 
 
-def _out_list(args: argparse.Namespace, key: str, items: Sequence[Message], row: Callable[[Any], str]) -> int:
-    """Prints a listing: one line per item, or {key: [...]} with --json."""
-    _out(args, {key: [MessageToDict(i, preserving_proto_field_name=True) for i in items]},
-         "\n".join(row(i) for i in items))
-    return 0
+def _listing(key: str, fetch: Callable[[Client], Sequence[M]], row: Callable[[M], str]) -> Handler:
+    """A `list` verb: one line per item, or {key: [...]} with --json."""
+
+    def handler(args: argparse.Namespace, client: Client) -> int:
+        items = fetch(client)
+        _out(args, {key: [MessageToDict(i, preserving_proto_field_name=True) for i in items]},
+             "\n".join(row(i) for i in items))
+        return 0
+
+    return handler
 
 
-def cmd_pipelines_list(args: argparse.Namespace, client: Client) -> int:
-    return _out_list(args, "pipelines", client.list_pipelines(), lambda p: (
-        f"{p.name:32} {p.display_name:28} {p.Type.Name(p.type).removeprefix('TYPE_'):9} "
-        f"classes={','.join(p.class_names)} tile={p.tile_size}"))
+def _pipeline_row(p: pb.Pipeline) -> str:
+    return (f"{p.name:32} {p.display_name:28} {p.Type.Name(p.type).removeprefix('TYPE_'):9} "
+            f"classes={','.join(p.class_names)} tile={p.tile_size}")
 
 
-def cmd_architectures_list(args: argparse.Namespace, client: Client) -> int:
-    return _out_list(args, "architectures", client.list_architectures(), lambda a: (
-        f"{a.name:28} {a.parameter_count:>12,} params{'  (default)' if a.is_default else ''}  {a.description}"))
+def _architecture_row(a: pb.Architecture) -> str:
+    return f"{a.name:28} {a.parameter_count:>12,} params{'  (default)' if a.is_default else ''}  {a.description}"
+
+
+def _training_set_row(t: pb.TrainingSet) -> str:
+    return (f"{t.name:32} {t.tile_count:>5} tiles ({t.train_tile_count} train, {t.validation_tile_count} val)  "
+            f"classes={','.join(t.class_names)}  {t.snapshot[:19]}")
+
+
+def _job_row(j: pb.Job) -> str:
+    return (f"{j.name:24} {state_name(j.state):11} {j.progress.percent:5.0f}%  {j.hyperparameters.architecture:24} "
+            f"{j.training_set}")
+
+
+def _model_row(m: pb.Model) -> str:
+    return (f"{m.name:24} {m.architecture:24} best epoch {m.best_epoch:>3}  val IoU {m.best_metrics.val_iou:.4f}  "
+            f"from {m.job}" + "".join(f"  QUALITY WARNING {w.code} ({w.class_name})" for w in m.quality_warnings))
+
+
+cmd_pipelines_list = _listing("pipelines", lambda c: c.list_pipelines(), _pipeline_row)
+cmd_architectures_list = _listing("architectures", lambda c: c.list_architectures(), _architecture_row)
+cmd_sets_list = _listing("training_sets", lambda c: c.list_training_sets(), _training_set_row)
+cmd_jobs_list = _listing("jobs", lambda c: c.list_jobs(), _job_row)
+cmd_models_list = _listing("models", lambda c: c.list_models(), _model_row)
 
 
 def cmd_sets_create(args: argparse.Namespace, client: Client) -> int:
@@ -63,18 +93,6 @@ def cmd_sets_create(args: argparse.Namespace, client: Client) -> int:
     ts.ClearField("tiles")
     _out(args, ts, "\n".join(lines))
     return 0
-
-
-def cmd_sets_list(args: argparse.Namespace, client: Client) -> int:
-    return _out_list(args, "training_sets", client.list_training_sets(), lambda t: (
-        f"{t.name:32} {t.tile_count:>5} tiles ({t.train_tile_count} train, {t.validation_tile_count} val)  "
-        f"classes={','.join(t.class_names)}  {t.snapshot[:19]}"))
-
-
-def cmd_jobs_list(args: argparse.Namespace, client: Client) -> int:
-    return _out_list(args, "jobs", client.list_jobs(), lambda j: (
-        f"{j.name:24} {state_name(j.state):11} {j.progress.percent:5.0f}%  {j.hyperparameters.architecture:24} "
-        f"{j.training_set}"))
 
 
 def _hyperparameters(args: argparse.Namespace) -> common_pb2.Hyperparameters:
@@ -221,7 +239,7 @@ def cmd_jobs_compare(args: argparse.Namespace, client: Client) -> int:
     for i, series in enumerate(comparison.series):
         for m in series.epochs:
             by_epoch[m.epoch][i] = f"{m.val_loss:.4f}/{m.val_iou:.4f}"
-    lines.append("epoch  " + "  ".join(f"{s.job.removeprefix('jobs/'):>17}" for s in comparison.series)
+    lines.append("epoch  " + "  ".join(f"{names.resource_id(s.job):>17}" for s in comparison.series)
                  + "   (val loss/val IoU)")
     lines += [f"{e:5}  " + "  ".join(f"{v:>17}" for v in row) for e, row in sorted(by_epoch.items())]
     for d in comparison.drift:
@@ -236,18 +254,12 @@ def cmd_jobs_chart(args: argparse.Namespace, client: Client) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     loss, iou = client.charts(args.jobs, args.width, args.height)
-    stem = args.jobs[0].removeprefix("jobs/") if len(args.jobs) == 1 else "jobs"
+    stem = names.resource_id(args.jobs[0]) if len(args.jobs) == 1 else "jobs"
     paths = {"loss": out / f"{stem}-loss.png", "iou": out / f"{stem}-iou.png"}
     paths["loss"].write_bytes(loss)
     paths["iou"].write_bytes(iou)
     _out(args, {k: str(v) for k, v in paths.items()}, "\n".join(str(p) for p in paths.values()))
     return 0
-
-
-def cmd_models_list(args: argparse.Namespace, client: Client) -> int:
-    return _out_list(args, "models", client.list_models(), lambda m: (
-        f"{m.name:24} {m.architecture:24} best epoch {m.best_epoch:>3}  val IoU {m.best_metrics.val_iou:.4f}  "
-        f"from {m.job}" + "".join(f"  QUALITY WARNING {w.code} ({w.class_name})" for w in m.quality_warnings)))
 
 
 def cmd_analyze(args: argparse.Namespace, client: Client) -> int:
@@ -293,28 +305,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", help="pipeline service (default: $SEGTRAIN_ADDRESS or 127.0.0.1:50051)")
     parser.add_argument("--token", help="bearer token (default: $SEGTRAIN_TOKEN)")
     sub = parser.add_subparsers(dest="verb", required=True)
+    _add_up(sub)
+    _verb(_group(sub, "pipelines"), "list", cmd_pipelines_list)
+    _verb(_group(sub, "architectures"), "list", cmd_architectures_list)
+    _add_sets(_group(sub, "sets"))
+    _add_jobs(_group(sub, "jobs"))
+    _verb(_group(sub, "models"), "list", cmd_models_list)
+    _add_analyze(sub)
+    return parser
 
-    def verb(p: argparse._SubParsersAction, name: str, handler: Handler | Callable[..., int], **kw: Any
-             ) -> argparse.ArgumentParser:
-        child = p.add_parser(name, **kw)
-        child.add_argument("--json", action="store_true", help="print JSON (one object per line)")
-        child.set_defaults(handler=handler)
-        return child
 
-    up = verb(sub, "up", cmd_up, help="start the local stack (S3 server, 3 services, trainer nodes)")
+def _verb(verbs: Verbs, name: str, handler: Handler | Callable[..., int], **kw: Any) -> argparse.ArgumentParser:
+    """A verb (or a group's action) with --json, dispatching to its handler."""
+    child = verbs.add_parser(name, **kw)
+    child.add_argument("--json", action="store_true", help="print JSON (one object per line)")
+    child.set_defaults(handler=handler)
+    return child
+
+
+def _group(verbs: Verbs, name: str) -> Verbs:
+    """A command group such as `jobs`, whose actions are its subcommands."""
+    return verbs.add_parser(name).add_subparsers(dest="action", required=True)
+
+
+def _add_up(verbs: Verbs) -> None:
+    up = _verb(verbs, "up", cmd_up, help="start the local stack (S3 server, 3 services, trainer nodes)")
     up.add_argument("--data-dir", default=".segtrain", help="data and logs folder (default .segtrain)")
     up.add_argument("--port", type=int, default=50051, help="pipeline port; metrics uses port+1")
     up.add_argument("--s3-port", type=int, default=9000)
     up.add_argument("--trainers", type=int, default=1)
 
-    group = sub.add_parser("pipelines").add_subparsers(dest="action", required=True)
-    verb(group, "list", cmd_pipelines_list)
-    group = sub.add_parser("architectures").add_subparsers(dest="action", required=True)
-    verb(group, "list", cmd_architectures_list)
 
-    group = sub.add_parser("sets").add_subparsers(dest="action", required=True)
-    verb(group, "list", cmd_sets_list, help="list training sets, newest first")
-    create = verb(group, "create", cmd_sets_create, help="create a training set from local files")
+def _add_sets(group: Verbs) -> None:
+    _verb(group, "list", cmd_sets_list, help="list training sets, newest first")
+    create = _verb(group, "create", cmd_sets_create, help="create a training set from local files")
     create.add_argument("name")
     create.add_argument("--tiles", required=True, help="folder of tile images")
     source = create.add_mutually_exclusive_group(required=True)
@@ -324,41 +348,45 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--format", default="masks", choices=["masks", "instance-masks", "coco", "geojson", "labeller"])
     create.add_argument("--classes", help="class names by index, comma-separated (index 0 = background)")
     create.add_argument("--instance-class", type=int, help="class index of every instance (--format instance-masks)")
-    create.add_argument("--pipeline", default="segmentation")
+    create.add_argument("--pipeline", default=names.DEFAULT_PIPELINE)
     create.add_argument("--group-by", default="", help="regex; its first group on a tile's stem names the source image")
 
-    group = sub.add_parser("jobs").add_subparsers(dest="action", required=True)
-    verb(group, "list", cmd_jobs_list, help="list jobs, newest first")
-    create = verb(group, "create", cmd_jobs_create, help="create a job; prints its name")
+
+def _add_jobs(group: Verbs) -> None:
+    """The job lifecycle: list, create, start, get, cancel, watch, rerun; then compare and chart."""
+    _verb(group, "list", cmd_jobs_list, help="list jobs, newest first")
+    create = _verb(group, "create", cmd_jobs_create, help="create a job; prints its name")
     create.add_argument("--pipeline", required=True)
     create.add_argument("--training-set", required=True)
     create.add_argument("--from-model")
     _add_hyperparameter_flags(create)
     for name, handler in (("start", cmd_jobs_start), ("get", cmd_jobs_get)):
-        verb(group, name, handler).add_argument("job")
-    cancel = verb(group, "cancel", cmd_jobs_cancel)
+        _verb(group, name, handler).add_argument("job")
+    cancel = _verb(group, "cancel", cmd_jobs_cancel)
     cancel.add_argument("job")
     cancel.add_argument("--stop-early", action="store_true", help="keep and register the best model so far")
-    watch = verb(group, "watch", cmd_jobs_watch, help="follow a job live until it ends")
+    watch = _verb(group, "watch", cmd_jobs_watch, help="follow a job live until it ends")
     watch.add_argument("job")
     watch.add_argument("--after-seq", type=int, default=0, help="start after event N")
-    verb(group, "rerun", cmd_jobs_rerun, help="create and start a copy of a job (same seed)").add_argument("job")
-    compare = verb(group, "compare", cmd_jobs_compare, help="configurations, metrics and drift side by side")
+    _verb(group, "rerun", cmd_jobs_rerun, help="create and start a copy of a job (same seed)").add_argument("job")
+    _add_job_results(group)
+
+
+def _add_job_results(group: Verbs) -> None:
+    compare = _verb(group, "compare", cmd_jobs_compare, help="configurations, metrics and drift side by side")
     compare.add_argument("jobs", nargs="+")
-    chart = verb(group, "chart", cmd_jobs_chart, help="write loss and IoU graphs as PNG")
+    chart = _verb(group, "chart", cmd_jobs_chart, help="write loss and IoU graphs as PNG")
     chart.add_argument("jobs", nargs="+")
     chart.add_argument("--out", default=".")
     chart.add_argument("--width", type=int, default=800)
     chart.add_argument("--height", type=int, default=480)
 
-    group = sub.add_parser("models").add_subparsers(dest="action", required=True)
-    verb(group, "list", cmd_models_list)
 
-    analyze = verb(sub, "analyze", cmd_analyze, help="run a model on a folder of tiles")
+def _add_analyze(verbs: Verbs) -> None:
+    analyze = _verb(verbs, "analyze", cmd_analyze, help="run a model on a folder of tiles")
     analyze.add_argument("--model", required=True)
     analyze.add_argument("--tiles", required=True)
     analyze.add_argument("--out", required=True)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Authentication and authorisation of every RPC, streams included.
 
 Callers present `authorization: Bearer <token>` metadata. Tokens are configured in a JSON file
-(SEGTRAIN_AUTH_TOKENS_FILE) holding only their SHA-256, each with a principal name and a role.
+(SEGTRAIN_AUTH_TOKENS_FILE, format and roles in services/common/tokens.py) holding only their
+SHA-256, each with a principal name and a role.
 Roles are ranked: viewer (read and watch) < trainer (create training sets, create/start/cancel
 jobs, analyse) < admin (pipelines, nodes) < service (the services' own calls to each other).
 Each service declares the minimum role of each of its RPCs; an RPC missing from that table is
@@ -11,10 +12,7 @@ errors.
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import hmac
-import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,26 +21,22 @@ from typing import Any
 
 import grpc
 
+# The tokens file's format and the roles have their own module (plain data, importable by the local
+# stack launcher without this server code); re-exported here for the services and scripts.
+from services.common.tokens import Role as Role
+from services.common.tokens import read_tokens_file
+from services.common.tokens import token_digest as token_digest
+from services.common.tokens import write_tokens_file as write_tokens_file
+
 log = logging.getLogger(__name__)
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-
-
-class Role(enum.IntEnum):
-    VIEWER = 1
-    TRAINER = 2
-    ADMIN = 3
-    SERVICE = 4
 
 
 @dataclass(frozen=True)
 class Principal:
     name: str
     role: Role
-
-
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class TokenStore:
@@ -53,13 +47,8 @@ class TokenStore:
 
     @classmethod
     def load(cls, path: Path) -> TokenStore:
-        """Reads {"tokens": [{"name": ..., "role": "viewer|trainer|admin|service", "sha256": ...}]}."""
-        data = json.loads(path.read_text())
-        principals = {}
-        for entry in data["tokens"]:
-            role = Role[entry["role"].upper()]
-            principals[entry["sha256"].lower()] = Principal(entry["name"], role)
-        return cls(principals)
+        """Reads a tokens file (services/common/tokens.py)."""
+        return cls({digest: Principal(name, role) for digest, (name, role) in read_tokens_file(path).items()})
 
     def authenticate(self, token: str) -> Principal | None:
         digest = token_digest(token)
@@ -67,14 +56,6 @@ class TokenStore:
             if hmac.compare_digest(known, digest):  # constant time per entry
                 return principal
         return None
-
-
-def write_tokens_file(path: Path, tokens: Mapping[str, tuple[str, Role]]) -> None:
-    """Writes a tokens file for {token: (name, role)}; only digests are stored."""
-    entries = [{"name": name, "role": role.name.lower(), "sha256": token_digest(token)}
-               for token, (name, role) in tokens.items()]
-    path.write_text(json.dumps({"tokens": entries}, indent=2))
-    path.chmod(0o600)
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

@@ -2,14 +2,19 @@
 
 Each service builds its own settings object in its composition root (`__main__`) and passes it
 down; nothing else reads the environment. The README's configuration table lists every variable.
+The other direction, settings to variables, is `environment` (the local stack launcher configures
+the services with it): a variable's name is its class's env_prefix plus the field name, upper case.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, TypeVar
 
-from pydantic import Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 DEFAULT_PIPELINE_ADDRESS = "127.0.0.1:50051"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:50052"
@@ -118,3 +123,44 @@ class TrainerSettings(BaseSettings):
     progress_interval_s: float = 1.0
     # Seconds a job waits out an object-store outage (retrying with backoff) before it fails.
     storage_patience_s: float = 120.0
+
+
+def given(cls: type[SettingsT], /, **values: Any) -> SettingsT:
+    """Settings of exactly `values`, validated as the environment's would be (an unknown field or
+    a bad value raises), reading no environment: the other fields keep their defaults and only the
+    given ones count as set (`model_fields_set`), which is what `environment` renders."""
+    settings = cls.__new__(cls)
+    # BaseModel's __init__ validates `values` alone; BaseSettings' would merge in the environment.
+    BaseModel.__init__(settings, **values)
+    return settings
+
+
+def environment(*settings: BaseSettings) -> dict[str, str]:
+    """The environment variables that configure the explicitly set fields of `settings`: the
+    inverse of reading them. SecretStr is unwrapped, Path and numbers become text, booleans
+    "true"/"false"; a field set to None is left out (unset). Two objects rendering one variable
+    differently raise ValueError."""
+    env: dict[str, str] = {}
+    for item in settings:
+        prefix = item.model_config.get("env_prefix", "")
+        for name in sorted(item.model_fields_set):
+            field = type(item).model_fields[name]
+            if field.alias or field.validation_alias:
+                raise TypeError(f"{type(item).__name__}.{name}: aliased fields are not rendered")
+            value = getattr(item, name)
+            if value is None:
+                continue
+            variable, text = f"{prefix}{name}".upper(), _variable_text(value)
+            if env.setdefault(variable, text) != text:
+                raise ValueError(f"{variable} is rendered twice, with different values")
+    return env
+
+
+def _variable_text(value: object) -> str:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | int | float | Path):
+        return str(value)
+    raise TypeError(f"no environment rendering for {type(value).__name__}")

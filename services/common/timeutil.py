@@ -12,13 +12,16 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(value: datetime) -> datetime:
+    """`value` as an aware UTC datetime: SQLite returns naive datetimes; they are stored in UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 def to_timestamp(value: datetime | None) -> Timestamp | None:
     if value is None:
         return None
-    if value.tzinfo is None:  # SQLite returns naive datetimes; they are stored in UTC.
-        value = value.replace(tzinfo=UTC)
     ts = Timestamp()
-    ts.FromDatetime(value)
+    ts.FromDatetime(as_utc(value))
     return ts
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from segtrain.common.v1 import common_pb2
 from sqlalchemy.engine import Engine
 
-from services.common import names
+from services.common import job_states, names
 from services.common.database import session_scope
 from services.common.errors import (
     FieldViolation,
@@ -23,18 +23,13 @@ from services.common.errors import (
 from services.metrics_svc import charts, repository
 from services.metrics_svc.hub import EventHub
 
-TERMINAL_STATES = {
-    common_pb2.JOB_STATE_SUCCEEDED,
-    common_pb2.JOB_STATE_FAILED,
-    common_pb2.JOB_STATE_CANCELLED,
-}
 REPLAY_PAGE = 500
 MAX_APPEND = 1000
 
 
 def is_terminal(event: common_pb2.JobEvent) -> bool:
     """The pipeline service's final state change ends a job's log."""
-    return event.HasField("state_change") and event.state_change.state in TERMINAL_STATES
+    return event.HasField("state_change") and event.state_change.state in job_states.TERMINAL
 
 
 @dataclass(frozen=True)

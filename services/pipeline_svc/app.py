@@ -1,4 +1,4 @@
-"""Composition of the pipeline service: settings -> engine/store/remotes -> service -> servicer."""
+"""Composition of the pipeline service: settings -> engine/store/peer stubs -> service -> servicer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from services.common.database import make_engine
 from services.common.server import create_server
 from services.common.settings import PipelineSettings, SecuritySettings, StorageSettings
 from services.common.storage import ObjectStore
-from services.pipeline_svc.remote import Remotes
+from services.pipeline_svc.runtime.peers import PeerStubs
 from services.pipeline_svc.service import PipelineService
 from services.pipeline_svc.servicer import ACCESS, PipelineServicer
 from services.pipeline_svc.tables import TABLES
@@ -26,7 +26,7 @@ def build(settings: PipelineSettings, storage: StorageSettings, security: Securi
     store = ObjectStore(storage)
     store.ensure_bucket()
     service = PipelineService(
-        engine, store, Remotes(settings.metrics_address, security),
+        engine, store, PeerStubs(settings.metrics_address, security),
         metrics_public_address=settings.metrics_public_address or settings.metrics_address,
         schedule_interval_s=settings.schedule_interval_s, heartbeat_interval_s=settings.heartbeat_interval_s,
         max_attempts=settings.max_attempts,

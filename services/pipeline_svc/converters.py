@@ -1,31 +1,89 @@
-"""Rows of the pipeline service's tables -> protobuf resources."""
+"""The pipeline service's boundary with the wire, both ways: API requests -> domain values
+(`*_spec`, parsing), rows and domain values -> API resources, and rows -> the messages a trainer
+node is sent. Nothing else in the service builds or reads those messages."""
 
 from __future__ import annotations
 
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
+from segtrain.trainer.v1 import trainer_pb2
 
-from services.common import names
+from segcore.hyperparameters import DEFAULT_ARCHITECTURE
+from services.common import hyperparameters as wire
+from services.common import names, object_keys
 from services.common.timeutil import to_timestamp
-from services.pipeline_svc import hyperparameters
-from services.pipeline_svc.tables import (
-    JobRow,
-    ModelRow,
-    PipelineRow,
-    TileRow,
-    TrainerNodeRow,
-    TrainingSetRow,
-)
+from services.pipeline_svc import domain
+from services.pipeline_svc.resources import hyperparameters
+from services.pipeline_svc.resources.architectures import ArchitectureEntry
+from services.pipeline_svc.tables import JobRow, ModelRow, PipelineRow, TileRow, TrainerNodeRow, TrainingSetRow
 
+FORMATS = {
+    pb.ANNOTATION_FORMAT_UNSPECIFIED: "masks", pb.ANNOTATION_FORMAT_MASKS: "masks",
+    pb.ANNOTATION_FORMAT_INSTANCE_MASKS: "instance-masks", pb.ANNOTATION_FORMAT_COCO: "coco",
+    pb.ANNOTATION_FORMAT_GEOJSON: "geojson", pb.ANNOTATION_FORMAT_LABELLER: "labeller",
+}
+
+
+# Requests -> domain values -------------------------------------------------------------------
+
+def pipeline_spec(request: pb.CreatePipelineRequest) -> domain.PipelineSpec:
+    p = request.pipeline
+    return domain.PipelineSpec(
+        pipeline_id=request.pipeline_id, display_name=p.display_name, type=p.type, class_names=list(p.class_names),
+        tile_size=p.tile_size, description=p.description,
+        default_hyperparameters=wire.values_of(p.default_hyperparameters), request_id=request.request_id)
+
+
+def training_set_spec(request: pb.CreateTrainingSetRequest) -> domain.TrainingSetSpec:
+    return domain.TrainingSetSpec(
+        pipeline=request.pipeline, training_set_id=request.training_set_id, display_name=request.display_name,
+        class_names=list(request.class_names), annotations_key=request.annotations_key,
+        # An enum number this build does not know stays visible, and is refused naming the field.
+        format=FORMATS.get(request.format, f"unknown ({request.format})"),
+        tiles=[domain.TileSpec(image_key=t.image_key, annotation_key=t.annotation_key, source_image=t.source_image)
+               for t in request.tiles],
+        validation_fraction=request.validation_fraction if request.HasField("validation_fraction") else None,
+        split_seed=request.split_seed if request.HasField("split_seed") else None,
+        instance_class=request.instance_class if request.HasField("instance_class") else None,
+        request_id=request.request_id)
+
+
+def job_spec(request: pb.CreateJobRequest) -> domain.JobSpec:
+    return domain.JobSpec(
+        pipeline=request.pipeline, training_set=request.training_set, from_model=request.from_model,
+        hyperparameters=wire.values_of(request.hyperparameters), pretrained_weights=request.pretrained_weights,
+        display_name=request.display_name, request_id=request.request_id)
+
+
+def node_registration(request: pb.RegisterTrainerNodeRequest) -> domain.NodeRegistration:
+    return domain.NodeRegistration(node_id=request.node_id, address=request.address, capacity=request.capacity,
+                                   device=request.device)
+
+
+def node_heartbeat(request: pb.HeartbeatTrainerNodeRequest) -> domain.NodeHeartbeat:
+    return domain.NodeHeartbeat(name=request.name, jobs=list(request.jobs), draining=request.draining)
+
+
+# Rows and domain values -> API resources -----------------------------------------------------
 
 def pipeline(row: PipelineRow) -> pb.Pipeline:
+    stored = hyperparameters.deserialized(row.default_hyperparameters)
     return pb.Pipeline(
         name=names.pipeline(row.id), display_name=row.display_name, type=row.type,  # type: ignore[arg-type]
         class_names=row.class_names, tile_size=row.tile_size,
-        default_hyperparameters=hyperparameters.pipeline_defaults(
-            common_pb2.Hyperparameters.FromString(row.default_hyperparameters)),
+        default_hyperparameters=wire.message_of(hyperparameters.pipeline_defaults(stored)),
         description=row.description, create_time=to_timestamp(row.create_time),
     )
+
+
+def architecture(entry: ArchitectureEntry) -> pb.Architecture:
+    return pb.Architecture(name=entry.name, description=entry.description, parameter_count=entry.parameter_count,
+                           is_default=entry.name == DEFAULT_ARCHITECTURE)
+
+
+def upload(grant: domain.UploadGrant) -> pb.Upload:
+    return pb.Upload(upload_id=grant.upload_id, expire_time=to_timestamp(grant.expire_time),
+                     files=[pb.Upload.File(file_name=f.file_name, key=f.key, url=f.url) for f in grant.files])
 
 
 def training_set(row: TrainingSetRow, tiles: list[TileRow] | None = None) -> pb.TrainingSet:
@@ -43,13 +101,13 @@ def training_set(row: TrainingSetRow, tiles: list[TileRow] | None = None) -> pb.
 def job(row: JobRow) -> pb.Job:
     message = pb.Job(
         name=names.job(row.id), display_name=row.display_name, pipeline=names.pipeline(row.pipeline),
-        training_set=names.training_set(row.training_set),
-        from_model=names.model(row.from_model) if row.from_model else "", pretrained_weights=row.pretrained_weights,
+        training_set=names.training_set(row.training_set), from_model=_optional_model(row.from_model),
+        pretrained_weights=row.pretrained_weights,
         hyperparameters=common_pb2.Hyperparameters.FromString(row.hyperparameters),
         state=row.state, failure_reason=row.failure_reason, attempt=row.attempt,  # type: ignore[arg-type]
         progress=common_pb2.Progress.FromString(row.progress),
         trainer_node=names.trainer_node(row.trainer_node) if row.trainer_node else "",
-        model=names.model(row.model) if row.model else "",
+        model=_optional_model(row.model),
         create_time=to_timestamp(row.create_time), start_time=to_timestamp(row.start_time),
         end_time=to_timestamp(row.end_time), update_time=to_timestamp(row.update_time),
         normalization_reason=row.normalization_reason,
@@ -70,10 +128,35 @@ def model(row: ModelRow) -> pb.Model:
         architecture=row.architecture, class_names=row.class_names, tile_size=row.tile_size,
         weights=finished.best_model, final_weights=finished.final_model, best_epoch=finished.best_epoch,
         best_metrics=finished.best_metrics, selection_reason=finished.selection_reason,
-        parent_model=names.model(row.parent_model) if row.parent_model else "",
+        parent_model=_optional_model(row.parent_model),
         environment=dict(finished.environment), create_time=to_timestamp(row.create_time),
         quality_warnings=finished.quality_warnings, normalization=finished.normalization,
     )
+
+
+def comparison(result: domain.Comparison) -> pb.JobComparison:
+    series = [pb.JobComparison.Series(
+        job=names.job(c.job.id), training_set=names.training_set(c.job.training_set),
+        training_set_snapshot=c.training_set_snapshot, from_model=_optional_model(c.job.from_model),
+        hyperparameters=common_pb2.Hyperparameters.FromString(c.job.hyperparameters), epochs=c.epochs,
+        state=c.job.state,  # type: ignore[arg-type]
+    ) for c in result.jobs]
+    return pb.JobComparison(
+        series=series,
+        differences=[pb.JobComparison.Difference(field=d.field, values=d.values) for d in result.differences],
+        drift=[pb.JobComparison.Drift(job=d.job, epochs_compared=d.epochs_compared, identical=d.identical,
+                                      **{f"max_{k}": v for k, v in d.largest.items()}) for d in result.drift])
+
+
+def analysis(result: domain.Analysis) -> pb.AnalyzeTilesResponse:
+    return pb.AnalyzeTilesResponse(
+        analysis_id=result.analysis_id, trainer_node=names.trainer_node(result.trainer_node),
+        tiles=[pb.TileAnalysis(
+            image_key=t.image_key, mask_uri=t.mask_uri, mask_url=t.mask_url, width=t.width, height=t.height,
+            classes=[pb.ClassArea(class_index=i, class_name=name, pixel_count=t.class_pixels[i],
+                                  fraction=t.class_pixels[i] / max(1, t.width * t.height))
+                     for i, name in enumerate(result.class_names)],
+        ) for t in result.tiles])
 
 
 def trainer_node(row: TrainerNodeRow, jobs: list[str]) -> pb.TrainerNode:
@@ -81,3 +164,33 @@ def trainer_node(row: TrainerNodeRow, jobs: list[str]) -> pb.TrainerNode:
         name=names.trainer_node(row.id), address=row.address, state=row.state,  # type: ignore[arg-type]
         capacity=row.capacity, jobs=jobs, device=row.device, heartbeat_time=to_timestamp(row.heartbeat_time),
     )
+
+
+def _optional_model(model_id: str) -> str:
+    return names.model(model_id) if model_id else ""
+
+
+# Rows -> what a trainer node is sent ------------------------------------------------------------
+
+def model_ref(row: ModelRow) -> trainer_pb2.ModelRef:
+    finished = common_pb2.JobFinished.FromString(row.finished)
+    return trainer_pb2.ModelRef(name=names.model(row.id), weights_uri=finished.best_model.uri,
+                                weights_sha256=row.weights_sha256 or finished.best_model.sha256,
+                                architecture=row.architecture, class_names=row.class_names)
+
+
+def run_job_request(job: JobRow, *, training_set: TrainingSetRow, tile_size: int, tiles: list[TileRow],
+                    parent: ModelRow | None) -> trainer_pb2.RunJobRequest:
+    request = trainer_pb2.RunJobRequest(
+        job=names.job(job.id), attempt=job.attempt,
+        hyperparameters=common_pb2.Hyperparameters.FromString(job.hyperparameters),
+        class_names=training_set.class_names, tile_size=tile_size,
+        training_set=names.training_set(training_set.id), training_set_snapshot=training_set.snapshot,
+        output_prefix=object_keys.attempt_prefix(job.id, job.attempt), resume_checkpoint_uri=job.checkpoint_uri,
+        pretrained_weights=job.pretrained_weights,
+        tiles=[trainer_pb2.TrainingTile(name=t.name, image_uri=t.image_uri, mask_uri=t.mask_uri,
+                                        validation=t.validation) for t in tiles],
+    )
+    if parent is not None:
+        request.from_model.CopyFrom(model_ref(parent))
+    return request

@@ -1,5 +1,6 @@
-"""The pipeline service's facade: owns the engine, object store, remotes, outbox and scheduler,
-and exposes one method per use case. Methods return rows; the servicer converts them."""
+"""The pipeline service's facade: one method per use case, over domain values and rows (see
+domain.py). It owns the engine, object store and peer stubs, opens the transactions, and runs
+the runtime's threads (scheduler, outbox relay) with one `stopping` event between them."""
 
 from __future__ import annotations
 
@@ -7,97 +8,118 @@ import logging
 import threading
 
 import grpc
-from segtrain.pipeline.v1 import pipeline_pb2 as pb
+from segtrain.common.v1 import common_pb2
+from segtrain.metrics.v1 import metrics_pb2
 from segtrain.trainer.v1 import trainer_pb2
 from sqlalchemy.engine import Engine
 
 from services.common import names
 from services.common.database import session_scope
 from services.common.storage import ObjectStore
-from services.pipeline_svc import analysis, catalog, comparison, jobs, models, nodes, training_sets, uploads
-from services.pipeline_svc.relay import OutboxRelay
-from services.pipeline_svc.remote import Remotes
-from services.pipeline_svc.scheduler import Scheduler
+from services.pipeline_svc import domain
+from services.pipeline_svc.resources import comparison, jobs, models, pipelines, training_sets, uploads
+from services.pipeline_svc.resources.architectures import ArchitectureEntry, Architectures
+from services.pipeline_svc.runtime import analysis, nodes
+from services.pipeline_svc.runtime.outbox_relay import OutboxRelay
+from services.pipeline_svc.runtime.peers import PeerStubs
+from services.pipeline_svc.runtime.scheduler import Scheduler
 from services.pipeline_svc.tables import JobRow, ModelRow, PipelineRow, TileRow, TrainerNodeRow, TrainingSetRow
 
 log = logging.getLogger(__name__)
 
 
 class PipelineService:
-    def __init__(self, engine: Engine, store: ObjectStore, remotes: Remotes, *, metrics_public_address: str,
-                 schedule_interval_s: float, heartbeat_interval_s: float, max_attempts: int = 5) -> None:
-        self.engine, self.store, self.remotes = engine, store, remotes
+    def __init__(self, engine: Engine, store: ObjectStore, peers: PeerStubs, *, metrics_public_address: str,
+                 schedule_interval_s: float, heartbeat_interval_s: float, max_attempts: int) -> None:
+        self.engine, self.store, self.peers = engine, store, peers
         self.metrics_public_address = metrics_public_address
         self.heartbeat_interval_s = heartbeat_interval_s
-        self.architectures = catalog.Architectures()
-        self.outbox = jobs.Outbox()
+        self.architectures = Architectures()
         self._stopping = threading.Event()
-        self.scheduler = Scheduler(engine, remotes, self.outbox, interval_s=schedule_interval_s,
-                                   heartbeat_interval_s=heartbeat_interval_s, max_attempts=max_attempts)
-        self._outbox_relay = OutboxRelay(engine, remotes, self.outbox, self._stopping)
+        self._outbox_relay = OutboxRelay(engine, peers, stopping=self._stopping)
+        self.scheduler = Scheduler(engine, peers, interval_s=schedule_interval_s,
+                                   heartbeat_interval_s=heartbeat_interval_s, max_attempts=max_attempts,
+                                   stopping=self._stopping, wake_outbox=self._outbox_relay.wake)
 
     def start(self) -> None:
-        catalog.seed_defaults(self.engine)
+        with session_scope(self.engine) as session:
+            pipelines.seed_pipelines(session)
         self.architectures.warm_up()
         self._outbox_relay.start()
         self.scheduler.start()
 
     def stop(self) -> None:
         self._stopping.set()
-        self.outbox.wake.set()
-        self.scheduler.stop()
+        self._outbox_relay.wake()
+        self.scheduler.stop_relays()
+        for thread in (self.scheduler, self._outbox_relay):
+            thread.join(timeout=5)
+        self.peers.close()
 
     # Pipelines and architectures
-    def list_pipelines(self, page_size: int, page_token: str) -> tuple[list[PipelineRow], str]:
+    def list_pipelines(self, *, page_size: int, page_token: str) -> tuple[list[PipelineRow], str]:
         with session_scope(self.engine) as session:
-            return catalog.list_rows(session, page_size, page_token)
+            return pipelines.list_pipelines(session, page_size=page_size, page_token=page_token)
 
     def get_pipeline(self, name: str) -> PipelineRow:
         with session_scope(self.engine) as session:
-            return catalog.get_row(session, name)
+            return pipelines.get_pipeline(session, name=name)
 
-    def create_pipeline(self, request: pb.CreatePipelineRequest) -> PipelineRow:
-        return catalog.create(self.engine, request, self.architectures)
+    def create_pipeline(self, spec: domain.PipelineSpec) -> PipelineRow:
+        known = self.architectures.names()
+        with session_scope(self.engine) as session:
+            return pipelines.create_pipeline(session, spec=spec, architectures=known)
 
-    def list_architectures(self) -> list[catalog.ArchitectureEntry]:
+    def list_architectures(self) -> list[ArchitectureEntry]:
         return self.architectures.entries()
 
     # Uploads and training sets
-    def create_upload(self, file_names: list[str]) -> pb.Upload:
-        return uploads.create(self.store, file_names)
+    def create_upload(self, file_names: list[str]) -> domain.UploadGrant:
+        return uploads.create_upload(self.store, file_names=file_names)
 
-    def create_training_set(self, request: pb.CreateTrainingSetRequest) -> tuple[TrainingSetRow, list[TileRow]]:
-        row = training_sets.create(self.engine, self.store, request)
+    def create_training_set(self, spec: domain.TrainingSetSpec) -> tuple[TrainingSetRow, list[TileRow]]:
+        row = training_sets.create_training_set(self.engine, self.store, spec=spec)
         with session_scope(self.engine) as session:
-            return row, training_sets.tiles_of(session, row.id)
+            return row, training_sets.tiles_of(session, set_id=row.id)
 
     def get_training_set(self, name: str) -> tuple[TrainingSetRow, list[TileRow]]:
         with session_scope(self.engine) as session:
-            row = training_sets.get_row(session, name)
-            return row, training_sets.tiles_of(session, row.id)
+            row = training_sets.get_training_set(session, name=name)
+            return row, training_sets.tiles_of(session, set_id=row.id)
 
-    def list_training_sets(self, pipeline: str, page_size: int, page_token: str
+    def list_training_sets(self, *, pipeline: str, page_size: int, page_token: str
                            ) -> tuple[list[TrainingSetRow], str]:
         with session_scope(self.engine) as session:
-            return training_sets.list_rows(session, pipeline, page_size, page_token)
+            return training_sets.list_training_sets(session, pipeline=pipeline, page_size=page_size,
+                                                    page_token=page_token)
 
     # Jobs
-    def create_job(self, request: pb.CreateJobRequest) -> JobRow:
-        return jobs.create(self.engine, request, self.architectures, self.outbox)
+    def create_job(self, spec: domain.JobSpec) -> JobRow:
+        architectures = self.architectures.names()
+        with session_scope(self.engine) as session:
+            job = jobs.create_job(session, spec=spec, architectures=architectures)
+        self._outbox_relay.wake()
+        return job
 
     def get_job(self, name: str) -> JobRow:
         with session_scope(self.engine) as session:
-            return jobs.get_row(session, name)
+            return jobs.get_job(session, name=name)
 
-    def list_jobs(self, pipeline: str, page_size: int, page_token: str) -> tuple[list[JobRow], str]:
+    def list_jobs(self, *, pipeline: str, page_size: int, page_token: str) -> tuple[list[JobRow], str]:
         with session_scope(self.engine) as session:
-            return jobs.list_rows(session, pipeline, page_size, page_token)
+            return jobs.list_jobs(session, pipeline=pipeline, page_size=page_size, page_token=page_token)
 
     def start_job(self, name: str) -> JobRow:
-        return jobs.start(self.engine, name, self.outbox, self.scheduler.wake)
+        with session_scope(self.engine) as session:
+            job = jobs.start_job(session, name=name)
+        self._outbox_relay.wake()
+        self.scheduler.wake()
+        return job
 
-    def cancel_job(self, name: str, stop_early: bool) -> JobRow:
-        job, node_id = jobs.request_cancel(self.engine, name, stop_early, self.outbox)
+    def cancel_job(self, name: str, *, stop_early: bool) -> JobRow:
+        with session_scope(self.engine) as session:
+            job, node_id = jobs.request_cancel(session, name=name, stop_early=stop_early)
+        self._outbox_relay.wake()
         if node_id:
             self._tell_node_to_stop(node_id, names.job(job.id), stop_early)
         return job
@@ -108,37 +130,47 @@ class PipelineService:
         if node is None:
             return
         try:
-            self.remotes.trainer(node.address).CancelJobRun(
+            self.peers.trainer(node.address).CancelJobRun(
                 trainer_pb2.CancelJobRunRequest(job=job_name, stop_early=stop_early), timeout=10)
         except grpc.RpcError as exc:
             # The node learns it at its next heartbeat (stop_jobs) if this call did not reach it.
             log.warning("could not tell node %s to stop %s: %s", node_id, job_name, exc.code())
 
-    def compare_jobs(self, job_names: list[str]) -> pb.JobComparison:
-        return comparison.compare(self.engine, self.remotes, job_names)
+    def compare_jobs(self, job_names: list[str]) -> domain.Comparison:
+        with session_scope(self.engine) as session:
+            chosen = comparison.jobs_to_compare(session, job_names=job_names)
+        return comparison.compare_jobs([
+            domain.ComparedJob(job=row, training_set_snapshot=snapshot, epochs=self._history(row.id))
+            for row, snapshot in chosen])
+
+    def _history(self, job_id: str) -> list[common_pb2.EpochMetrics]:
+        request = metrics_pb2.GetJobHistoryRequest(job=names.job(job_id))
+        return list(self.peers.metrics.GetJobHistory(request, timeout=30).epochs)
 
     # Models and analysis
     def get_model(self, name: str) -> ModelRow:
         with session_scope(self.engine) as session:
-            return models.get_row(session, name)
+            return models.get_model(session, name=name)
 
-    def list_models(self, pipeline: str, page_size: int, page_token: str) -> tuple[list[ModelRow], str]:
+    def list_models(self, *, pipeline: str, page_size: int, page_token: str) -> tuple[list[ModelRow], str]:
         with session_scope(self.engine) as session:
-            return models.list_rows(session, pipeline, page_size, page_token)
+            return models.list_models(session, pipeline=pipeline, page_size=page_size, page_token=page_token)
 
-    def analyze(self, request: pb.AnalyzeTilesRequest) -> pb.AnalyzeTilesResponse:
-        return analysis.analyze(self.engine, self.store, self.remotes, request)
+    def analyze_tiles(self, *, model: str, image_keys: list[str]) -> domain.Analysis:
+        return analysis.analyze_tiles(self.engine, self.store, self.peers, model=model, image_keys=image_keys)
 
     # Trainer nodes
-    def register_node(self, request: pb.RegisterTrainerNodeRequest) -> TrainerNodeRow:
-        row = nodes.register(self.engine, request)
-        self.scheduler.wake.set()
+    def register_node(self, registration: domain.NodeRegistration) -> TrainerNodeRow:
+        with session_scope(self.engine) as session:
+            row = nodes.register_node(session, registration=registration)
+        self.scheduler.wake()
         return row
 
-    def heartbeat(self, request: pb.HeartbeatTrainerNodeRequest) -> tuple[bool, list[str]]:
-        return nodes.heartbeat(self.engine, request)
+    def record_heartbeat(self, heartbeat: domain.NodeHeartbeat) -> domain.HeartbeatAnswer:
+        with session_scope(self.engine) as session:
+            return nodes.record_heartbeat(session, heartbeat=heartbeat)
 
     def list_nodes(self) -> list[tuple[TrainerNodeRow, list[str]]]:
         with session_scope(self.engine) as session:
-            return [(row, [names.job(j.id) for j in nodes.jobs_on(session, row.id)])
-                    for row in nodes.list_rows(session)]
+            return [(row, [names.job(j.id) for j in nodes.jobs_on_node(session, node_id=row.id)])
+                    for row in nodes.list_nodes(session)]

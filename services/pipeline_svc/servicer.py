@@ -1,4 +1,5 @@
-"""gRPC adapter of the pipeline service: parse, call the service, convert."""
+"""gRPC adapter of the pipeline service: parse the request into domain values, call the service,
+convert the result (converters.py). A handful of lines per RPC."""
 
 from __future__ import annotations
 
@@ -8,15 +9,12 @@ import grpc
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.pipeline.v1 import pipeline_pb2_grpc
 
-from segcore.hyperparameters import DEFAULT_ARCHITECTURE
 from services.common.auth import Role
 from services.common.timeutil import to_duration
 from services.pipeline_svc import converters
 from services.pipeline_svc.service import PipelineService
 
 Ctx: TypeAlias = grpc.ServicerContext
-
-
 
 # Minimum role of each RPC (services.common.auth); an RPC missing here is refused.
 ACCESS = {f"/segtrain.pipeline.v1.PipelineService/{method}": role for method, role in {
@@ -36,75 +34,73 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
         self._version = version
 
     def ListPipelines(self, request: pb.ListPipelinesRequest, context: Ctx) -> pb.ListPipelinesResponse:
-        rows, token = self._s.list_pipelines(request.page_size, request.page_token)
+        rows, token = self._s.list_pipelines(page_size=request.page_size, page_token=request.page_token)
         return pb.ListPipelinesResponse(pipelines=[converters.pipeline(r) for r in rows], next_page_token=token)
 
     def GetPipeline(self, request: pb.GetPipelineRequest, context: Ctx) -> pb.Pipeline:
         return converters.pipeline(self._s.get_pipeline(request.name))
 
     def CreatePipeline(self, request: pb.CreatePipelineRequest, context: Ctx) -> pb.Pipeline:
-        return converters.pipeline(self._s.create_pipeline(request))
+        return converters.pipeline(self._s.create_pipeline(converters.pipeline_spec(request)))
 
     def ListArchitectures(self, request: pb.ListArchitecturesRequest, context: Ctx) -> pb.ListArchitecturesResponse:
-        return pb.ListArchitecturesResponse(architectures=[
-            pb.Architecture(name=a.name, description=a.description, parameter_count=a.parameter_count,
-                            is_default=a.name == DEFAULT_ARCHITECTURE)
-            for a in self._s.list_architectures()
-        ])
+        return pb.ListArchitecturesResponse(
+            architectures=[converters.architecture(a) for a in self._s.list_architectures()])
 
     def CreateUpload(self, request: pb.CreateUploadRequest, context: Ctx) -> pb.Upload:
-        return self._s.create_upload(list(request.file_names))
+        return converters.upload(self._s.create_upload(list(request.file_names)))
 
     def CreateTrainingSet(self, request: pb.CreateTrainingSetRequest, context: Ctx) -> pb.TrainingSet:
-        row, tiles = self._s.create_training_set(request)
-        return converters.training_set(row, tiles)
+        return converters.training_set(*self._s.create_training_set(converters.training_set_spec(request)))
 
     def GetTrainingSet(self, request: pb.GetTrainingSetRequest, context: Ctx) -> pb.TrainingSet:
-        row, tiles = self._s.get_training_set(request.name)
-        return converters.training_set(row, tiles)
+        return converters.training_set(*self._s.get_training_set(request.name))
 
     def ListTrainingSets(self, request: pb.ListTrainingSetsRequest, context: Ctx) -> pb.ListTrainingSetsResponse:
-        rows, token = self._s.list_training_sets(request.pipeline, request.page_size, request.page_token)
+        rows, token = self._s.list_training_sets(pipeline=request.pipeline, page_size=request.page_size,
+                                                 page_token=request.page_token)
         return pb.ListTrainingSetsResponse(training_sets=[converters.training_set(r) for r in rows],
                                            next_page_token=token)
 
     def CreateJob(self, request: pb.CreateJobRequest, context: Ctx) -> pb.Job:
-        return converters.job(self._s.create_job(request))
+        return converters.job(self._s.create_job(converters.job_spec(request)))
 
     def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.Job:
         return converters.job(self._s.get_job(request.name))
 
     def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
-        rows, token = self._s.list_jobs(request.pipeline, request.page_size, request.page_token)
+        rows, token = self._s.list_jobs(pipeline=request.pipeline, page_size=request.page_size,
+                                        page_token=request.page_token)
         return pb.ListJobsResponse(jobs=[converters.job(r) for r in rows], next_page_token=token)
 
     def StartJob(self, request: pb.StartJobRequest, context: Ctx) -> pb.Job:
         return converters.job(self._s.start_job(request.name))
 
     def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.Job:
-        return converters.job(self._s.cancel_job(request.name, request.stop_early))
+        return converters.job(self._s.cancel_job(request.name, stop_early=request.stop_early))
 
     def CompareJobs(self, request: pb.CompareJobsRequest, context: Ctx) -> pb.JobComparison:
-        return self._s.compare_jobs(list(request.jobs))
+        return converters.comparison(self._s.compare_jobs(list(request.jobs)))
 
     def GetModel(self, request: pb.GetModelRequest, context: Ctx) -> pb.Model:
         return converters.model(self._s.get_model(request.name))
 
     def ListModels(self, request: pb.ListModelsRequest, context: Ctx) -> pb.ListModelsResponse:
-        rows, token = self._s.list_models(request.pipeline, request.page_size, request.page_token)
+        rows, token = self._s.list_models(pipeline=request.pipeline, page_size=request.page_size,
+                                          page_token=request.page_token)
         return pb.ListModelsResponse(models=[converters.model(r) for r in rows], next_page_token=token)
 
     def AnalyzeTiles(self, request: pb.AnalyzeTilesRequest, context: Ctx) -> pb.AnalyzeTilesResponse:
-        return self._s.analyze(request)
+        return converters.analysis(self._s.analyze_tiles(model=request.model, image_keys=list(request.image_keys)))
 
     def RegisterTrainerNode(self, request: pb.RegisterTrainerNodeRequest, context: Ctx) -> pb.TrainerNode:
-        return converters.trainer_node(self._s.register_node(request), [])
+        return converters.trainer_node(self._s.register_node(converters.node_registration(request)), [])
 
     def HeartbeatTrainerNode(self, request: pb.HeartbeatTrainerNodeRequest, context: Ctx
                              ) -> pb.HeartbeatTrainerNodeResponse:
-        known, stop_jobs = self._s.heartbeat(request)
-        return pb.HeartbeatTrainerNodeResponse(
-            heartbeat_interval=to_duration(self._s.heartbeat_interval_s), stop_jobs=stop_jobs, registered=known)
+        answer = self._s.record_heartbeat(converters.node_heartbeat(request))
+        return pb.HeartbeatTrainerNodeResponse(heartbeat_interval=to_duration(self._s.heartbeat_interval_s),
+                                               stop_jobs=answer.stop_jobs, registered=answer.known)
 
     def ListTrainerNodes(self, request: pb.ListTrainerNodesRequest, context: Ctx) -> pb.ListTrainerNodesResponse:
         return pb.ListTrainerNodesResponse(

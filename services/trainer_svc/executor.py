@@ -162,7 +162,7 @@ class _PatientStore:
 
 class JobExecutor:
     def __init__(self, store: ObjectStore, *, device: str | None, num_threads: int | None,
-                 progress_interval_s: float, storage_patience_s: float = 120.0) -> None:
+                 progress_interval_s: float, storage_patience_s: float) -> None:
         self._store = _PatientStore(store, storage_patience_s)
         self._device = device
         self._num_threads = num_threads

@@ -1,5 +1,6 @@
 """The trainer node: accepts jobs (each in its own thread), serves their event logs, registers
-with the pipeline service and heartbeats, stopping jobs the pipeline no longer assigns here."""
+with the pipeline service and heartbeats, stopping jobs the pipeline no longer assigns here, and
+hands its jobs back when it shuts down."""
 
 from __future__ import annotations
 
@@ -54,6 +55,16 @@ class TrainerNode:
     def running_jobs(self) -> list[str]:
         return [r.job for r in self.runs.active()]
 
+    def hand_back_all(self, grace_s: float) -> None:
+        """Takes no more work and stops every running job at its next batch, handing it back; waits
+        up to `grace_s` for each to finish its log."""
+        self.draining = True
+        runs = self.runs.active()
+        for run in runs:
+            run.hand_back()
+        for run in runs:
+            run.wait_finished(grace_s)
+
 
 def _validate(request: trainer_pb2.RunJobRequest) -> None:
     """Every key the attempt reads lies in the layout's place for it; it writes only under its own
@@ -86,7 +97,6 @@ class Registration(threading.Thread):
         self._stub = pipeline_pb2_grpc.PipelineServiceStub(channel)
         self._pipeline_address = pipeline_address
         self.stopping = threading.Event()
-        self.draining = False
         self.registered = threading.Event()
 
     def run(self) -> None:
@@ -108,7 +118,7 @@ class Registration(threading.Thread):
 
     def announce_draining(self) -> None:
         """Tells the pipeline service at once that this node takes no more work."""
-        self.draining = True
+        self._node.draining = True
         try:
             self._heartbeat()
         except grpc.RpcError as exc:
@@ -116,7 +126,7 @@ class Registration(threading.Thread):
 
     def _heartbeat(self) -> float:
         response = self._stub.HeartbeatTrainerNode(pipeline_pb2.HeartbeatTrainerNodeRequest(
-            name=names.trainer_node(self._node_id), jobs=self._node.running_jobs(), draining=self.draining),
+            name=names.trainer_node(self._node_id), jobs=self._node.running_jobs(), draining=self._node.draining),
             timeout=10)
         if not response.registered:
             self.registered.clear()
@@ -125,3 +135,12 @@ class Registration(threading.Thread):
             log.info("pipeline service asks to stop %s", job)
             self._node.cancel(job, stop_early=False)
         return max(0.2, response.heartbeat_interval.ToTimedelta().total_seconds())
+
+
+def shut_down(node: TrainerNode, registration: Registration, *, grace_s: float) -> None:
+    """The node's shutdown policy: hand running jobs back at the next batch. The pipeline service
+    re-queues them at once and another node resumes from the last full-state checkpoint. A node
+    that dies instead (SIGKILL) loses its lease, and the same happens after the lease period."""
+    registration.announce_draining()
+    node.hand_back_all(grace_s)
+    registration.stopping.set()

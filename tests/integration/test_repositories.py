@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 
 import pytest
@@ -16,7 +17,9 @@ from services.common.database import make_engine, session_scope
 from services.common.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
 from services.metrics_svc import repository as events
 from services.metrics_svc.tables import TABLES as METRICS_TABLES
-from services.pipeline_svc import catalog, jobs, models, scheduler
+from services.pipeline_svc import converters
+from services.pipeline_svc.domain import PipelineSpec
+from services.pipeline_svc.resources import jobs, lifecycle, models, pipelines
 from services.pipeline_svc.tables import TABLES as PIPELINE_TABLES
 from services.pipeline_svc.tables import JobRow, ModelRow, OutboxRow, TrainingSetRow
 
@@ -24,6 +27,11 @@ from services.pipeline_svc.tables import JobRow, ModelRow, OutboxRow, TrainingSe
 def _event(attempt: int, source_seq: int) -> common_pb2.JobEvent:
     return common_pb2.JobEvent(attempt=attempt, source_seq=source_seq,
                                batch_progress=common_pb2.BatchProgress(batch=source_seq))
+
+
+def seed(engine: sqlalchemy.engine.Engine) -> None:
+    with session_scope(engine) as session:
+        pipelines.seed_pipelines(session)
 
 
 def add_job(engine: sqlalchemy.engine.Engine, **job: object) -> None:
@@ -73,60 +81,60 @@ def test_the_same_seq_cannot_be_written_twice(database_url: str) -> None:
 
 def test_pipelines_seed_create_and_conflict(database_url: str) -> None:
     engine = make_engine(database_url, PIPELINE_TABLES)
-    catalog.seed_defaults(engine)
-    catalog.seed_defaults(engine)  # idempotent
-    architectures = catalog.Architectures()
-    request = pb.CreatePipelineRequest(pipeline_id="6panorama", request_id="r-1", pipeline=pb.Pipeline(
-        display_name="6PanoramaTrainSet20241209", type=pb.Pipeline.TYPE_TRAINING,
-        class_names=["background", "fibre"], tile_size=512))
-    created = catalog.create(engine, request, architectures)
-    again = catalog.create(engine, request, architectures)  # a retried request
-    assert again.id == created.id
-    request.request_id = "r-2"
-    with pytest.raises(AlreadyExistsError):
-        catalog.create(engine, request, architectures)
+    seed(engine)
+    seed(engine)  # idempotent
+    spec = PipelineSpec(pipeline_id="6panorama", request_id="r-1", display_name="6PanoramaTrainSet20241209",
+                        type=pb.Pipeline.TYPE_TRAINING, class_names=["background", "fibre"], tile_size=512)
     with session_scope(engine) as session:
-        rows, token = catalog.list_rows(session, page_size=2, page_token="")
+        created = pipelines.create_pipeline(session, spec=spec, architectures=[])
+    with session_scope(engine) as session:
+        again = pipelines.create_pipeline(session, spec=spec, architectures=[])  # a retried request
+    assert again.id == created.id
+    with pytest.raises(AlreadyExistsError), session_scope(engine) as session:
+        pipelines.create_pipeline(session, spec=dataclasses.replace(spec, request_id="r-2"), architectures=[])
+    with session_scope(engine) as session:
+        rows, token = pipelines.list_pipelines(session, page_size=2, page_token="")
         assert [r.id for r in rows] == ["segmentation", "analysis"] and token
-        rows, token = catalog.list_rows(session, page_size=2, page_token=token)
+        rows, token = pipelines.list_pipelines(session, page_size=2, page_token=token)
         assert [r.id for r in rows] == ["6panorama"] and token == ""
         with pytest.raises(NotFoundError):
-            catalog.get_row(session, "pipelines/missing")
+            pipelines.get_pipeline(session, name="pipelines/missing")
     engine.dispose()
 
 
 def test_job_state_machine_persists_and_queues_events(database_url: str) -> None:
     engine = make_engine(database_url, PIPELINE_TABLES)
-    catalog.seed_defaults(engine)
+    seed(engine)
     add_job(engine, state=common_pb2.JOB_STATE_PENDING)
     with session_scope(engine) as session:
-        job = jobs.get_row(session, "jobs/j-1", for_update=True)
-        jobs.transition(session, job, common_pb2.JOB_STATE_QUEUED)
+        job = jobs.get_job(session, name="jobs/j-1", for_update=True)
+        lifecycle.transition(session, job, to=common_pb2.JOB_STATE_QUEUED)
     with session_scope(engine) as session:
-        job = jobs.get_row(session, "jobs/j-1")
+        job = jobs.get_job(session, name="jobs/j-1")
         assert job.state == common_pb2.JOB_STATE_QUEUED and job.control_seq == 1
         with pytest.raises(FailedPreconditionError):
-            jobs.transition(session, job, common_pb2.JOB_STATE_SUCCEEDED)
+            lifecycle.transition(session, job, to=common_pb2.JOB_STATE_SUCCEEDED)
     with session_scope(engine) as session:
         outbox = list(session.exec(sqlalchemy.select(OutboxRow.payload)).scalars())  # type: ignore[call-overload]
         assert len(outbox) == 1
         event = common_pb2.JobEvent.FromString(outbox[0])
         assert (event.job, event.attempt, event.source_seq) == ("jobs/j-1", 0, 1)
         assert event.state_change.state == common_pb2.JOB_STATE_QUEUED
-        assert jobs.get_row(session, "jobs/j-1").state == common_pb2.JOB_STATE_QUEUED  # the refused move left no trace
+        # The refused move left no trace.
+        assert jobs.get_job(session, name="jobs/j-1").state == common_pb2.JOB_STATE_QUEUED
     engine.dispose()
 
 
 @pytest.mark.parametrize(("attempt", "state"), [(2, common_pb2.JOB_STATE_QUEUED), (5, common_pb2.JOB_STATE_FAILED)])
 def test_a_lost_job_is_requeued_until_its_attempts_are_used_up(database_url: str, attempt: int, state: int) -> None:
     engine = make_engine(database_url, PIPELINE_TABLES)
-    catalog.seed_defaults(engine)
+    seed(engine)
     add_job(engine, state=common_pb2.JOB_STATE_RUNNING, attempt=attempt, trainer_node="n1")
     with session_scope(engine) as session:
-        jobs.requeue(session, jobs.get_row(session, "jobs/j-1", for_update=True), "node n1 stopped responding",
-                max_attempts=5)
+        lifecycle.requeue(session, jobs.get_job(session, name="jobs/j-1", for_update=True),
+                          reason="node n1 stopped responding", max_attempts=5)
     with session_scope(engine) as session:
-        job = jobs.get_row(session, "jobs/j-1")
+        job = jobs.get_job(session, name="jobs/j-1")
         assert job.state == state and job.trainer_node == ""
         if state == common_pb2.JOB_STATE_FAILED:
             assert "gave up after 5 attempts" in job.failure_reason and "node n1" in job.failure_reason
@@ -135,7 +143,7 @@ def test_a_lost_job_is_requeued_until_its_attempts_are_used_up(database_url: str
 
 def test_a_database_from_before_new_columns_gets_them_with_their_defaults(database_url: str) -> None:
     engine = make_engine(database_url, PIPELINE_TABLES)
-    catalog.seed_defaults(engine)
+    seed(engine)
     add_job(engine, state=common_pb2.JOB_STATE_PENDING)
     with session_scope(engine) as session:
         session.add(OutboxRow(job="jobs/j-1", payload=b"event"))
@@ -144,10 +152,12 @@ def test_a_database_from_before_new_columns_gets_them_with_their_defaults(databa
         connection.execute(sqlalchemy.text("ALTER TABLE jobs DROP COLUMN quality_warnings"))
         connection.execute(sqlalchemy.text("ALTER TABLE event_outbox DROP COLUMN parked"))
         connection.execute(sqlalchemy.text("ALTER TABLE event_outbox DROP COLUMN park_reason"))
+        connection.execute(sqlalchemy.text("ALTER TABLE models DROP COLUMN weights_sha256"))
     engine.dispose()
     engine = make_engine(database_url, PIPELINE_TABLES)
     columns = {c["name"] for c in sqlalchemy.inspect(engine).get_columns("jobs")}
     assert {"normalization_reason", "quality_warnings"} <= columns
+    assert "weights_sha256" in {c["name"] for c in sqlalchemy.inspect(engine).get_columns("models")}
     with session_scope(engine) as session:
         rows = list(session.exec(select(OutboxRow).where(col(OutboxRow.parked).is_(False))))
         assert [(r.job, r.park_reason) for r in rows] == [("jobs/j-1", "")]
@@ -172,18 +182,18 @@ def test_a_model_is_registered_only_from_its_own_attempts_keys_with_its_sha256(d
     """A stale attempt's weights, or weights without a hash, are never registered; the hash of
     what is registered is recorded for every later load to check."""
     engine = make_engine(database_url, PIPELINE_TABLES)
-    catalog.seed_defaults(engine)
+    seed(engine)
     add_job(engine, state=common_pb2.JOB_STATE_RUNNING, attempt=2, trainer_node="n1")
     with session_scope(engine) as session:
-        job = jobs.get_row(session, "jobs/j-1")
+        job = jobs.get_job(session, name="jobs/j-1")
         for refused, why in ((_finished("j-1", 1), "attempts/2/models/best"),  # the earlier attempt's file
                              (_finished("j-2", 2), "attempts/2/models/best"),  # another job's file
                              (_finished("j-1", 2, sha=""), "sha256")):
             with pytest.raises(FailedPreconditionError, match=why):
-                models.register(session, job, refused)
-        row = models.register(session, job, _finished("j-1", 2))
+                models.register_model(session, job=job, finished=refused)
+        row = models.register_model(session, job=job, finished=_finished("j-1", 2))
     with session_scope(engine) as session:
         stored = session.get(ModelRow, row.id)
         assert stored is not None and stored.weights_sha256 == "ab" * 32
-        assert scheduler.model_ref(stored).weights_sha256 == "ab" * 32
+        assert converters.model_ref(stored).weights_sha256 == "ab" * 32
     engine.dispose()

@@ -51,9 +51,14 @@ def request(tiles: list[trainer_pb2.TrainingTile], *, epochs: int = 2, classes: 
             weight_decay=0.01, augment=True, loss="ce+dice", checkpoint_every=1), **kw)
 
 
+def executor(store: ObjectStore, *, storage_patience_s: float = 30.0) -> JobExecutor:
+    return JobExecutor(store, device="cpu", num_threads=1, progress_interval_s=0.0,
+                       storage_patience_s=storage_patience_s)
+
+
 def execute(store: ObjectStore, req: trainer_pb2.RunJobRequest) -> JobRun:
     run = JobRun(job=req.job, attempt=req.attempt)
-    JobExecutor(store, device="cpu", num_threads=1, progress_interval_s=0.0).execute(run, req)
+    executor(store).execute(run, req)
     return run
 
 
@@ -115,7 +120,7 @@ def test_a_long_outage_fails_the_job_saying_so(store: ObjectStore, tiles: list, 
     monkeypatch.setattr(store, "get", down)
     req = request(tiles, epochs=1)
     run = JobRun(job=req.job, attempt=1)
-    JobExecutor(store, device="cpu", num_threads=1, progress_interval_s=0.0, storage_patience_s=0.5).execute(run, req)
+    executor(store, storage_patience_s=0.5).execute(run, req)
     finished = run.events[-1].finished
     assert finished.state == S.JOB_STATE_FAILED and "object store unreachable" in finished.reason
 
@@ -130,7 +135,7 @@ def test_a_node_shutting_down_hands_the_job_back(store: ObjectStore, tiles: list
         run.hand_back()
 
     threading.Thread(target=shut_down_after_first_epoch, daemon=True).start()
-    JobExecutor(store, device="cpu", num_threads=1, progress_interval_s=0.0).execute(run, req)
+    executor(store).execute(run, req)
     finished = run.events[-1].finished
     assert finished.state == S.JOB_STATE_QUEUED and "handed the job back" in finished.reason
     assert run.wait_finished(0)
@@ -181,7 +186,7 @@ def test_pretrained_backbone_weights_from_storage_and_from_a_directory(store: Ob
 def test_resuming_from_a_checkpoint_continues_after_its_epoch(store: ObjectStore, tiles: list) -> None:  # type: ignore[type-arg]
     first = request(tiles, epochs=3)
     first_run = JobRun(job=first.job, attempt=1)
-    executor = JobExecutor(store, device="cpu", num_threads=1, progress_interval_s=0.0)
+    same_node = executor(store)
 
     def stop_after_epoch_two() -> None:  # the node dies after epoch 2's checkpoint
         while len(kinds(first_run, "checkpoint_saved")) < 2:
@@ -189,7 +194,7 @@ def test_resuming_from_a_checkpoint_continues_after_its_epoch(store: ObjectStore
         first_run.request_cancel(False)
 
     threading.Thread(target=stop_after_epoch_two, daemon=True).start()
-    executor.execute(first_run, first)
+    same_node.execute(first_run, first)
     checkpoint = kinds(first_run, "checkpoint_saved")[-1]
     assert checkpoint.epoch == 2
     second = trainer_pb2.RunJobRequest()
@@ -214,7 +219,7 @@ def test_cancel_stops_within_a_batch_and_registers_nothing(store: ObjectStore, t
         run.request_cancel(False)
 
     threading.Thread(target=cancel_on_first_batch, daemon=True).start()
-    JobExecutor(store, device="cpu", num_threads=1, progress_interval_s=0.0).execute(run, req)
+    executor(store).execute(run, req)
     finished = run.events[-1].finished
     assert finished.state == S.JOB_STATE_CANCELLED and not finished.best_model.uri
     assert len(kinds(run, "epoch_metrics")) <= 1
@@ -230,7 +235,7 @@ def test_stop_early_keeps_and_returns_the_best_model(store: ObjectStore, tiles: 
         run.request_cancel(True)
 
     threading.Thread(target=stop_after_two_epochs, daemon=True).start()
-    JobExecutor(store, device="cpu", num_threads=1, progress_interval_s=0.0).execute(run, req)
+    executor(store).execute(run, req)
     finished = run.events[-1].finished
     assert finished.state == S.JOB_STATE_SUCCEEDED and store.exists(finished.best_model.uri)
     assert "stopped early" in finished.selection_reason and finished.epochs_trained >= 2

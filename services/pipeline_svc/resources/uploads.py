@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import uuid
 
-from segtrain.pipeline.v1 import pipeline_pb2 as pb
-
 from services.common import object_keys
 from services.common.errors import FieldViolation, check
 from services.common.storage import PRESIGNED_URL_LIFETIME, ObjectStore
-from services.common.timeutil import to_timestamp, utcnow
+from services.common.timeutil import utcnow
+from services.pipeline_svc.domain import UploadFile, UploadGrant
 
 MAX_FILES = 5000
 
 
-def create(store: ObjectStore, file_names: list[str]) -> pb.Upload:
+def create_upload(store: ObjectStore, *, file_names: list[str]) -> UploadGrant:
     v: list[FieldViolation] = []
     if not file_names:
         v.append(FieldViolation("file_names", "name at least one file"))
@@ -30,5 +29,5 @@ def create(store: ObjectStore, file_names: list[str]) -> pb.Upload:
     files = []
     for i, name in enumerate(file_names):
         key = object_keys.upload_key(upload_id, name, field=f"file_names[{i}]")
-        files.append(pb.Upload.File(file_name=name, key=key, url=store.presign_put(key, PRESIGNED_URL_LIFETIME)))
-    return pb.Upload(upload_id=upload_id, files=files, expire_time=to_timestamp(utcnow() + PRESIGNED_URL_LIFETIME))
+        files.append(UploadFile(file_name=name, key=key, url=store.presign_put(key, PRESIGNED_URL_LIFETIME)))
+    return UploadGrant(upload_id=upload_id, files=files, expire_time=utcnow() + PRESIGNED_URL_LIFETIME)

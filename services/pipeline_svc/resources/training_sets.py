@@ -25,16 +25,10 @@ from segcore import imaging, intensity, splits
 from segcore.errors import InvalidParameterError, InvalidTileError
 from services.common import names, object_keys
 from services.common.database import session_scope
-from services.common.errors import (
-    AlreadyExistsError,
-    FieldViolation,
-    InvalidArgumentError,
-    NotFoundError,
-    check,
-)
-from services.common.pagination import page
+from services.common.errors import AlreadyExistsError, FieldViolation, InvalidArgumentError, NotFoundError, check
 from services.common.storage import ObjectStore
-from services.pipeline_svc import catalog
+from services.pipeline_svc.domain import TileSpec, TrainingSetSpec
+from services.pipeline_svc.resources import lookup, pipelines
 from services.pipeline_svc.tables import TileRow, TrainingSetRow
 
 log = logging.getLogger(__name__)
@@ -42,11 +36,6 @@ log = logging.getLogger(__name__)
 MAX_TILES = 20_000
 MAX_REPORTED = 50
 UNLABELLED = 255
-FORMATS = {
-    pb.ANNOTATION_FORMAT_UNSPECIFIED: "masks", pb.ANNOTATION_FORMAT_MASKS: "masks",
-    pb.ANNOTATION_FORMAT_INSTANCE_MASKS: "instance-masks", pb.ANNOTATION_FORMAT_COCO: "coco",
-    pb.ANNOTATION_FORMAT_GEOJSON: "geojson", pb.ANNOTATION_FORMAT_LABELLER: "labeller",
-}
 SEVERITIES = {formats.ERROR: pb.ValidationIssue.SEVERITY_ERROR,
               formats.WARNING: pb.ValidationIssue.SEVERITY_WARNING}
 
@@ -65,22 +54,21 @@ class _CheckedTile:
     issues: list[pb.ValidationIssue]  # warnings found while rendering its annotation
 
 
-def create(engine: Engine, store: ObjectStore, request: pb.CreateTrainingSetRequest) -> TrainingSetRow:
+def create_training_set(engine: Engine, store: ObjectStore, *, spec: TrainingSetSpec) -> TrainingSetRow:
+    """Reads and checks every tile, then writes the snapshot's objects and the set's rows; on any
+    failure nothing it wrote is left behind."""
     with session_scope(engine) as session:
-        if request.request_id:
-            previous = session.exec(
-                select(TrainingSetRow).where(TrainingSetRow.request_id == request.request_id)
-            ).first()
-            if previous is not None:
-                return previous
-        pipeline = catalog.get_row(session, request.pipeline, field="pipeline")
-    class_names = list(request.class_names) or list(pipeline.class_names)
-    _check_request(request, class_names)
-    tiles, warnings = _read_and_check(store, request, class_names)
+        previous = lookup.by_request_id(session, table=TrainingSetRow, request_id=spec.request_id)
+        if previous is not None:
+            return previous
+        pipeline = pipelines.get_pipeline(session, name=spec.pipeline, field="pipeline")
+    class_names = list(spec.class_names) or list(pipeline.class_names)
+    _check_spec(spec, class_names)
+    tiles, warnings = _read_and_check(store, spec, class_names)
     snapshot = _snapshot_hash(tiles, class_names)
-    set_id = request.training_set_id or f"ts-{snapshot.removeprefix('sha256:')[:12]}"
-    fraction = request.validation_fraction if request.HasField("validation_fraction") else 0.2
-    seed = request.split_seed if request.HasField("split_seed") else 0
+    set_id = spec.training_set_id or f"ts-{snapshot.removeprefix('sha256:')[:12]}"
+    fraction = spec.validation_fraction if spec.validation_fraction is not None else 0.2
+    seed = spec.split_seed if spec.split_seed is not None else 0
     validation = _split(tiles, fraction, seed)
     report = _report(tiles, validation, class_names, warnings)
     with session_scope(engine) as session:
@@ -93,11 +81,11 @@ def create(engine: Engine, store: ObjectStore, request: pb.CreateTrainingSetRequ
     try:
         with session_scope(engine) as session:
             row = TrainingSetRow(
-                id=set_id, display_name=request.display_name or set_id, pipeline=pipeline.id,
+                id=set_id, display_name=spec.display_name or set_id, pipeline=pipeline.id,
                 class_names=class_names, snapshot=snapshot, tile_count=len(tiles),
                 train_tile_count=len(tiles) - len(validation), validation_tile_count=len(validation),
                 validation_fraction=fraction, split_seed=seed, report=report.SerializeToString(),
-                request_id=request.request_id or None,
+                request_id=spec.request_id or None,
             )
             session.add(row)
             session.flush()
@@ -125,53 +113,58 @@ def _undo(engine: Engine, store: ObjectStore, snapshot: str, written: list[str])
         store.delete_many(written)
 
 
-def get_row(session: Session, name: str, *, field: str = "name") -> TrainingSetRow:
-    set_id = names.parse_name(name, names.TRAINING_SETS, field=field)
-    row = session.get(TrainingSetRow, set_id)
-    if row is None:
-        raise NotFoundError(names.format_name(names.TRAINING_SETS, set_id))
-    return row
+def get_training_set(session: Session, *, name: str, field: str = "name") -> TrainingSetRow:
+    return lookup.get_by_name(session, table=TrainingSetRow, collection=names.TRAINING_SETS, name=name, field=field)
 
 
-def tiles_of(session: Session, set_id: str) -> list[TileRow]:
+def tiles_of(session: Session, *, set_id: str) -> list[TileRow]:
     return list(session.exec(select(TileRow).where(TileRow.training_set == set_id).order_by(col(TileRow.name))))
 
 
-def list_rows(session: Session, pipeline: str, page_size: int, page_token: str
-              ) -> tuple[list[TrainingSetRow], str]:
-    query = select(TrainingSetRow).order_by(col(TrainingSetRow.create_time).desc(), col(TrainingSetRow.id))
-    if pipeline:
-        query = query.where(TrainingSetRow.pipeline == names.parse_name(pipeline, names.PIPELINES, field="pipeline"))
-    return page(session, query, page_size, page_token)
+def list_training_sets(session: Session, *, pipeline: str, page_size: int, page_token: str
+                       ) -> tuple[list[TrainingSetRow], str]:
+    return lookup.list_page(session, table=TrainingSetRow, pipeline=pipeline, page_size=page_size,
+                            page_token=page_token)
 
 
-def _check_request(request: pb.CreateTrainingSetRequest, class_names: list[str]) -> None:
+def _check_spec(spec: TrainingSetSpec, class_names: list[str]) -> None:
     v: list[FieldViolation] = []
-    if request.training_set_id and not names.is_valid_id(request.training_set_id):
+    if spec.training_set_id and not names.is_valid_id(spec.training_set_id):
         v.append(FieldViolation("training_set_id", "1-63 lowercase letters, digits or '-'"))
-    v += catalog.class_name_violations(class_names, "class_names")
-    if not request.tiles:
+    v += pipelines.class_name_violations(class_names, field="class_names")
+    if not spec.tiles:
         v.append(FieldViolation("tiles", "a training set needs at least one tile"))
-    if len(request.tiles) > MAX_TILES:
+    if len(spec.tiles) > MAX_TILES:
         v.append(FieldViolation("tiles", f"at most {MAX_TILES} tiles"))
-    collection = bool(request.annotations_key)
-    if request.format not in FORMATS:
-        v.append(FieldViolation("format", "unknown annotation format"))
-    elif collection and FORMATS[request.format] not in formats.COLLECTION_FORMATS:
-        v.append(FieldViolation("annotations_key", f"{FORMATS[request.format]} annotations come one file per tile"))
-    elif not collection and FORMATS[request.format] == "coco":
-        v.append(FieldViolation("annotations_key", "COCO annotations come in one file: set annotations_key"))
+    v += _format_violations(spec)
+    if spec.instance_class is not None and not 1 <= spec.instance_class < len(class_names):
+        v.append(FieldViolation("instance_class", f"must be a class index in 1..{len(class_names) - 1}"))
+    if spec.validation_fraction is not None and not 0.05 <= spec.validation_fraction <= 0.5:
+        v.append(FieldViolation("validation_fraction", "must be between 0.05 and 0.5"))
+    v += _tile_violations(spec.tiles, collection=bool(spec.annotations_key))
+    check(v[:MAX_REPORTED])
+
+
+def _format_violations(spec: TrainingSetSpec) -> list[FieldViolation]:
+    collection = bool(spec.annotations_key)
+    if spec.format not in formats.FORMATS:
+        return [FieldViolation("format", "unknown annotation format")]
+    if collection and spec.format not in formats.COLLECTION_FORMATS:
+        return [FieldViolation("annotations_key", f"{spec.format} annotations come one file per tile")]
+    if not collection and spec.format == "coco":
+        return [FieldViolation("annotations_key", "COCO annotations come in one file: set annotations_key")]
     if collection:
         try:
-            object_keys.check_upload_key(request.annotations_key, field="annotations_key")
+            object_keys.check_upload_key(spec.annotations_key, field="annotations_key")
         except InvalidArgumentError as exc:
-            v += exc.violations
-    if request.HasField("instance_class") and not 1 <= request.instance_class < len(class_names):
-        v.append(FieldViolation("instance_class", f"must be a class index in 1..{len(class_names) - 1}"))
-    if request.HasField("validation_fraction") and not 0.05 <= request.validation_fraction <= 0.5:
-        v.append(FieldViolation("validation_fraction", "must be between 0.05 and 0.5"))
+            return exc.violations
+    return []
+
+
+def _tile_violations(tiles: list[TileSpec], *, collection: bool) -> list[FieldViolation]:
+    v: list[FieldViolation] = []
     seen: set[str] = set()
-    for i, tile in enumerate(request.tiles):
+    for i, tile in enumerate(tiles):
         keys = [("image_key", tile.image_key)]
         if tile.annotation_key or not collection:
             keys.append(("annotation_key", tile.annotation_key))
@@ -184,16 +177,16 @@ def _check_request(request: pb.CreateTrainingSetRequest, class_names: list[str])
         if stem in seen:
             v.append(FieldViolation(f"tiles[{i}].image_key", f"duplicate tile name {stem!r}"))
         seen.add(stem)
-    check(v[:MAX_REPORTED])
+    return v
 
 
-def _read_and_check(store: ObjectStore, request: pb.CreateTrainingSetRequest, class_names: list[str]
+def _read_and_check(store: ObjectStore, spec: TrainingSetSpec, class_names: list[str]
                     ) -> tuple[list[_CheckedTile], list[pb.ValidationIssue]]:
-    fmt = FORMATS[request.format]
-    collection = _collection(store, request, fmt, class_names)
+    fmt = spec.format
+    collection = _collection(store, spec, class_names)
 
     def one(i: int) -> _CheckedTile | list[FieldViolation]:
-        tile = request.tiles[i]
+        tile = spec.tiles[i]
         name = PurePosixPath(tile.image_key).stem
         try:
             image_bytes = store.get(tile.image_key)
@@ -206,7 +199,7 @@ def _read_and_check(store: ObjectStore, request: pb.CreateTrainingSetRequest, cl
             rendered = (collection.render(tile=name, width=width, height=height) if collection is not None
                         else formats.render_tile(fmt, annotation, tile=name, width=width, height=height,
                                                      class_names=class_names,
-                                                     instance_class=request.instance_class or 1))
+                                                     instance_class=spec.instance_class or 1))
         except InvalidTileError as exc:
             return [FieldViolation(f"tiles[{i}]", f"tile {exc.tile!r}: {exc.reason}")]
         if rendered.has_errors:
@@ -215,7 +208,7 @@ def _read_and_check(store: ObjectStore, request: pb.CreateTrainingSetRequest, cl
         return _checked(name, tile, image_bytes, image, rendered, len(class_names))
 
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="tile-check") as pool:
-        results = list(pool.map(one, range(len(request.tiles))))
+        results = list(pool.map(one, range(len(spec.tiles))))
     check([v for r in results if isinstance(r, list) for v in r][:MAX_REPORTED])
     tiles = [r for r in results if isinstance(r, _CheckedTile)]
     issues = [issue for t in tiles for issue in t.issues]
@@ -224,12 +217,12 @@ def _read_and_check(store: ObjectStore, request: pb.CreateTrainingSetRequest, cl
     return tiles, issues
 
 
-def _collection(store: ObjectStore, request: pb.CreateTrainingSetRequest, fmt: str, class_names: list[str]
+def _collection(store: ObjectStore, spec: TrainingSetSpec, class_names: list[str]
                 ) -> formats.AnnotationCollection | None:
-    if not request.annotations_key:
+    if not spec.annotations_key:
         return None
     try:
-        collection = formats.load_collection(fmt, store.get(request.annotations_key), class_names)
+        collection = formats.load_collection(spec.format, store.get(spec.annotations_key), class_names)
     except NotFoundError as exc:
         raise InvalidArgumentError.of("annotations_key", exc.message) from None
     except InvalidParameterError as exc:
@@ -244,7 +237,7 @@ def _issue(issue: formats.AnnotationIssue) -> pb.ValidationIssue:
                               message=issue.message)
 
 
-def _checked(name: str, tile: pb.TileInput, image_bytes: bytes, image: np.ndarray, rendered: formats.Rendered,
+def _checked(name: str, tile: TileSpec, image_bytes: bytes, image: np.ndarray, rendered: formats.Rendered,
              num_classes: int) -> _CheckedTile:
     mask = rendered.mask
     labelled = mask[mask != UNLABELLED]

@@ -1,5 +1,5 @@
-"""Stubs of the services the pipeline service calls: the metrics service and trainer nodes
-(one cached channel per address)."""
+"""Stubs of the services the pipeline service calls: the metrics service and trainer nodes,
+over one cached channel per address."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from services.common.server import connect
 from services.common.settings import SecuritySettings
 
 
-class Remotes:
+class PeerStubs:
     def __init__(self, metrics_address: str, security: SecuritySettings) -> None:
         self._security = security
         self._lock = threading.Lock()
@@ -30,6 +30,7 @@ class Remotes:
         return trainer_pb2_grpc.TrainerServiceStub(self._channel(address))
 
     def close(self) -> None:
+        """Closes every channel; called once the threads that use them have stopped."""
         with self._lock:
             for channel in self._channels.values():
                 channel.close()

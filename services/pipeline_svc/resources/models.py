@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 
 from segtrain.common.v1 import common_pb2
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from services.common import names, object_keys
-from services.common.errors import FailedPreconditionError, NotFoundError
-from services.common.pagination import page
+from services.common.errors import FailedPreconditionError
+from services.pipeline_svc.resources import hyperparameters, lookup
 from services.pipeline_svc.tables import JobRow, ModelRow, PipelineRow, TrainingSetRow
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def model_id_for(job_id: str) -> str:
@@ -18,10 +20,15 @@ def model_id_for(job_id: str) -> str:
     return f"m-{job_id.removeprefix('j-')}"
 
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+def get_model(session: Session, *, name: str, field: str = "name") -> ModelRow:
+    return lookup.get_by_name(session, table=ModelRow, collection=names.MODELS, name=name, field=field)
 
 
-def register(session: Session, job: JobRow, finished: common_pb2.JobFinished) -> ModelRow:
+def list_models(session: Session, *, pipeline: str, page_size: int, page_token: str) -> tuple[list[ModelRow], str]:
+    return lookup.list_page(session, table=ModelRow, pipeline=pipeline, page_size=page_size, page_token=page_token)
+
+
+def register_model(session: Session, *, job: JobRow, finished: common_pb2.JobFinished) -> ModelRow:
     """Adds the model row (idempotent); the caller commits it together with the job's success.
 
     The weights must be the ones this attempt writes (a stale attempt's files are never
@@ -32,12 +39,11 @@ def register(session: Session, job: JobRow, finished: common_pb2.JobFinished) ->
     _check_artifacts(job, finished)
     training_set = session.get(TrainingSetRow, job.training_set)
     assert training_set is not None  # jobs reference existing sets; sets are never deleted
-    params = common_pb2.Hyperparameters.FromString(job.hyperparameters)
-
     pipeline = session.get(PipelineRow, job.pipeline)
     row = ModelRow(
         id=model_id_for(job.id), job=job.id, pipeline=job.pipeline, training_set=job.training_set,
-        training_set_snapshot=training_set.snapshot, architecture=params.architecture,
+        training_set_snapshot=training_set.snapshot,
+        architecture=str(hyperparameters.deserialized(job.hyperparameters).get("architecture", "")),
         class_names=list(training_set.class_names), tile_size=pipeline.tile_size if pipeline else 0,
         finished=finished.SerializeToString(), weights_sha256=finished.best_model.sha256,
         parent_model=job.from_model,
@@ -49,25 +55,10 @@ def register(session: Session, job: JobRow, finished: common_pb2.JobFinished) ->
 
 def _check_artifacts(job: JobRow, finished: common_pb2.JobFinished) -> None:
     prefix = object_keys.attempt_prefix(job.id, job.attempt)
-    for artifact, kind in ((finished.best_model, "best"), (finished.final_model, "final")):
-        expected = object_keys.model_weights(prefix, kind)  # type: ignore[arg-type]
+    for artifact, expected in ((finished.best_model, object_keys.model_weights(prefix, "best")),
+                               (finished.final_model, object_keys.model_weights(prefix, "final"))):
         if artifact.uri != expected:
             raise FailedPreconditionError(
-                f"the trainer node reported {kind} weights at {artifact.uri!r}, not at this attempt's {expected!r}")
+                f"the trainer node reported weights at {artifact.uri!r}, not at this attempt's {expected!r}")
         if not _SHA256.match(artifact.sha256):
-            raise FailedPreconditionError(f"the trainer node reported {kind} weights without a valid sha256")
-
-
-def get_row(session: Session, name: str, *, field: str = "name") -> ModelRow:
-    model_id = names.parse_name(name, names.MODELS, field=field)
-    row = session.get(ModelRow, model_id)
-    if row is None:
-        raise NotFoundError(names.format_name(names.MODELS, model_id))
-    return row
-
-
-def list_rows(session: Session, pipeline: str, page_size: int, page_token: str) -> tuple[list[ModelRow], str]:
-    query = select(ModelRow).order_by(col(ModelRow.create_time).desc(), col(ModelRow.id))
-    if pipeline:
-        query = query.where(ModelRow.pipeline == names.parse_name(pipeline, names.PIPELINES, field="pipeline"))
-    return page(session, query, page_size, page_token)
+            raise FailedPreconditionError(f"the trainer node reported {artifact.uri!r} without a valid sha256")

@@ -1,0 +1,46 @@
+"""The tokens file (SEGTRAIN_AUTH_TOKENS_FILE): the roles and the one format of bearer-token
+digests, written by `scripts/make_tokens.py` and the local stack launcher and read by every
+service (services/common/auth.py enforces it). Plain data: no gRPC.
+
+    {"tokens": [{"name": "alice", "role": "viewer|trainer|admin|service", "sha256": "<hex digest>"}]}
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+
+class Role(enum.IntEnum):
+    """Ranked: viewer (read and watch) < trainer < admin < service (the services' own calls)."""
+
+    VIEWER = 1
+    TRAINER = 2
+    ADMIN = 3
+    SERVICE = 4
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def write_tokens_file(path: Path, tokens: Mapping[str, tuple[str, Role]]) -> None:
+    """Writes a tokens file for {token: (name, role)}, readable by its owner only; only digests
+    are stored."""
+    entries = [{"name": name, "role": role.name.lower(), "sha256": token_digest(token)}
+               for token, (name, role) in tokens.items()]
+    # Created 0600 (never readable by others, not even briefly); an existing file is narrowed too.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        os.fchmod(fd, 0o600)
+        file.write(json.dumps({"tokens": entries}, indent=2))
+
+
+def read_tokens_file(path: Path) -> dict[str, tuple[str, Role]]:
+    """{lower-case digest: (name, role)} of a tokens file."""
+    data = json.loads(path.read_text())
+    return {entry["sha256"].lower(): (entry["name"], Role[entry["role"].upper()]) for entry in data["tokens"]}

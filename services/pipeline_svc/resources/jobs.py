@@ -1,0 +1,119 @@
+"""Jobs: creation with validated, frozen hyperparameters, lookups, start and cancel. The state
+machine and its outbox events are lifecycle.py's."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from segtrain.common.v1 import common_pb2
+from sqlmodel import Session
+
+from segcore import intensity
+from services.common import names, object_keys
+from services.common.errors import FailedPreconditionError, InvalidArgumentError
+from services.common.timeutil import utcnow
+from services.pipeline_svc.domain import JobSpec
+from services.pipeline_svc.resources import hyperparameters, lifecycle, lookup, models, pipelines, training_sets
+from services.pipeline_svc.tables import JobRow, ModelRow, TrainingSetRow
+
+S = common_pb2
+
+
+def get_job(session: Session, *, name: str, field: str = "name", for_update: bool = False) -> JobRow:
+    return lookup.get_by_name(session, table=JobRow, collection=names.JOBS, name=name, field=field,
+                              for_update=for_update)
+
+
+def list_jobs(session: Session, *, pipeline: str, page_size: int, page_token: str) -> tuple[list[JobRow], str]:
+    return lookup.list_page(session, table=JobRow, pipeline=pipeline, page_size=page_size, page_token=page_token)
+
+
+def create_job(session: Session, *, spec: JobSpec, architectures: Collection[str]) -> JobRow:
+    """A PENDING job whose effective hyperparameters are frozen now: the request's over the
+    pipeline's over the contract's, with "auto" normalization resolved from the set's images."""
+    hyperparameters.validate(spec.hyperparameters, architectures=architectures, prefix="hyperparameters")
+    _check_pretrained(spec)
+    previous = lookup.by_request_id(session, table=JobRow, request_id=spec.request_id)
+    if previous is not None:
+        return previous
+    pipeline = pipelines.get_pipeline(session, name=spec.pipeline, field="pipeline")
+    if pipeline.type != pipelines.TRAINING:
+        raise FailedPreconditionError(f"{names.pipeline(pipeline.id)} is not a TRAINING pipeline")
+    training_set = training_sets.get_training_set(session, name=spec.training_set, field="training_set")
+    overrides = dict(spec.hyperparameters)
+    parent = None
+    if spec.from_model:
+        parent = _parent(session, spec.from_model, overrides)
+        overrides.setdefault("architecture", parent.architecture)
+    effective = hyperparameters.effective(pipelines.stored_hyperparameters(pipeline), overrides)
+    effective["normalization"], reason = _normalization(
+        session, str(effective["normalization"]), training_set, parent, pretrained=bool(spec.pretrained_weights))
+    job = JobRow(
+        id=names.new_id("j"), display_name=spec.display_name, pipeline=pipeline.id,
+        training_set=training_set.id, from_model=parent.id if parent else "",
+        pretrained_weights=spec.pretrained_weights, hyperparameters=hyperparameters.serialized(effective),
+        state=S.JOB_STATE_PENDING, request_id=spec.request_id or None, normalization_reason=reason,
+    )
+    lifecycle.emit_control_event(session, job, S.JobEvent(state_change=S.StateChange(state=S.JOB_STATE_PENDING)))
+    lifecycle.emit_control_event(session, job, S.JobEvent(warning=S.Warning(code="NORMALIZATION", message=reason)))
+    session.add(job)
+    return job
+
+
+def _normalization(session: Session, requested: str, training_set: TrainingSetRow, parent: ModelRow | None, *,
+                   pretrained: bool) -> tuple[str, str]:
+    """The concrete normalization a job uses and why: "auto" resolved from the set's image
+    profile, the parent model's normalization, and whether a pretrained backbone is loaded."""
+    parent_mode = None
+    if parent is not None:
+        parent_job = session.get(JobRow, parent.job)
+        parent_params = hyperparameters.deserialized(parent_job.hyperparameters) if parent_job else {}
+        # Models from before normalization modes used what is now called "dataset".
+        parent_mode = str(parent_params.get("normalization") or "dataset")
+    profile = training_sets.image_profile(training_set)
+    return intensity.choose_normalization(requested, profile, pretrained=pretrained, parent_mode=parent_mode)
+
+
+def _check_pretrained(spec: JobSpec) -> None:
+    source = spec.pretrained_weights
+    if not source:
+        return
+    if spec.from_model:
+        raise InvalidArgumentError.of("pretrained_weights", "a job starts from from_model or from pretrained weights, "
+                                                            "not both")
+    if source.startswith(("file:/", "hf:")) and len(source.split(":", 1)[1]) > 1:
+        return
+    object_keys.check_upload_key(source, field="pretrained_weights")
+
+
+def _parent(session: Session, name: str, overrides: dict[str, object]) -> ModelRow:
+    parent = models.get_model(session, name=name, field="from_model")
+    if "architecture" in overrides and overrides["architecture"] != parent.architecture:
+        raise FailedPreconditionError(
+            f"from_model {names.model(parent.id)} is a {parent.architecture!r} model; it cannot initialise "
+            f"architecture {overrides['architecture']!r}"
+        )
+    return parent
+
+
+def start_job(session: Session, *, name: str) -> JobRow:
+    job = get_job(session, name=name, for_update=True)
+    lifecycle.transition(session, job, to=S.JOB_STATE_QUEUED)
+    job.start_time = utcnow()
+    job.progress = S.Progress(phase=S.PHASE_QUEUED).SerializeToString()
+    return job
+
+
+def request_cancel(session: Session, *, name: str, stop_early: bool) -> tuple[JobRow, str]:
+    """Cancels a pending/queued job at once; marks an active one CANCELLING and returns the id of
+    the node that must be told (empty when nothing runs)."""
+    job = get_job(session, name=name, for_update=True)
+    if job.state in (S.JOB_STATE_PENDING, S.JOB_STATE_QUEUED):
+        lifecycle.transition(session, job, to=S.JOB_STATE_CANCELLED, reason="cancelled before it ran")
+        return job, ""
+    if job.state == S.JOB_STATE_CANCELLING:
+        return job, job.trainer_node
+    lifecycle.transition(session, job, to=S.JOB_STATE_CANCELLING,
+                         reason="stop early requested" if stop_early else "cancel requested")
+    job.cancel_requested, job.stop_early = True, stop_early
+    return job, job.trainer_node

@@ -1,0 +1,98 @@
+"""Pipelines: the seeded defaults and user-created ones."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
+from sqlmodel import Session
+
+from services.common import names
+from services.common.errors import AlreadyExistsError, FieldViolation, check
+from services.pipeline_svc.domain import PipelineSpec
+from services.pipeline_svc.resources import hyperparameters, lookup
+from services.pipeline_svc.tables import PipelineRow
+
+DEFAULT_PIPELINE = "segmentation"
+ANALYSIS_PIPELINE = "analysis"
+TRAINING, ANALYSIS = pb.Pipeline.TYPE_TRAINING, pb.Pipeline.TYPE_ANALYSIS
+
+
+def seed_pipelines(session: Session) -> None:
+    """Creates the out-of-the-box pipelines if missing. They store no overrides: their jobs follow
+    the contract's defaults."""
+    seeded = [
+        PipelineRow(
+            id=DEFAULT_PIPELINE, display_name="Default segmentation", type=TRAINING,
+            class_names=["background", "foreground"], tile_size=256, default_hyperparameters=b"",
+            description="Binary or multi-class semantic segmentation of image tiles "
+                        "(training sets may bring their own class map).",
+        ),
+        PipelineRow(
+            id=ANALYSIS_PIPELINE, display_name="Default analysis", type=ANALYSIS,
+            class_names=["background", "foreground"], tile_size=256, default_hyperparameters=b"",
+            description="Runs a registered model on new tiles.",
+        ),
+    ]
+    for row in seeded:
+        if session.get(PipelineRow, row.id) is None:
+            session.add(row)
+
+
+def get_pipeline(session: Session, *, name: str, field: str = "name") -> PipelineRow:
+    return lookup.get_by_name(session, table=PipelineRow, collection=names.PIPELINES, name=name, field=field)
+
+
+def list_pipelines(session: Session, *, page_size: int, page_token: str) -> tuple[list[PipelineRow], str]:
+    return lookup.list_page(session, table=PipelineRow, page_size=page_size, page_token=page_token,
+                            newest_first=False)
+
+
+def create_pipeline(session: Session, *, spec: PipelineSpec, architectures: Collection[str]) -> PipelineRow:
+    check_pipeline_spec(spec, architectures=architectures)
+    previous = lookup.by_request_id(session, table=PipelineRow, request_id=spec.request_id)
+    if previous is not None:
+        return previous
+    if session.get(PipelineRow, spec.pipeline_id) is not None:
+        raise AlreadyExistsError(f"{names.pipeline(spec.pipeline_id)} already exists")
+    row = PipelineRow(
+        id=spec.pipeline_id, display_name=spec.display_name, type=spec.type, class_names=list(spec.class_names),
+        tile_size=spec.tile_size,
+        # Only what the creator set: unset fields follow the code's defaults when each job is created.
+        default_hyperparameters=hyperparameters.serialized(spec.default_hyperparameters),
+        description=spec.description, request_id=spec.request_id or None,
+    )
+    session.add(row)
+    return row
+
+
+def check_pipeline_spec(spec: PipelineSpec, *, architectures: Collection[str]) -> None:
+    v: list[FieldViolation] = []
+    if not names.is_valid_id(spec.pipeline_id):
+        v.append(FieldViolation("pipeline_id", "1-63 lowercase letters, digits or '-'"))
+    if not spec.display_name:
+        v.append(FieldViolation("pipeline.display_name", "required"))
+    if spec.type not in (TRAINING, ANALYSIS):
+        v.append(FieldViolation("pipeline.type", "must be TYPE_TRAINING or TYPE_ANALYSIS"))
+    v += class_name_violations(spec.class_names, field="pipeline.class_names")
+    if not 32 <= spec.tile_size <= 8192:
+        v.append(FieldViolation("pipeline.tile_size", f"must be 32..8192, got {spec.tile_size}"))
+    check(v)
+    hyperparameters.validate(spec.default_hyperparameters, architectures=architectures,
+                             prefix="pipeline.default_hyperparameters")
+
+
+def class_name_violations(class_names: list[str], *, field: str) -> list[FieldViolation]:
+    if len(class_names) < 2:
+        return [FieldViolation(field, "need at least 2 classes (index 0 is the background)")]
+    if len(class_names) > 255:
+        return [FieldViolation(field, "at most 255 classes")]
+    if len(set(class_names)) != len(class_names) or any(not c.strip() for c in class_names):
+        return [FieldViolation(field, "class names must be unique and non-empty")]
+    return []
+
+
+def stored_hyperparameters(row: PipelineRow) -> dict[str, object]:
+    """The overrides the pipeline's creator set (rows created before overrides were stored alone
+    hold a full copy of the defaults of their time, which they keep)."""
+    return hyperparameters.deserialized(row.default_hyperparameters)

@@ -1,0 +1,160 @@
+"""Following one active job: `JobRelay` reads the trainer node's event stream (resuming after the
+last relayed source_seq), appends each event to the metrics service (persisted before anyone
+sees it), then updates the job's progress and state here. The node's final event finalises the
+job: the model is registered and the job marked SUCCEEDED in one transaction."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import grpc
+from segtrain.common.v1 import common_pb2
+from segtrain.metrics.v1 import metrics_pb2
+from segtrain.trainer.v1 import trainer_pb2
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from services.common import job_states, names
+from services.common.database import session_scope
+from services.common.errors import FailedPreconditionError
+from services.pipeline_svc.resources import lifecycle, models
+from services.pipeline_svc.runtime.peers import PeerStubs
+from services.pipeline_svc.tables import JobRow, TrainerNodeRow
+
+log = logging.getLogger(__name__)
+S = common_pb2
+RETRY_S = 0.5
+
+
+class JobRelay(threading.Thread):
+    def __init__(self, engine: Engine, peers: PeerStubs, *, job_id: str, max_attempts: int,
+                 stopping: threading.Event, wake_outbox: Callable[[], None], on_exit: Callable[[str], None]) -> None:
+        super().__init__(name=f"relay-{job_id}", daemon=True)
+        self._engine, self._peers = engine, peers
+        self.job_id = job_id
+        self._max_attempts = max_attempts
+        self._stopping = stopping
+        self._wake_outbox = wake_outbox
+        self._on_exit = on_exit
+        self._call: grpc.Future | None = None
+
+    def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                target = self._locate()
+                if target is None:
+                    return
+                address, attempt, after = target
+                try:
+                    self._follow(address, attempt, after)
+                except grpc.RpcError as exc:
+                    if not self._handle_stream_error(exc, attempt):
+                        return
+                    self._stopping.wait(RETRY_S)
+        except Exception:
+            log.exception("relay of %s failed", names.job(self.job_id))
+        finally:
+            self._on_exit(self.job_id)
+
+    def stop(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+
+    def _locate(self) -> tuple[str, int, int] | None:
+        """(node address, attempt, last relayed source_seq) while the job is active, else None."""
+        with session_scope(self._engine) as session:
+            job = session.get(JobRow, self.job_id)
+            if job is None or job.state not in job_states.ACTIVE:
+                return None
+            node = session.get(TrainerNodeRow, job.trainer_node)
+            if node is None:
+                return None
+            return node.address, job.attempt, job.relayed_source_seq
+
+    def _follow(self, address: str, attempt: int, after: int) -> None:
+        request = trainer_pb2.WatchJobRunRequest(job=names.job(self.job_id), attempt=attempt, after_source_seq=after)
+        call = self._peers.trainer(address).WatchJobRun(request)
+        self._call = call  # type: ignore[assignment]
+        for response in call:
+            self._append(response.event)
+            if self._apply(response.event):
+                return
+
+    def _append(self, event: common_pb2.JobEvent) -> None:
+        """Appends to the metrics service, retrying while it is unavailable (idempotent)."""
+        request = metrics_pb2.AppendJobEventsRequest(job=event.job, events=[event])
+        while True:
+            try:
+                self._peers.metrics.AppendJobEvents(request, timeout=10)
+                return
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                if self._stopping.wait(RETRY_S):
+                    raise
+                log.warning("metrics service unavailable; retrying append for %s", names.job(self.job_id))
+
+    def _apply(self, event: common_pb2.JobEvent) -> bool:
+        """Updates the job from one relayed event; True once the job is final here."""
+        with session_scope(self._engine) as session:
+            job = session.get(JobRow, self.job_id, with_for_update=True)
+            if job is None or job.attempt != event.attempt or job.state not in job_states.ACTIVE:
+                return True
+            job.relayed_source_seq = event.source_seq
+            if event.HasField("progress"):
+                job.progress = event.progress.SerializeToString()
+            if event.HasField("epoch_metrics"):
+                job.latest_metrics = event.epoch_metrics.SerializeToString()
+            if event.HasField("checkpoint_saved") and event.checkpoint_saved.kind == "state":
+                job.checkpoint_uri = event.checkpoint_saved.uri
+            if job.state == S.JOB_STATE_ASSIGNED:
+                lifecycle.transition(session, job, to=S.JOB_STATE_RUNNING)
+            done = event.HasField("finished")
+            if done:
+                _finalise(session, job, event.finished, self._max_attempts)
+            session.add(job)
+        self._wake_outbox()
+        return done
+
+    def _handle_stream_error(self, exc: grpc.RpcError, attempt: int) -> bool:
+        """Whether to reconnect. A node that no longer knows the job hands it back to the queue."""
+        if exc.code() == grpc.StatusCode.CANCELLED and self._stopping.is_set():
+            return False
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            with session_scope(self._engine) as session:
+                job = session.get(JobRow, self.job_id, with_for_update=True)
+                if job is not None and job.attempt == attempt and job.state in job_states.ACTIVE:
+                    lifecycle.requeue(session, job, reason="the trainer node lost the job (restarted?)",
+                                      max_attempts=self._max_attempts)
+            self._wake_outbox()
+            return False
+        log.info("stream of %s interrupted (%s); reconnecting", names.job(self.job_id), exc.code())
+        return True
+
+
+def _finalise(session: Session, job: JobRow, finished: common_pb2.JobFinished, max_attempts: int) -> None:
+    """Ends the attempt as its node reported; the job is RUNNING or CANCELLING here."""
+    if finished.state == S.JOB_STATE_QUEUED:  # the node shut down gracefully and handed the job back
+        lifecycle.requeue(session, job, reason=finished.reason or "handed back by its trainer node",
+                          max_attempts=max_attempts)
+    elif finished.state == S.JOB_STATE_SUCCEEDED:
+        _succeed(session, job, finished)
+    elif finished.state == S.JOB_STATE_CANCELLED:
+        lifecycle.transition(session, job, to=S.JOB_STATE_CANCELLED, reason=finished.reason or "cancelled")
+    else:
+        lifecycle.transition(session, job, to=S.JOB_STATE_FAILED, reason=finished.reason or "failed")
+
+
+def _succeed(session: Session, job: JobRow, finished: common_pb2.JobFinished) -> None:
+    try:
+        models.register_model(session, job=job, finished=finished)
+    except FailedPreconditionError as exc:
+        lifecycle.transition(session, job, to=S.JOB_STATE_FAILED, reason=f"model not registered: {exc.message}")
+        return
+    job.quality_warnings = [{"code": w.code, "class_name": w.class_name, "message": w.message}
+                            for w in finished.quality_warnings]
+    caveat = "; ".join(f"{w.code} ({w.class_name})" for w in finished.quality_warnings)
+    lifecycle.transition(session, job, to=S.JOB_STATE_SUCCEEDED,
+                         reason=f"the model has quality warnings: {caveat}" if caveat else "")

@@ -1,0 +1,82 @@
+"""The trainer-node registry: registration, heartbeats, and which nodes can take work."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
+from sqlmodel import Session, col, select
+
+from services.common import job_states, names
+from services.common.errors import FieldViolation, check
+from services.common.timeutil import as_utc, utcnow
+from services.pipeline_svc.domain import HeartbeatAnswer, NodeHeartbeat, NodeRegistration
+from services.pipeline_svc.tables import JobRow, TrainerNodeRow
+
+READY, DRAINING, LOST = pb.TrainerNode.STATE_READY, pb.TrainerNode.STATE_DRAINING, pb.TrainerNode.STATE_LOST
+
+
+def register_node(session: Session, *, registration: NodeRegistration) -> TrainerNodeRow:
+    r = registration
+    v = []
+    if not names.is_valid_id(r.node_id):
+        v.append(FieldViolation("node_id", "1-63 lowercase letters, digits or '-'"))
+    if not r.address or ":" not in r.address:
+        v.append(FieldViolation("address", "required, host:port"))
+    if r.capacity < 0 or r.capacity > 64:
+        v.append(FieldViolation("capacity", "must be 0..64 (0 means 1)"))
+    check(v)
+    row = session.get(TrainerNodeRow, r.node_id) or TrainerNodeRow(id=r.node_id, address="", state=READY)
+    row.address, row.capacity, row.device = r.address, r.capacity or 1, r.device
+    row.state, row.heartbeat_time = READY, utcnow()
+    session.add(row)
+    return row
+
+
+def record_heartbeat(session: Session, *, heartbeat: NodeHeartbeat) -> HeartbeatAnswer:
+    """Renews the node; answers whether it is known and which of its jobs it should stop."""
+    node_id = names.parse_name(heartbeat.name, names.TRAINER_NODES)
+    row = session.get(TrainerNodeRow, node_id)
+    if row is None:
+        return HeartbeatAnswer(known=False, stop_jobs=[])
+    row.heartbeat_time, row.state = utcnow(), DRAINING if heartbeat.draining else READY
+    session.add(row)
+    running = {names.job(j.id): j for j in jobs_on_node(session, node_id=node_id)}
+    # A job the node reports but no longer holds here (cancelled, re-assigned) must stop there.
+    return HeartbeatAnswer(known=True, stop_jobs=[
+        name for name in heartbeat.jobs if name not in running or running[name].cancel_requested])
+
+
+def jobs_on_node(session: Session, *, node_id: str) -> list[JobRow]:
+    return list(session.exec(select(JobRow).where(JobRow.trainer_node == node_id,
+                                                  col(JobRow.state).in_(job_states.ACTIVE))))
+
+
+def list_nodes(session: Session) -> list[TrainerNodeRow]:
+    return list(session.exec(select(TrainerNodeRow).order_by(col(TrainerNodeRow.id))))
+
+
+def ready_nodes(session: Session) -> list[TrainerNodeRow]:
+    return [n for n in list_nodes(session) if n.state == READY]
+
+
+def mark_lost_nodes(session: Session, *, timeout: timedelta) -> list[str]:
+    """Marks nodes whose heartbeat is older than `timeout` LOST; returns their ids."""
+    cutoff = utcnow() - timeout
+    lost = []
+    for row in session.exec(select(TrainerNodeRow).where(TrainerNodeRow.state != LOST)):
+        if as_utc(row.heartbeat_time) < cutoff:
+            row.state = LOST
+            session.add(row)
+            lost.append(row.id)
+    return lost
+
+
+def free_nodes(session: Session) -> list[tuple[TrainerNodeRow, int]]:
+    """READY nodes with free capacity, least loaded first."""
+    result = []
+    for row in ready_nodes(session):
+        free = row.capacity - len(jobs_on_node(session, node_id=row.id))
+        if free > 0:
+            result.append((row, free))
+    return sorted(result, key=lambda pair: -pair[1])

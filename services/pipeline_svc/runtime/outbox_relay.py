@@ -1,0 +1,95 @@
+"""Forwarding the pipeline service's own events (state changes, attempt 0) from the outbox table
+to the metrics service, in order, deleting each row once it is stored.
+
+Only transient errors are retried. A row the metrics service refuses for good is parked with its
+reason (kept for a person, logged) and no longer blocks the rows behind it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import grpc
+from segtrain.common.v1 import common_pb2
+from segtrain.metrics.v1 import metrics_pb2
+from sqlalchemy.engine import Engine
+from sqlmodel import col, select
+
+from services.common.database import session_scope
+from services.pipeline_svc.runtime.peers import PeerStubs
+from services.pipeline_svc.tables import OutboxRow
+
+log = logging.getLogger(__name__)
+RETRY_S = 0.5
+BATCH = 200
+# Answers that retrying the same rows can never change: the rows are at fault, not the service.
+REFUSED_FOR_GOOD = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS}
+
+
+class OutboxRelay(threading.Thread):
+    def __init__(self, engine: Engine, peers: PeerStubs, *, stopping: threading.Event) -> None:
+        super().__init__(name="outbox-relay", daemon=True)
+        self._engine, self._peers, self._stopping = engine, peers, stopping
+        self._pending = threading.Event()
+
+    def wake(self) -> None:
+        """New rows were committed: forward them now rather than at the next poll."""
+        self._pending.set()
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            self._pending.wait(2.0)
+            self._pending.clear()
+            try:
+                while self._drain_once():
+                    pass
+            except grpc.RpcError as exc:
+                log.warning("outbox relay: metrics service answered %s; retrying", exc.code())
+                self._stopping.wait(RETRY_S)
+            except Exception:
+                log.exception("outbox relay failed; retrying")
+                self._stopping.wait(RETRY_S)
+
+    def _drain_once(self) -> bool:
+        with session_scope(self._engine) as session:
+            rows = list(session.exec(select(OutboxRow).where(col(OutboxRow.parked).is_(False))
+                                     .order_by(col(OutboxRow.id)).limit(BATCH)))
+        if not rows:
+            return False
+        by_job: dict[str, list[OutboxRow]] = {}
+        for row in rows:
+            by_job.setdefault(row.job, []).append(row)
+        for job, job_rows in by_job.items():
+            try:
+                self._append(job, job_rows)
+            except grpc.RpcError as exc:
+                if exc.code() not in REFUSED_FOR_GOOD:
+                    raise  # transient (the metrics service is down, overloaded, slow): retried as a whole
+                for row in job_rows:  # find the rows refused for good; the others go through
+                    self._append_or_park(job, row)
+        return True
+
+    def _append(self, job: str, rows: list[OutboxRow]) -> None:
+        events = [common_pb2.JobEvent.FromString(r.payload) for r in rows]
+        self._peers.metrics.AppendJobEvents(metrics_pb2.AppendJobEventsRequest(job=job, events=events), timeout=10)
+        with session_scope(self._engine) as session:
+            for r in rows:
+                stored = session.get(OutboxRow, r.id)
+                if stored is not None:
+                    session.delete(stored)
+
+    def _append_or_park(self, job: str, row: OutboxRow) -> None:
+        try:
+            self._append(job, [row])
+        except grpc.RpcError as exc:
+            if exc.code() not in REFUSED_FOR_GOOD:
+                raise
+            reason = f"{exc.code().name}: {exc.details()}"[:500]
+            log.error("outbox relay: the metrics service refused event row %s of %s for good (%s); parked",
+                      row.id, job, reason)
+            with session_scope(self._engine) as session:
+                stored = session.get(OutboxRow, row.id)
+                if stored is not None:
+                    stored.parked, stored.park_reason = True, reason
+                    session.add(stored)
