@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 from segtrain.common.v1 import common_pb2  # noqa: E402
 from segtrain.pipeline.v1 import pipeline_pb2 as pb  # noqa: E402
 
-from clients.sdk import TERMINAL, Client  # noqa: E402
+from clients.names import TERMINAL  # noqa: E402
+from clients.sdk import Client  # noqa: E402
 from clients.stack import LocalStack  # noqa: E402
 from segcore import synthetic  # noqa: E402
 

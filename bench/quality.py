@@ -40,6 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 from segtrain.common.v1 import common_pb2  # noqa: E402
 from segtrain.pipeline.v1 import pipeline_pb2 as pb  # noqa: E402
 
+from clients.names import TERMINAL  # noqa: E402
 from clients.sdk import Client  # noqa: E402
 from clients.stack import LocalStack  # noqa: E402
 from segcore import imaging, regimes  # noqa: E402
@@ -47,7 +48,6 @@ from segcore.architectures import build_model  # noqa: E402
 
 OUT = ROOT / "bench-output"
 TOLERANCE = 0.01
-TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from segtrain.metrics.v1 import metrics_pb2  # noqa: E402
 from segtrain.pipeline.v1 import pipeline_pb2 as pb  # noqa: E402
 from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc  # noqa: E402
 
+from clients.names import TERMINAL  # noqa: E402
 from clients.sdk import Client  # noqa: E402
 from clients.stack import LocalStack  # noqa: E402
 from segcore import synthetic  # noqa: E402 - numpy + pillow only; torch stays in the workers
@@ -50,7 +51,6 @@ BENCHMARKS = ("training", "datapath", "analysis", "watch")
 OUT = ROOT / "bench-output"
 ARCHITECTURE = "upernet-convnext-cpu"  # default of --architecture
 SEED = 11  # synthetic tiles
-TERMINAL = {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED}
 
 BUSY_CORES = 0.3  # outside load (cores) above which a benchmark's figures are flagged as disturbed
 TARGETS = {

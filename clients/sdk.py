@@ -24,7 +24,6 @@ from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.pipeline.v1 import pipeline_pb2_grpc
 
 from clients import names
-from clients.names import TERMINAL as TERMINAL  # re-exported: the job states after which a job is done
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ def node_heartbeat(request: pb.HeartbeatTrainerNodeRequest) -> domain.NodeHeartb
 
 # Rows and domain values -> API resources -----------------------------------------------------
 
-def pipeline(row: PipelineRow) -> pb.Pipeline:
+def pipeline_message(row: PipelineRow) -> pb.Pipeline:
     stored = hyperparameters.deserialized(row.default_hyperparameters)
     return pb.Pipeline(
         name=names.pipeline(row.id), display_name=row.display_name, type=row.type,  # type: ignore[arg-type]
@@ -76,17 +76,17 @@ def pipeline(row: PipelineRow) -> pb.Pipeline:
     )
 
 
-def architecture(entry: ArchitectureEntry) -> pb.Architecture:
+def architecture_message(entry: ArchitectureEntry) -> pb.Architecture:
     return pb.Architecture(name=entry.name, description=entry.description, parameter_count=entry.parameter_count,
                            is_default=entry.name == DEFAULT_ARCHITECTURE)
 
 
-def upload(grant: domain.UploadGrant) -> pb.Upload:
+def upload_message(grant: domain.UploadGrant) -> pb.Upload:
     return pb.Upload(upload_id=grant.upload_id, expire_time=to_timestamp(grant.expire_time),
                      files=[pb.Upload.File(file_name=f.file_name, key=f.key, url=f.url) for f in grant.files])
 
 
-def training_set(row: TrainingSetRow, tiles: list[TileRow] | None = None) -> pb.TrainingSet:
+def training_set_message(row: TrainingSetRow, tiles: list[TileRow] | None = None) -> pb.TrainingSet:
     return pb.TrainingSet(
         name=names.training_set(row.id), display_name=row.display_name, pipeline=names.pipeline(row.pipeline),
         class_names=row.class_names, snapshot=row.snapshot, tile_count=row.tile_count,
@@ -98,7 +98,7 @@ def training_set(row: TrainingSetRow, tiles: list[TileRow] | None = None) -> pb.
     )
 
 
-def job(row: JobRow) -> pb.Job:
+def job_message(row: JobRow) -> pb.Job:
     message = pb.Job(
         name=names.job(row.id), display_name=row.display_name, pipeline=names.pipeline(row.pipeline),
         training_set=names.training_set(row.training_set), from_model=_optional_model(row.from_model),
@@ -120,7 +120,7 @@ def job(row: JobRow) -> pb.Job:
     return message
 
 
-def model(row: ModelRow) -> pb.Model:
+def model_message(row: ModelRow) -> pb.Model:
     finished = common_pb2.JobFinished.FromString(row.finished)
     return pb.Model(
         name=names.model(row.id), job=names.job(row.job), pipeline=names.pipeline(row.pipeline),
@@ -134,7 +134,7 @@ def model(row: ModelRow) -> pb.Model:
     )
 
 
-def comparison(result: domain.Comparison) -> pb.JobComparison:
+def comparison_message(result: domain.Comparison) -> pb.JobComparison:
     series = [pb.JobComparison.Series(
         job=names.job(c.job.id), training_set=names.training_set(c.job.training_set),
         training_set_snapshot=c.training_set_snapshot, from_model=_optional_model(c.job.from_model),
@@ -148,7 +148,7 @@ def comparison(result: domain.Comparison) -> pb.JobComparison:
                                       **{f"max_{k}": v for k, v in d.largest.items()}) for d in result.drift])
 
 
-def analysis(result: domain.Analysis) -> pb.AnalyzeTilesResponse:
+def analysis_message(result: domain.Analysis) -> pb.AnalyzeTilesResponse:
     return pb.AnalyzeTilesResponse(
         analysis_id=result.analysis_id, trainer_node=names.trainer_node(result.trainer_node),
         tiles=[pb.TileAnalysis(
@@ -159,7 +159,7 @@ def analysis(result: domain.Analysis) -> pb.AnalyzeTilesResponse:
         ) for t in result.tiles])
 
 
-def trainer_node(row: TrainerNodeRow, jobs: list[str]) -> pb.TrainerNode:
+def trainer_node_message(row: TrainerNodeRow, jobs: list[str]) -> pb.TrainerNode:
     return pb.TrainerNode(
         name=names.trainer_node(row.id), address=row.address, state=row.state,  # type: ignore[arg-type]
         capacity=row.capacity, jobs=jobs, device=row.device, heartbeat_time=to_timestamp(row.heartbeat_time),

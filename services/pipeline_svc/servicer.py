@@ -3,7 +3,8 @@ convert the result (converters.py). A handful of lines per RPC."""
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from collections.abc import Callable
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import grpc
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
@@ -15,6 +16,8 @@ from services.pipeline_svc import converters
 from services.pipeline_svc.service import PipelineService
 
 Ctx: TypeAlias = grpc.ServicerContext
+Row = TypeVar("Row")
+Message = TypeVar("Message")
 
 # Minimum role of each RPC (services.common.auth); an RPC missing here is refused.
 ACCESS = {f"/segtrain.pipeline.v1.PipelineService/{method}": role for method, role in {
@@ -35,66 +38,64 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
 
     def ListPipelines(self, request: pb.ListPipelinesRequest, context: Ctx) -> pb.ListPipelinesResponse:
         rows, token = self._s.list_pipelines(page_size=request.page_size, page_token=request.page_token)
-        return pb.ListPipelinesResponse(pipelines=[converters.pipeline(r) for r in rows], next_page_token=token)
+        return pb.ListPipelinesResponse(pipelines=_each(converters.pipeline_message, rows), next_page_token=token)
 
     def GetPipeline(self, request: pb.GetPipelineRequest, context: Ctx) -> pb.Pipeline:
-        return converters.pipeline(self._s.get_pipeline(request.name))
+        return converters.pipeline_message(self._s.get_pipeline(request.name))
 
     def CreatePipeline(self, request: pb.CreatePipelineRequest, context: Ctx) -> pb.Pipeline:
-        return converters.pipeline(self._s.create_pipeline(converters.pipeline_spec(request)))
+        return converters.pipeline_message(self._s.create_pipeline(converters.pipeline_spec(request)))
 
     def ListArchitectures(self, request: pb.ListArchitecturesRequest, context: Ctx) -> pb.ListArchitecturesResponse:
         return pb.ListArchitecturesResponse(
-            architectures=[converters.architecture(a) for a in self._s.list_architectures()])
+            architectures=[converters.architecture_message(a) for a in self._s.list_architectures()])
 
     def CreateUpload(self, request: pb.CreateUploadRequest, context: Ctx) -> pb.Upload:
-        return converters.upload(self._s.create_upload(list(request.file_names)))
+        return converters.upload_message(self._s.create_upload(list(request.file_names)))
 
     def CreateTrainingSet(self, request: pb.CreateTrainingSetRequest, context: Ctx) -> pb.TrainingSet:
-        return converters.training_set(*self._s.create_training_set(converters.training_set_spec(request)))
+        return converters.training_set_message(*self._s.create_training_set(converters.training_set_spec(request)))
 
     def GetTrainingSet(self, request: pb.GetTrainingSetRequest, context: Ctx) -> pb.TrainingSet:
-        return converters.training_set(*self._s.get_training_set(request.name))
+        return converters.training_set_message(*self._s.get_training_set(request.name))
 
     def ListTrainingSets(self, request: pb.ListTrainingSetsRequest, context: Ctx) -> pb.ListTrainingSetsResponse:
-        rows, token = self._s.list_training_sets(pipeline=request.pipeline, page_size=request.page_size,
-                                                 page_token=request.page_token)
-        return pb.ListTrainingSetsResponse(training_sets=[converters.training_set(r) for r in rows],
+        rows, token = self._s.list_training_sets(**_page_of_pipeline(request))
+        return pb.ListTrainingSetsResponse(training_sets=_each(converters.training_set_message, rows),
                                            next_page_token=token)
 
     def CreateJob(self, request: pb.CreateJobRequest, context: Ctx) -> pb.Job:
-        return converters.job(self._s.create_job(converters.job_spec(request)))
+        return converters.job_message(self._s.create_job(converters.job_spec(request)))
 
     def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.Job:
-        return converters.job(self._s.get_job(request.name))
+        return converters.job_message(self._s.get_job(request.name))
 
     def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
-        rows, token = self._s.list_jobs(pipeline=request.pipeline, page_size=request.page_size,
-                                        page_token=request.page_token)
-        return pb.ListJobsResponse(jobs=[converters.job(r) for r in rows], next_page_token=token)
+        rows, token = self._s.list_jobs(**_page_of_pipeline(request))
+        return pb.ListJobsResponse(jobs=_each(converters.job_message, rows), next_page_token=token)
 
     def StartJob(self, request: pb.StartJobRequest, context: Ctx) -> pb.Job:
-        return converters.job(self._s.start_job(request.name))
+        return converters.job_message(self._s.start_job(request.name))
 
     def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.Job:
-        return converters.job(self._s.cancel_job(request.name, stop_early=request.stop_early))
+        return converters.job_message(self._s.cancel_job(request.name, stop_early=request.stop_early))
 
     def CompareJobs(self, request: pb.CompareJobsRequest, context: Ctx) -> pb.JobComparison:
-        return converters.comparison(self._s.compare_jobs(list(request.jobs)))
+        return converters.comparison_message(self._s.compare_jobs(list(request.jobs)))
 
     def GetModel(self, request: pb.GetModelRequest, context: Ctx) -> pb.Model:
-        return converters.model(self._s.get_model(request.name))
+        return converters.model_message(self._s.get_model(request.name))
 
     def ListModels(self, request: pb.ListModelsRequest, context: Ctx) -> pb.ListModelsResponse:
-        rows, token = self._s.list_models(pipeline=request.pipeline, page_size=request.page_size,
-                                          page_token=request.page_token)
-        return pb.ListModelsResponse(models=[converters.model(r) for r in rows], next_page_token=token)
+        rows, token = self._s.list_models(**_page_of_pipeline(request))
+        return pb.ListModelsResponse(models=_each(converters.model_message, rows), next_page_token=token)
 
     def AnalyzeTiles(self, request: pb.AnalyzeTilesRequest, context: Ctx) -> pb.AnalyzeTilesResponse:
-        return converters.analysis(self._s.analyze_tiles(model=request.model, image_keys=list(request.image_keys)))
+        result = self._s.analyze_tiles(model=request.model, image_keys=list(request.image_keys))
+        return converters.analysis_message(result)
 
     def RegisterTrainerNode(self, request: pb.RegisterTrainerNodeRequest, context: Ctx) -> pb.TrainerNode:
-        return converters.trainer_node(self._s.register_node(converters.node_registration(request)), [])
+        return converters.trainer_node_message(self._s.register_node(converters.node_registration(request)), [])
 
     def HeartbeatTrainerNode(self, request: pb.HeartbeatTrainerNodeRequest, context: Ctx
                              ) -> pb.HeartbeatTrainerNodeResponse:
@@ -104,7 +105,22 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
 
     def ListTrainerNodes(self, request: pb.ListTrainerNodesRequest, context: Ctx) -> pb.ListTrainerNodesResponse:
         return pb.ListTrainerNodesResponse(
-            trainer_nodes=[converters.trainer_node(row, jobs) for row, jobs in self._s.list_nodes()])
+            trainer_nodes=[converters.trainer_node_message(row, jobs) for row, jobs in self._s.list_nodes()])
 
     def GetServiceInfo(self, request: pb.GetServiceInfoRequest, context: Ctx) -> pb.ServiceInfo:
         return pb.ServiceInfo(metrics_address=self._s.metrics_public_address, version=self._version)
+
+
+class _PipelinePageRequest(Protocol):
+    pipeline: str
+    page_size: int
+    page_token: str
+
+
+def _page_of_pipeline(request: _PipelinePageRequest) -> dict[str, Any]:
+    """The arguments of a List RPC over one pipeline's resources."""
+    return {"pipeline": request.pipeline, "page_size": request.page_size, "page_token": request.page_token}
+
+
+def _each(convert: Callable[[Row], Message], rows: list[Row]) -> list[Message]:
+    return [convert(row) for row in rows]

@@ -3,17 +3,23 @@ restarted mid-job. No finished epoch is lost, each appears once, and the model i
 
 from __future__ import annotations
 
+import hashlib
+import signal
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 
 from clients.sdk import Client
 from clients.stack import LocalStack
+from services.common import object_keys
+from services.common.settings import StorageSettings
+from services.common.storage import ObjectStore
 from tests.e2e.conftest import wait_for_state
 from tests.helpers import write_sample_set
 
@@ -115,3 +121,37 @@ def test_sigterm_hands_the_job_back_to_another_node(two_node_stack: LocalStack, 
     reasons = [e.state_change.reason for e in client.watch(job.name) if e.HasField("state_change")]
     assert any("handed the job back" in r for r in reasons), reasons
     assert [m.epoch for m in client.history(job.name).epochs] == list(range(1, 9))
+
+
+def test_a_node_frozen_past_its_lease_wakes_to_find_its_job_moved_and_touches_nothing(
+        two_node_stack: LocalStack, tmp_path: Path) -> None:
+    """SIGSTOP freezes the node running a job past its lease: the job moves to the other node and
+    succeeds there without waiting for the frozen node's stream to time out. The frozen node then
+    wakes with its stale attempt still running; whatever it writes lies under its own attempt's
+    keys, so the registered model is the one whose sha256 was recorded, and it still loads."""
+    stack = two_node_stack
+    client, name = start_job(stack, tmp_path, "frozen", tiles=16, epochs=4, seed=9)
+    wait_for_state(client, name, {common_pb2.JOB_STATE_RUNNING}, 120)
+    while client.get_job(name).latest_metrics.epoch < 1:
+        time.sleep(0.05)
+    frozen = stack.processes[node_process(stack, client.get_job(name).trainer_node)].popen
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+        # Lease 3 s, keepalive ~40 s: a job that finishes well inside the keepalive did not wait on it.
+        done = wait_for_state(client, name, {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED}, 35)
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED and done.attempt == 2, done.failure_reason
+    model = client.pipeline.GetModel(pb.GetModelRequest(name=done.model))
+    job_id = name.rpartition("/")[2]
+    assert model.weights.uri == object_keys.model_weights(object_keys.attempt_prefix(job_id, 2), "best")
+
+    time.sleep(3)  # the woken node runs on until its next heartbeat tells it the job is not its own
+    store = ObjectStore(StorageSettings(endpoint=stack.s3_endpoint, access_key=stack.access_key,
+                                        secret_key=SecretStr(stack.secret_key)))
+    assert hashlib.sha256(store.get(model.weights.uri)).hexdigest() == model.weights.sha256
+    written = store.list_keys(object_keys.job_prefix(job_id))
+    assert written and all(k.startswith(object_keys.job_prefix(job_id) + "attempts/") for k in written), written
+    tile = sorted((tmp_path / "set" / "tiles").iterdir())[0]
+    analysis = client.analyze(model.name, [tile], tmp_path / "masks-out")  # the node checks the sha256 on load
+    assert len(analysis.tiles) == 1

@@ -46,11 +46,17 @@ def test_defaults() -> None:
         "JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED"}
 
 
-def test_the_sdk_and_the_cli_share_the_one_copy() -> None:
-    from clients import sdk
+def test_the_client_copies_match_the_services_owners() -> None:
+    """Clients may not import service code, so they hold one copy each; it must not drift."""
     from clients.cli import main
+    from services.common import job_states
+    from services.common import names as owner
+    from services.pipeline_svc.resources import pipelines
 
-    assert sdk.TERMINAL is names.TERMINAL
-    assert main.TERMINAL is names.TERMINAL
+    for collection in ("PIPELINES", "TRAINING_SETS", "JOBS", "MODELS", "TRAINER_NODES"):
+        assert getattr(names, collection) == getattr(owner, collection)
+
+    assert names.TERMINAL == job_states.TERMINAL and main.TERMINAL is names.TERMINAL
+    assert names.DEFAULT_PIPELINE == pipelines.DEFAULT_PIPELINE
     sets_create = main.build_parser().parse_args(["sets", "create", "s", "--tiles", "t", "--masks", "m"])
     assert sets_create.pipeline == names.DEFAULT_PIPELINE

@@ -59,6 +59,7 @@ class JobRelay(threading.Thread):
             self._on_exit(self.job_id)
 
     def stop(self) -> None:
+        """Ends the current stream; the relay then stops, or follows the job wherever it now runs."""
         if self._call is not None:
             self._call.cancel()
 

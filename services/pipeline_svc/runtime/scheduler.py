@@ -82,11 +82,16 @@ class Scheduler(threading.Thread):
 
     def _hand_back(self, node_id: str) -> None:
         with session_scope(self._engine) as session:
-            for job in nodes.jobs_on_node(session, node_id=node_id):
+            handed_back = nodes.jobs_on_node(session, node_id=node_id)
+            for job in handed_back:
                 log.warning("trainer node %s lost; re-queueing %s", node_id, names.job(job.id))
                 lifecycle.requeue(session, job, reason=f"trainer node {node_id} stopped responding",
                                   max_attempts=self._max_attempts)
         self._wake_outbox()
+        for job in handed_back:
+            # Its relay may be waiting on the lost node's stream (a frozen process answers nothing
+            # until keepalive gives up): end that stream so the next attempt is followed at once.
+            self._interrupt_relay(job.id)
 
     def _assign_one(self) -> bool:
         with session_scope(self._engine) as session:
@@ -132,6 +137,12 @@ class Scheduler(threading.Thread):
                              stopping=self._stopping, wake_outbox=self._wake_outbox, on_exit=self._relay_exited)
             self._relays[job_id] = relay
         relay.start()
+
+    def _interrupt_relay(self, job_id: str) -> None:
+        with self._lock:
+            relay = self._relays.get(job_id)
+        if relay is not None:
+            relay.stop()
 
     def _relay_exited(self, job_id: str) -> None:
         with self._lock:
