@@ -23,10 +23,11 @@ sys.path.insert(0, str(ROOT))
 from segtrain.common.v1 import common_pb2  # noqa: E402
 from segtrain.pipeline.v1 import pipeline_pb2 as pb  # noqa: E402
 
-from clients.names import TERMINAL  # noqa: E402
+from clients.names import DEFAULT_PIPELINE, TERMINAL  # noqa: E402
 from clients.sdk import Client  # noqa: E402
 from clients.stack import LocalStack  # noqa: E402
 from segcore import synthetic  # noqa: E402
+from services.common.settings import PipelineSettings, TrainerSettings, environment, given  # noqa: E402
 
 
 def main() -> int:
@@ -37,9 +38,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=900, help="seconds before the test gives up")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, LocalStack(Path(tmp) / "stack", trainers=args.nodes, env_overrides={
-        "SEGTRAIN_TRAINER_NUM_THREADS": "1", "SEGTRAIN_PIPELINE_HEARTBEAT_INTERVAL_S": "2",
-    }) as stack:
+    env = environment(given(TrainerSettings, num_threads=1), given(PipelineSettings, heartbeat_interval_s=2))
+    with tempfile.TemporaryDirectory() as tmp, LocalStack(Path(tmp) / "stack", trainers=args.nodes,
+                                                          env_overrides=env) as stack:
         return run(stack, Path(tmp), args)
 
 
@@ -83,7 +84,7 @@ def _queue_jobs(driver: Client, training_set: pb.TrainingSet, count: int, epochs
     """Creates and starts `count` jobs at once (the nodes take them in turn); their names."""
     jobs = []
     for i in range(count):
-        job = driver.create_job(pipeline="segmentation", training_set=training_set.name, request_id=f"load-{i}",
+        job = driver.create_job(pipeline=DEFAULT_PIPELINE, training_set=training_set.name, request_id=f"load-{i}",
                                 hyperparameters=common_pb2.Hyperparameters(
                                     architecture="upernet-convnext-cpu", epochs=epochs, batch_size=4))
         driver.start_job(job.name)

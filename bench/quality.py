@@ -40,11 +40,12 @@ import torch.nn.functional as F  # noqa: E402
 from segtrain.common.v1 import common_pb2  # noqa: E402
 from segtrain.pipeline.v1 import pipeline_pb2 as pb  # noqa: E402
 
-from clients.names import TERMINAL  # noqa: E402
+from clients.names import DEFAULT_PIPELINE, TERMINAL  # noqa: E402
 from clients.sdk import Client  # noqa: E402
 from clients.stack import LocalStack  # noqa: E402
 from segcore import imaging, regimes  # noqa: E402
 from segcore.architectures import build_model  # noqa: E402
+from services.common.settings import TrainerSettings, environment, given  # noqa: E402
 
 OUT = ROOT / "bench-output"
 TOLERANCE = 0.01
@@ -137,7 +138,7 @@ def run_product(client: Client, data: Data, tests: Pairs, s: Settings, out: Path
     """The job through the stack, and its model's foreground IoU on the held-back tiles."""
     ts = client.create_training_set(f"quality-{data.regime}", data.set_dir / "tiles", data.set_dir / "masks",
                                     class_names=data.classes, group_by=r"^(.*)_tile")
-    job = client.create_job(pipeline="segmentation", training_set=ts.name, hyperparameters=common_pb2.Hyperparameters(
+    job = client.create_job(pipeline=DEFAULT_PIPELINE, training_set=ts.name, hyperparameters=common_pb2.Hyperparameters(
         architecture=s.architecture, epochs=s.epochs, batch_size=s.batch_size, learning_rate=0.001))
     started = time.monotonic()
     client.start_job(job.name)
@@ -267,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     print(f"bench-quality: {', '.join(chosen)}; {os.cpu_count()} CPUs, {platform.platform()}, "
           f"Python {platform.python_version()}, CPU only; {settings}", flush=True)
-    env = {"SEGTRAIN_TRAINER_NUM_THREADS": str(settings.threads)}
+    env = environment(given(TrainerSettings, num_threads=settings.threads))
     with LocalStack(out / "stack", trainers=1, env_overrides=env) as stack, \
             Client(stack.pipeline_address, token=stack.tokens["trainer"]) as client:
         rows = [run_regime(client, regime, settings, out) for regime in chosen]

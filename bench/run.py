@@ -41,11 +41,12 @@ from segtrain.metrics.v1 import metrics_pb2  # noqa: E402
 from segtrain.pipeline.v1 import pipeline_pb2 as pb  # noqa: E402
 from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc  # noqa: E402
 
-from clients.names import TERMINAL  # noqa: E402
+from clients.names import DEFAULT_PIPELINE, TERMINAL  # noqa: E402
 from clients.sdk import Client  # noqa: E402
 from clients.stack import LocalStack  # noqa: E402
 from segcore import synthetic  # noqa: E402 - numpy + pillow only; torch stays in the workers
 from services.common import object_keys  # noqa: E402
+from services.common.settings import TrainerSettings, environment, given  # noqa: E402
 
 BENCHMARKS = ("training", "datapath", "analysis", "watch")
 OUT = ROOT / "bench-output"
@@ -226,7 +227,7 @@ def hyperparameters(ctx: Context, epochs: int) -> common_pb2.Hyperparameters:
 
 
 def create_job(ctx: Context, ts: pb.TrainingSet, epochs: int) -> pb.Job:
-    return ctx.client.create_job(pipeline="segmentation", training_set=ts.name,
+    return ctx.client.create_job(pipeline=DEFAULT_PIPELINE, training_set=ts.name,
                                  hyperparameters=hyperparameters(ctx, epochs))
 
 
@@ -1001,7 +1002,8 @@ def main(argv: list[str] | None = None) -> int:
                                "architecture": opts.architecture, "sizes": dataclasses.asdict(opts.sizes),
                                "benchmarks": {}, "errors": {}}
     log("starting the local stack (S3, metrics, pipeline, 1 trainer node)")
-    stack = LocalStack(out / "stack", trainers=1, env_overrides={"SEGTRAIN_TRAINER_NUM_THREADS": str(opts.threads)})
+    env = environment(given(TrainerSettings, num_threads=opts.threads))
+    stack = LocalStack(out / "stack", trainers=1, env_overrides=env)
     with stack, connect(stack, "admin") as client:
         ctx = Context(sizes=opts.sizes, threads=opts.threads, architecture=opts.architecture, quick=opts.quick,
                       stack=stack, client=client, data=out / "data")

@@ -403,7 +403,9 @@ def _node_steps_ms(store: ObjectStore, image_keys: list[str], mask_shape: tuple[
     import numpy as np
 
     from segcore import imaging
+    from services.common import object_keys
 
+    probe = object_keys.scratch_prefix("analysis-probe")
     stages = _StageTimes("s3_get", "decode", "encode_png", "s3_put")
     mask = np.zeros(mask_shape, dtype=np.int64)
     for i, key in enumerate(image_keys):
@@ -414,10 +416,10 @@ def _node_steps_ms(store: ObjectStore, image_keys: list[str], mask_shape: tuple[
         t2 = time.perf_counter()
         png = imaging.encode_mask_png(mask)
         t3 = time.perf_counter()
-        store.put(f"bench/analysis-probe/{i}.png", png, content_type="image/png")
+        store.put(f"{probe}{i}.png", png, content_type="image/png")
         t4 = time.perf_counter()
         stages.add(t1 - t0, t2 - t1, t3 - t2, t4 - t3)
-    store.delete_prefix("bench/analysis-probe/")
+    store.delete_prefix(probe)
     return stages.median_ms()
 
 
@@ -431,11 +433,10 @@ def _node_path(store: ObjectStore, spec: dict[str, Any]) -> dict[str, float]:
     import torch
     from segtrain.trainer.v1 import trainer_pb2
 
+    from services.common import object_keys
     from services.trainer_svc.analysis import Analyzer
 
     analyzer = Analyzer(store, "cpu")
-    from services.common import object_keys
-
     ref = trainer_pb2.ModelRef(weights_uri=spec["weights_uri"], weights_sha256=spec["weights_sha256"])
     request = trainer_pb2.AnalyzeTilesRequest(model=ref, image_keys=spec["image_keys"],
                                               output_prefix=object_keys.analysis_prefix("bench-node-path"))
@@ -464,7 +465,7 @@ def _node_path(store: ObjectStore, spec: dict[str, Any]) -> dict[str, float]:
         return out[0]
 
     result = {"main_thread": timed(None), "other_thread": on_thread(None), "other_thread_1_torch_thread": on_thread(1)}
-    store.delete_prefix("bench/node-path/")
+    store.delete_prefix(object_keys.analysis_prefix("bench-node-path"))
     return result
 
 

@@ -21,6 +21,11 @@ DEFAULT_PIPELINE = "segmentation"
 TERMINAL = frozenset({common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED, common_pb2.JOB_STATE_CANCELLED})
 
 
+def state_name(state: int) -> str:
+    """"SUCCEEDED" for JOB_STATE_SUCCEEDED."""
+    return common_pb2.JobState.Name(state).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+
+
 def name(collection: str, id_or_name: str) -> str:
     """`collection/{id}` for a bare id; a name in `collection` unchanged; "" (an unset reference)
     stays "". Anything else is passed on for the service to refuse."""

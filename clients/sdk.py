@@ -24,8 +24,15 @@ from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.pipeline.v1 import pipeline_pb2_grpc
 
 from clients import names
+from clients.names import TERMINAL as TERMINAL  # public since the first SDK: the states that end a job
 
 log = logging.getLogger(__name__)
+
+
+def job_name(job: str) -> str:
+    """The job's resource name, for an id or a name (public since the first SDK; see clients.names)."""
+    return names.job(job)
+
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}

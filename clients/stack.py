@@ -7,7 +7,6 @@ owners of their configuration contract: the settings classes (rendered to the en
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -29,7 +28,7 @@ from services.common.settings import (
     environment,
     given,
 )
-from services.common.tokens import Role, write_tokens_file
+from services.common.tokens import Role, write_credentials_file, write_tokens_file
 
 READY_TIMEOUT_S = 120.0
 
@@ -145,7 +144,7 @@ class LocalStack:
         self.tokens_file.parent.mkdir(parents=True, exist_ok=True)
         write_tokens_file(self.tokens_file, {
             token: (f"local-{role}", Role[role.upper()]) for role, token in self.tokens.items()})
-        _write_private(self.credentials_file, json.dumps(self.tokens, indent=2))
+        write_credentials_file(self.credentials_file, self.tokens)
 
     def start(self) -> LocalStack:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -224,14 +223,6 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Writes a file readable by its owner only, from its creation on (an existing one is narrowed)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        os.fchmod(fd, 0o600)
-        file.write(text)
 
 
 def _wait_port(port: int, process: Process, timeout: float = 20.0) -> None:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from clients.cli.main import main as segtrain
+from clients.names import DEFAULT_PIPELINE
 from clients.stack import LocalStack
 from segcore import synthetic
 
@@ -69,7 +70,7 @@ def main() -> int:
         run("architectures", "list")
         run("sets", "create", "demo-cells", "--tiles", str(data / "tiles"), "--masks", str(data / "masks"),
             "--classes", ",".join(synthetic.CLASS_NAMES), "--group-by", r"^(.*)_tile")
-        job = capture("jobs", "create", "--pipeline", "segmentation", "--training-set", "demo-cells",  # 2.+3.
+        job = capture("jobs", "create", "--pipeline", DEFAULT_PIPELINE, "--training-set", "demo-cells",  # 2.+3.
                       "--architecture", args.architecture, "--epochs", str(args.epochs), "--batch-size", "8",
                       "--learning-rate", "0.01")["name"]
         print(job)

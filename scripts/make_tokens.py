@@ -8,11 +8,10 @@ the service token to export as SEGTRAIN_SERVICE_TOKEN.
 from __future__ import annotations
 
 import argparse
-import json
 import secrets
 from pathlib import Path
 
-from services.common.auth import Role, write_tokens_file
+from services.common.tokens import Role, write_credentials_file, write_tokens_file
 
 
 def main() -> int:
@@ -24,8 +23,7 @@ def main() -> int:
     write_tokens_file(args.folder / "tokens.json",
                       {token: (f"{role}-1", Role[role.upper()]) for role, token in tokens.items()})
     credentials = args.folder / "credentials.json"
-    credentials.write_text(json.dumps(tokens, indent=2))
-    credentials.chmod(0o600)
+    write_credentials_file(credentials, tokens)
     print(f"wrote {args.folder / 'tokens.json'} and {credentials}")
     print(f"export SEGTRAIN_SERVICE_TOKEN={tokens['service']}")
     return 0

@@ -34,8 +34,7 @@ def _out(args: argparse.Namespace, message: Message | dict[str, Any], text: str)
         print(text, flush=True)
 
 
-def state_name(state: int) -> str:
-    return common_pb2.JobState.Name(state).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+state_name = names.state_name
 
 
 def _listing(key: str, fetch: Callable[[Client], Sequence[M]], row: Callable[[M], str]) -> Handler:

@@ -19,6 +19,7 @@ UPLOADS = "uploads/"
 SNAPSHOTS = "training-sets/"
 JOBS = "jobs/"
 ANALYSES = "analyses/"
+SCRATCH = "scratch/"
 
 ModelKind = Literal["best", "final"]
 
@@ -39,6 +40,7 @@ LAYOUT: tuple[tuple[str, str, str], ...] = (
      "classes, normalisation, versions); its sha256 is recorded at registration and checked on every load"),
     (f"{JOBS}{{job}}/attempts/{{attempt}}/models/final.safetensors", "trainer", "weights after the last epoch"),
     (f"{ANALYSES}{{analysis_id}}/masks/{{stem}}.png", "trainer (`AnalyzeTiles`)", "predicted class-index masks"),
+    (f"{SCRATCH}{{name}}/…", "benchmarks (`bench/`)", "probe objects of a measurement, deleted when it ends"),
 )
 
 
@@ -123,6 +125,13 @@ def analysis_prefix(analysis_id: str) -> str:
 def analysis_mask(analysis_prefix: str, image_key: str) -> str:
     """The mask of one analysed image: named by the image's stem (so stems must be unique)."""
     return f"{analysis_prefix}masks/{PurePosixPath(image_key).stem}.png"
+
+
+# Scratch -----------------------------------------------------------------------------------------
+
+def scratch_prefix(name: str) -> str:
+    """Objects a measurement writes and deletes again (never read by the services)."""
+    return f"{SCRATCH}{name}/"
 
 
 def check_analysis_prefix(prefix: str, *, field: str) -> str:

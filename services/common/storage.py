@@ -1,5 +1,6 @@
-"""Object storage through the `minio` client: one bucket, keys under documented prefixes
-(see README "Object keys"). Every key that comes from a request is checked by `safe_key`."""
+"""Object storage through the `minio` client: one bucket, keys laid out by
+services/common/object_keys.py (README "Object keys"). Every key that comes from a request is
+checked by `safe_key`; a registered model's bytes by `verified`."""
 
 from __future__ import annotations
 

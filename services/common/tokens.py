@@ -33,11 +33,21 @@ def write_tokens_file(path: Path, tokens: Mapping[str, tuple[str, Role]]) -> Non
     are stored."""
     entries = [{"name": name, "role": role.name.lower(), "sha256": token_digest(token)}
                for token, (name, role) in tokens.items()]
+    _write_private(path, json.dumps({"tokens": entries}, indent=2))
+
+
+def write_credentials_file(path: Path, tokens: Mapping[str, str]) -> None:
+    """Writes the plaintext tokens ({role: token}) for the people they are for, readable by the
+    owner only: `{"viewer": "...", "trainer": "...", ...}`."""
+    _write_private(path, json.dumps(dict(tokens), indent=2))
+
+
+def _write_private(path: Path, text: str) -> None:
     # Created 0600 (never readable by others, not even briefly); an existing file is narrowed too.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as file:
         os.fchmod(fd, 0o600)
-        file.write(json.dumps({"tokens": entries}, indent=2))
+        file.write(text)
 
 
 def read_tokens_file(path: Path) -> dict[str, tuple[str, Role]]:

@@ -1,6 +1,7 @@
 """The pipeline service's boundary with the wire, both ways: API requests -> domain values
-(`*_spec`, parsing), rows and domain values -> API resources, and rows -> the messages a trainer
-node is sent. Nothing else in the service builds or reads those messages."""
+(`*_spec`), rows and domain values -> API messages (`*_message`), and rows -> what a trainer node
+is sent to run a job or an analysis (`run_job_request`, `model_ref`). The runtime's relays and
+analysis read the trainer's and metrics service's answers themselves, where they receive them."""
 
 from __future__ import annotations
 

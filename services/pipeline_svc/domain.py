@@ -4,6 +4,11 @@ The servicer parses API requests into these (converters.py) and turns them back 
 nothing below the servicer sees a request or response message of the pipeline API.
 Hyperparameters travel as plain values by contract name (segcore.hyperparameters), only the
 fields someone set. Pipeline types and job states are the API enums' numbers.
+
+Rows keep some values in their wire form, serialized, and the resources build those stored
+forms: hyperparameters, progress and events (segtrain.common.v1), and a training set's
+validation report (segtrain.pipeline.v1.ValidationReport), which is stored as the report the API
+returns. Those are storage formats, not requests or responses.
 """
 
 from __future__ import annotations

@@ -7,10 +7,6 @@ from __future__ import annotations
 import logging
 import threading
 
-import grpc
-from segtrain.common.v1 import common_pb2
-from segtrain.metrics.v1 import metrics_pb2
-from segtrain.trainer.v1 import trainer_pb2
 from sqlalchemy.engine import Engine
 
 from services.common import names
@@ -54,7 +50,6 @@ class PipelineService:
         self.scheduler.stop_relays()
         for thread in (self.scheduler, self._outbox_relay):
             thread.join(timeout=5)
-        self.peers.close()
 
     # Pipelines and architectures
     def list_pipelines(self, *, page_size: int, page_token: str) -> tuple[list[PipelineRow], str]:
@@ -121,31 +116,19 @@ class PipelineService:
             job, node_id = jobs.request_cancel(session, name=name, stop_early=stop_early)
         self._outbox_relay.wake()
         if node_id:
-            self._tell_node_to_stop(node_id, names.job(job.id), stop_early)
+            with session_scope(self.engine) as session:
+                node = session.get(TrainerNodeRow, node_id)
+            if node is not None:
+                self.peers.stop_job_on(node.address, job=names.job(job.id), stop_early=stop_early)
         return job
-
-    def _tell_node_to_stop(self, node_id: str, job_name: str, stop_early: bool) -> None:
-        with session_scope(self.engine) as session:
-            node = session.get(TrainerNodeRow, node_id)
-        if node is None:
-            return
-        try:
-            self.peers.trainer(node.address).CancelJobRun(
-                trainer_pb2.CancelJobRunRequest(job=job_name, stop_early=stop_early), timeout=10)
-        except grpc.RpcError as exc:
-            # The node learns it at its next heartbeat (stop_jobs) if this call did not reach it.
-            log.warning("could not tell node %s to stop %s: %s", node_id, job_name, exc.code())
 
     def compare_jobs(self, job_names: list[str]) -> domain.Comparison:
         with session_scope(self.engine) as session:
             chosen = comparison.jobs_to_compare(session, job_names=job_names)
         return comparison.compare_jobs([
-            domain.ComparedJob(job=row, training_set_snapshot=snapshot, epochs=self._history(row.id))
+            domain.ComparedJob(job=row, training_set_snapshot=snapshot,
+                               epochs=self.peers.job_history(names.job(row.id)))
             for row, snapshot in chosen])
-
-    def _history(self, job_id: str) -> list[common_pb2.EpochMetrics]:
-        request = metrics_pb2.GetJobHistoryRequest(job=names.job(job_id))
-        return list(self.peers.metrics.GetJobHistory(request, timeout=30).epochs)
 
     # Models and analysis
     def get_model(self, name: str) -> ModelRow:

@@ -3,8 +3,7 @@ convert the result (converters.py). A handful of lines per RPC."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol, TypeAlias, TypeVar
+from typing import Protocol, TypeAlias, TypedDict
 
 import grpc
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
@@ -16,8 +15,6 @@ from services.pipeline_svc import converters
 from services.pipeline_svc.service import PipelineService
 
 Ctx: TypeAlias = grpc.ServicerContext
-Row = TypeVar("Row")
-Message = TypeVar("Message")
 
 # Minimum role of each RPC (services.common.auth); an RPC missing here is refused.
 ACCESS = {f"/segtrain.pipeline.v1.PipelineService/{method}": role for method, role in {
@@ -38,7 +35,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
 
     def ListPipelines(self, request: pb.ListPipelinesRequest, context: Ctx) -> pb.ListPipelinesResponse:
         rows, token = self._s.list_pipelines(page_size=request.page_size, page_token=request.page_token)
-        return pb.ListPipelinesResponse(pipelines=_each(converters.pipeline_message, rows), next_page_token=token)
+        return pb.ListPipelinesResponse(pipelines=[converters.pipeline_message(r) for r in rows], next_page_token=token)
 
     def GetPipeline(self, request: pb.GetPipelineRequest, context: Ctx) -> pb.Pipeline:
         return converters.pipeline_message(self._s.get_pipeline(request.name))
@@ -61,7 +58,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
 
     def ListTrainingSets(self, request: pb.ListTrainingSetsRequest, context: Ctx) -> pb.ListTrainingSetsResponse:
         rows, token = self._s.list_training_sets(**_page_of_pipeline(request))
-        return pb.ListTrainingSetsResponse(training_sets=_each(converters.training_set_message, rows),
+        return pb.ListTrainingSetsResponse(training_sets=[converters.training_set_message(r) for r in rows],
                                            next_page_token=token)
 
     def CreateJob(self, request: pb.CreateJobRequest, context: Ctx) -> pb.Job:
@@ -72,7 +69,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
 
     def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
         rows, token = self._s.list_jobs(**_page_of_pipeline(request))
-        return pb.ListJobsResponse(jobs=_each(converters.job_message, rows), next_page_token=token)
+        return pb.ListJobsResponse(jobs=[converters.job_message(r) for r in rows], next_page_token=token)
 
     def StartJob(self, request: pb.StartJobRequest, context: Ctx) -> pb.Job:
         return converters.job_message(self._s.start_job(request.name))
@@ -88,7 +85,7 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
 
     def ListModels(self, request: pb.ListModelsRequest, context: Ctx) -> pb.ListModelsResponse:
         rows, token = self._s.list_models(**_page_of_pipeline(request))
-        return pb.ListModelsResponse(models=_each(converters.model_message, rows), next_page_token=token)
+        return pb.ListModelsResponse(models=[converters.model_message(r) for r in rows], next_page_token=token)
 
     def AnalyzeTiles(self, request: pb.AnalyzeTilesRequest, context: Ctx) -> pb.AnalyzeTilesResponse:
         result = self._s.analyze_tiles(model=request.model, image_keys=list(request.image_keys))
@@ -117,10 +114,12 @@ class _PipelinePageRequest(Protocol):
     page_token: str
 
 
-def _page_of_pipeline(request: _PipelinePageRequest) -> dict[str, Any]:
-    """The arguments of a List RPC over one pipeline's resources."""
+class _PageOfPipeline(TypedDict):
+    pipeline: str
+    page_size: int
+    page_token: str
+
+
+def _page_of_pipeline(request: _PipelinePageRequest) -> _PageOfPipeline:
+    """The arguments of a List RPC over one pipeline's resources (typed: mypy checks the call)."""
     return {"pipeline": request.pipeline, "page_size": request.page_size, "page_token": request.page_token}
-
-
-def _each(convert: Callable[[Row], Message], rows: list[Row]) -> list[Message]:
-    return [convert(row) for row in rows]

@@ -108,12 +108,12 @@ def test_job_state_machine_persists_and_queues_events(database_url: str) -> None
     add_job(engine, state=common_pb2.JOB_STATE_PENDING)
     with session_scope(engine) as session:
         job = jobs.get_job(session, name="jobs/j-1", for_update=True)
-        lifecycle.transition(session, job, to=common_pb2.JOB_STATE_QUEUED)
+        lifecycle.transition(session, job=job, to=common_pb2.JOB_STATE_QUEUED)
     with session_scope(engine) as session:
         job = jobs.get_job(session, name="jobs/j-1")
         assert job.state == common_pb2.JOB_STATE_QUEUED and job.control_seq == 1
         with pytest.raises(FailedPreconditionError):
-            lifecycle.transition(session, job, to=common_pb2.JOB_STATE_SUCCEEDED)
+            lifecycle.transition(session, job=job, to=common_pb2.JOB_STATE_SUCCEEDED)
     with session_scope(engine) as session:
         outbox = list(session.exec(sqlalchemy.select(OutboxRow.payload)).scalars())  # type: ignore[call-overload]
         assert len(outbox) == 1
@@ -131,7 +131,7 @@ def test_a_lost_job_is_requeued_until_its_attempts_are_used_up(database_url: str
     seed(engine)
     add_job(engine, state=common_pb2.JOB_STATE_RUNNING, attempt=attempt, trainer_node="n1")
     with session_scope(engine) as session:
-        lifecycle.requeue(session, jobs.get_job(session, name="jobs/j-1", for_update=True),
+        lifecycle.requeue(session, job=jobs.get_job(session, name="jobs/j-1", for_update=True),
                           reason="node n1 stopped responding", max_attempts=5)
     with session_scope(engine) as session:
         job = jobs.get_job(session, name="jobs/j-1")

@@ -56,14 +56,17 @@ def test_keys_from_requests_must_lie_where_the_layout_puts_them() -> None:
 
 
 def test_no_key_or_name_literal_stands_outside_its_owner() -> None:
-    """Prefixes of the layout appear as string literals only in services/common/object_keys.py
-    (and resource names such as "jobs/{id}" only in services/common/names.py)."""
+    """Prefixes of the layout appear as string literals only in services/common/object_keys.py,
+    and resource names such as "jobs/{id}" only in the names helpers (services/common/names.py,
+    clients/names.py), in production code, benchmarks and scripts alike."""
     root = Path(__file__).resolve().parents[2]
     prefixes = "uploads|training-sets|jobs|analyses|pipelines|trainingSets|models|trainerNodes"
     pattern = re.compile(rf"""["']({prefixes})/[^"']*["']|f["']({prefixes})/""")
     offenders = []
-    for path in sorted((root / "services").rglob("*.py")):
-        if path.relative_to(root).as_posix() in ("services/common/object_keys.py", "services/common/names.py"):
+    owners = ("services/common/object_keys.py", "services/common/names.py", "clients/names.py")
+    folders = ("services", "clients", "bench", "scripts")
+    for path in sorted(p for folder in folders for p in (root / folder).rglob("*.py")):
+        if path.relative_to(root).as_posix() in owners:
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.search(line) and not line.lstrip().startswith(("#", "log.")):

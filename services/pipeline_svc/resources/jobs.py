@@ -54,8 +54,9 @@ def create_job(session: Session, *, spec: JobSpec, architectures: Collection[str
         pretrained_weights=spec.pretrained_weights, hyperparameters=hyperparameters.serialized(effective),
         state=S.JOB_STATE_PENDING, request_id=spec.request_id or None, normalization_reason=reason,
     )
-    lifecycle.emit_control_event(session, job, S.JobEvent(state_change=S.StateChange(state=S.JOB_STATE_PENDING)))
-    lifecycle.emit_control_event(session, job, S.JobEvent(warning=S.Warning(code="NORMALIZATION", message=reason)))
+    for event in (S.JobEvent(state_change=S.StateChange(state=S.JOB_STATE_PENDING)),
+                  S.JobEvent(warning=S.Warning(code="NORMALIZATION", message=reason))):
+        lifecycle.emit_control_event(session, job=job, event=event)
     session.add(job)
     return job
 
@@ -98,7 +99,7 @@ def _parent(session: Session, name: str, overrides: dict[str, object]) -> ModelR
 
 def start_job(session: Session, *, name: str) -> JobRow:
     job = get_job(session, name=name, for_update=True)
-    lifecycle.transition(session, job, to=S.JOB_STATE_QUEUED)
+    lifecycle.transition(session, job=job, to=S.JOB_STATE_QUEUED)
     job.start_time = utcnow()
     job.progress = S.Progress(phase=S.PHASE_QUEUED).SerializeToString()
     return job
@@ -109,11 +110,11 @@ def request_cancel(session: Session, *, name: str, stop_early: bool) -> tuple[Jo
     the node that must be told (empty when nothing runs)."""
     job = get_job(session, name=name, for_update=True)
     if job.state in (S.JOB_STATE_PENDING, S.JOB_STATE_QUEUED):
-        lifecycle.transition(session, job, to=S.JOB_STATE_CANCELLED, reason="cancelled before it ran")
+        lifecycle.transition(session, job=job, to=S.JOB_STATE_CANCELLED, reason="cancelled before it ran")
         return job, ""
     if job.state == S.JOB_STATE_CANCELLING:
         return job, job.trainer_node
-    lifecycle.transition(session, job, to=S.JOB_STATE_CANCELLING,
+    lifecycle.transition(session, job=job, to=S.JOB_STATE_CANCELLING,
                          reason="stop early requested" if stop_early else "cancel requested")
     job.cancel_requested, job.stop_early = True, stop_early
     return job, job.trainer_node

@@ -15,7 +15,7 @@ from services.pipeline_svc.tables import JobRow, OutboxRow
 S = common_pb2
 
 
-def transition(session: Session, job: JobRow, *, to: int, reason: str = "") -> None:
+def transition(session: Session, *, job: JobRow, to: int, reason: str = "") -> None:
     """Moves `job` to state `to` and queues the state-change event; the caller commits."""
     if not job_states.can_move(job.state, to):
         raise FailedPreconditionError(
@@ -29,11 +29,11 @@ def transition(session: Session, job: JobRow, *, to: int, reason: str = "") -> N
         job.trainer_node = ""
     if to == S.JOB_STATE_FAILED or to == S.JOB_STATE_CANCELLED:
         job.failure_reason = reason
-    emit_control_event(session, job, S.JobEvent(state_change=S.StateChange(state=to, reason=reason)))  # type: ignore[arg-type]
+    emit_control_event(session, job=job, event=S.JobEvent(state_change=S.StateChange(state=to, reason=reason)))  # type: ignore[arg-type]
     session.add(job)
 
 
-def emit_control_event(session: Session, job: JobRow, event: common_pb2.JobEvent) -> None:
+def emit_control_event(session: Session, *, job: JobRow, event: common_pb2.JobEvent) -> None:
     """Queues a control event of the pipeline service (attempt 0) in the outbox."""
     job.control_seq += 1
     event.job = names.job(job.id)
@@ -43,17 +43,17 @@ def emit_control_event(session: Session, job: JobRow, event: common_pb2.JobEvent
     session.add(OutboxRow(job=event.job, payload=event.SerializeToString()))
 
 
-def requeue(session: Session, job: JobRow, *, reason: str, max_attempts: int) -> None:
+def requeue(session: Session, *, job: JobRow, reason: str, max_attempts: int) -> None:
     """Hands an active job back to the queue, or cancels it if a cancel was pending, or fails it
     once it has used up its attempts (a job that keeps losing its node needs a person)."""
     if job.state == S.JOB_STATE_CANCELLING:
-        transition(session, job, to=S.JOB_STATE_CANCELLED, reason=reason)
+        transition(session, job=job, to=S.JOB_STATE_CANCELLED, reason=reason)
         return
     if job.attempt >= max_attempts:
-        transition(session, job, to=S.JOB_STATE_FAILED, reason=(
+        transition(session, job=job, to=S.JOB_STATE_FAILED, reason=(
             f"{reason}; gave up after {job.attempt} attempts (SEGTRAIN_PIPELINE_MAX_ATTEMPTS); the last "
             "full-state checkpoint is kept, so starting a new job from scratch is not needed to debug it"))
         return
-    transition(session, job, to=S.JOB_STATE_QUEUED, reason=reason)
+    transition(session, job=job, to=S.JOB_STATE_QUEUED, reason=reason)
     job.trainer_node = ""
     job.progress = S.Progress(phase=S.PHASE_QUEUED).SerializeToString()

@@ -56,7 +56,8 @@ class _CheckedTile:
 
 def create_training_set(engine: Engine, store: ObjectStore, *, spec: TrainingSetSpec) -> TrainingSetRow:
     """Reads and checks every tile, then writes the snapshot's objects and the set's rows; on any
-    failure nothing it wrote is left behind."""
+    failure nothing it wrote is left behind. It takes the engine, not a session: reading the
+    tiles and writing the objects happen between two short transactions, never inside one."""
     with session_scope(engine) as session:
         previous = lookup.by_request_id(session, table=TrainingSetRow, request_id=spec.request_id)
         if previous is not None:
@@ -146,19 +147,21 @@ def _check_spec(spec: TrainingSetSpec, class_names: list[str]) -> None:
 
 
 def _format_violations(spec: TrainingSetSpec) -> list[FieldViolation]:
+    """The format's own problem, if any, and the annotations key's (both are reported)."""
+    v: list[FieldViolation] = []
     collection = bool(spec.annotations_key)
     if spec.format not in formats.FORMATS:
-        return [FieldViolation("format", "unknown annotation format")]
-    if collection and spec.format not in formats.COLLECTION_FORMATS:
-        return [FieldViolation("annotations_key", f"{spec.format} annotations come one file per tile")]
-    if not collection and spec.format == "coco":
-        return [FieldViolation("annotations_key", "COCO annotations come in one file: set annotations_key")]
+        v.append(FieldViolation("format", "unknown annotation format"))
+    elif collection and spec.format not in formats.COLLECTION_FORMATS:
+        v.append(FieldViolation("annotations_key", f"{spec.format} annotations come one file per tile"))
+    elif not collection and spec.format == "coco":
+        v.append(FieldViolation("annotations_key", "COCO annotations come in one file: set annotations_key"))
     if collection:
         try:
             object_keys.check_upload_key(spec.annotations_key, field="annotations_key")
         except InvalidArgumentError as exc:
-            return exc.violations
-    return []
+            v += exc.violations
+    return v
 
 
 def _tile_violations(tiles: list[TileSpec], *, collection: bool) -> list[FieldViolation]:

@@ -39,6 +39,7 @@ class JobRelay(threading.Thread):
         self._wake_outbox = wake_outbox
         self._on_exit = on_exit
         self._call: grpc.Future | None = None
+        self._interrupted = threading.Event()
 
     def run(self) -> None:
         try:
@@ -59,12 +60,15 @@ class JobRelay(threading.Thread):
             self._on_exit(self.job_id)
 
     def stop(self) -> None:
-        """Ends the current stream; the relay then stops, or follows the job wherever it now runs."""
+        """Ends the current stream; the relay then stops, or follows the job wherever it now runs.
+        A stream being opened right now is ended as soon as it is (see _follow)."""
+        self._interrupted.set()
         if self._call is not None:
             self._call.cancel()
 
     def _locate(self) -> tuple[str, int, int] | None:
         """(node address, attempt, last relayed source_seq) while the job is active, else None."""
+        self._interrupted.clear()  # what follows reads the job as it is now
         with session_scope(self._engine) as session:
             job = session.get(JobRow, self.job_id)
             if job is None or job.state not in job_states.ACTIVE:
@@ -78,6 +82,8 @@ class JobRelay(threading.Thread):
         request = trainer_pb2.WatchJobRunRequest(job=names.job(self.job_id), attempt=attempt, after_source_seq=after)
         call = self._peers.trainer(address).WatchJobRun(request)
         self._call = call  # type: ignore[assignment]
+        if self._interrupted.is_set():  # stop() came between _locate and this call
+            call.cancel()
         for response in call:
             self._append(response.event)
             if self._apply(response.event):
@@ -111,7 +117,7 @@ class JobRelay(threading.Thread):
             if event.HasField("checkpoint_saved") and event.checkpoint_saved.kind == "state":
                 job.checkpoint_uri = event.checkpoint_saved.uri
             if job.state == S.JOB_STATE_ASSIGNED:
-                lifecycle.transition(session, job, to=S.JOB_STATE_RUNNING)
+                lifecycle.transition(session, job=job, to=S.JOB_STATE_RUNNING)
             done = event.HasField("finished")
             if done:
                 _finalise(session, job, event.finished, self._max_attempts)
@@ -127,7 +133,7 @@ class JobRelay(threading.Thread):
             with session_scope(self._engine) as session:
                 job = session.get(JobRow, self.job_id, with_for_update=True)
                 if job is not None and job.attempt == attempt and job.state in job_states.ACTIVE:
-                    lifecycle.requeue(session, job, reason="the trainer node lost the job (restarted?)",
+                    lifecycle.requeue(session, job=job, reason="the trainer node lost the job (restarted?)",
                                       max_attempts=self._max_attempts)
             self._wake_outbox()
             return False
@@ -138,24 +144,24 @@ class JobRelay(threading.Thread):
 def _finalise(session: Session, job: JobRow, finished: common_pb2.JobFinished, max_attempts: int) -> None:
     """Ends the attempt as its node reported; the job is RUNNING or CANCELLING here."""
     if finished.state == S.JOB_STATE_QUEUED:  # the node shut down gracefully and handed the job back
-        lifecycle.requeue(session, job, reason=finished.reason or "handed back by its trainer node",
+        lifecycle.requeue(session, job=job, reason=finished.reason or "handed back by its trainer node",
                           max_attempts=max_attempts)
     elif finished.state == S.JOB_STATE_SUCCEEDED:
         _succeed(session, job, finished)
     elif finished.state == S.JOB_STATE_CANCELLED:
-        lifecycle.transition(session, job, to=S.JOB_STATE_CANCELLED, reason=finished.reason or "cancelled")
+        lifecycle.transition(session, job=job, to=S.JOB_STATE_CANCELLED, reason=finished.reason or "cancelled")
     else:
-        lifecycle.transition(session, job, to=S.JOB_STATE_FAILED, reason=finished.reason or "failed")
+        lifecycle.transition(session, job=job, to=S.JOB_STATE_FAILED, reason=finished.reason or "failed")
 
 
 def _succeed(session: Session, job: JobRow, finished: common_pb2.JobFinished) -> None:
     try:
         models.register_model(session, job=job, finished=finished)
     except FailedPreconditionError as exc:
-        lifecycle.transition(session, job, to=S.JOB_STATE_FAILED, reason=f"model not registered: {exc.message}")
+        lifecycle.transition(session, job=job, to=S.JOB_STATE_FAILED, reason=f"model not registered: {exc.message}")
         return
     job.quality_warnings = [{"code": w.code, "class_name": w.class_name, "message": w.message}
                             for w in finished.quality_warnings]
     caveat = "; ".join(f"{w.code} ({w.class_name})" for w in finished.quality_warnings)
-    lifecycle.transition(session, job, to=S.JOB_STATE_SUCCEEDED,
+    lifecycle.transition(session, job=job, to=S.JOB_STATE_SUCCEEDED,
                          reason=f"the model has quality warnings: {caveat}" if caveat else "")

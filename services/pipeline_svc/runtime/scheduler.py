@@ -51,12 +51,12 @@ class Scheduler(threading.Thread):
 
     def run(self) -> None:
         while not self._stopping.is_set():
+            self._pending.clear()  # before the pass: a wake during it runs another at once
             try:
                 self.tick()
             except Exception:
                 log.exception("scheduler pass failed")
             self._pending.wait(self._interval_s)
-            self._pending.clear()
 
     def stop_relays(self) -> None:
         """Ends every relay's stream (call after setting `stopping`)."""
@@ -85,7 +85,7 @@ class Scheduler(threading.Thread):
             handed_back = nodes.jobs_on_node(session, node_id=node_id)
             for job in handed_back:
                 log.warning("trainer node %s lost; re-queueing %s", node_id, names.job(job.id))
-                lifecycle.requeue(session, job, reason=f"trainer node {node_id} stopped responding",
+                lifecycle.requeue(session, job=job, reason=f"trainer node {node_id} stopped responding",
                                   max_attempts=self._max_attempts)
         self._wake_outbox()
         for job in handed_back:
@@ -104,7 +104,7 @@ class Scheduler(threading.Thread):
             job.attempt += 1
             job.trainer_node = node.id
             job.relayed_source_seq = 0
-            lifecycle.transition(session, job, to=S.JOB_STATE_ASSIGNED)
+            lifecycle.transition(session, job=job, to=S.JOB_STATE_ASSIGNED)
             request = _run_request(session, job)
             address = node.address
         self._wake_outbox()
@@ -122,7 +122,7 @@ class Scheduler(threading.Thread):
             fresh = session.get(JobRow, job.id, with_for_update=True)
             if fresh is not None and fresh.state == S.JOB_STATE_ASSIGNED and fresh.attempt == job.attempt:
                 fresh.attempt -= 1  # the attempt never started: it does not count
-                lifecycle.requeue(session, fresh, reason=f"trainer node {node_id} could not take the job",
+                lifecycle.requeue(session, job=fresh, reason=f"trainer node {node_id} could not take the job",
                                   max_attempts=self._max_attempts)
             stale = session.get(TrainerNodeRow, node_id)
             if stale is not None and code == grpc.StatusCode.UNAVAILABLE:
