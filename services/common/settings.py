@@ -123,6 +123,9 @@ class TrainerSettings(BaseSettings):
     progress_interval_s: float = 1.0
     # Seconds a job waits out an object-store outage (retrying with backoff) before it fails.
     storage_patience_s: float = 120.0
+    # Resident memory (MB) a job's worker process may use (0: no limit). Past it the attempt fails
+    # as out of memory, saying what to change, instead of the kernel killing it.
+    worker_memory_limit_mb: int = 0
 
 
 def given(cls: type[SettingsT], /, **values: Any) -> SettingsT:

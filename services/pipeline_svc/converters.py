@@ -188,7 +188,7 @@ def run_job_request(job: JobRow, *, training_set: TrainingSetRow, tile_size: int
         class_names=training_set.class_names, tile_size=tile_size,
         training_set=names.training_set(training_set.id), training_set_snapshot=training_set.snapshot,
         output_prefix=object_keys.attempt_prefix(job.id, job.attempt), resume_checkpoint_uri=job.checkpoint_uri,
-        pretrained_weights=job.pretrained_weights,
+        resume_checkpoint_epoch=job.checkpoint_epoch, pretrained_weights=job.pretrained_weights,
         tiles=[trainer_pb2.TrainingTile(name=t.name, image_uri=t.image_uri, mask_uri=t.mask_uri,
                                         validation=t.validation) for t in tiles],
     )

@@ -83,6 +83,8 @@ class JobRow(SQLModel, table=True):
     control_seq: int = 0
     # Latest full-state checkpoint of any attempt; a re-queued job resumes from it.
     checkpoint_uri: str = ""
+    # Its epoch as relayed (the file can be advanced later by an attempt that outlived its lease).
+    checkpoint_epoch: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     cancel_requested: bool = False
     stop_early: bool = False
     model: str = ""

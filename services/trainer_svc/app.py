@@ -1,7 +1,8 @@
-"""Composition of a trainer node: settings -> store -> executor/analyzer -> node -> servicer."""
+"""Composition of a trainer node: settings -> store -> analyzer, worker environment -> node -> servicer."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import grpc
@@ -9,10 +10,9 @@ from grpc_health.v1 import health
 from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 from services.common.server import connect, create_server
-from services.common.settings import SecuritySettings, StorageSettings, TrainerSettings
+from services.common.settings import SecuritySettings, ServerSettings, StorageSettings, TrainerSettings, environment
 from services.common.storage import ObjectStore
 from services.trainer_svc.analysis import Analyzer
-from services.trainer_svc.executor import JobExecutor
 from services.trainer_svc.node import Registration, TrainerNode
 from services.trainer_svc.servicer import ACCESS, TrainerServicer
 
@@ -25,10 +25,10 @@ def build(settings: TrainerSettings, storage: StorageSettings, security: Securit
     store = ObjectStore(storage)
     store.ensure_bucket()
     device = None if settings.device == "auto" else settings.device
-    executor = JobExecutor(store, device=device, num_threads=settings.num_threads,
-                           progress_interval_s=settings.progress_interval_s,
-                           storage_patience_s=settings.storage_patience_s)
-    node = TrainerNode(executor, Analyzer(store, device, settings.num_threads), capacity=settings.capacity)
+    # Each attempt's worker reads the same settings the node was built with.
+    worker_env = {**os.environ, **environment(storage, settings, ServerSettings())}
+    node = TrainerNode(Analyzer(store, device, settings.num_threads), capacity=settings.capacity,
+                       worker_env=worker_env)
     servicer = TrainerServicer(node)
     server, port, health_servicer = create_server(
         settings.listen, [lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s)],

@@ -99,9 +99,19 @@ class _Reporter:
             self._run.emit(S.JobEvent(advice=S.Advice(kind=_ADVICE_KINDS[found.kind], message=found.message,
                                                       epoch=found.epoch)))
 
-    def resume_history(self, history: list[EpochResult]) -> None:
-        """Epochs restored from a checkpoint count for advice, but are not reported again."""
+    def resume_history(self, history: list[EpochResult], *, relayed_up_to: int) -> None:
+        """Epochs restored from a checkpoint count for advice. Those the job's log already has
+        are not reported again; those beyond (`relayed_up_to` > 0: a stale attempt trained them
+        into the file after the job moved on, and nobody relayed them) are, so the history keeps
+        every epoch the resumed state holds, once."""
         self._history = list(history)
+        unseen = [r for r in history if relayed_up_to and r.epoch > relayed_up_to]
+        if unseen:
+            self._run.emit(S.JobEvent(warning=S.Warning(code="CHECKPOINT_ADVANCED", message=(
+                f"the checkpoint to resume from holds epochs {unseen[0].epoch}-{unseen[-1].epoch}, trained by an "
+                f"earlier attempt after epoch {relayed_up_to} was relayed; they are reported now"))))
+        for result in unseen:
+            self._run.emit(S.JobEvent(epoch_metrics=epoch_metrics(result, self._class_names)))
 
     def should_stop(self) -> bool:
         return self._run.cancel_requested
@@ -160,6 +170,34 @@ class _PatientStore:
                 delay = min(delay * 2, 10.0)
 
 
+def _failure(job: str, exc: Exception) -> common_pb2.JobFinished:
+    """A failed attempt's report. Out of memory and bad data or parameters say what to change
+    (the pipeline does not retry a FAILED attempt: the same inputs would fail again); anything
+    else is an internal error, logged under an incident id the reason carries."""
+    where = _out_of_memory(exc)
+    if where:
+        log.warning("%s ran out of %s memory", job, where)
+        return S.JobFinished(state=S.JOB_STATE_FAILED, reason=(
+            f"out of {where} memory: lower the batch size, set a smaller crop size, or pick a smaller architecture"))
+    if isinstance(exc, SegcoreError | DomainError):
+        log.warning("%s failed: %s", job, exc)
+        return S.JobFinished(state=S.JOB_STATE_FAILED, reason=str(exc))
+    incident = uuid.uuid4().hex[:12]
+    log.error("%s failed (incident %s)", job, incident, exc_info=exc)
+    return S.JobFinished(state=S.JOB_STATE_FAILED, reason=f"internal error on the trainer node (incident {incident})")
+
+
+def _out_of_memory(exc: Exception) -> str:
+    """ "device" or "host" when `exc` is an allocation that failed, else "". torch's CPU allocator
+    raises a plain RuntimeError; Python's own allocations raise MemoryError."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "device"
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and (
+            "can't allocate memory" in str(exc) or "not enough memory" in str(exc))):
+        return "host"
+    return ""
+
+
 class JobExecutor:
     def __init__(self, store: ObjectStore, *, device: str | None, num_threads: int | None,
                  progress_interval_s: float, storage_patience_s: float) -> None:
@@ -172,18 +210,8 @@ class JobExecutor:
         """Runs the attempt to its end; always finishes the run's log with a `finished` event."""
         try:
             finished = self._train(run, request, self._config(request))
-        except torch.OutOfMemoryError:
-            log.warning("%s ran out of device memory", request.job)
-            finished = S.JobFinished(state=S.JOB_STATE_FAILED, reason=(
-                "out of device memory: lower the batch size, set a crop size, or pick a smaller architecture"))
-        except (SegcoreError, DomainError) as exc:
-            log.warning("%s failed: %s", request.job, exc)
-            finished = S.JobFinished(state=S.JOB_STATE_FAILED, reason=str(exc))
-        except Exception:
-            incident = uuid.uuid4().hex[:12]
-            log.exception("%s failed (incident %s)", request.job, incident)
-            finished = S.JobFinished(state=S.JOB_STATE_FAILED,
-                                     reason=f"internal error on the trainer node (incident {incident})")
+        except Exception as exc:  # every failure ends the attempt; _failure says what to change
+            finished = _failure(request.job, exc)
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the device's memory goes back with the worker
@@ -196,7 +224,7 @@ class JobExecutor:
         reporter.phase(S.PHASE_RENDERING_MASKS)
         resume = self._resume_state(request)
         if resume is not None:
-            reporter.resume_history(resume.history)
+            reporter.resume_history(resume.history, relayed_up_to=request.resume_checkpoint_epoch)
         model, normalization = self._initial_model(run, request, config) if resume is None else (None, None)
         result = train(config, train_samples, val_samples, reporter, init_state=resume, model=model,
                        normalization=normalization,

@@ -1,4 +1,4 @@
-"""The trainer node: accepts jobs (each in its own thread), serves their event logs, registers
+"""The trainer node: accepts jobs (each attempt in its own process group), serves their event logs, registers
 with the pipeline service and heartbeats, stopping jobs the pipeline no longer assigns here, and
 hands its jobs back when it shuts down."""
 
@@ -16,7 +16,7 @@ from segtrain.trainer.v1 import trainer_pb2
 from services.common import names, object_keys
 from services.common.errors import FailedPreconditionError, FieldViolation, check
 from services.trainer_svc.analysis import Analyzer
-from services.trainer_svc.executor import JobExecutor
+from services.trainer_svc.attempts import AttemptProcess
 from services.trainer_svc.runs import RunRegistry
 
 log = logging.getLogger(__name__)
@@ -24,11 +24,13 @@ WATCH_POLL_S = 1.0
 
 
 class TrainerNode:
-    def __init__(self, executor: JobExecutor, analyzer: Analyzer, *, capacity: int = 1) -> None:
-        self.executor = executor
+    def __init__(self, analyzer: Analyzer, *, capacity: int, worker_env: dict[str, str]) -> None:
         self.analyzer = analyzer
         self.runs = RunRegistry(capacity)
         self.draining = False
+        # The environment of every attempt's worker: the node's own settings, passed on.
+        self._worker_env = worker_env
+        self._attempts: dict[str, AttemptProcess] = {}
 
     def run_job(self, request: trainer_pb2.RunJobRequest) -> bool:
         _validate(request)
@@ -37,8 +39,9 @@ class TrainerNode:
         run = self.runs.add(request.job, request.attempt)
         if run is None:
             return False
-        threading.Thread(target=self.executor.execute, args=(run, request), name=f"job-{request.job}",
-                         daemon=True).start()
+        attempt = AttemptProcess(run, request, env=self._worker_env)
+        self._attempts[request.job] = attempt
+        attempt.start()
         return True
 
     def watch(self, job: str, attempt: int, after: int, is_active: Callable[[], bool]
@@ -63,7 +66,11 @@ class TrainerNode:
         for run in runs:
             run.hand_back()
         for run in runs:
-            run.wait_finished(grace_s)
+            if not run.wait_finished(grace_s):
+                log.warning("%s did not hand back within %.0f s; killing its worker", run.job, grace_s)
+                attempt = self._attempts.get(run.job)
+                if attempt is not None:
+                    attempt.kill()
 
 
 def _validate(request: trainer_pb2.RunJobRequest) -> None:

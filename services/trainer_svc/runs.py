@@ -32,6 +32,8 @@ class JobRun:
     # How the model was initialised; recorded with the registered model.
     initialisation: str = "fresh"
     handing_back: bool = False
+    # Called after each cancel or hand-back request: forwards it to the attempt's worker process.
+    on_control: Callable[[], None] | None = None
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def emit(self, event: common_pb2.JobEvent) -> None:
@@ -49,12 +51,18 @@ class JobRun:
         with self._cond:
             self.cancel_requested = True
             self.stop_early = self.stop_early or stop_early
+        self._forward_control()
 
     def hand_back(self) -> None:
         """Stop at the next batch and return the job to the queue (the node is shutting down)."""
         with self._cond:
             self.cancel_requested = True
             self.handing_back = True
+        self._forward_control()
+
+    def _forward_control(self) -> None:
+        if self.on_control is not None:
+            self.on_control()
 
     def wait_finished(self, timeout: float) -> bool:
         with self._cond:

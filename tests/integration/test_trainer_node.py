@@ -199,7 +199,7 @@ def test_resuming_from_a_checkpoint_continues_after_its_epoch(store: ObjectStore
     assert checkpoint.epoch == 2
     second = trainer_pb2.RunJobRequest()
     second.CopyFrom(first)
-    second.attempt, second.resume_checkpoint_uri = 2, checkpoint.uri
+    second.attempt, second.resume_checkpoint_uri, second.resume_checkpoint_epoch = 2, checkpoint.uri, 2
     second.output_prefix = object_keys.attempt_prefix(second.job.removeprefix("jobs/"), 2)
     resumed = execute(store, second)
     assert [m.epoch for m in kinds(resumed, "epoch_metrics")] == [3]
@@ -207,6 +207,18 @@ def test_resuming_from_a_checkpoint_continues_after_its_epoch(store: ObjectStore
     uninterrupted = execute(store, request(tiles, epochs=3))
     a, b = kinds(resumed, "epoch_metrics")[0], kinds(uninterrupted, "epoch_metrics")[2]
     assert (a.train_loss, a.val_loss, a.val_iou) == (b.train_loss, b.val_loss, b.val_iou)
+
+    # Only epoch 1's checkpoint was relayed; the file holds epoch 2 (an attempt that outlived its
+    # lease trained on): the resumed attempt reports epoch 2 from the file, so none is missing.
+    third = trainer_pb2.RunJobRequest()
+    third.CopyFrom(second)
+    third.attempt, third.resume_checkpoint_epoch = 3, 1
+    third.output_prefix = object_keys.attempt_prefix(third.job.removeprefix("jobs/"), 3)
+    advanced = execute(store, third)
+    assert [m.epoch for m in kinds(advanced, "epoch_metrics")] == [2, 3]
+    assert "CHECKPOINT_ADVANCED" in [w.code for w in kinds(advanced, "warning")]
+    from_file, trained = kinds(advanced, "epoch_metrics")[0], kinds(first_run, "epoch_metrics")[1]
+    assert (from_file.train_loss, from_file.val_iou) == (trained.train_loss, trained.val_iou)
 
 
 def test_cancel_stops_within_a_batch_and_registers_nothing(store: ObjectStore, tiles: list) -> None:  # type: ignore[type-arg]

@@ -115,7 +115,7 @@ class JobRelay(threading.Thread):
             if event.HasField("epoch_metrics"):
                 job.latest_metrics = event.epoch_metrics.SerializeToString()
             if event.HasField("checkpoint_saved") and event.checkpoint_saved.kind == "state":
-                job.checkpoint_uri = event.checkpoint_saved.uri
+                job.checkpoint_uri, job.checkpoint_epoch = event.checkpoint_saved.uri, event.checkpoint_saved.epoch
             if job.state == S.JOB_STATE_ASSIGNED:
                 lifecycle.transition(session, job=job, to=S.JOB_STATE_RUNNING)
             done = event.HasField("finished")

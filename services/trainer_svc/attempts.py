@@ -1,0 +1,159 @@
+"""Each job attempt in its own process group, launched through torch.distributed's launcher, so
+that nothing an attempt does (out of memory, a segfault, `kill -9`) can take down the node, its
+other jobs or its heartbeats.
+
+The node listens on an authenticated Unix socket private to the attempt; the worker
+(services.trainer_svc.worker) sends its events there, and the node numbers them into the run's
+log exactly as if it had trained in-process. Cancel, stop early and hand back go the other way.
+When the process group ends without the attempt's final event, the node writes it: a lost
+worker is handed back for a retry (the pipeline service counts attempts); the worker itself
+reports what it can classify (out of memory, bad data), which is not retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import deque
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
+
+from segtrain.common.v1 import common_pb2
+from segtrain.trainer.v1 import trainer_pb2
+
+from services.trainer_svc.runs import JobRun
+from services.trainer_svc.worker import AUTHKEY_VARIABLE
+
+log = logging.getLogger(__name__)
+S = common_pb2
+_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
+
+
+class AttemptProcess:
+    """One attempt's worker group and the two threads that connect it to its run."""
+
+    def __init__(self, run: JobRun, request: trainer_pb2.RunJobRequest, *, env: dict[str, str]) -> None:
+        self.run = run
+        self._request = request
+        self._env = env
+        self._folder = Path(tempfile.mkdtemp(prefix="segtrain-attempt-"))
+        self._authkey = secrets.token_bytes(32)
+        self._listener = Listener(str(self._folder / "node.sock"), family="AF_UNIX", authkey=self._authkey)
+        self._connection: Connection | None = None
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        # The group's output goes on to the node's; its tail is kept to tell how a worker ended.
+        self._output_tail: deque[str] = deque(maxlen=200)
+
+    def start(self) -> None:
+        request_path = self._folder / "request.pb"
+        request_path.write_bytes(self._request.SerializeToString())
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                   "--nproc-per-node", "1", "--max-restarts", "0", "--monitor-interval", "0.5",
+                   "-m", "services.trainer_svc.worker", "--request", str(request_path),
+                   "--node-socket", str(self._folder / "node.sock")]
+        self._process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**self._env, AUTHKEY_VARIABLE: self._authkey.hex()})
+        self.run.on_control = self._send_control
+        output = threading.Thread(target=self._forward_output, name=f"output-{self.run.job}", daemon=True)
+        output.start()
+        threading.Thread(target=self._receive_events, name=f"events-{self.run.job}", daemon=True).start()
+        threading.Thread(target=self._supervise, args=(output,), name=f"attempt-{self.run.job}", daemon=True).start()
+
+    def worker_pids(self) -> list[int]:
+        """The launcher's children: the attempt's worker processes (Linux /proc)."""
+        if self._process is None:
+            return []
+        children = Path(f"/proc/{self._process.pid}/task/{self._process.pid}/children")
+        try:
+            return [int(pid) for pid in children.read_text().split()]
+        except OSError:
+            return []
+
+    def kill(self) -> None:
+        """Ends the whole process group at once (the launcher and every worker)."""
+        if self._process is not None and self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGKILL)
+
+    def _receive_events(self) -> None:
+        try:
+            connection = self._listener.accept()
+        except OSError:  # closed: the group ended before its worker connected
+            return
+        with self._lock:
+            self._connection = connection
+        self._send_control()  # a cancel that came before the worker connected
+        try:
+            while True:
+                event = S.JobEvent.FromString(connection.recv_bytes(maxlength=64 * 2**20))
+                self.run.emit(event)
+                if event.HasField("finished"):
+                    return
+        except (EOFError, OSError):
+            return  # the worker ended; _supervise reports how
+
+    def _send_control(self) -> None:
+        run = self.run
+        if not run.cancel_requested:
+            return
+        message = {"kind": "hand_back"} if run.handing_back else {"kind": "cancel", "stop_early": run.stop_early}
+        with self._lock:
+            if self._connection is None:
+                return
+            with contextlib.suppress(OSError):  # the worker is gone; _supervise reports the attempt
+                self._connection.send(message)
+
+    def _forward_output(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        for line in self._process.stdout:
+            sys.stderr.buffer.write(line)
+            sys.stderr.flush()
+            self._output_tail.append(line.decode(errors="replace"))
+
+    def _supervise(self, output: threading.Thread) -> None:
+        assert self._process is not None
+        code = self._process.wait()
+        output.join(timeout=10)
+        self._listener.close()
+        if not self.run.finished:
+            self.run.emit(S.JobEvent(finished=self._outcome(code)))
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    def _outcome(self, code: int) -> common_pb2.JobFinished:
+        """The attempt's end when its worker could not say it: what the launcher saw, and a retry
+        unless a cancel was asked for."""
+        worker_exit = _worker_exit("".join(self._output_tail))
+        seen = f"the worker process ended without a result ({_describe(worker_exit)})"
+        log.warning("%s attempt %d: %s; launcher exit %d", self.run.job, self.run.attempt, seen, code)
+        if self.run.cancel_requested and not self.run.handing_back:
+            return S.JobFinished(state=S.JOB_STATE_CANCELLED, reason=f"cancelled; {seen}")
+        return S.JobFinished(state=S.JOB_STATE_QUEUED, reason=f"{seen}; the job is retried from its last checkpoint")
+
+
+def _worker_exit(output: str) -> int | None:
+    """The worker's exit code as the launcher reported it (negative: killed by that signal)."""
+    found = _EXIT.findall(output)
+    return int(found[-1]) if found else None
+
+
+def _describe(exit_code: int | None) -> str:
+    if exit_code is None:
+        return "exit status unknown"
+    if exit_code < 0:
+        name = signal.Signals(-exit_code).name
+        hint = " (killed: out of memory, or by hand)" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {exit_code}"

@@ -1,0 +1,103 @@
+"""Each job attempt runs in its own process group (torch.distributed's launcher): whatever the
+worker does, the node survives it, reports the attempt with a reason that says what happened,
+and goes on running other jobs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+
+import pytest
+from segtrain.common.v1 import common_pb2
+from segtrain.trainer.v1 import trainer_pb2
+
+from segcore import synthetic
+from services.common import object_keys
+from services.common.settings import StorageSettings, TrainerSettings, environment, given
+from services.common.storage import ObjectStore
+from services.trainer_svc.analysis import Analyzer
+from services.trainer_svc.node import TrainerNode
+from services.trainer_svc.runs import JobRun
+from tests.helpers import png_bytes
+
+S = common_pb2
+
+
+@pytest.fixture(scope="module")
+def tiles(store: ObjectStore) -> list[trainer_pb2.TrainingTile]:
+    prefix = object_keys.snapshot_prefix(f"sha256:{uuid.uuid4().hex}")
+    result = []
+    for i, tile in enumerate(synthetic.generate_tiles(8, tile_size=64, seed=3)):
+        image, mask = f"{prefix}images/{tile.name}.png", f"{prefix}masks/{tile.name}.png"
+        store.put(image, png_bytes(tile.image))
+        store.put(mask, png_bytes(tile.mask))
+        result.append(trainer_pb2.TrainingTile(name=tile.name, image_uri=image, mask_uri=mask, validation=i >= 6))
+    return result
+
+
+def node(store: ObjectStore, s3_settings: StorageSettings, **settings: object) -> TrainerNode:
+    trainer = given(TrainerSettings, device="cpu", num_threads=1, progress_interval_s=0.0, **settings)
+    env = {**os.environ, **environment(s3_settings, trainer)}
+    return TrainerNode(Analyzer(store, "cpu", 1), capacity=2, worker_env=env)
+
+
+def run_job(trainer: TrainerNode, tiles: list[trainer_pb2.TrainingTile], *, epochs: int,
+            architecture: str = "upernet-convnext-cpu") -> JobRun:
+    job = f"j-{uuid.uuid4().hex[:8]}"
+    assert trainer.run_job(trainer_pb2.RunJobRequest(
+        job=f"jobs/{job}", attempt=1, class_names=synthetic.CLASS_NAMES, tile_size=64, tiles=tiles,
+        output_prefix=object_keys.attempt_prefix(job, 1), hyperparameters=S.Hyperparameters(
+            architecture=architecture, epochs=epochs, batch_size=4, learning_rate=0.003, seed=0,
+            checkpoint_every=1)))
+    return trainer.runs.get(f"jobs/{job}", 1)
+
+
+def finished(run: JobRun, timeout: float = 180) -> common_pb2.JobFinished:
+    assert run.wait_finished(timeout), "the attempt did not end"
+    return run.events[-1].finished
+
+
+def test_kill_9_of_a_worker_is_reported_and_retried_and_the_node_runs_on(
+        store: ObjectStore, s3_settings: StorageSettings, tiles: list[trainer_pb2.TrainingTile]) -> None:
+    trainer = node(store, s3_settings)
+    run = run_job(trainer, tiles, epochs=200)
+    deadline = time.monotonic() + 120
+    while not any(e.HasField("batch_progress") for e in run.events):
+        assert time.monotonic() < deadline and not run.finished, [e.WhichOneof("payload") for e in run.events]
+        time.sleep(0.05)
+    workers = trainer._attempts[run.job].worker_pids()
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)
+    outcome = finished(run, 60)
+    assert outcome.state == S.JOB_STATE_QUEUED  # a lost worker is retried (the pipeline counts attempts)
+    assert "killed by SIGKILL" in outcome.reason and "retried" in outcome.reason
+    assert [e.source_seq for e in run.events] == list(range(1, len(run.events) + 1))
+    assert finished(run_job(trainer, tiles, epochs=1)).state == S.JOB_STATE_SUCCEEDED
+
+
+def test_a_worker_out_of_memory_fails_saying_what_to_change_and_the_node_runs_on(
+        store: ObjectStore, s3_settings: StorageSettings, tiles: list[trainer_pb2.TrainingTile]) -> None:
+    """A 121 M-parameter model with its optimiser state does not fit in 1.2 GB; the tiny one does."""
+    trainer = node(store, s3_settings, worker_memory_limit_mb=1200)
+    outcome = finished(run_job(trainer, tiles, epochs=1, architecture="upernet-convnext-base"))
+    assert outcome.state == S.JOB_STATE_FAILED, outcome.reason  # not retried: it would fail again
+    assert outcome.reason.startswith("out of host memory") and "batch size" in outcome.reason
+    assert finished(run_job(trainer, tiles, epochs=1)).state == S.JOB_STATE_SUCCEEDED
+
+
+def test_cancel_and_hand_back_reach_the_worker(
+        store: ObjectStore, s3_settings: StorageSettings, tiles: list[trainer_pb2.TrainingTile]) -> None:
+    trainer = node(store, s3_settings)
+    cancelled, handed_back = run_job(trainer, tiles, epochs=200), run_job(trainer, tiles, epochs=200)
+    for run in (cancelled, handed_back):
+        deadline = time.monotonic() + 120
+        while not any(e.HasField("batch_progress") for e in run.events):
+            assert time.monotonic() < deadline and not run.finished
+            time.sleep(0.05)
+    trainer.cancel(cancelled.job, stop_early=False)
+    handed_back.hand_back()
+    assert finished(cancelled, 60).state == S.JOB_STATE_CANCELLED
+    outcome = finished(handed_back, 60)
+    assert outcome.state == S.JOB_STATE_QUEUED and "handed the job back" in outcome.reason
