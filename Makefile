@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup gen demo test lint check-gen bench bench-atto bench-quality up clean
+.PHONY: setup gen demo test lint check-gen bench bench-atto bench-quality bench-scale up clean
 
 # The venv is rebuilt when the requirements change. torch/torchvision are pinned in
 # requirements.txt (pip takes them from local disk here); pip never resolves an unpinned torch.
@@ -46,6 +46,10 @@ bench: setup gen
 bench-atto: setup gen
 	$(BIN)/python bench/run.py --architecture upernet-convnextv2-atto --tiles 32 --epochs 4 --rounds 4 \
 		--analysis-tiles 16 --repeats 5
+
+# Peak memory (PSS of the node's process tree) and speed of a job at 250, 1,000 and 4,000 tiles of 512².
+bench-scale: setup gen
+	$(BIN)/python bench/scale.py
 
 # Foreground IoU of the product with its defaults vs a bare PyTorch loop on five imaging regimes.
 bench-quality: setup gen

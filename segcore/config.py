@@ -25,8 +25,9 @@ class TrainConfig:
     """Everything that determines a training run (besides the data).
 
     The training parameters and their defaults come from ``segcore.hyperparameters`` (the one
-    contract the services validate with too); ``class_names``, ``device`` and ``num_threads``
-    are not job parameters but facts of the data and of the machine.
+    contract the services validate with too); ``class_names``, ``device``, ``num_threads`` and
+    ``data_workers`` are not job parameters but facts of the data and of the machine (none of
+    them changes the results on a given device).
     """
 
     class_names: list[str]  # index 0 is background
@@ -49,6 +50,7 @@ class TrainConfig:
     percentile_high: float = _D["percentile_high"]
     device: str | None = None  # None: cuda if available, else cpu
     num_threads: int | None = None  # CPU threads during training; None: leave as is
+    data_workers: int = 0  # processes that load and prepare tiles (0: the training process itself)
 
     @property
     def num_classes(self) -> int:
@@ -69,6 +71,8 @@ class TrainConfig:
             not isinstance(self.num_threads, int) or isinstance(self.num_threads, bool) or self.num_threads < 1
         ):
             raise InvalidParameterError("num_threads", f"must be an integer >= 1, got {self.num_threads!r}")
+        if not isinstance(self.data_workers, int) or isinstance(self.data_workers, bool) or self.data_workers < 0:
+            raise InvalidParameterError("data_workers", f"must be an integer >= 0, got {self.data_workers!r}")
         resolve_device(self.device)
 
 

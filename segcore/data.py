@@ -64,13 +64,25 @@ def prepare_samples(
     *,
     field: str,
 ) -> list[PreparedSample]:
-    """Check every sample and convert it to normalised tensors."""
+    """Check every sample and convert it to normalised tensors (all at once: for sets that fit in
+    memory; training streams them through segcore.tiles)."""
     if not samples:
         raise InvalidParameterError(field, "need at least one sample")
-    return [_prepare_one(s, norm, num_classes, ignore_index) for s in samples]
+    return [prepare_sample(s, norm, num_classes, ignore_index) for s in samples]
 
 
-def _prepare_one(sample: Sample, norm: Normalization, num_classes: int, ignore_index: int) -> PreparedSample:
+def prepare_sample(sample: Sample, norm: Normalization, num_classes: int, ignore_index: int) -> PreparedSample:
+    """One checked sample as normalised tensors."""
+    check_sample(sample, num_classes, ignore_index)
+    image, mask = np.asarray(sample.image), np.asarray(sample.mask)
+    pixels = normalize(image, norm)
+    mean = pixels.mean(dim=(1, 2), keepdim=True)
+    std = pixels.std(dim=(1, 2), keepdim=True) if pixels[0].numel() > 1 else torch.zeros_like(mean)
+    return PreparedSample(pixels, torch.from_numpy(mask.astype(np.int64)), mean, std)
+
+
+def check_sample(sample: Sample, num_classes: int, ignore_index: int) -> None:
+    """InvalidTileError naming the tile when its image or mask cannot be trained on."""
     image, mask = np.asarray(sample.image), np.asarray(sample.mask)
     if image.ndim != 3 or image.shape[2] != 3:
         raise InvalidTileError(sample.tile_id, f"image must be H x W x 3, got shape {image.shape}")
@@ -86,10 +98,6 @@ def _prepare_one(sample: Sample, norm: Normalization, num_classes: int, ignore_i
         raise InvalidTileError(
             sample.tile_id, f"mask contains class {bad} but only {num_classes} classes are configured"
         )
-    pixels = normalize(image, norm)
-    mean = pixels.mean(dim=(1, 2), keepdim=True)
-    std = pixels.std(dim=(1, 2), keepdim=True) if pixels[0].numel() > 1 else torch.zeros_like(mean)
-    return PreparedSample(pixels, torch.from_numpy(mask.astype(np.int64)), mean, std)
 
 
 def plan_batches(num_samples: int, batch_size: int, generator: torch.Generator | None) -> list[list[int]]:
@@ -188,10 +196,22 @@ def make_batch(
     augment_data: bool,
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Build one batch of ``prepared[i]`` for ``i`` in ``indices`` (see ``batch_of``)."""
+    return batch_of([prepared[i] for i in indices], generator=generator, crop_size=crop_size,
+                    augment_data=augment_data, ignore_index=ignore_index)
+
+
+def batch_of(
+    samples: Sequence[PreparedSample],
+    *,
+    generator: torch.Generator | None,
+    crop_size: int | None,
+    augment_data: bool,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Build one batch; ``generator=None`` means evaluation (no crop, no augmentation)."""
     items = []
-    for i in indices:
-        sample = prepared[i]
+    for sample in samples:
         image, mask = sample.image, sample.mask
         if generator is not None and crop_size is not None:
             image, mask = random_crop(image, mask, crop_size, generator)

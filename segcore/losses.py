@@ -31,6 +31,13 @@ def class_weights_from_masks(
     for mask in masks:
         labelled = mask[mask != ignore_index].reshape(-1)
         counts += torch.bincount(labelled, minlength=num_classes)[:num_classes].double()
+    return class_weights_from_counts(counts)
+
+
+def class_weights_from_counts(counts: torch.Tensor) -> torch.Tensor:
+    """``class_weights_from_masks`` from the labelled pixel count of each class."""
+    counts = counts.double()
+    num_classes = counts.numel()
     weights = torch.ones(num_classes, dtype=torch.float64)
     present = counts > 0
     if present.any():

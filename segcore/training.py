@@ -35,19 +35,24 @@ import torch
 
 from segcore.architectures import build_model
 from segcore.config import TrainConfig, resolve_device
-from segcore.data import PreparedSample, Sample, make_batch, num_train_batches, plan_batches, prepare_samples
+from segcore.data import Sample, batch_of, num_train_batches, plan_batches
 from segcore.errors import IncompatibleModelError, InvalidParameterError, TrainingDivergedError
-from segcore.intensity import Normalization, choose_normalization, compute_normalization, profile_images
-from segcore.losses import class_weights_from_masks, segmentation_loss
+from segcore.intensity import Normalization, choose_normalization
+from segcore.losses import class_weights_from_counts, segmentation_loss
 from segcore.metrics import IGNORE_INDEX, ConfusionMatrix, argmax_classes
 from segcore.progress import EpochResult, NullObserver, PrintObserver, TrainingObserver
 from segcore.state import TrainingState, capture_rng, cpu_copy, restore_rng
+from segcore.tiles import BatchStream, Joined, PreparedTiles, ScanResult, TileSource, scan
+
+# Threads that read tiles for the checking pass before training.
+_SCAN_THREADS = 4
 
 __all__ = [
     "EpochResult",
     "NullObserver",
     "PrintObserver",
     "Sample",
+    "TileSource",
     "TrainConfig",
     "TrainResult",
     "TrainingObserver",
@@ -86,8 +91,9 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator  # data order, crops, augmentation
     norm: Normalization
-    train_set: list[PreparedSample]
-    val_set: list[PreparedSample]
+    tiles: BatchStream  # prepared as their batches come up, never all at once: training's, then validation's
+    train_count: int
+    val_count: int
     class_weights: torch.Tensor | None
     start_epoch: int = 0
     history: list[EpochResult] = field(default_factory=list)
@@ -111,8 +117,8 @@ class _Run:
 
 def train(
     config: TrainConfig,
-    train_samples: Sequence[Sample],
-    val_samples: Sequence[Sample],
+    train_samples: Sequence[Sample] | TileSource,
+    val_samples: Sequence[Sample] | TileSource,
     observer: TrainingObserver | None = None,
     *,
     init_state: TrainingState | None = None,
@@ -122,38 +128,48 @@ def train(
 ) -> TrainResult:
     """Train ``config.architecture`` (or ``model``) and return weights and history.
 
-    ``normalization`` defaults to statistics of the training images (or the
-    one stored in ``init_state``). ``init_state`` resumes a run; ``checkpoint``
-    receives a full TrainingState every ``config.checkpoint_every`` epochs.
+    The samples may be lists or any ``TileSource`` that loads a tile when asked (segcore.tiles):
+    tiles are streamed, never held all at once. ``normalization`` defaults to statistics of
+    the training images (or the one stored in ``init_state``). ``init_state`` resumes a run;
+    ``checkpoint`` receives a full TrainingState every ``config.checkpoint_every`` epochs.
     """
     config.validate()
     observer = observer or NullObserver()
     with _thread_limit(config.num_threads):
         run = _setup(config, train_samples, val_samples, init_state, model, normalization)
-        stopped = early_stopped = False
-        for epoch in range(run.start_epoch + 1, config.epochs + 1):
-            result = _run_epoch(run, epoch, observer)
-            if result is None:
-                stopped = True  # the observer asked; the partial epoch is not recorded
-                break
-            observer.on_epoch_end(result)
-            if checkpoint is not None and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
-                checkpoint(_snapshot(run, epoch))
-            patience = config.early_stopping_patience
-            if patience is not None and run.stale_epochs >= patience and epoch < config.epochs:
-                early_stopped = True
-                break
-        return TrainResult(
-            model=run.model,
-            final_state=cpu_copy(run.model.state_dict()),
-            best_state=run.best_state,
-            best_epoch=run.best_epoch,
-            best_val_iou=run.best_val_iou,
-            history=list(run.history),
-            normalization=run.norm,
-            stopped=stopped,
-            early_stopped=early_stopped,
-        )
+        try:
+            return _train_run(run, config, observer, checkpoint)
+        finally:
+            run.tiles.close()
+
+
+def _train_run(run: _Run, config: TrainConfig, observer: TrainingObserver,
+               checkpoint: Callable[[TrainingState], None] | None) -> TrainResult:
+    """The epochs: train, validate, record, checkpoint; until done, stopped or out of patience."""
+    stopped = early_stopped = False
+    for epoch in range(run.start_epoch + 1, config.epochs + 1):
+        result = _run_epoch(run, epoch, observer)
+        if result is None:
+            stopped = True  # the observer asked; the partial epoch is not recorded
+            break
+        observer.on_epoch_end(result)
+        if checkpoint is not None and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
+            checkpoint(_snapshot(run, epoch))
+        patience = config.early_stopping_patience
+        if patience is not None and run.stale_epochs >= patience and epoch < config.epochs:
+            early_stopped = True
+            break
+    return TrainResult(
+        model=run.model,
+        final_state=cpu_copy(run.model.state_dict()),
+        best_state=run.best_state,
+        best_epoch=run.best_epoch,
+        best_val_iou=run.best_val_iou,
+        history=list(run.history),
+        normalization=run.norm,
+        stopped=stopped,
+        early_stopped=early_stopped,
+    )
 
 
 @contextlib.contextmanager
@@ -177,8 +193,8 @@ def _seed_everything(seed: int) -> None:
 
 def _setup(
     config: TrainConfig,
-    train_samples: Sequence[Sample],
-    val_samples: Sequence[Sample],
+    train_samples: TileSource,
+    val_samples: TileSource,
     init_state: TrainingState | None,
     model: torch.nn.Module | None,
     normalization: Normalization | None,
@@ -187,34 +203,49 @@ def _setup(
     if init_state is not None:
         _check_resumable(config, init_state)
         normalization = Normalization.from_dict(init_state.normalization)
-    norm = normalization or _normalization_for(config, train_samples)
     n = config.num_classes
-    train_set = prepare_samples(train_samples, norm, n, IGNORE_INDEX, field="train_samples")
-    val_set = prepare_samples(val_samples, norm, n, IGNORE_INDEX, field="val_samples")
+    # One pass over every tile before training: each is checked (a bad tile fails the run now,
+    # naming it, not hours in) while the class counts and normalization statistics accumulate.
+    found = _scan_training_tiles(config, train_samples, None if normalization else _mode_for(config, train_samples))
+    scan(val_samples, num_classes=n, ignore_index=IGNORE_INDEX, field="val_samples", threads=_SCAN_THREADS)
+    norm = normalization or found.normalization
+    assert norm is not None
+    # One loader (and one set of worker processes) serves both splits: validation's tiles follow
+    # the training tiles' indices.
+    tiles = BatchStream(PreparedTiles(Joined(train_samples, val_samples), norm, n, IGNORE_INDEX),
+                        workers=config.data_workers, pin_memory=device.type == "cuda")
     _seed_everything(config.seed)  # before building: weight init draws from the global RNG
     model = model if model is not None else build_model(config.architecture, n)
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = _make_optimizer(model, config)
-    num_batches = num_train_batches(len(train_set), config.batch_size)
+    num_batches = num_train_batches(len(train_samples), config.batch_size)
     scheduler = _make_scheduler(optimizer, config, num_batches)
-    weights = None
-    if config.class_weights:
-        weights = class_weights_from_masks([s.mask for s in train_set], n, IGNORE_INDEX).to(device)
+    weights = class_weights_from_counts(found.class_pixels).to(device) if config.class_weights else None
     generator = torch.Generator().manual_seed(config.seed)
-    run = _Run(config, device, model, optimizer, scheduler, generator, norm, train_set, val_set, weights)
+    run = _Run(config, device, model, optimizer, scheduler, generator, norm, tiles, len(train_samples),
+               len(val_samples), weights)
     if init_state is not None:
         _restore(run, init_state)
     return run
 
 
-def _normalization_for(config: TrainConfig, samples: Sequence[Sample]) -> Normalization:
-    """The config's normalization with statistics of the training images ("auto" resolved from
-    their profile, as the pipeline service resolves it from a training set's)."""
-    mode, _ = choose_normalization(config.normalization, profile_images(s.image for s in samples))
-    return compute_normalization((s.image for s in samples), mode, percentile_low=config.percentile_low,
-                                 percentile_high=config.percentile_high)
+def _mode_for(config: TrainConfig, samples: TileSource) -> str:
+    """The config's normalization mode; "auto" is resolved from the training images' profile (as
+    the pipeline service resolves it from a training set's), which costs one more pass."""
+    if config.normalization != "auto":
+        return config.normalization
+    profile = scan(samples, num_classes=config.num_classes, ignore_index=IGNORE_INDEX, field="train_samples",
+                   threads=_SCAN_THREADS).profile
+    mode, _ = choose_normalization(config.normalization, profile)
+    return mode
+
+
+def _scan_training_tiles(config: TrainConfig, samples: TileSource, mode: str | None) -> ScanResult:
+    return scan(samples, num_classes=config.num_classes, ignore_index=IGNORE_INDEX, field="train_samples",
+                mode=mode, percentile_low=config.percentile_low, percentile_high=config.percentile_high,
+                threads=_SCAN_THREADS)
 
 
 def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -266,14 +297,13 @@ def _train_epoch(run: _Run, epoch: int, observer: TrainingObserver) -> tuple[flo
     """One pass over the training set: (mean loss, mIoU), or None when stopped."""
     cfg = run.config
     run.model.train()
-    batches = plan_batches(len(run.train_set), cfg.batch_size, run.generator)
+    batches = plan_batches(run.train_count, cfg.batch_size, run.generator)
     observer.on_epoch_start(epoch, cfg.epochs, len(batches))
     cm = ConfusionMatrix(cfg.num_classes)
     loss_sum, seen = 0.0, 0
-    for b, indices in enumerate(batches, start=1):
-        images, masks = make_batch(
-            run.train_set,
-            indices,
+    for b, (indices, prepared) in enumerate(zip(batches, run.tiles.batches(batches), strict=True), start=1):
+        images, masks = batch_of(
+            prepared,
             generator=run.generator,
             crop_size=cfg.crop_size,
             augment_data=cfg.augment,
@@ -336,10 +366,11 @@ def _evaluate(run: _Run, observer: TrainingObserver) -> tuple[float, ConfusionMa
     run.model.eval()
     cm = ConfusionMatrix(run.config.num_classes)
     loss_sum, seen = 0.0, 0
-    for indices in plan_batches(len(run.val_set), run.config.batch_size, None):
-        images, masks = make_batch(
-            run.val_set,
-            indices,
+    # Validation's tiles follow the training tiles in the joined stream.
+    plan = [[run.train_count + i for i in b] for b in plan_batches(run.val_count, run.config.batch_size, None)]
+    for indices, prepared in zip(plan, run.tiles.batches(plan), strict=True):
+        images, masks = batch_of(
+            prepared,
             generator=None,
             crop_size=None,
             augment_data=False,

@@ -123,6 +123,12 @@ class TrainerSettings(BaseSettings):
     progress_interval_s: float = 1.0
     # Seconds a job waits out an object-store outage (retrying with backoff) before it fails.
     storage_patience_s: float = 120.0
+    # Processes that load and prepare tiles for each job's worker (0: the worker does it itself).
+    data_workers: int = 2
+    # Disk cache of tile objects shared by the node's jobs (unset: the system's temp folder), and
+    # its budget in MB (0: no cache; every epoch reads the object store).
+    tile_cache_dir: Path | None = None
+    tile_cache_mb: int = 2048
     # Resident memory (MB) a job's worker process may use (0: no limit). Past it the attempt fails
     # as out of memory, saying what to change, instead of the kernel killing it.
     worker_memory_limit_mb: int = 0

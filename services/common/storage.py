@@ -71,6 +71,7 @@ class ObjectStore:
     """A bucket on an S3 API server, with the few operations the services need."""
 
     def __init__(self, settings: StorageSettings) -> None:
+        self.settings = settings
         self.bucket = settings.bucket
         # Short timeouts and a few retries: an outage surfaces as UNAVAILABLE, not a hang.
         http = urllib3.PoolManager(

@@ -12,27 +12,26 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
 from segtrain.common.v1 import common_pb2
 from segtrain.trainer.v1 import trainer_pb2
 
-from segcore import advice, checkpoint, imaging
+from segcore import advice, checkpoint
 from segcore.advice import AdviceDetector
 from segcore.architectures import build_model, load_pretrained_backbone
 from segcore.errors import IncompatibleModelError, SegcoreError
 from segcore.intensity import Normalization
 from segcore.progress import EpochResult
-from segcore.training import Sample, TrainConfig, TrainingState, TrainResult, train
+from segcore.training import TrainConfig, TrainingState, TrainResult, train
 from services.common import hyperparameters as wire
 from services.common import object_keys
-from services.common.errors import DomainError, UnavailableError
-from services.common.storage import ObjectStore, verified
+from services.common.errors import DomainError
+from services.common.storage import ObjectStore
 from services.common.timeutil import to_duration
 from services.trainer_svc.runs import JobRun
+from services.trainer_svc.tile_source import DiskCache, PatientStore, StoredTiles
 
 log = logging.getLogger(__name__)
 S = common_pb2
@@ -139,37 +138,6 @@ def _record_initialisation(run: JobRun, how: str, code: str, message: str) -> No
     run.emit(S.JobEvent(warning=S.Warning(code=code, message=message)))
 
 
-class _PatientStore:
-    """The object store, retrying while it is unavailable: a short outage delays the job instead
-    of failing it (reads and writes here are idempotent)."""
-
-    def __init__(self, store: ObjectStore, patience_s: float) -> None:
-        self._store = store
-        self._patience_s = patience_s
-
-    def get(self, key: str) -> bytes:
-        return self._retry(lambda: self._store.get(key))
-
-    def get_model(self, ref: trainer_pb2.ModelRef) -> bytes:
-        """A registered model's weights, checked against the sha256 recorded at registration."""
-        return verified(self.get(ref.weights_uri), key=ref.weights_uri, sha256=ref.weights_sha256)
-
-    def put(self, key: str, data: bytes) -> None:
-        self._retry(lambda: self._store.put(key, data))
-
-    def _retry(self, operation: Callable[[], T]) -> T:
-        deadline, delay = time.monotonic() + self._patience_s, 0.2
-        while True:
-            try:
-                return operation()
-            except UnavailableError:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("object store unavailable; retrying in %.1f s", delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-
 def _failure(job: str, exc: Exception) -> common_pb2.JobFinished:
     """A failed attempt's report. Out of memory and bad data or parameters say what to change
     (the pipeline does not retry a FAILED attempt: the same inputs would fail again); anything
@@ -200,10 +168,12 @@ def _out_of_memory(exc: Exception) -> str:
 
 class JobExecutor:
     def __init__(self, store: ObjectStore, *, device: str | None, num_threads: int | None,
-                 progress_interval_s: float, storage_patience_s: float) -> None:
-        self._store = _PatientStore(store, storage_patience_s)
+                 progress_interval_s: float, storage_patience_s: float, data_workers: int = 0,
+                 tile_cache: DiskCache | None = None) -> None:
+        self._store = PatientStore(store, patience_s=storage_patience_s, cache=tile_cache)
         self._device = device
         self._num_threads = num_threads
+        self._data_workers = data_workers
         self._progress_interval_s = progress_interval_s
 
     def execute(self, run: JobRun, request: trainer_pb2.RunJobRequest) -> None:
@@ -235,17 +205,12 @@ class JobExecutor:
         # Unset fields take the contract's defaults, inside TrainConfig: no fallbacks of our own.
         values = wire.values_of(request.hyperparameters)
         return TrainConfig(class_names=list(request.class_names), device=self._device, num_threads=self._num_threads,
-                           **values)  # type: ignore[arg-type]
+                           data_workers=self._data_workers, **values)  # type: ignore[arg-type]
 
-    def _load_samples(self, request: trainer_pb2.RunJobRequest) -> tuple[list[Sample], list[Sample]]:
-        def load(tile: trainer_pb2.TrainingTile) -> tuple[bool, Sample]:
-            image = imaging.decode_image(self._store.get(tile.image_uri), tile.name)
-            mask = imaging.decode_mask(self._store.get(tile.mask_uri), tile.name)
-            return tile.validation, Sample(tile_id=tile.name, image=image, mask=mask)
-
-        with ThreadPoolExecutor(max_workers=8, thread_name_prefix="tile-load") as pool:
-            loaded = list(pool.map(load, request.tiles))
-        return [s for v, s in loaded if not v], [s for v, s in loaded if v]
+    def _load_samples(self, request: trainer_pb2.RunJobRequest) -> tuple[StoredTiles, StoredTiles]:
+        """The two splits as sources that read each tile when training asks for it."""
+        return (StoredTiles([t for t in request.tiles if not t.validation], self._store),
+                StoredTiles([t for t in request.tiles if t.validation], self._store))
 
     def _initial_model(self, run: JobRun, request: trainer_pb2.RunJobRequest, config: TrainConfig
                        ) -> tuple[torch.nn.Module | None, Normalization | None]:

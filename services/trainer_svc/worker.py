@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
 from multiprocessing.connection import Client, Connection
@@ -26,6 +27,7 @@ from services.common.server import configure_logging
 from services.common.settings import ServerSettings, StorageSettings, TrainerSettings
 from services.common.storage import ObjectStore
 from services.trainer_svc.executor import JobExecutor
+from services.trainer_svc.tile_source import DiskCache
 
 log = logging.getLogger("segtrain.worker")
 
@@ -123,9 +125,12 @@ def main() -> None:
     configure_logging(common.log_level)
     request = trainer_pb2.RunJobRequest.FromString(args.request.read_bytes())
     device = None if settings.device == "auto" else settings.device
+    cache_dir = settings.tile_cache_dir or Path(tempfile.gettempdir()) / "segtrain-tiles"
+    cache = DiskCache(cache_dir, settings.tile_cache_mb * 2**20) if settings.tile_cache_mb else None
     executor = JobExecutor(ObjectStore(StorageSettings()), device=device, num_threads=settings.num_threads,
                            progress_interval_s=settings.progress_interval_s,
-                           storage_patience_s=settings.storage_patience_s)
+                           storage_patience_s=settings.storage_patience_s, data_workers=settings.data_workers,
+                           tile_cache=cache)
     connection = Client(args.node_socket, family="AF_UNIX", authkey=bytes.fromhex(os.environ[AUTHKEY_VARIABLE]))
     watch = MemoryWatch(settings.worker_memory_limit_mb) if settings.worker_memory_limit_mb else None
     if watch is not None:

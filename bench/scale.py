@@ -1,0 +1,233 @@
+"""`make bench-scale`: how a trainer node's memory and speed grow with the training set.
+
+For sets of 250, 1,000 and 4,000 tiles of 512² 16-bit fluorescence (segcore.regimes, written as
+TIFF), one local stack trains a 1-epoch job per set (`upernet-convnext-cpu`, batch 8, crop 128)
+while this script samples the PSS of the trainer node's whole process tree (the node, the
+attempt's launcher, its worker and the worker's data-loader processes) every 0.25 s. It reports,
+per size: peak PSS, the time to the first training batch (the checking pass over every tile),
+training images/s of the epoch, and the data path alone (the node's tile source and loader,
+reading the same set from the same store, cold cache) in tiles/s.
+
+Targets (issue 10): peak ≤ 2.5 GB at 4,000 tiles; slope ≤ 0.1 MB per tile; data path ≥ 5×
+the model's consumption (training images/s), the first epoch's load included.
+
+    .venv/bin/python bench/scale.py [--sizes 250,1000,4000] [--epochs 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gen"))
+
+from pydantic import SecretStr
+from segtrain.common.v1 import common_pb2
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
+
+from clients.names import DEFAULT_PIPELINE, TERMINAL
+from clients.sdk import Client
+from clients.stack import LocalStack
+from segcore import regimes
+from segcore.imaging import encode_mask_png
+from services.common.settings import StorageSettings, TrainerSettings, environment, given
+
+REGIME = "fluorescence-16bit"
+TILE = 512
+BASE_TILES = 500  # rendered once; larger sets are their 8 flips and rotations (distinct tiles)
+PEAK_TARGET_MB = 2500.0
+SLOPE_TARGET_MB = 0.1
+DATA_TARGET = 5.0
+
+
+@dataclass
+class SizeResult:
+    tiles: int
+    peak_pss_mb: float
+    seconds_to_first_batch: float
+    train_images_per_s: float
+    data_tiles_per_s: float
+
+    @property
+    def data_over_model(self) -> float:
+        return self.data_tiles_per_s / self.train_images_per_s if self.train_images_per_s else 0.0
+
+
+def write_set(count: int, base: list[regimes.RegimeTile], folder: Path) -> tuple[Path, Path]:
+    """`count` tiles: the base tiles, then their dihedral variants (a flip or rotation of a tile
+    is a different tile to the model, at no rendering cost)."""
+    images, masks = folder / "tiles", folder / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    for i in range(count):
+        tile = base[i % len(base)]
+        variant = i // len(base)
+        image, mask = np.rot90(tile.image, variant % 4), np.rot90(tile.mask, variant % 4)
+        if variant >= 4:
+            image, mask = image[:, ::-1], mask[:, ::-1]
+        name = f"{tile.name}_v{variant}"
+        tifffile.imwrite(images / f"{name}.tif", np.ascontiguousarray(image))
+        (masks / f"{name}.png").write_bytes(encode_mask_png(np.ascontiguousarray(mask)))
+    return images, masks
+
+
+def process_tree_pss_mb(root: int) -> float:
+    """PSS of `root` and all its descendants (shared pages split between their users)."""
+    total_kb, pending = 0, [root]
+    while pending:
+        pid = pending.pop()
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total_kb += int(line.split()[1])
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue  # ended meanwhile
+    return total_kb / 1024
+
+
+class PeakSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak, self.running = pid, 0.0, True
+
+    def run(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, process_tree_pss_mb(self.pid))
+            time.sleep(0.25)
+
+
+def train_job(client: Client, training_set: str, train_tiles: int, epochs: int, node_pid: int
+              ) -> tuple[float, float, float]:
+    """(peak PSS MB, seconds from RUNNING to the first training batch, training images/s)."""
+    job = client.create_job(pipeline=DEFAULT_PIPELINE, training_set=training_set,
+                            hyperparameters=common_pb2.Hyperparameters(
+                                architecture="upernet-convnext-cpu", epochs=epochs, batch_size=8, crop_size=128))
+    sampler = PeakSampler(node_pid)
+    sampler.start()
+    client.start_job(job.name)
+    while (current := client.get_job(job.name)).state not in TERMINAL:
+        time.sleep(0.5)
+    sampler.running = False
+    sampler.join()
+    if current.state != common_pb2.JOB_STATE_SUCCEEDED:
+        raise RuntimeError(f"{job.name} ended {current.state}: {current.failure_reason}")
+    events = list(client.watch(job.name))
+    return sampler.peak, *_epoch_timing(events, train_tiles)
+
+
+def _epoch_timing(events: list[common_pb2.JobEvent], train_tiles: int) -> tuple[float, float]:
+    """(seconds from the attempt's start to its first training batch, training images/s), from
+    the node's own event times."""
+    def at(e: common_pb2.JobEvent) -> float:
+        return e.event_time.ToDatetime().timestamp()
+
+    def phase(kind: int) -> list[float]:
+        return [at(e) for e in events if e.HasField("phase_change") and e.phase_change.phase == kind]
+
+    running = phase(common_pb2.PHASE_PREPARING_DATA)[0]
+    training, validating = phase(common_pb2.PHASE_TRAINING), phase(common_pb2.PHASE_VALIDATING)
+    seconds = sum(v - t for t, v in zip(training, validating, strict=False))
+    return training[0] - running, len(training) * train_tiles / seconds
+
+
+def data_path_tiles_per_s(stack: LocalStack, client: Client, training_set: str) -> float:
+    """The node's data path alone: its tile source (cold disk cache) and loader (2 worker
+    processes, its default), preparing every training tile once, no model."""
+    from segtrain.trainer.v1 import trainer_pb2
+
+    from segcore.imaging import Normalization
+    from segcore.metrics import IGNORE_INDEX
+    from segcore.tiles import BatchStream, PreparedTiles
+    from services.common.storage import ObjectStore
+    from services.trainer_svc.tile_source import DiskCache, PatientStore, StoredTiles
+
+    ts = client.pipeline.GetTrainingSet(pb.GetTrainingSetRequest(name=training_set), timeout=60)
+    tiles = [trainer_pb2.TrainingTile(name=t.name, image_uri=t.image_uri, mask_uri=t.mask_uri)
+             for t in ts.tiles if not t.validation]
+    store = ObjectStore(StorageSettings(endpoint=stack.s3_endpoint, access_key=stack.access_key,
+                                        secret_key=SecretStr(stack.secret_key)))
+    with tempfile.TemporaryDirectory() as cache:
+        source = StoredTiles(tiles, PatientStore(store, patience_s=30, cache=DiskCache(Path(cache), 2**31)))
+        norm = Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), mode="percentile")
+        stream = BatchStream(PreparedTiles(source, norm, 2, IGNORE_INDEX), workers=2)
+        plan = [list(range(i, min(i + 8, len(tiles)))) for i in range(0, len(tiles), 8)]
+        started = time.perf_counter()
+        for _ in stream.batches(plan):
+            pass
+        seconds = time.perf_counter() - started
+        stream.close()
+    return len(tiles) / seconds
+
+
+def print_table(results: list[SizeResult]) -> dict[str, object]:
+    print(f"\n{'tiles':>6} {'peak PSS MB':>12} {'s to 1st batch':>15} {'train img/s':>12} "
+          f"{'data tiles/s':>13} {'data/model':>11}")
+    for r in results:
+        print(f"{r.tiles:>6} {r.peak_pss_mb:>12.0f} {r.seconds_to_first_batch:>15.1f} {r.train_images_per_s:>12.1f} "
+              f"{r.data_tiles_per_s:>13.1f} {r.data_over_model:>11.1f}")
+    first, last = results[0], results[-1]
+    slope = (last.peak_pss_mb - first.peak_pss_mb) / max(1, last.tiles - first.tiles)
+    verdicts = {
+        "peak": (last.peak_pss_mb, PEAK_TARGET_MB, last.peak_pss_mb <= PEAK_TARGET_MB),
+        "slope_mb_per_tile": (slope, SLOPE_TARGET_MB, slope <= SLOPE_TARGET_MB),
+        "data_over_model_min": (min(r.data_over_model for r in results), DATA_TARGET,
+                                min(r.data_over_model for r in results) >= DATA_TARGET),
+    }
+    print(f"peak PSS at {last.tiles} tiles {last.peak_pss_mb:.0f} MB (target <= {PEAK_TARGET_MB:.0f}): "
+          f"{'PASS' if verdicts['peak'][2] else 'MISS'}")
+    print(f"slope {slope:.3f} MB/tile between {first.tiles} and {last.tiles} (target <= {SLOPE_TARGET_MB}): "
+          f"{'PASS' if verdicts['slope_mb_per_tile'][2] else 'MISS'}")
+    print(f"data path / model consumption, worst size {verdicts['data_over_model_min'][0]:.1f}x "
+          f"(target >= {DATA_TARGET:.0f}x): {'PASS' if verdicts['data_over_model_min'][2] else 'MISS'}")
+    return {k: {"value": v, "target": t, "pass": ok} for k, (v, t, ok) in verdicts.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="250,1000,4000")
+    parser.add_argument("--epochs", type=int, default=1)
+    args = parser.parse_args()
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    out = Path("bench-output/scale")
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"bench-scale: sizes {sizes}, {TILE}² {REGIME}, {os.cpu_count()} CPUs; rendering "
+          f"{min(BASE_TILES, sizes[-1])} base tiles", flush=True)
+    base = regimes.generate_regime(REGIME, min(BASE_TILES, sizes[-1]), tile_size=TILE, seed=0)
+    env = environment(given(TrainerSettings, num_threads=max(1, (os.cpu_count() or 2))))
+    results = []
+    with LocalStack(out / "stack", trainers=1, env_overrides=env) as stack, \
+            Client(stack.pipeline_address, token=stack.tokens["trainer"]) as client:
+        node_pid = stack.processes["trainer-1"].popen.pid
+        for size in sizes:
+            images, masks = write_set(size, base, out / f"set-{size}")
+            started = time.monotonic()
+            ts = client.create_training_set(f"scale-{size}", images, masks, class_names=regimes.class_names(REGIME))
+            print(f"{size} tiles: set created in {time.monotonic() - started:.0f} s; training", flush=True)
+            peak, first_batch, images_per_s = train_job(client, ts.name, ts.train_tile_count, args.epochs, node_pid)
+            data = data_path_tiles_per_s(stack, client, ts.name)
+            results.append(SizeResult(size, peak, first_batch, images_per_s, data))
+            print(f"{size} tiles: {asdict(results[-1])}", flush=True)
+            shutil.rmtree(out / f"set-{size}")
+    verdicts = print_table(results)
+    summary = {"sizes": [asdict(r) for r in results], "verdicts": verdicts}
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

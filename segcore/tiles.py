@@ -1,0 +1,158 @@
+"""Tiles streamed into training: the set is never held decoded in memory.
+
+A training run reads its tiles through a ``TileSource``: anything with ``len()`` and
+``source[i] -> Sample`` (a plain list of samples is one; a trainer node's source reads each tile
+from object storage when asked). Two passes use it:
+* ``scan`` once before training: every tile is checked (shape, values, mask classes), the
+  class pixel counts and the normalization statistics are accumulated, one tile at a time;
+* ``BatchStream`` every epoch: a torch ``DataLoader`` (worker processes when asked) prepares the
+  tiles of each planned batch (decode, check, normalise); random crops and augmentation stay in
+  the training process, drawn from its one generator, so results do not depend on how many
+  workers load the data.
+
+Memory: a batch or two per worker in flight, whatever the size of the set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from segcore.data import PreparedSample, Sample, check_sample, prepare_sample
+from segcore.errors import InvalidParameterError
+from segcore.imaging import Normalization
+from segcore.intensity import ImageProfile, compute_normalization, profile_image, profile_images
+
+
+class TileSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Sample: ...
+
+
+@dataclass
+class ScanResult:
+    """What one pass over a split found."""
+
+    normalization: Normalization | None
+    class_pixels: torch.Tensor  # labelled pixels per class index (int64)
+    profile: ImageProfile
+
+
+def scan(source: TileSource, *, num_classes: int, ignore_index: int, field: str, mode: str | None = None,
+         percentile_low: float = 1.0, percentile_high: float = 99.8, threads: int = 0) -> ScanResult:
+    """Checks every tile of `source` and accumulates its statistics in one pass (the normalization
+    of `mode` when given). Raises InvalidTileError naming the first bad tile."""
+    if len(source) == 0:
+        raise InvalidParameterError(field, "need at least one sample")
+    counts = np.zeros(num_classes, dtype=np.int64)
+    profile = profile_images([])
+
+    def images() -> Iterator[np.ndarray]:
+        nonlocal counts, profile
+        for sample in _raw_stream(source, threads):
+            check_sample(sample, num_classes, ignore_index)
+            labelled = sample.mask[sample.mask != ignore_index].astype(np.int64).ravel()
+            counts += np.bincount(labelled, minlength=num_classes)[:num_classes]
+            profile = profile.merged(profile_image(sample.image))
+            yield sample.image
+
+    stream = images()
+    norm = None
+    if mode is not None:
+        norm = compute_normalization(stream, mode, percentile_low=percentile_low, percentile_high=percentile_high)
+    for _ in stream:  # a mode that needs no statistics (imagenet) still checks every tile
+        pass
+    return ScanResult(normalization=norm, class_pixels=torch.from_numpy(counts), profile=profile)
+
+
+class PreparedTiles(Dataset[PreparedSample]):
+    """`source`'s tiles, each prepared when asked (in a loader worker when there are workers)."""
+
+    def __init__(self, source: TileSource, norm: Normalization, num_classes: int, ignore_index: int) -> None:
+        self.source, self.norm, self.num_classes, self.ignore_index = source, norm, num_classes, ignore_index
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> PreparedSample:
+        return prepare_sample(self.source[index], self.norm, self.num_classes, self.ignore_index)
+
+
+class _Plan(Sampler[list[int]]):
+    """The batches of the current epoch; the stream sets them before each pass."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class BatchStream:
+    """Prepared tiles of planned batches, in plan order. With `workers` > 0 the tiles are prepared
+    by that many worker processes (spawned, kept for the whole run), a few batches ahead."""
+
+    def __init__(self, dataset: PreparedTiles, *, workers: int, pin_memory: bool = False) -> None:
+        self._plan = _Plan()
+        self._loader: DataLoader[PreparedSample] = DataLoader(
+            dataset, batch_sampler=self._plan, collate_fn=_as_list, num_workers=workers,
+            multiprocessing_context="spawn" if workers else None, persistent_workers=workers > 0,
+            prefetch_factor=2 if workers else None, pin_memory=pin_memory)
+
+    def __len__(self) -> int:
+        return len(self._loader.dataset)  # type: ignore[arg-type]
+
+    def batches(self, plan: list[list[int]]) -> Iterator[list[PreparedSample]]:
+        self._plan.batches = plan
+        return iter(self._loader)
+
+    def close(self) -> None:
+        """Stops the worker processes now, rather than whenever the stream is collected."""
+        iterator = getattr(self._loader, "_iterator", None)  # kept by the loader for persistent workers
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._loader._iterator = None
+
+
+def _as_list(items: list[PreparedSample]) -> list[PreparedSample]:
+    return items
+
+
+class Joined:
+    """Two sources as one (the second's tiles after the first's): the training and validation
+    splits share one loader and its worker processes."""
+
+    def __init__(self, first: TileSource, second: TileSource) -> None:
+        self.first, self.second = first, second
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def __getitem__(self, index: int) -> Sample:
+        return self.first[index] if index < len(self.first) else self.second[index - len(self.first)]
+
+
+def _raw_stream(source: TileSource, threads: int) -> Iterator[Sample]:
+    """Every tile in order, read `threads` at a time (reading and decoding wait on storage and
+    release the GIL; threads cost no start-up, unlike loader processes, for this one pass)."""
+    if threads == 0:
+        yield from (source[i] for i in range(len(source)))
+        return
+    window = 4 * threads
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tile-scan") as pool:
+        pending = [pool.submit(source.__getitem__, i) for i in range(min(window, len(source)))]
+        for i in range(len(source)):
+            if i + window < len(source):
+                pending.append(pool.submit(source.__getitem__, i + window))
+            yield pending[i].result()
+            pending[i] = None  # type: ignore[call-overload]

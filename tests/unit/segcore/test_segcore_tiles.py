@@ -1,0 +1,68 @@
+"""Tiles streamed into training (segcore.tiles): loaded when their batch comes up, in worker
+processes when asked, with results that do not depend on how the data was loaded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segcore.data import Sample
+from segcore.errors import InvalidTileError
+from segcore.metrics import IGNORE_INDEX
+from segcore.tiles import scan
+from segcore.training import train
+from tests.unit.segcore.segcore_testutil import DiscFactory, cpu_config
+
+
+class CountingSource:
+    """A tile source that decodes on access, and counts the accesses (a stand-in for object storage)."""
+
+    def __init__(self, samples: list[Sample]) -> None:
+        self._samples = samples
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __getitem__(self, index: int) -> Sample:
+        self.reads += 1
+        s = self._samples[index]
+        return Sample(s.tile_id, s.image.copy(), s.mask.copy())
+
+
+def metrics(result: object) -> tuple[float, float, float, float]:
+    return (result.train_loss, result.train_iou, result.val_loss, result.val_iou)  # type: ignore[attr-defined]
+
+
+def test_loading_in_worker_processes_gives_the_same_run(discs: DiscFactory) -> None:
+    data = discs(10, 48, seed=1), discs(4, 48, seed=2)
+    config = dict(epochs=2, seed=3, augment=True, crop_size=32, num_threads=1)
+    in_process = train(cpu_config(**config), *data).history
+    by_workers = train(cpu_config(**config, data_workers=2), *data).history
+    assert [metrics(r) for r in in_process] == [metrics(r) for r in by_workers]
+
+
+def test_a_source_is_read_tile_by_tile_each_epoch_never_held(discs: DiscFactory) -> None:
+    train_source, val_source = CountingSource(discs(6, 32, seed=1)), CountingSource(discs(3, 32, seed=2))
+    train(cpu_config(epochs=3, seed=0, normalization="dataset"), train_source, val_source)
+    # One checking pass, then every tile once per epoch: nothing is cached in memory.
+    assert train_source.reads == 6 * (1 + 3) and val_source.reads == 3 * (1 + 3)
+
+
+def test_a_bad_tile_fails_before_training_naming_it(discs: DiscFactory) -> None:
+    samples = discs(6, 32, seed=1)
+    samples[4] = Sample("broken", samples[4].image, np.full((32, 32), 7, np.int64))
+    with pytest.raises(InvalidTileError, match="broken"):
+        scan(samples, num_classes=2, ignore_index=IGNORE_INDEX, field="train_samples")
+    source = CountingSource(samples)
+    with pytest.raises(InvalidTileError, match="broken"):
+        train(cpu_config(epochs=1), source, discs(2, 32, seed=2))
+    assert source.reads <= len(samples)  # it stopped in the checking pass, before any training
+
+
+def test_scan_counts_class_pixels_and_computes_the_normalization_in_one_pass(discs: DiscFactory) -> None:
+    samples = discs(5, 32, seed=4)
+    found = scan(CountingSource(samples), num_classes=2, ignore_index=IGNORE_INDEX, field="s", mode="dataset")
+    expected = np.bincount(np.concatenate([s.mask.ravel() for s in samples]), minlength=2)
+    assert found.class_pixels.tolist() == expected.tolist()
+    assert found.normalization is not None and found.normalization.mode == "dataset"
