@@ -31,10 +31,11 @@ from segtrain.common.v1 import common_pb2
 from segtrain.trainer.v1 import trainer_pb2
 
 from services.trainer_svc.runs import JobRun
-from services.trainer_svc.worker import AUTHKEY_VARIABLE
 
 log = logging.getLogger(__name__)
 S = common_pb2
+# The secret a worker proves itself with on its node's socket (set in the worker's environment).
+AUTHKEY_VARIABLE = "SEGTRAIN_WORKER_AUTHKEY"
 _EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
 
 

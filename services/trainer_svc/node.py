@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import grpc
 from segtrain.common.v1 import common_pb2
@@ -15,7 +16,6 @@ from segtrain.trainer.v1 import trainer_pb2
 
 from services.common import names, object_keys
 from services.common.errors import FailedPreconditionError, FieldViolation, check
-from services.trainer_svc.analysis import Analyzer
 from services.trainer_svc.attempts import AttemptProcess
 from services.trainer_svc.runs import RunRegistry
 
@@ -23,8 +23,29 @@ log = logging.getLogger(__name__)
 WATCH_POLL_S = 1.0
 
 
+class Analyses(Protocol):
+    def analyze(self, request: trainer_pb2.AnalyzeTilesRequest) -> trainer_pb2.AnalyzeTilesResponse: ...
+
+
+class AnalyzerOnDemand:
+    """Analysis runs in the node's process and needs torch; training runs in worker processes.
+    The analyzer (and torch) is loaded when the first analysis comes, so a node that only trains
+    stays small (a few hundred MB less per node)."""
+
+    def __init__(self, load: Callable[[], Analyses]) -> None:
+        self._load = load
+        self._analyzer: Analyses | None = None
+        self._lock = threading.Lock()
+
+    def analyze(self, request: trainer_pb2.AnalyzeTilesRequest) -> trainer_pb2.AnalyzeTilesResponse:
+        with self._lock:
+            if self._analyzer is None:
+                self._analyzer = self._load()
+        return self._analyzer.analyze(request)
+
+
 class TrainerNode:
-    def __init__(self, analyzer: Analyzer, *, capacity: int, worker_env: dict[str, str]) -> None:
+    def __init__(self, analyzer: Analyses, *, capacity: int, worker_env: dict[str, str]) -> None:
         self.analyzer = analyzer
         self.runs = RunRegistry(capacity)
         self.draining = False
@@ -97,10 +118,11 @@ def _validate(request: trainer_pb2.RunJobRequest) -> None:
 class Registration(threading.Thread):
     """Registers the node with the pipeline service and heartbeats until stopped."""
 
-    def __init__(self, node: TrainerNode, pipeline_address: str, node_id: str, address: str, device: str,
-                 channel: grpc.Channel) -> None:
+    def __init__(self, node: TrainerNode, pipeline_address: str, node_id: str, address: str,
+                 device: Callable[[], str], channel: grpc.Channel) -> None:
         super().__init__(name="registration", daemon=True)
         self._node, self._node_id, self._address, self._device = node, node_id, address, device
+        self._device_text: str | None = None
         self._stub = pipeline_pb2_grpc.PipelineServiceStub(channel)
         self._pipeline_address = pipeline_address
         self.stopping = threading.Event()
@@ -113,7 +135,7 @@ class Registration(threading.Thread):
                 if not self.registered.is_set():
                     self._stub.RegisterTrainerNode(pipeline_pb2.RegisterTrainerNodeRequest(
                         node_id=self._node_id, address=self._address, capacity=self._node.runs.capacity,
-                        device=self._device), timeout=10)
+                        device=self._device_name()), timeout=10)
                     self.registered.set()
                     log.info("registered with the pipeline service at %s as %s", self._pipeline_address,
                              self._node_id)
@@ -122,6 +144,11 @@ class Registration(threading.Thread):
                 log.warning("pipeline service unreachable (%s); retrying", exc.code())
                 interval = 1.0
             self.stopping.wait(interval)
+
+    def _device_name(self) -> str:
+        if self._device_text is None:
+            self._device_text = self._device()
+        return self._device_text
 
     def announce_draining(self) -> None:
         """Tells the pipeline service at once that this node takes no more work."""

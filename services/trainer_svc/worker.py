@@ -26,13 +26,11 @@ from segtrain.trainer.v1 import trainer_pb2
 from services.common.server import configure_logging
 from services.common.settings import ServerSettings, StorageSettings, TrainerSettings
 from services.common.storage import ObjectStore
+from services.trainer_svc.attempts import AUTHKEY_VARIABLE
 from services.trainer_svc.executor import JobExecutor
 from services.trainer_svc.tile_source import DiskCache
 
 log = logging.getLogger("segtrain.worker")
-
-# Variables the node sets for its worker (the launcher passes the environment through).
-AUTHKEY_VARIABLE = "SEGTRAIN_WORKER_AUTHKEY"
 
 
 class WorkerRun:

@@ -18,7 +18,7 @@ from services.common import object_keys
 from services.common.settings import StorageSettings, TrainerSettings, environment, given
 from services.common.storage import ObjectStore
 from services.trainer_svc.analysis import Analyzer
-from services.trainer_svc.node import TrainerNode
+from services.trainer_svc.node import AnalyzerOnDemand, TrainerNode
 from services.trainer_svc.runs import JobRun
 from tests.helpers import png_bytes
 
@@ -40,7 +40,7 @@ def tiles(store: ObjectStore) -> list[trainer_pb2.TrainingTile]:
 def node(store: ObjectStore, s3_settings: StorageSettings, **settings: object) -> TrainerNode:
     trainer = given(TrainerSettings, device="cpu", num_threads=1, progress_interval_s=0.0, **settings)
     env = {**os.environ, **environment(s3_settings, trainer)}
-    return TrainerNode(Analyzer(store, "cpu", 1), capacity=2, worker_env=env)
+    return TrainerNode(AnalyzerOnDemand(lambda: Analyzer(store, "cpu", 1)), capacity=2, worker_env=env)
 
 
 def run_job(trainer: TrainerNode, tiles: list[trainer_pb2.TrainingTile], *, epochs: int,
