@@ -25,8 +25,8 @@ class TrainConfig:
     """Everything that determines a training run (besides the data).
 
     The training parameters and their defaults come from ``segcore.hyperparameters`` (the one
-    contract the services validate with too); ``class_names``, ``device``, ``num_threads`` and
-    ``data_workers`` are not job parameters but facts of the data and of the machine (none of
+    contract the services validate with too); ``class_names``, ``device``, ``num_threads``,
+    ``data_workers`` and ``prepared_cache_mb`` are not job parameters but facts of the data and of the machine (none of
     them changes the results on a given device).
     """
 
@@ -51,6 +51,7 @@ class TrainConfig:
     device: str | None = None  # None: cuda if available, else cpu
     num_threads: int | None = None  # CPU threads during training; None: leave as is
     data_workers: int = 0  # processes that load and prepare tiles (0: the training process itself)
+    prepared_cache_mb: int = 256  # prepared tiles kept between epochs (a set that fits is prepared once)
 
     @property
     def num_classes(self) -> int:
@@ -73,6 +74,8 @@ class TrainConfig:
             raise InvalidParameterError("num_threads", f"must be an integer >= 1, got {self.num_threads!r}")
         if not isinstance(self.data_workers, int) or isinstance(self.data_workers, bool) or self.data_workers < 0:
             raise InvalidParameterError("data_workers", f"must be an integer >= 0, got {self.data_workers!r}")
+        if not isinstance(self.prepared_cache_mb, int) or self.prepared_cache_mb < 0:
+            raise InvalidParameterError("prepared_cache_mb", f"must be an integer >= 0, got {self.prepared_cache_mb!r}")
         resolve_device(self.device)
 
 

@@ -15,6 +15,7 @@ Memory: a batch or two per worker in flight, whatever the size of the set.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -98,11 +99,46 @@ class _Plan(Sampler[list[int]]):
         return len(self.batches)
 
 
+class _PreparedCache:
+    """Prepared tiles kept between epochs, least recently used dropped past `max_bytes`: a set
+    that fits is prepared once, a larger one streams (with as much of it kept as fits)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self._items: OrderedDict[int, PreparedSample] = OrderedDict()
+
+    def get(self, index: int) -> PreparedSample | None:
+        item = self._items.get(index)
+        if item is not None:
+            self._items.move_to_end(index)
+        return item
+
+    def __contains__(self, index: int) -> bool:
+        return index in self._items
+
+    def put(self, index: int, item: PreparedSample) -> None:
+        size = _size(item)
+        if size > self.max_bytes or index in self._items:
+            return
+        self._items[index] = item
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, dropped = self._items.popitem(last=False)
+            self.bytes -= _size(dropped)
+
+
+def _size(item: PreparedSample) -> int:
+    return sum(t.numel() * t.element_size() for t in (item.image, item.mask, item.mean, item.std))
+
+
 class BatchStream:
     """Prepared tiles of planned batches, in plan order. With `workers` > 0 the tiles are prepared
-    by that many worker processes (spawned, kept for the whole run), a few batches ahead."""
+    by that many worker processes (spawned, kept for the whole run), a few batches ahead; up to
+    `cache_bytes` of prepared tiles are kept between epochs and not prepared again."""
 
-    def __init__(self, dataset: PreparedTiles, *, workers: int, pin_memory: bool = False) -> None:
+    def __init__(self, dataset: PreparedTiles, *, workers: int, pin_memory: bool = False,
+                 cache_bytes: int = 0) -> None:
+        self._cache = _PreparedCache(cache_bytes)
         self._plan = _Plan()
         self._loader: DataLoader[PreparedSample] = DataLoader(
             dataset, batch_sampler=self._plan, collate_fn=_as_list, num_workers=workers,
@@ -113,8 +149,15 @@ class BatchStream:
         return len(self._loader.dataset)  # type: ignore[arg-type]
 
     def batches(self, plan: list[list[int]]) -> Iterator[list[PreparedSample]]:
-        self._plan.batches = plan
-        return iter(self._loader)
+        # The loader is asked only for the tiles the cache does not hold, in plan order.
+        missing = [[i for i in batch if i not in self._cache] for batch in plan]
+        self._plan.batches = [m for m in missing if m]
+        loaded = iter(self._loader) if self._plan.batches else iter(())
+        for batch, wanted in zip(plan, missing, strict=True):
+            fresh: dict[int, PreparedSample] = dict(zip(wanted, next(loaded), strict=True)) if wanted else {}
+            for index, item in fresh.items():
+                self._cache.put(index, item)
+            yield [fresh[i] if i in fresh else self._cache.get(i) for i in batch]  # type: ignore[misc]
 
     def close(self) -> None:
         """Stops the worker processes now, rather than whenever the stream is collected."""

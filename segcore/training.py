@@ -213,7 +213,8 @@ def _setup(
     # One loader (and one set of worker processes) serves both splits: validation's tiles follow
     # the training tiles' indices.
     tiles = BatchStream(PreparedTiles(Joined(train_samples, val_samples), norm, n, IGNORE_INDEX),
-                        workers=config.data_workers, pin_memory=device.type == "cuda")
+                        workers=config.data_workers, pin_memory=device.type == "cuda",
+                        cache_bytes=config.prepared_cache_mb * 2**20)
     _seed_everything(config.seed)  # before building: weight init draws from the global RNG
     model = model if model is not None else build_model(config.architecture, n)
     model = model.to(device)

@@ -169,11 +169,12 @@ def _out_of_memory(exc: Exception) -> str:
 class JobExecutor:
     def __init__(self, store: ObjectStore, *, device: str | None, num_threads: int | None,
                  progress_interval_s: float, storage_patience_s: float, data_workers: int = 0,
-                 tile_cache: DiskCache | None = None) -> None:
+                 prepared_cache_mb: int = 256, tile_cache: DiskCache | None = None) -> None:
         self._store = PatientStore(store, patience_s=storage_patience_s, cache=tile_cache)
         self._device = device
         self._num_threads = num_threads
         self._data_workers = data_workers
+        self._prepared_cache_mb = prepared_cache_mb
         self._progress_interval_s = progress_interval_s
 
     def execute(self, run: JobRun, request: trainer_pb2.RunJobRequest) -> None:
@@ -205,7 +206,8 @@ class JobExecutor:
         # Unset fields take the contract's defaults, inside TrainConfig: no fallbacks of our own.
         values = wire.values_of(request.hyperparameters)
         return TrainConfig(class_names=list(request.class_names), device=self._device, num_threads=self._num_threads,
-                           data_workers=self._data_workers, **values)  # type: ignore[arg-type]
+                           data_workers=self._data_workers, prepared_cache_mb=self._prepared_cache_mb,
+                           **values)  # type: ignore[arg-type]
 
     def _load_samples(self, request: trainer_pb2.RunJobRequest) -> tuple[StoredTiles, StoredTiles]:
         """The two splits as sources that read each tile when training asks for it."""

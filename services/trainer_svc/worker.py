@@ -128,7 +128,7 @@ def main() -> None:
     executor = JobExecutor(ObjectStore(StorageSettings()), device=device, num_threads=settings.num_threads,
                            progress_interval_s=settings.progress_interval_s,
                            storage_patience_s=settings.storage_patience_s, data_workers=settings.data_workers,
-                           tile_cache=cache)
+                           prepared_cache_mb=settings.prepared_cache_mb, tile_cache=cache)
     connection = Client(args.node_socket, family="AF_UNIX", authkey=bytes.fromhex(os.environ[AUTHKEY_VARIABLE]))
     watch = MemoryWatch(settings.worker_memory_limit_mb) if settings.worker_memory_limit_mb else None
     if watch is not None:

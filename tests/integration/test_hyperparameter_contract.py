@@ -96,7 +96,8 @@ def test_proto_train_config_and_cli_carry_exactly_the_contract() -> None:
     for p in contract.PARAMETERS:  # each default has its parameter's type and passes its own bounds
         assert (p.default is None and p.optional) or type(p.default) is p.kind, p.name
         assert p.violation(p.default, [contract.DEFAULT_ARCHITECTURE]) is None, p.name
-    assert set(config_fields) - set(names) == {"class_names", "device", "num_threads", "data_workers"}
+    assert set(config_fields) - set(names) == {"class_names", "device", "num_threads", "data_workers",
+                                                     "prepared_cache_mb"}
     parser = build_parser()
     args = parser.parse_args(["jobs", "create", "--pipeline", "p", "--training-set", "s", "--no-augment",
                               "--class-weights", "--checkpoint-every", "3", "--normalization", "percentile",

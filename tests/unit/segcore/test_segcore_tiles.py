@@ -42,11 +42,16 @@ def test_loading_in_worker_processes_gives_the_same_run(discs: DiscFactory) -> N
     assert [metrics(r) for r in in_process] == [metrics(r) for r in by_workers]
 
 
-def test_a_source_is_read_tile_by_tile_each_epoch_never_held(discs: DiscFactory) -> None:
-    train_source, val_source = CountingSource(discs(6, 32, seed=1)), CountingSource(discs(3, 32, seed=2))
-    train(cpu_config(epochs=3, seed=0, normalization="dataset"), train_source, val_source)
-    # One checking pass, then every tile once per epoch: nothing is cached in memory.
-    assert train_source.reads == 6 * (1 + 3) and val_source.reads == 3 * (1 + 3)
+def test_a_source_is_read_tile_by_tile_and_kept_only_within_the_cache_budget(discs: DiscFactory) -> None:
+    for cache_mb, epochs_read in ((0, 3), (256, 1)):
+        train_source, val_source = CountingSource(discs(6, 32, seed=1)), CountingSource(discs(3, 32, seed=2))
+        config = cpu_config(epochs=3, seed=0, normalization="dataset", prepared_cache_mb=cache_mb)
+        history = train(config, train_source, val_source).history
+        # One checking pass, then each tile once per epoch (no cache) or once in all (it fits).
+        assert train_source.reads == 6 * (1 + epochs_read) and val_source.reads == 3 * (1 + epochs_read)
+        if cache_mb == 0:
+            streamed = history
+    assert [metrics(r) for r in history] == [metrics(r) for r in streamed]  # the cache changes nothing else
 
 
 def test_a_bad_tile_fails_before_training_naming_it(discs: DiscFactory) -> None:
