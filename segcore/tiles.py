@@ -44,6 +44,7 @@ class ScanResult:
     normalization: Normalization | None
     class_pixels: torch.Tensor  # labelled pixels per class index (int64)
     profile: ImageProfile
+    pixels: int  # image pixels of all tiles (what preparing them all would hold)
 
 
 def scan(source: TileSource, *, num_classes: int, ignore_index: int, field: str, mode: str | None = None,
@@ -54,11 +55,13 @@ def scan(source: TileSource, *, num_classes: int, ignore_index: int, field: str,
         raise InvalidParameterError(field, "need at least one sample")
     counts = np.zeros(num_classes, dtype=np.int64)
     profile = profile_images([])
+    pixels = 0
 
     def images() -> Iterator[np.ndarray]:
-        nonlocal counts, profile
+        nonlocal counts, profile, pixels
         for sample in _raw_stream(source, threads):
             check_sample(sample, num_classes, ignore_index)
+            pixels += int(sample.mask.size)
             labelled = sample.mask[sample.mask != ignore_index].astype(np.int64).ravel()
             counts += np.bincount(labelled, minlength=num_classes)[:num_classes]
             profile = profile.merged(profile_image(sample.image))
@@ -70,7 +73,7 @@ def scan(source: TileSource, *, num_classes: int, ignore_index: int, field: str,
         norm = compute_normalization(stream, mode, percentile_low=percentile_low, percentile_high=percentile_high)
     for _ in stream:  # a mode that needs no statistics (imagenet) still checks every tile
         pass
-    return ScanResult(normalization=norm, class_pixels=torch.from_numpy(counts), profile=profile)
+    return ScanResult(normalization=norm, class_pixels=torch.from_numpy(counts), profile=profile, pixels=pixels)
 
 
 class PreparedTiles(Dataset[PreparedSample]):
@@ -99,9 +102,19 @@ class _Plan(Sampler[list[int]]):
         return len(self.batches)
 
 
+# Bytes a prepared tile holds per pixel: three float32 channels and an int64 mask.
+PREPARED_BYTES_PER_PIXEL = 3 * 4 + 8
+
+
+def prepared_cache_budget(pixels: int, budget_bytes: int) -> int:
+    """All or nothing: a set whose prepared tiles fit `budget_bytes` is kept whole; a larger one
+    keeps none. (Epochs visit every tile in a new order, so a cache holding part of the set
+    would almost never hold the next tile: it would cost its memory for nothing.)"""
+    return budget_bytes if pixels * PREPARED_BYTES_PER_PIXEL <= budget_bytes else 0
+
+
 class _PreparedCache:
-    """Prepared tiles kept between epochs, least recently used dropped past `max_bytes`: a set
-    that fits is prepared once, a larger one streams (with as much of it kept as fits)."""
+    """Prepared tiles kept between epochs, least recently used dropped past `max_bytes`."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes, self.bytes = max_bytes, 0

@@ -42,7 +42,7 @@ from segcore.losses import class_weights_from_counts, segmentation_loss
 from segcore.metrics import IGNORE_INDEX, ConfusionMatrix, argmax_classes
 from segcore.progress import EpochResult, NullObserver, PrintObserver, TrainingObserver
 from segcore.state import TrainingState, capture_rng, cpu_copy, restore_rng
-from segcore.tiles import BatchStream, Joined, PreparedTiles, ScanResult, TileSource, scan
+from segcore.tiles import BatchStream, Joined, PreparedTiles, ScanResult, TileSource, prepared_cache_budget, scan
 
 # Threads that read tiles for the checking pass before training.
 _SCAN_THREADS = 4
@@ -207,14 +207,16 @@ def _setup(
     # One pass over every tile before training: each is checked (a bad tile fails the run now,
     # naming it, not hours in) while the class counts and normalization statistics accumulate.
     found = _scan_training_tiles(config, train_samples, None if normalization else _mode_for(config, train_samples))
-    scan(val_samples, num_classes=n, ignore_index=IGNORE_INDEX, field="val_samples", threads=_SCAN_THREADS)
+    val_found = scan(val_samples, num_classes=n, ignore_index=IGNORE_INDEX, field="val_samples",
+                     threads=_SCAN_THREADS)
     norm = normalization or found.normalization
     assert norm is not None
     # One loader (and one set of worker processes) serves both splits: validation's tiles follow
     # the training tiles' indices.
     tiles = BatchStream(PreparedTiles(Joined(train_samples, val_samples), norm, n, IGNORE_INDEX),
                         workers=config.data_workers, pin_memory=device.type == "cuda",
-                        cache_bytes=config.prepared_cache_mb * 2**20)
+                        cache_bytes=prepared_cache_budget(found.pixels + val_found.pixels,
+                                                          config.prepared_cache_mb * 2**20))
     _seed_everything(config.seed)  # before building: weight init draws from the global RNG
     model = model if model is not None else build_model(config.architecture, n)
     model = model.to(device)

@@ -125,7 +125,8 @@ class TrainerSettings(BaseSettings):
     storage_patience_s: float = 120.0
     # Processes that load and prepare tiles for each job's worker (0: the worker does it itself).
     data_workers: int = 2
-    # MB of prepared tiles a job keeps in memory between epochs: a set that fits is prepared once.
+    # MB of prepared tiles a job may keep in memory between epochs: a set whose prepared tiles fit
+    # is prepared once; a larger one streams every epoch and keeps none.
     prepared_cache_mb: int = 256
     # Disk cache of tile objects shared by the node's jobs (unset: the system's temp folder), and
     # its budget in MB (0: no cache; every epoch reads the object store).

@@ -67,9 +67,11 @@ class AttemptProcess:
             env={**self._env, AUTHKEY_VARIABLE: self._authkey.hex()})
         self.run.on_control = self._send_control
         output = threading.Thread(target=self._forward_output, name=f"output-{self.run.job}", daemon=True)
-        output.start()
-        threading.Thread(target=self._receive_events, name=f"events-{self.run.job}", daemon=True).start()
-        threading.Thread(target=self._supervise, args=(output,), name=f"attempt-{self.run.job}", daemon=True).start()
+        events = threading.Thread(target=self._receive_events, name=f"events-{self.run.job}", daemon=True)
+        for thread in (output, events):
+            thread.start()
+        threading.Thread(target=self._supervise, args=(output, events), name=f"attempt-{self.run.job}",
+                         daemon=True).start()
 
     def worker_pids(self) -> list[int]:
         """The launcher's children: the attempt's worker processes (Linux /proc)."""
@@ -121,11 +123,12 @@ class AttemptProcess:
             sys.stderr.flush()
             self._output_tail.append(line.decode(errors="replace"))
 
-    def _supervise(self, output: threading.Thread) -> None:
+    def _supervise(self, output: threading.Thread, events: threading.Thread) -> None:
         assert self._process is not None
         code = self._process.wait()
         output.join(timeout=10)
-        self._listener.close()
+        self._listener.close()  # ends an accept still waiting (the worker never connected)
+        events.join(timeout=10)  # the worker's last events, its result among them, are read first
         if not self.run.finished:
             self.run.emit(S.JobEvent(finished=self._outcome(code)))
         with self._lock:

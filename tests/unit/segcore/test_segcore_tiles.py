@@ -43,7 +43,8 @@ def test_loading_in_worker_processes_gives_the_same_run(discs: DiscFactory) -> N
 
 
 def test_a_source_is_read_tile_by_tile_and_kept_only_within_the_cache_budget(discs: DiscFactory) -> None:
-    for cache_mb, epochs_read in ((0, 3), (256, 1)):
+    # 9 tiles of 32² prepared hold 9 * 1024 * 20 bytes = 0.18 MB: they fit 1 MB, not 0 MB.
+    for cache_mb, epochs_read in ((0, 3), (1, 1)):
         train_source, val_source = CountingSource(discs(6, 32, seed=1)), CountingSource(discs(3, 32, seed=2))
         config = cpu_config(epochs=3, seed=0, normalization="dataset", prepared_cache_mb=cache_mb)
         history = train(config, train_source, val_source).history
@@ -71,3 +72,10 @@ def test_scan_counts_class_pixels_and_computes_the_normalization_in_one_pass(dis
     expected = np.bincount(np.concatenate([s.mask.ravel() for s in samples]), minlength=2)
     assert found.class_pixels.tolist() == expected.tolist()
     assert found.normalization is not None and found.normalization.mode == "dataset"
+
+
+def test_a_set_too_large_for_the_cache_keeps_none_of_it() -> None:
+    from segcore.tiles import prepared_cache_budget
+
+    assert prepared_cache_budget(1000 * 512 * 512, 256 * 2**20) == 0  # 1,000 tiles of 512²: 5 GB
+    assert prepared_cache_budget(48 * 128 * 128, 256 * 2**20) == 256 * 2**20  # 48 tiles of 128²: 16 MB
