@@ -153,17 +153,18 @@ def test_a_database_from_before_new_columns_gets_them_with_their_defaults(databa
         connection.execute(sqlalchemy.text("ALTER TABLE event_outbox DROP COLUMN parked"))
         connection.execute(sqlalchemy.text("ALTER TABLE event_outbox DROP COLUMN park_reason"))
         connection.execute(sqlalchemy.text("ALTER TABLE models DROP COLUMN weights_sha256"))
+        connection.execute(sqlalchemy.text("ALTER TABLE jobs DROP COLUMN checkpoint_epoch"))
     engine.dispose()
     engine = make_engine(database_url, PIPELINE_TABLES)
     columns = {c["name"] for c in sqlalchemy.inspect(engine).get_columns("jobs")}
-    assert {"normalization_reason", "quality_warnings"} <= columns
+    assert {"normalization_reason", "quality_warnings", "checkpoint_epoch"} <= columns
     assert "weights_sha256" in {c["name"] for c in sqlalchemy.inspect(engine).get_columns("models")}
     with session_scope(engine) as session:
         rows = list(session.exec(select(OutboxRow).where(col(OutboxRow.parked).is_(False))))
         assert [(r.job, r.park_reason) for r in rows] == [("jobs/j-1", "")]
     with session_scope(engine) as session:
         old = session.get(JobRow, "j-1")
-        assert old is not None and (old.normalization_reason, old.quality_warnings) == ("", [])
+        assert old is not None and (old.normalization_reason, old.quality_warnings, old.checkpoint_epoch) == ("", [], 0)
         old.quality_warnings = [{"code": "CLASS_NOT_LEARNED", "class_name": "b", "message": "m"}]
     with session_scope(engine) as session:
         assert session.get(JobRow, "j-1").quality_warnings[0]["code"] == "CLASS_NOT_LEARNED"  # type: ignore[union-attr]
