@@ -15,7 +15,7 @@ Memory: a batch or two per worker in flight, whatever the size of the set.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -204,11 +204,10 @@ def _raw_stream(source: TileSource, threads: int) -> Iterator[Sample]:
     if threads == 0:
         yield from (source[i] for i in range(len(source)))
         return
-    window = 4 * threads
+    window = 4 * threads  # reads in flight: memory stays a few tiles whatever the set's size
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tile-scan") as pool:
-        pending = [pool.submit(source.__getitem__, i) for i in range(min(window, len(source)))]
+        pending = deque(pool.submit(source.__getitem__, i) for i in range(min(window, len(source))))
         for i in range(len(source)):
             if i + window < len(source):
                 pending.append(pool.submit(source.__getitem__, i + window))
-            yield pending[i].result()
-            pending[i] = None  # type: ignore[call-overload]
+            yield pending.popleft().result()
