@@ -3,9 +3,10 @@
 This module owns how ``Sample`` objects become ``(images, masks)`` tensors:
 * samples are normalised once up front (tiles fit in memory, and re-doing the
   numpy->tensor work every epoch would dominate small-model step time);
-* every random choice (order, crops, flips, jitter) draws from one explicit
-  ``torch.Generator``, so the whole data pipeline is reproducible from a seed
-  and resumable from that generator's saved state;
+* every random choice (order, crops, flips, jitter) draws from explicit
+  ``torch.Generator`` objects (training seeds one per epoch and one per tile
+  and epoch, see segcore.distributed), so the whole data pipeline is
+  reproducible from a seed;
 * batches of different tile sizes are padded, with padded mask pixels set to
   the ignore index so they count in neither loss nor metrics.
 
@@ -100,10 +101,14 @@ def check_sample(sample: Sample, num_classes: int, ignore_index: int) -> None:
         )
 
 
-def plan_batches(num_samples: int, batch_size: int, generator: torch.Generator | None) -> list[list[int]]:
-    """Index lists for one epoch; shuffled when a generator is given.
+def plan_batches(num_samples: int, batch_size: int, generator: torch.Generator | None,
+                 processes: int = 1) -> list[list[int]]:
+    """Index lists for one epoch (global batches, split over `processes` by segcore.distributed);
+    shuffled when a generator is given.
 
-    Implements the batch-of-one policy described in the module docstring.
+    Implements the batch-of-one policy described in the module docstring: a short last batch is
+    merged into the previous one when it would leave a process with fewer tiles than the others
+    have (and than two), so no process ever has an empty share.
     """
     if generator is None:
         order = list(range(num_samples))
@@ -112,21 +117,17 @@ def plan_batches(num_samples: int, batch_size: int, generator: torch.Generator |
     batches = [order[i : i + batch_size] for i in range(0, num_samples, batch_size)]
     if batch_size == 1:
         return batches  # asked for explicitly: training freezes BatchNorm statistics instead
-    if len(batches) > 1 and len(batches[-1]) == 1:
+    smallest_share = min(2, batch_size // processes)
+    if len(batches) > 1 and len(batches[-1]) // processes < smallest_share:
         batches[-2].extend(batches.pop())
     elif len(batches) == 1 and len(batches[0]) == 1 and generator is not None:
         batches[0].append(batches[0][0])  # a second augmented view of the only tile
     return batches
 
 
-def num_train_batches(num_samples: int, batch_size: int) -> int:
+def num_train_batches(num_samples: int, batch_size: int, processes: int = 1) -> int:
     """How many batches ``plan_batches`` yields (needed up front for the LR schedule)."""
-    full, rest = divmod(num_samples, batch_size)
-    if batch_size == 1:
-        return num_samples
-    if rest == 1 and full >= 1:
-        return full  # the single leftover is merged into the last full batch
-    return full + (1 if rest else 0)
+    return len(plan_batches(num_samples, batch_size, None, processes))
 
 
 def augment(
@@ -204,20 +205,29 @@ def make_batch(
 def batch_of(
     samples: Sequence[PreparedSample],
     *,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
     crop_size: int | None,
     augment_data: bool,
     ignore_index: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Build one batch; ``generator=None`` means evaluation (no crop, no augmentation)."""
+    """Build one batch; ``generator=None`` means evaluation (no crop, no augmentation). The random
+    choices draw from one generator, or from one generator per sample (a sequence)."""
+    draws = _per_sample(generator, len(samples))
     items = []
-    for sample in samples:
+    for sample, drawn in zip(samples, draws, strict=True):
         image, mask = sample.image, sample.mask
-        if generator is not None and crop_size is not None:
-            image, mask = random_crop(image, mask, crop_size, generator)
-        if generator is not None and augment_data:
-            image, mask = augment(image, mask, generator, sample.mean, sample.std)
+        if drawn is not None and crop_size is not None:
+            image, mask = random_crop(image, mask, crop_size, drawn)
+        if drawn is not None and augment_data:
+            image, mask = augment(image, mask, drawn, sample.mean, sample.std)
         items.append((image, mask))
     # Training pads small tiles up to the crop size so every batch has one shape.
     min_size = (crop_size or 0) if generator is not None else 0
     return collate(items, ignore_index, min_size)
+
+
+def _per_sample(generator: torch.Generator | Sequence[torch.Generator] | None, count: int
+                ) -> Sequence[torch.Generator | None]:
+    if generator is None or isinstance(generator, torch.Generator):
+        return [generator] * count
+    return generator

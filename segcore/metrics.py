@@ -55,6 +55,12 @@ class ConfusionMatrix:
     def reset(self) -> None:
         self._matrix = None
 
+    def replaced(self, matrix: torch.Tensor) -> ConfusionMatrix:
+        """A matrix of the same classes holding `matrix` (e.g. a sum over processes)."""
+        other = ConfusionMatrix(self.num_classes, self.ignore_index)
+        other._matrix = matrix.to(torch.int64)
+        return other
+
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch of predicted and true class indices (any equal shapes)."""
         if pred.shape != target.shape:

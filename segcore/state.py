@@ -57,11 +57,11 @@ def cpu_copy(obj: Any) -> Any:
     return obj
 
 
-def capture_rng(generator: torch.Generator) -> dict[str, Any]:
-    """States of the data generator and the global torch/CUDA/numpy/python RNGs."""
+def capture_rng() -> dict[str, Any]:
+    """States of the global torch/CUDA/numpy/python RNGs. (The data's random choices need no
+    state: they are seeded from the run's seed, the epoch and the tile; see segcore.distributed.)"""
     np_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
-        "data": generator.get_state(),
         "torch": torch.get_rng_state(),
         "numpy": {
             "bit_generator": np_state["bit_generator"],
@@ -77,9 +77,8 @@ def capture_rng(generator: torch.Generator) -> dict[str, Any]:
     return state
 
 
-def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
-    """Inverse of ``capture_rng``."""
-    generator.set_state(state["data"])
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng`` (a "data" generator state from an older checkpoint is unused)."""
     torch.set_rng_state(state["torch"])
     np_state = state["numpy"]
     np.random.set_state(

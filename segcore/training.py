@@ -9,11 +9,20 @@ Everything the outside world sees leaves through three channels:
   ``checkpoint_every`` epochs so a job can resume after a crash;
 * the returned ``TrainResult``.
 
-Reproducibility: the seed drives model init (global torch RNG) and one data
-generator (order, crops, augmentation). On CPU two runs with the same seed give
+Reproducibility: the seed drives model init (global torch RNG) and the data's
+random choices: each epoch's order from (seed, epoch), each tile's crop and
+augmentation from (seed, epoch, tile). On CPU two runs with the same seed give
 identical metrics, and resuming from the state saved after epoch k continues
 exactly like the uninterrupted run. bf16 autocast and channels_last are used
 on CUDA only.
+
+Data-parallel runs: started in every process of an initialised torch.distributed
+group (or given ``group``), ``train`` splits each global batch over the
+processes, wraps the model in DistributedDataParallel, all-reduces metrics and
+agrees on every early end (segcore.distributed). BatchNorm: SyncBatchNorm on
+CUDA; on CPU (gloo) each process normalises its own share of the batch and the
+running statistics are rank 0's, broadcast at each step (DDP's default).
+Only rank 0 calls ``checkpoint``; every rank returns the same result.
 
 ``TrainConfig`` (segcore.config), ``TrainingState`` (segcore.state), ``Sample``
 (segcore.data) and the observer types (segcore.progress) are re-exported here.
@@ -36,7 +45,9 @@ import torch
 from segcore.architectures import build_model
 from segcore.config import TrainConfig, resolve_device
 from segcore.data import Sample, batch_of, num_train_batches, plan_batches
+from segcore.distributed import Group, mixed_seed
 from segcore.errors import IncompatibleModelError, InvalidParameterError, TrainingDivergedError
+from segcore.inference import window_starts
 from segcore.intensity import Normalization, choose_normalization
 from segcore.losses import class_weights_from_counts, segmentation_loss
 from segcore.metrics import IGNORE_INDEX, ConfusionMatrix, argmax_classes
@@ -57,6 +68,7 @@ __all__ = [
     "TrainResult",
     "TrainingObserver",
     "TrainingState",
+    "evaluate",
     "resolve_device",
     "train",
 ]
@@ -86,10 +98,11 @@ class _Run:
 
     config: TrainConfig
     device: torch.device
+    group: Group
     model: torch.nn.Module
+    forward: torch.nn.Module  # the model, wrapped in DistributedDataParallel in a parallel run
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    generator: torch.Generator  # data order, crops, augmentation
     norm: Normalization
     tiles: BatchStream  # prepared as their batches come up, never all at once: training's, then validation's
     train_count: int
@@ -105,14 +118,41 @@ class _Run:
 
     @property
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return _autocast(self.device)
 
     def to_device(self, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images.to(self.device, non_blocking=True), masks.to(self.device, non_blocking=True)
+        return _to_device(self.device, images, masks)
+
+    @property
+    def validation(self) -> _Validation:
+        return _Validation(self.config, self.device, self.group, self.model, self.tiles, self.train_count,
+                           self.val_count, self.class_weights)
+
+
+@dataclass(frozen=True)
+class _Validation:
+    """What validation needs: the model and where the validation tiles are in the stream."""
+
+    config: TrainConfig
+    device: torch.device
+    group: Group
+    model: torch.nn.Module
+    tiles: BatchStream
+    first: int  # index of the first validation tile in `tiles`
+    count: int
+    class_weights: torch.Tensor | None
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to_device(device: torch.device, images: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
 
 
 def train(
@@ -125,18 +165,21 @@ def train(
     model: torch.nn.Module | None = None,
     normalization: Normalization | None = None,
     checkpoint: Callable[[TrainingState], None] | None = None,
+    group: Group | None = None,
 ) -> TrainResult:
     """Train ``config.architecture`` (or ``model``) and return weights and history.
 
     The samples may be lists or any ``TileSource`` that loads a tile when asked (segcore.tiles):
     tiles are streamed, never held all at once. ``normalization`` defaults to statistics of
     the training images (or the one stored in ``init_state``). ``init_state`` resumes a run;
-    ``checkpoint`` receives a full TrainingState every ``config.checkpoint_every`` epochs.
+    ``checkpoint`` receives a full TrainingState every ``config.checkpoint_every`` epochs (on
+    rank 0 only). ``group`` defaults to the initialised process group, if any.
     """
     config.validate()
     observer = observer or NullObserver()
+    group = group or Group.current()
     with _thread_limit(config.num_threads):
-        run = _setup(config, train_samples, val_samples, init_state, model, normalization)
+        run = _setup(config, train_samples, val_samples, init_state, model, normalization, group)
         try:
             return _train_run(run, config, observer, checkpoint)
         finally:
@@ -153,7 +196,8 @@ def _train_run(run: _Run, config: TrainConfig, observer: TrainingObserver,
             stopped = True  # the observer asked; the partial epoch is not recorded
             break
         observer.on_epoch_end(result)
-        if checkpoint is not None and (epoch % config.checkpoint_every == 0 or epoch == config.epochs):
+        due = epoch % config.checkpoint_every == 0 or epoch == config.epochs
+        if checkpoint is not None and due and run.group.primary:
             checkpoint(_snapshot(run, epoch))
         patience = config.early_stopping_patience
         if patience is not None and run.stale_epochs >= patience and epoch < config.epochs:
@@ -198,40 +242,65 @@ def _setup(
     init_state: TrainingState | None,
     model: torch.nn.Module | None,
     normalization: Normalization | None,
+    group: Group,
 ) -> _Run:
     device = resolve_device(config.device)
     if init_state is not None:
         _check_resumable(config, init_state)
         normalization = Normalization.from_dict(init_state.normalization)
+    _check_split(config, len(train_samples), group)
     n = config.num_classes
-    # One pass over every tile before training: each is checked (a bad tile fails the run now,
-    # naming it, not hours in) while the class counts and normalization statistics accumulate.
-    found = _scan_training_tiles(config, train_samples, None if normalization else _mode_for(config, train_samples))
-    val_found = scan(val_samples, num_classes=n, ignore_index=IGNORE_INDEX, field="val_samples",
-                     threads=_SCAN_THREADS)
+    # One pass over every tile before training (on rank 0 for the whole group): each is checked (a
+    # bad tile fails the run now, naming it, not hours in) while the class counts and
+    # normalization statistics accumulate.
+    found, val_found = group.from_primary(lambda: (
+        _scan_training_tiles(config, train_samples, None if normalization else _mode_for(config, train_samples)),
+        scan(val_samples, num_classes=n, ignore_index=IGNORE_INDEX, field="val_samples", threads=_SCAN_THREADS)))
     norm = normalization or found.normalization
     assert norm is not None
     # One loader (and one set of worker processes) serves both splits: validation's tiles follow
     # the training tiles' indices.
     tiles = BatchStream(PreparedTiles(Joined(train_samples, val_samples), norm, n, IGNORE_INDEX),
                         workers=config.data_workers, pin_memory=device.type == "cuda",
+                        # every rank trains on every tile over the epochs: each keeps its part
                         cache_bytes=prepared_cache_budget(found.pixels + val_found.pixels,
-                                                          config.prepared_cache_mb * 2**20))
+                                                          config.prepared_cache_mb * 2**20 // group.world_size))
     _seed_everything(config.seed)  # before building: weight init draws from the global RNG
-    model = model if model is not None else build_model(config.architecture, n)
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model, forward = _placed(model if model is not None else build_model(config.architecture, n), device, group)
     optimizer = _make_optimizer(model, config)
-    num_batches = num_train_batches(len(train_samples), config.batch_size)
+    num_batches = num_train_batches(len(train_samples), config.batch_size, group.world_size)
     scheduler = _make_scheduler(optimizer, config, num_batches)
     weights = class_weights_from_counts(found.class_pixels).to(device) if config.class_weights else None
-    generator = torch.Generator().manual_seed(config.seed)
-    run = _Run(config, device, model, optimizer, scheduler, generator, norm, tiles, len(train_samples),
+    run = _Run(config, device, group, model, forward, optimizer, scheduler, norm, tiles, len(train_samples),
                len(val_samples), weights)
     if init_state is not None:
         _restore(run, init_state)
     return run
+
+
+def _check_split(config: TrainConfig, train_count: int, group: Group) -> None:
+    """Every process needs a tile of every batch."""
+    if group.parallel and config.batch_size < group.world_size:
+        raise InvalidParameterError("batch_size", f"a batch of {config.batch_size} cannot be split over "
+                                    f"{group.world_size} processes: give each at least one tile")
+    if group.parallel and train_count < group.world_size:
+        raise InvalidParameterError("processes", f"the training split has {train_count} tiles, fewer than the "
+                                    f"{group.world_size} processes that would share it")
+
+
+def _placed(model: torch.nn.Module, device: torch.device, group: Group) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The model on its device, and what the training steps call: the model itself, or in a
+    parallel run the model in DistributedDataParallel (which starts every rank from rank 0's
+    weights and averages the gradients)."""
+    if group.parallel and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if not group.parallel:
+        return model, model
+    ids = [device.index] if device.type == "cuda" else None
+    return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
 
 def _mode_for(config: TrainConfig, samples: TileSource) -> str:
@@ -290,7 +359,7 @@ def _run_epoch(run: _Run, epoch: int, observer: TrainingObserver) -> EpochResult
     trained = _train_epoch(run, epoch, observer)
     if trained is None:
         return None
-    evaluated = _evaluate(run, observer)
+    evaluated = _evaluate(run.validation, observer)
     if evaluated is None:
         return None
     return _record_epoch(run, epoch, *trained, *evaluated, started)
@@ -298,39 +367,57 @@ def _run_epoch(run: _Run, epoch: int, observer: TrainingObserver) -> EpochResult
 
 def _train_epoch(run: _Run, epoch: int, observer: TrainingObserver) -> tuple[float, float] | None:
     """One pass over the training set: (mean loss, mIoU), or None when stopped."""
-    cfg = run.config
-    run.model.train()
-    batches = plan_batches(run.train_count, cfg.batch_size, run.generator)
+    cfg, group = run.config, run.group
+    run.forward.train()
+    batches = plan_batches(run.train_count, cfg.batch_size, _epoch_order(cfg.seed, epoch), group.world_size)
     observer.on_epoch_start(epoch, cfg.epochs, len(batches))
+    shares = [group.share(batch) for batch in batches]
     cm = ConfusionMatrix(cfg.num_classes)
     loss_sum, seen = 0.0, 0
-    for b, (indices, prepared) in enumerate(zip(batches, run.tiles.batches(batches), strict=True), start=1):
+    for b, (batch, share, prepared) in enumerate(zip(batches, shares, run.tiles.batches(shares), strict=True),
+                                                 start=1):
         images, masks = batch_of(
             prepared,
-            generator=run.generator,
+            generator=[_tile_draws(cfg.seed, epoch, i) for i in share],
             crop_size=cfg.crop_size,
             augment_data=cfg.augment,
             ignore_index=IGNORE_INDEX,
         )
         images, masks = run.to_device(images, masks)
-        with run.autocast, _batchnorm_statistics_frozen(run.model, images.shape[0] == 1):
-            logits = run.model(pixel_values=images).logits
+        single = min(len(s) for s in group.shares(batch)) == 1  # the same decision on every rank
+        with run.autocast, _batchnorm_statistics_frozen(run.model, single):
+            logits = run.forward(pixel_values=images).logits
         loss = segmentation_loss(logits, masks, cfg.loss, class_weights=run.class_weights)
         loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
+        diverged, stop = group.agree([not math.isfinite(loss_value), observer.should_stop()])
+        if diverged:
             # Stepping on a NaN/inf loss would silently poison every weight.
             raise TrainingDivergedError(epoch, b, loss_value)
+        if stop:
+            return None
+        if group.parallel:  # DDP averages over ranks; weigh each rank's mean by its share of the batch
+            loss = loss * (len(share) * group.world_size / len(batch))
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
         run.last_lr = run.optimizer.param_groups[0]["lr"]
         run.scheduler.step()  # per step, not per epoch: warm-up must work for short runs
         cm.update(_predict(logits, masks), masks)
-        loss_sum, seen = loss_sum + loss_value * len(indices), seen + len(indices)
+        loss_sum, seen = loss_sum + loss_value * len(share), seen + len(share)
         observer.on_batch_end(epoch, b, len(batches), loss_value)
-        if observer.should_stop():
-            return None
-    return loss_sum / seen, cm.mean_iou()
+    group.share_buffers(run.model)
+    totals = group.sum(torch.tensor([loss_sum, seen], dtype=torch.float64))
+    return float(totals[0] / totals[1]), cm.replaced(group.sum(cm.matrix)).mean_iou()
+
+
+def _epoch_order(seed: int, epoch: int) -> torch.Generator:
+    """The epoch's tile order: the same on every rank (DistributedSampler's seed + set_epoch)."""
+    return torch.Generator().manual_seed(mixed_seed(seed, epoch))
+
+
+def _tile_draws(seed: int, epoch: int, tile: int) -> torch.Generator:
+    """A tile's crop and augmentation in an epoch, whichever rank trains it."""
+    return torch.Generator().manual_seed(mixed_seed(seed, epoch, tile + 1))
 
 
 @contextlib.contextmanager
@@ -359,35 +446,78 @@ def _predict(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return argmax_classes(logits, dim=1)
 
 
+def evaluate(config: TrainConfig, model: torch.nn.Module, samples: Sequence[Sample] | TileSource,
+             normalization: Normalization, *, group: Group | None = None) -> tuple[float, ConfusionMatrix]:
+    """Validation loss (without class weights) and confusion matrix of `model` on `samples`,
+    computed as training computes them after each epoch: in a parallel run each process
+    evaluates its share and the sums are all-reduced."""
+    config.validate()
+    device = resolve_device(config.device)
+    tiles = BatchStream(PreparedTiles(samples, normalization, config.num_classes, IGNORE_INDEX),
+                        workers=config.data_workers)
+    try:
+        evaluated = _evaluate(_Validation(config, device, group or Group.current(), model.to(device), tiles, 0,
+                                          len(samples), None), NullObserver())
+    finally:
+        tiles.close()
+    assert evaluated is not None  # NullObserver never stops
+    return evaluated
+
+
 @torch.no_grad()
-def _evaluate(run: _Run, observer: TrainingObserver) -> tuple[float, ConfusionMatrix] | None:
-    """Validation loss and confusion matrix in eval mode (no crops, no augmentation).
+def _evaluate(run: _Validation, observer: TrainingObserver) -> tuple[float, ConfusionMatrix] | None:
+    """Validation loss and confusion matrix in eval mode (no augmentation), each tile evaluated
+    by exactly one rank and the sums all-reduced. A tile larger than the crop size is evaluated
+    in overlapping windows of that size (logits averaged where they overlap), so validation's
+    memory is bounded by training's, whatever the tile size.
 
     should_stop is polled after validation batches too (None when stopped): a
     large validation set must not delay a cancellation by minutes.
     """
+    cfg, group = run.config, run.group
     run.model.eval()
-    cm = ConfusionMatrix(run.config.num_classes)
+    cm = ConfusionMatrix(cfg.num_classes)
     loss_sum, seen = 0.0, 0
-    # Validation's tiles follow the training tiles in the joined stream.
-    plan = [[run.train_count + i for i in b] for b in plan_batches(run.val_count, run.config.batch_size, None)]
-    for indices, prepared in zip(plan, run.tiles.batches(plan), strict=True):
-        images, masks = batch_of(
-            prepared,
-            generator=None,
-            crop_size=None,
-            augment_data=False,
-            ignore_index=IGNORE_INDEX,
-        )
-        images, masks = run.to_device(images, masks)
-        with run.autocast, _batchnorm_statistics_frozen(run.model, images.shape[0] == 1):
-            logits = run.model(pixel_values=images).logits
-        loss = segmentation_loss(logits, masks, run.config.loss, class_weights=run.class_weights)
-        cm.update(_predict(logits, masks), masks)
-        loss_sum, seen = loss_sum + float(loss) * len(indices), seen + len(indices)
-        if observer.should_stop():
+    shares = [[run.first + i for i in group.share(batch)]
+              for batch in plan_batches(run.count, cfg.batch_size, None, group.world_size)]
+    for share, prepared in zip(shares, run.tiles.batches(shares), strict=True):
+        if share:
+            images, masks = batch_of(prepared, generator=None, crop_size=None, augment_data=False,
+                                     ignore_index=IGNORE_INDEX)
+            images, masks = _to_device(run.device, images, masks)
+            with _autocast(run.device):
+                logits = _windowed_logits(run.model, images, cfg.crop_size)
+            loss = segmentation_loss(logits, masks, cfg.loss, class_weights=run.class_weights)
+            cm.update(_predict(logits, masks), masks)
+            loss_sum, seen = loss_sum + float(loss) * len(share), seen + len(share)
+        if group.agree([observer.should_stop()])[0]:
             return None
-    return loss_sum / seen, cm
+    totals = group.sum(torch.tensor([loss_sum, seen], dtype=torch.float64))
+    return float(totals[0] / totals[1]), cm.replaced(group.sum(cm.matrix))
+
+
+def _windowed_logits(model: torch.nn.Module, images: torch.Tensor, window: int | None) -> torch.Tensor:
+    """The model's logits for a batch, at the images' size; images larger than `window` are
+    run a window at a time (overlapping by a quarter), each window for the whole batch."""
+    height, width = images.shape[-2:]
+    if window is None or (height <= window and width <= window):
+        return model(pixel_values=images).logits
+    win_h, win_w = min(window, height), min(window, width)
+    total: torch.Tensor | None = None
+    hits = torch.zeros(height, width, device=images.device)
+    for top in window_starts(height, win_h, win_h // 4):
+        for left in window_starts(width, win_w, win_w // 4):
+            crop = images[:, :, top : top + win_h, left : left + win_w]
+            logits = model(pixel_values=crop).logits.float()
+            if logits.shape[-2:] != crop.shape[-2:]:
+                logits = torch.nn.functional.interpolate(logits, size=crop.shape[-2:], mode="bilinear",
+                                                         align_corners=False)
+            if total is None:
+                total = torch.zeros(*logits.shape[:2], height, width, device=images.device)
+            total[:, :, top : top + win_h, left : left + win_w] += logits
+            hits[top : top + win_h, left : left + win_w] += 1
+    assert total is not None
+    return total / hits
 
 
 def _record_epoch(
@@ -449,7 +579,7 @@ def _snapshot(run: _Run, epoch: int) -> TrainingState:
         model_state=cpu_copy(run.model.state_dict()),
         optimizer_state=cpu_copy(run.optimizer.state_dict()),
         scheduler_state=cpu_copy(run.scheduler.state_dict()),
-        rng_state=capture_rng(run.generator),
+        rng_state=capture_rng(),
         best_epoch=run.best_epoch,
         best_val_iou=run.best_val_iou,
         best_model_state=run.best_state,  # already a private CPU copy
@@ -467,7 +597,7 @@ def _restore(run: _Run, state: TrainingState) -> None:
     except (RuntimeError, ValueError, KeyError) as exc:
         raise IncompatibleModelError(f"training state does not fit the model: {exc}") from exc
     run.scheduler.load_state_dict(state.scheduler_state)
-    restore_rng(state.rng_state, run.generator)
+    restore_rng(state.rng_state)
     run.start_epoch = state.epoch
     run.history = list(state.history)
     run.best_epoch, run.best_val_iou = state.best_epoch, state.best_val_iou

@@ -31,6 +31,7 @@ from segcore.training import (
     TrainingObserver,
     TrainingState,
     TrainResult,
+    evaluate,
     train,
 )
 
@@ -371,3 +372,19 @@ def test_crop_and_augment_paths_run(discs: DiscFactory) -> None:
     result = train(config, discs(6, 48), discs(2, 40, seed=2))
     assert math.isfinite(result.history[0].train_loss)
     assert result.model is not None and config.architecture == CPU_ARCH
+
+
+def test_validation_of_tiles_larger_than_the_crop_runs_in_windows_of_the_crop(discs: DiscFactory) -> None:
+    """Validation's memory is bounded by training's: no forward pass sees more than the crop."""
+    sizes: list[tuple[int, int]] = []
+    model = build_model(CPU_ARCH, 2)
+    model.register_forward_pre_hook(lambda _m, _a, kwargs: sizes.append(tuple(kwargs["pixel_values"].shape)),
+                                    with_kwargs=True)
+    norm = Normalization(mean=(0.2, 0.2, 0.2), std=(0.3, 0.3, 0.3))
+    _, windowed = evaluate(cpu_config(crop_size=32, batch_size=2), model, discs(4, 80, seed=4), norm)
+    assert sizes and all(s[-2:] == (32, 32) and s[0] <= 2 for s in sizes)
+    assert int(windowed.matrix.sum()) == 4 * 80 * 80  # every pixel scored once, whatever the windows
+    sizes.clear()
+    _, whole = evaluate(cpu_config(crop_size=None, batch_size=2), model, discs(4, 80, seed=4), norm)
+    assert {s[-2:] for s in sizes} == {(80, 80)}
+    assert int(whole.matrix.sum()) == int(windowed.matrix.sum())
