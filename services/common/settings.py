@@ -135,6 +135,12 @@ class TrainerSettings(BaseSettings):
     # Resident memory (MB) a job's worker process may use (0: no limit). Past it the attempt fails
     # as out of memory, saying what to change, instead of the kernel killing it.
     worker_memory_limit_mb: int = 0
+    # Memory (MB) one job may use for its training processes, for admission (0: the host's memory
+    # divided by capacity, less the node's own processes per job; on CUDA, one GPU's memory).
+    job_memory_mb: int = 0
+    # Seconds a data-parallel process waits in a collective (or for the rendezvous) before the
+    # attempt fails as a lost process and is retried.
+    process_group_timeout_s: float = 300.0
 
 
 def given(cls: type[SettingsT], /, **values: Any) -> SettingsT:

@@ -53,12 +53,14 @@ def job_spec(request: pb.CreateJobRequest) -> domain.JobSpec:
     return domain.JobSpec(
         pipeline=request.pipeline, training_set=request.training_set, from_model=request.from_model,
         hyperparameters=wire.values_of(request.hyperparameters), pretrained_weights=request.pretrained_weights,
-        display_name=request.display_name, request_id=request.request_id)
+        display_name=request.display_name, request_id=request.request_id,
+        processes=request.parallelism.processes, nodes=request.parallelism.nodes)
 
 
 def node_registration(request: pb.RegisterTrainerNodeRequest) -> domain.NodeRegistration:
     return domain.NodeRegistration(node_id=request.node_id, address=request.address, capacity=request.capacity,
-                                   device=request.device)
+                                   device=request.device, job_memory_bytes=request.job_memory_bytes,
+                                   max_processes=request.max_processes)
 
 
 def node_heartbeat(request: pb.HeartbeatTrainerNodeRequest) -> domain.NodeHeartbeat:
@@ -113,6 +115,8 @@ def job_message(row: JobRow) -> pb.Job:
         end_time=to_timestamp(row.end_time), update_time=to_timestamp(row.update_time),
         normalization_reason=row.normalization_reason,
         quality_warnings=[common_pb2.QualityWarning(**w) for w in row.quality_warnings],
+        parallelism=common_pb2.Parallelism(processes=row.processes, nodes=row.nodes),
+        trainer_nodes=[names.trainer_node(n) for n in row.gang_nodes],
     )
     if row.latest_metrics:
         message.latest_metrics.CopyFrom(common_pb2.EpochMetrics.FromString(row.latest_metrics))
@@ -164,6 +168,7 @@ def trainer_node_message(row: TrainerNodeRow, jobs: list[str]) -> pb.TrainerNode
     return pb.TrainerNode(
         name=names.trainer_node(row.id), address=row.address, state=row.state,  # type: ignore[arg-type]
         capacity=row.capacity, jobs=jobs, device=row.device, heartbeat_time=to_timestamp(row.heartbeat_time),
+        job_memory_bytes=row.job_memory_bytes, max_processes=row.max_processes,
     )
 
 
@@ -182,6 +187,8 @@ def model_ref(row: ModelRow) -> trainer_pb2.ModelRef:
 
 def run_job_request(job: JobRow, *, training_set: TrainingSetRow, tile_size: int, tiles: list[TileRow],
                     parent: ModelRow | None) -> trainer_pb2.RunJobRequest:
+    """What node rank 0 of the attempt is sent (the scheduler sets node_rank and the rendezvous
+    for the others)."""
     request = trainer_pb2.RunJobRequest(
         job=names.job(job.id), attempt=job.attempt,
         hyperparameters=common_pb2.Hyperparameters.FromString(job.hyperparameters),
@@ -191,6 +198,7 @@ def run_job_request(job: JobRow, *, training_set: TrainingSetRow, tile_size: int
         resume_checkpoint_epoch=job.checkpoint_epoch, pretrained_weights=job.pretrained_weights,
         tiles=[trainer_pb2.TrainingTile(name=t.name, image_uri=t.image_uri, mask_uri=t.mask_uri,
                                         validation=t.validation) for t in tiles],
+        parallelism=common_pb2.Parallelism(processes=job.processes, nodes=job.nodes),
     )
     if parent is not None:
         request.from_model.CopyFrom(model_ref(parent))

@@ -68,6 +68,8 @@ class JobSpec:
     pretrained_weights: str = ""
     display_name: str = ""
     request_id: str = ""
+    processes: int = 0  # 0: the default, 1
+    nodes: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ class NodeRegistration:
     address: str
     capacity: int
     device: str = ""
+    job_memory_bytes: int = 0
+    max_processes: int = 0
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Column, LargeBinary, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from services.common.timeutil import utcnow
@@ -77,6 +77,12 @@ class JobRow(SQLModel, table=True):
     progress: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
     latest_metrics: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
     trainer_node: str = ""
+    # Data-parallel processes per node and nodes (segtrain.common.v1.Parallelism, all set).
+    processes: int = Field(default=1, sa_column_kwargs={"server_default": "1"})
+    nodes: int = Field(default=1, sa_column_kwargs={"server_default": "1"})
+    # Every node of the current attempt in rank order (trainer_node, rank 0, first); empty while
+    # no attempt holds nodes.
+    gang_nodes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]"))
     # Highest trainer source_seq of the current attempt already relayed to the metrics service.
     relayed_source_seq: int = 0
     # Counter of the pipeline service's own events (attempt 0) for this job.
@@ -126,6 +132,9 @@ class TrainerNodeRow(SQLModel, table=True):
     address: str
     capacity: int = 1
     device: str = ""
+    # What one job may use there (admission): bytes of memory (0: unknown), processes.
+    job_memory_bytes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, server_default="0"))
+    max_processes: int = Field(default=1, sa_column_kwargs={"server_default": "1"})
     state: int
     heartbeat_time: datetime = Field(default_factory=utcnow)
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health
@@ -14,7 +16,7 @@ from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.server import connect, create_server
 from services.common.settings import SecuritySettings, ServerSettings, StorageSettings, TrainerSettings, environment
 from services.common.storage import ObjectStore
-from services.trainer_svc.node import Analyses, AnalyzerOnDemand, Registration, TrainerNode
+from services.trainer_svc.node import Analyses, AnalyzerOnDemand, NodeOffer, Registration, TrainerNode
 from services.trainer_svc.servicer import ACCESS, TrainerServicer
 
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
@@ -37,8 +39,10 @@ def build(settings: TrainerSettings, storage: StorageSettings, security: Securit
     )
     host = settings.listen.rsplit(":", 1)[0]
     address = settings.advertise_address or f"{host}:{port}"
+    node.rendezvous_host = address.rsplit(":", 1)[0]
     node_id = settings.node_id or _default_node_id(port)
-    registration = Registration(node, settings.pipeline_address, node_id, address, lambda: _device_name(device),
+    registration = Registration(node, settings.pipeline_address, node_id, address,
+                                lambda: _offer(settings, _device_facts(device)),
                                 connect(settings.pipeline_address, security))
     return server, port, health_servicer, node, registration
 
@@ -54,11 +58,39 @@ def _analyzer(store: ObjectStore, device: str | None, num_threads: int | None) -
     return Analyzer(store, device, num_threads)
 
 
-def _device_name(device: str | None) -> str:
-    """What the node trains on ("cpu", "cuda (NVIDIA H200)"), asked of torch in a short-lived
-    process so that this one never loads it for that."""
-    probe = ("import sys; from segcore.checkpoint import environment_info; "
-             "print(environment_info(sys.argv[1] if len(sys.argv) > 1 else None)['device'])")
+def _device_facts(device: str | None) -> dict[str, Any]:
+    """What the node trains on ("cpu", "cuda (NVIDIA H200)"), its GPUs and their memory, asked of
+    torch in a short-lived process so that this one never loads it for that."""
+    probe = ("import json, sys, torch; from segcore.checkpoint import environment_info; "
+             "d = sys.argv[1] if len(sys.argv) > 1 else None; "
+             "cuda = torch.cuda.is_available() and (d is None or d.startswith('cuda')); "
+             "print(json.dumps({'device': environment_info(d)['device'], "
+             "'gpus': torch.cuda.device_count() if cuda else 0, "
+             "'gpu_memory': torch.cuda.get_device_properties(0).total_memory if cuda else 0}))")
     result = subprocess.run([sys.executable, "-c", probe, *([device] if device else [])], capture_output=True,
                             text=True, timeout=120, check=False)
-    return result.stdout.strip() or "unknown"
+    try:
+        return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+    except (ValueError, IndexError):
+        return {"device": "unknown", "gpus": 0, "gpu_memory": 0}
+
+
+# The node's own processes per job besides the training processes: the launcher, and each data
+# loader process (both import torch), in resident memory.
+_LAUNCHER_BYTES, _LOADER_BYTES = 600 * 2**20, 500 * 2**20
+
+
+def _offer(settings: TrainerSettings, facts: dict[str, Any]) -> NodeOffer:
+    """What one job may use here (admission): on CUDA one GPU's memory per process and the GPUs;
+    on CPU the host's memory divided by capacity, less the node's own processes per job, and its
+    cores."""
+    gpus = int(facts.get("gpus") or 0)
+    if settings.job_memory_mb:
+        memory = settings.job_memory_mb * 2**20
+    elif gpus:
+        memory = int(facts.get("gpu_memory") or 0)
+    else:
+        per_job = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, settings.capacity)
+        memory = max(0, per_job - _LAUNCHER_BYTES - settings.data_workers * _LOADER_BYTES)
+    return NodeOffer(device=str(facts.get("device") or "unknown"), job_memory_bytes=memory,
+                     max_processes=gpus or os.cpu_count() or 1)

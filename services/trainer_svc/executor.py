@@ -3,7 +3,8 @@ checkpoints and models, and reports every step as events on the run's log.
 
 This is the adapter between segcore (pure) and the node: it translates observer hooks into
 events, the cancel flag into `should_stop`, and core errors into a FAILED outcome whose reason
-says what to change.
+says what to change. In a data-parallel attempt every process runs it; the ranks agree on the
+control flags at each batch, and only rank 0 writes checkpoints and models.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from segtrain.trainer.v1 import trainer_pb2
 from segcore import advice, checkpoint
 from segcore.advice import AdviceDetector
 from segcore.architectures import build_model, load_pretrained_backbone
+from segcore.distributed import Group, PrimaryFailed
 from segcore.errors import IncompatibleModelError, SegcoreError
 from segcore.intensity import Normalization
 from segcore.progress import EpochResult
@@ -49,8 +51,10 @@ _ADVICE_KINDS = {
 class _Reporter:
     """The training observer: turns hooks into events (batch progress throttled)."""
 
-    def __init__(self, run: JobRun, epochs: int, progress_interval_s: float, class_names: list[str]) -> None:
+    def __init__(self, run: JobRun, epochs: int, progress_interval_s: float, class_names: list[str],
+                 group: Group) -> None:
         self._run = run
+        self._group = group
         self._class_names = class_names
         self._epochs = epochs
         self._interval = progress_interval_s
@@ -113,7 +117,14 @@ class _Reporter:
             self._run.emit(S.JobEvent(epoch_metrics=epoch_metrics(result, self._class_names)))
 
     def should_stop(self) -> bool:
-        return self._run.cancel_requested
+        """The run's control flags, agreed on by every rank: a cancel, stop early or hand back that
+        reached any process (a node of a multi-node attempt hands back alone) stops them all at
+        this batch, and rank 0 reports it as what it is."""
+        run = self._run
+        if self._group.parallel:
+            cancel, stop_early, hand_back = self._group.agree([run.cancel_requested, run.stop_early, run.handing_back])
+            run.cancel_requested, run.stop_early, run.handing_back = cancel, stop_early, hand_back
+        return run.cancel_requested
 
 
 def epoch_metrics(result: EpochResult, class_names: list[str]) -> common_pb2.EpochMetrics:
@@ -150,9 +161,25 @@ def _failure(job: str, exc: Exception) -> common_pb2.JobFinished:
     if isinstance(exc, SegcoreError | DomainError):
         log.warning("%s failed: %s", job, exc)
         return S.JobFinished(state=S.JOB_STATE_FAILED, reason=str(exc))
+    if isinstance(exc, PrimaryFailed):
+        return S.JobFinished(state=S.JOB_STATE_FAILED, reason=f"rank 0 failed: {exc}")
+    if _lost_peer(exc):
+        log.warning("%s lost a process of its group: %s", job, exc)
+        return S.JobFinished(state=S.JOB_STATE_QUEUED, reason=(
+            f"a process of the job's group was lost ({type(exc).__name__}); the job is retried from its last "
+            "checkpoint"))
     incident = uuid.uuid4().hex[:12]
     log.error("%s failed (incident %s)", job, incident, exc_info=exc)
     return S.JobFinished(state=S.JOB_STATE_FAILED, reason=f"internal error on the trainer node (incident {incident})")
+
+
+# What gloo and NCCL say when another process of the group went away (not always a DistError).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "gloo/transport", "NCCL communicator")
+
+
+def _lost_peer(exc: Exception) -> bool:
+    return isinstance(exc, torch.distributed.DistError) or (
+        isinstance(exc, RuntimeError) and any(text in str(exc) for text in _PEER_LOST))
 
 
 def _out_of_memory(exc: Exception) -> str:
@@ -189,7 +216,8 @@ class JobExecutor:
         run.emit(S.JobEvent(finished=finished))
 
     def _train(self, run: JobRun, request: trainer_pb2.RunJobRequest, config: TrainConfig) -> common_pb2.JobFinished:
-        reporter = _Reporter(run, config.epochs, self._progress_interval_s, config.class_names)
+        group = Group.current()
+        reporter = _Reporter(run, config.epochs, self._progress_interval_s, config.class_names, group)
         reporter.phase(S.PHASE_PREPARING_DATA)
         train_samples, val_samples = self._load_samples(request)
         reporter.phase(S.PHASE_RENDERING_MASKS)
@@ -199,7 +227,10 @@ class JobExecutor:
         model, normalization = self._initial_model(run, request, config) if resume is None else (None, None)
         result = train(config, train_samples, val_samples, reporter, init_state=resume, model=model,
                        normalization=normalization,
-                       checkpoint=lambda state: self._checkpoint(run, request, reporter, state))
+                       checkpoint=lambda state: self._checkpoint(run, request, reporter, state), group=group)
+        if not group.primary:
+            return S.JobFinished(state=S.JOB_STATE_SUCCEEDED, epochs_trained=len(result.history),
+                                 reason=f"rank {group.rank} of {group.world_size} trained its share; rank 0 reports")
         return self._finish(run, request, config, result, reporter)
 
     def _config(self, request: trainer_pb2.RunJobRequest) -> TrainConfig:
@@ -285,7 +316,8 @@ class JobExecutor:
                 result: TrainResult, reporter: _Reporter) -> common_pb2.JobFinished:
         if result.stopped and run.handing_back:
             return S.JobFinished(state=S.JOB_STATE_QUEUED, epochs_trained=len(result.history), reason=(
-                "the trainer node shut down and handed the job back; it resumes from its last checkpoint"))
+                "a trainer node of the job shut down (or lost its worker) and handed the job back; it resumes "
+                "from its last checkpoint"))
         if result.stopped and not run.stop_early:
             return S.JobFinished(state=S.JOB_STATE_CANCELLED, reason="cancelled by request",
                                  epochs_trained=len(result.history))
@@ -304,7 +336,7 @@ class JobExecutor:
         elif result.early_stopped:
             why += f"; early stopping after {config.early_stopping_patience} epochs without improvement"
         environment = {**meta.versions, "seed": str(config.seed), "device": meta.device,
-                       "initialisation": run.initialisation}
+                       "initialisation": run.initialisation, "processes": str(Group.current().world_size)}
         warnings = [S.QualityWarning(code=i.code, class_name=i.class_name, message=i.message)
                     for i in advice.quality_issues(best_result, config.class_names)]
         for w in warnings:

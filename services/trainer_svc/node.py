@@ -5,8 +5,10 @@ hands its jobs back when it shuts down."""
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
@@ -44,26 +46,46 @@ class AnalyzerOnDemand:
         return self._analyzer.analyze(request)
 
 
+@dataclass(frozen=True)
+class NodeOffer:
+    """What the node tells the pipeline service it offers one job (admission)."""
+
+    device: str
+    job_memory_bytes: int = 0
+    max_processes: int = 1
+
+
 class TrainerNode:
     def __init__(self, analyzer: Analyses, *, capacity: int, worker_env: dict[str, str]) -> None:
         self.analyzer = analyzer
         self.runs = RunRegistry(capacity)
         self.draining = False
+        # The host other nodes reach this one's rendezvous stores at (its advertised address's).
+        self.rendezvous_host = "127.0.0.1"
         # The environment of every attempt's worker: the node's own settings, passed on.
         self._worker_env = worker_env
         self._attempts: dict[str, AttemptProcess] = {}
+        self._rendezvous: dict[tuple[str, int], str] = {}
 
-    def run_job(self, request: trainer_pb2.RunJobRequest) -> bool:
+    def run_job(self, request: trainer_pb2.RunJobRequest) -> tuple[bool, str]:
+        """Starts the attempt; returns whether it is new here and, on node rank 0 of a multi-node
+        attempt, the rendezvous endpoint the other nodes join (a port of its own per attempt)."""
         _validate(request)
         if self.draining:
             raise FailedPreconditionError("this trainer node is shutting down")
+        key = (request.job, request.attempt)
         run = self.runs.add(request.job, request.attempt)
         if run is None:
-            return False
-        attempt = AttemptProcess(run, request, env=self._worker_env)
+            return False, self._rendezvous.get(key, "")
+        endpoint = request.rendezvous_endpoint
+        if request.parallelism.nodes > 1 and request.node_rank == 0:
+            endpoint = f"{self.rendezvous_host}:{_free_port(self.rendezvous_host)}"
+            self._rendezvous = {k: v for k, v in self._rendezvous.items() if k[0] != request.job}
+            self._rendezvous[key] = endpoint
+        attempt = AttemptProcess(run, request, env=self._worker_env, rendezvous=endpoint)
         self._attempts[request.job] = attempt
         attempt.start()
-        return True
+        return True, endpoint if request.node_rank == 0 else ""
 
     def watch(self, job: str, attempt: int, after: int, is_active: Callable[[], bool]
               ) -> Iterator[common_pb2.JobEvent]:
@@ -94,6 +116,14 @@ class TrainerNode:
                     attempt.kill()
 
 
+def _free_port(host: str) -> int:
+    """A port free on `host` now, for the attempt's rendezvous store (its launcher binds it a moment
+    later; another process taking it in between fails the attempt, which is retried)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
 def _validate(request: trainer_pb2.RunJobRequest) -> None:
     """Every key the attempt reads lies in the layout's place for it; it writes only under its own
     attempt's prefix."""
@@ -103,6 +133,11 @@ def _validate(request: trainer_pb2.RunJobRequest) -> None:
         v.append(FieldViolation("attempt", "must be >= 1"))
     if not request.tiles:
         v.append(FieldViolation("tiles", "no tiles"))
+    nodes = request.parallelism.nodes or 1
+    if not 0 <= request.node_rank < nodes:
+        v.append(FieldViolation("node_rank", f"must be in [0, {nodes})"))
+    if nodes > 1 and request.node_rank > 0 and ":" not in request.rendezvous_endpoint:
+        v.append(FieldViolation("rendezvous_endpoint", "host:port of node rank 0's rendezvous, required"))
     check(v)
     for i, tile in enumerate(request.tiles):
         object_keys.check_snapshot_key(tile.image_uri, field=f"tiles[{i}].image_uri")
@@ -119,10 +154,10 @@ class Registration(threading.Thread):
     """Registers the node with the pipeline service and heartbeats until stopped."""
 
     def __init__(self, node: TrainerNode, pipeline_address: str, node_id: str, address: str,
-                 device: Callable[[], str], channel: grpc.Channel) -> None:
+                 offer: Callable[[], NodeOffer], channel: grpc.Channel) -> None:
         super().__init__(name="registration", daemon=True)
-        self._node, self._node_id, self._address, self._device = node, node_id, address, device
-        self._device_text: str | None = None
+        self._node, self._node_id, self._address, self._offer = node, node_id, address, offer
+        self._offered: NodeOffer | None = None
         self._stub = pipeline_pb2_grpc.PipelineServiceStub(channel)
         self._pipeline_address = pipeline_address
         self.stopping = threading.Event()
@@ -133,9 +168,11 @@ class Registration(threading.Thread):
         while not self.stopping.is_set():
             try:
                 if not self.registered.is_set():
+                    offer = self._what_it_offers()
                     self._stub.RegisterTrainerNode(pipeline_pb2.RegisterTrainerNodeRequest(
                         node_id=self._node_id, address=self._address, capacity=self._node.runs.capacity,
-                        device=self._device_name()), timeout=10)
+                        device=offer.device, job_memory_bytes=offer.job_memory_bytes,
+                        max_processes=offer.max_processes), timeout=10)
                     self.registered.set()
                     log.info("registered with the pipeline service at %s as %s", self._pipeline_address,
                              self._node_id)
@@ -145,10 +182,10 @@ class Registration(threading.Thread):
                 interval = 1.0
             self.stopping.wait(interval)
 
-    def _device_name(self) -> str:
-        if self._device_text is None:
-            self._device_text = self._device()
-        return self._device_text
+    def _what_it_offers(self) -> NodeOffer:
+        if self._offered is None:
+            self._offered = self._offer()
+        return self._offered
 
     def announce_draining(self) -> None:
         """Tells the pipeline service at once that this node takes no more work."""

@@ -23,7 +23,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self._node = node
 
     def RunJob(self, request: pb.RunJobRequest, context: grpc.ServicerContext) -> pb.RunJobResponse:
-        return pb.RunJobResponse(accepted=self._node.run_job(request))
+        accepted, rendezvous = self._node.run_job(request)
+        return pb.RunJobResponse(accepted=accepted, rendezvous_endpoint=rendezvous)
 
     def WatchJobRun(self, request: pb.WatchJobRunRequest, context: grpc.ServicerContext
                     ) -> Iterator[pb.WatchJobRunResponse]:

@@ -1,11 +1,13 @@
 """One job attempt's worker process, launched by the node through torch.distributed's launcher
 (`python -m torch.distributed.run ... -m services.trainer_svc.worker`).
 
-It reads the attempt's RunJobRequest from a file, connects back to its node over an
-authenticated local socket (services.trainer_svc.attempts), and runs the executor. Every event
-goes to the node, which numbers and serves it; the node's control messages (cancel, stop early,
-hand back) set the flags the training loop reads at each batch. Whatever happens to this process
-(out of memory, a segfault, `kill -9`), the node survives it and reports the attempt.
+It reads the attempt's RunJobRequest from a file, joins the attempt's process group when there
+are several processes (gloo on CPU, NCCL on CUDA, with an explicit timeout), connects back to its
+node over an authenticated local socket (services.trainer_svc.attempts), and runs the executor.
+The node's first local process sends every event, which the node numbers and serves; the others
+send only their result. The node's control messages (cancel, stop early, hand back) set the
+flags the training loop agrees on at each batch. Whatever happens to this process (out of
+memory, a segfault, `kill -9`), the node survives it and reports the attempt.
 """
 
 from __future__ import annotations
@@ -17,9 +19,14 @@ import signal
 import tempfile
 import threading
 import time
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from segtrain.common.v1 import common_pb2
 from segtrain.trainer.v1 import trainer_pb2
 
@@ -37,8 +44,10 @@ class WorkerRun:
     """The executor's view of the attempt (the same fields as the node's JobRun), with events sent
     to the node and control messages from it applied by a reader thread."""
 
-    def __init__(self, job: str, attempt: int, connection: Connection) -> None:
+    def __init__(self, job: str, attempt: int, connection: Connection, *, reporting: bool = True) -> None:
         self.job, self.attempt = job, attempt
+        # Only the node's first local process sends everything; the others only their result.
+        self._reporting = reporting
         self.cancel_requested = False
         self.stop_early = False
         self.handing_back = False
@@ -49,6 +58,8 @@ class WorkerRun:
         threading.Thread(target=self._read_control, name="control", daemon=True).start()
 
     def emit(self, event: common_pb2.JobEvent) -> None:
+        if not (self._reporting or event.HasField("finished")):
+            return
         with self._send_lock:
             if self.node_lost:
                 return
@@ -112,9 +123,41 @@ class MemoryWatch(threading.Thread):
             raise MemoryError(f"resident memory passed the worker's limit of {self._limit // 2**20} MB")
 
 
+@dataclass(frozen=True)
+class Place:
+    """Where this process is in the attempt's group (torch.distributed.run's environment)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+    @classmethod
+    def from_environment(cls) -> Place:
+        value = os.environ.get
+        return cls(int(value("RANK", "0")), int(value("LOCAL_RANK", "0")), int(value("WORLD_SIZE", "1")),
+                   int(value("LOCAL_WORLD_SIZE", "1")))
+
+    def join(self, device: str | None, timeout_s: float) -> str | None:
+        """Joins the group (several processes) and returns this process's device: its own GPU on
+        CUDA (NCCL), the CPU otherwise (gloo)."""
+        cuda = device != "cpu" and torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+        if cuda and self.world_size > 1:
+            torch.cuda.set_device(self.local_rank)
+            device = f"cuda:{self.local_rank}"
+        if self.world_size > 1:
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        return device
+
+    def threads(self, configured: int | None) -> int:
+        """CPU threads for this process: as configured, else the cores shared by the node's processes."""
+        return configured or max(1, (os.cpu_count() or 1) // self.local_world_size)
+
+
 def main() -> None:
     """The worker's composition root: the node's own settings (it passes its environment on), the
-    attempt's request and the node's socket from the command line."""
+    attempt's request and the node's socket from the command line, its place in the group from
+    the launcher's environment."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--request", type=Path, required=True, help="serialized RunJobRequest")
     parser.add_argument("--node-socket", required=True, help="the node's socket for this attempt")
@@ -122,21 +165,35 @@ def main() -> None:
     settings, common = TrainerSettings(), ServerSettings()
     configure_logging(common.log_level)
     request = trainer_pb2.RunJobRequest.FromString(args.request.read_bytes())
-    device = None if settings.device == "auto" else settings.device
-    cache_dir = settings.tile_cache_dir or Path(tempfile.gettempdir()) / "segtrain-tiles"
-    cache = DiskCache(cache_dir, settings.tile_cache_mb * 2**20) if settings.tile_cache_mb else None
-    executor = JobExecutor(ObjectStore(StorageSettings()), device=device, num_threads=settings.num_threads,
-                           progress_interval_s=settings.progress_interval_s,
-                           storage_patience_s=settings.storage_patience_s, data_workers=settings.data_workers,
-                           prepared_cache_mb=settings.prepared_cache_mb, tile_cache=cache)
+    place = Place.from_environment()
+    # CPU convolutions give depthwise weights' gradients strides that differ from DDP's buckets
+    # only in a size-1 dimension: the same layout, reported once per process as a "may impair
+    # performance" warning.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     connection = Client(args.node_socket, family="AF_UNIX", authkey=bytes.fromhex(os.environ[AUTHKEY_VARIABLE]))
+    connection.send({"rank": place.rank, "local_rank": place.local_rank})
+    run = WorkerRun(request.job, request.attempt, connection, reporting=place.local_rank == 0)
     watch = MemoryWatch(settings.worker_memory_limit_mb) if settings.worker_memory_limit_mb else None
     if watch is not None:
         watch.start()
-    executor.execute(WorkerRun(request.job, request.attempt, connection), request)  # type: ignore[arg-type]
-    if watch is not None:
-        watch.armed = False
-    connection.close()
+    try:
+        device = place.join(None if settings.device == "auto" else settings.device, settings.process_group_timeout_s)
+        _executor(settings, device, place.threads(settings.num_threads)).execute(run, request)  # type: ignore[arg-type]
+    finally:
+        if watch is not None:
+            watch.armed = False
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        connection.close()
+
+
+def _executor(settings: TrainerSettings, device: str | None, num_threads: int) -> JobExecutor:
+    cache_dir = settings.tile_cache_dir or Path(tempfile.gettempdir()) / "segtrain-tiles"
+    cache = DiskCache(cache_dir, settings.tile_cache_mb * 2**20) if settings.tile_cache_mb else None
+    return JobExecutor(ObjectStore(StorageSettings()), device=device, num_threads=num_threads,
+                       progress_interval_s=settings.progress_interval_s, storage_patience_s=settings.storage_patience_s,
+                       data_workers=settings.data_workers, prepared_cache_mb=settings.prepared_cache_mb,
+                       tile_cache=cache)
 
 
 if __name__ == "__main__":

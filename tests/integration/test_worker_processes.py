@@ -43,15 +43,32 @@ def node(store: ObjectStore, s3_settings: StorageSettings, **settings: object) -
     return TrainerNode(AnalyzerOnDemand(lambda: Analyzer(store, "cpu", 1)), capacity=2, worker_env=env)
 
 
-def run_job(trainer: TrainerNode, tiles: list[trainer_pb2.TrainingTile], *, epochs: int,
-            architecture: str = "upernet-convnext-cpu") -> JobRun:
+def request(tiles: list[trainer_pb2.TrainingTile], *, epochs: int, architecture: str = "upernet-convnext-cpu",
+            processes: int = 1, nodes: int = 1) -> trainer_pb2.RunJobRequest:
     job = f"j-{uuid.uuid4().hex[:8]}"
-    assert trainer.run_job(trainer_pb2.RunJobRequest(
+    return trainer_pb2.RunJobRequest(
         job=f"jobs/{job}", attempt=1, class_names=synthetic.CLASS_NAMES, tile_size=64, tiles=tiles,
         output_prefix=object_keys.attempt_prefix(job, 1), hyperparameters=S.Hyperparameters(
             architecture=architecture, epochs=epochs, batch_size=4, learning_rate=0.003, seed=0,
-            checkpoint_every=1)))
-    return trainer.runs.get(f"jobs/{job}", 1)
+            checkpoint_every=1), parallelism=S.Parallelism(processes=processes, nodes=nodes))
+
+
+def run_job(trainer: TrainerNode, tiles: list[trainer_pb2.TrainingTile], *, epochs: int,
+            architecture: str = "upernet-convnext-cpu", processes: int = 1) -> JobRun:
+    job = request(tiles, epochs=epochs, architecture=architecture, processes=processes)
+    assert trainer.run_job(job)[0]
+    return trainer.runs.get(job.job, 1)
+
+
+def until_training(run: JobRun, kind: str = "batch_progress") -> None:
+    deadline = time.monotonic() + 120
+    while not any(e.HasField(kind) for e in run.events):
+        assert time.monotonic() < deadline and not run.finished, [e.WhichOneof("payload") for e in run.events]
+        time.sleep(0.05)
+
+
+def payloads(run: JobRun, kind: str) -> list[common_pb2.JobEvent]:
+    return [e for e in run.events if e.WhichOneof("payload") == kind]
 
 
 def finished(run: JobRun, timeout: float = 180) -> common_pb2.JobFinished:
@@ -63,10 +80,7 @@ def test_kill_9_of_a_worker_is_reported_and_retried_and_the_node_runs_on(
         store: ObjectStore, s3_settings: StorageSettings, tiles: list[trainer_pb2.TrainingTile]) -> None:
     trainer = node(store, s3_settings)
     run = run_job(trainer, tiles, epochs=200)
-    deadline = time.monotonic() + 120
-    while not any(e.HasField("batch_progress") for e in run.events):
-        assert time.monotonic() < deadline and not run.finished, [e.WhichOneof("payload") for e in run.events]
-        time.sleep(0.05)
+    until_training(run)
     workers = trainer._attempts[run.job].worker_pids()
     assert len(workers) == 1
     os.kill(workers[0], signal.SIGKILL)
@@ -92,12 +106,52 @@ def test_cancel_and_hand_back_reach_the_worker(
     trainer = node(store, s3_settings)
     cancelled, handed_back = run_job(trainer, tiles, epochs=200), run_job(trainer, tiles, epochs=200)
     for run in (cancelled, handed_back):
-        deadline = time.monotonic() + 120
-        while not any(e.HasField("batch_progress") for e in run.events):
-            assert time.monotonic() < deadline and not run.finished
-            time.sleep(0.05)
+        until_training(run)
     trainer.cancel(cancelled.job, stop_early=False)
     handed_back.hand_back()
     assert finished(cancelled, 60).state == S.JOB_STATE_CANCELLED
     outcome = finished(handed_back, 60)
     assert outcome.state == S.JOB_STATE_QUEUED and "handed the job back" in outcome.reason
+
+
+def test_a_two_process_attempt_reports_each_epoch_once_and_rank_0_alone_writes(
+        store: ObjectStore, s3_settings: StorageSettings, tiles: list[trainer_pb2.TrainingTile]) -> None:
+    trainer = node(store, s3_settings, data_workers=0)
+    run = run_job(trainer, tiles, epochs=2, processes=2)
+    outcome = finished(run)
+    assert outcome.state == S.JOB_STATE_SUCCEEDED, outcome.reason
+    assert outcome.environment["processes"] == "2"
+    assert [e.epoch_metrics.epoch for e in payloads(run, "epoch_metrics")] == [1, 2]
+    assert [e.checkpoint_saved.epoch for e in payloads(run, "checkpoint_saved")] == [1, 2]
+    assert [e.source_seq for e in run.events] == list(range(1, len(run.events) + 1))
+    assert store.get(outcome.best_model.uri)  # the model rank 0 wrote
+
+
+def test_kill_9_of_one_rank_ends_the_attempt_for_a_retry_and_the_node_runs_on(
+        store: ObjectStore, s3_settings: StorageSettings, tiles: list[trainer_pb2.TrainingTile]) -> None:
+    trainer = node(store, s3_settings, data_workers=0)
+    run = run_job(trainer, tiles, epochs=200, processes=2)
+    until_training(run, "epoch_metrics")  # one batch per epoch: no batch progress
+    os.kill(trainer._attempts[run.job].worker_pids()[1], signal.SIGKILL)
+    outcome = finished(run, 120)
+    assert outcome.state == S.JOB_STATE_QUEUED, outcome.reason  # a lost rank is retried
+    assert finished(run_job(trainer, tiles, epochs=1)).state == S.JOB_STATE_SUCCEEDED
+
+
+def test_a_two_node_attempt_meets_at_rank_0s_rendezvous_and_trains_once(
+        store: ObjectStore, s3_settings: StorageSettings, tiles: list[trainer_pb2.TrainingTile]) -> None:
+    first, second = node(store, s3_settings, data_workers=0), node(store, s3_settings, data_workers=0)
+    job = request(tiles, epochs=2, nodes=2)
+    accepted, endpoint = first.run_job(job)
+    assert accepted and endpoint.startswith("127.0.0.1:")
+    other = trainer_pb2.RunJobRequest()
+    other.CopyFrom(job)
+    other.node_rank, other.rendezvous_endpoint = 1, endpoint
+    assert second.run_job(other) == (True, "")
+    primary, secondary = first.runs.get(job.job, 1), second.runs.get(job.job, 1)
+    outcome = finished(primary)
+    assert outcome.state == S.JOB_STATE_SUCCEEDED, outcome.reason
+    assert finished(secondary).state == S.JOB_STATE_SUCCEEDED
+    assert [e.epoch_metrics.epoch for e in payloads(primary, "epoch_metrics")] == [1, 2]
+    assert not payloads(secondary, "checkpoint_saved")  # rank 0 alone writes
+    assert not secondary.events[-1].finished.HasField("best_model")

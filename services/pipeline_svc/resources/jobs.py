@@ -6,17 +6,20 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from segtrain.common.v1 import common_pb2
-from sqlmodel import Session
+from sqlmodel import Session, select
 
-from segcore import intensity
+from segcore import admission, intensity
 from services.common import names, object_keys
-from services.common.errors import FailedPreconditionError, InvalidArgumentError
+from services.common.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError, check
 from services.common.timeutil import utcnow
 from services.pipeline_svc.domain import JobSpec
 from services.pipeline_svc.resources import hyperparameters, lifecycle, lookup, models, pipelines, training_sets
-from services.pipeline_svc.tables import JobRow, ModelRow, TrainingSetRow
+from services.pipeline_svc.tables import JobRow, ModelRow, TrainerNodeRow, TrainingSetRow
 
 S = common_pb2
+# segtrain.common.v1.Parallelism's bounds.
+MAX_PROCESSES, MAX_NODES = 64, 16
+_LOST = 3  # TrainerNode.STATE_LOST
 
 
 def get_job(session: Session, *, name: str, field: str = "name", for_update: bool = False) -> JobRow:
@@ -48,17 +51,63 @@ def create_job(session: Session, *, spec: JobSpec, architectures: Collection[str
     effective = hyperparameters.effective(pipelines.stored_hyperparameters(pipeline), overrides)
     effective["normalization"], reason = _normalization(
         session, str(effective["normalization"]), training_set, parent, pretrained=bool(spec.pretrained_weights))
+    processes, nodes = spec.processes or 1, spec.nodes or 1
+    _check_parallelism(processes, nodes, int(effective["batch_size"]), training_set)  # type: ignore[call-overload]
     job = JobRow(
         id=names.new_id("j"), display_name=spec.display_name, pipeline=pipeline.id,
         training_set=training_set.id, from_model=parent.id if parent else "",
         pretrained_weights=spec.pretrained_weights, hyperparameters=hyperparameters.serialized(effective),
         state=S.JOB_STATE_PENDING, request_id=spec.request_id or None, normalization_reason=reason,
+        processes=processes, nodes=nodes,
     )
+    _check_fits(session, job_shape(job, tile_size=pipeline.tile_size))
     for event in (S.JobEvent(state_change=S.StateChange(state=S.JOB_STATE_PENDING)),
                   S.JobEvent(warning=S.Warning(code="NORMALIZATION", message=reason))):
         lifecycle.emit_control_event(session, job=job, event=event)
     session.add(job)
     return job
+
+
+def _check_parallelism(processes: int, nodes: int, batch_size: int, training_set: TrainingSetRow) -> None:
+    v = []
+    if not 1 <= processes <= MAX_PROCESSES:
+        v.append(FieldViolation("parallelism.processes", f"must be 1..{MAX_PROCESSES} (0 means 1)"))
+    if not 1 <= nodes <= MAX_NODES:
+        v.append(FieldViolation("parallelism.nodes", f"must be 1..{MAX_NODES} (0 means 1)"))
+    check(v)
+    world = processes * nodes
+    if world > batch_size:
+        v.append(FieldViolation("parallelism.processes", f"{world} processes cannot share a batch of {batch_size} "
+                                "tiles: every process needs at least one (raise hyperparameters.batch_size)"))
+    elif world > training_set.train_tile_count:
+        v.append(FieldViolation("parallelism.processes", f"{world} processes cannot share the "
+                                f"{training_set.train_tile_count} training tiles of the set"))
+    check(v)
+
+
+def job_shape(job: JobRow, *, tile_size: int) -> admission.JobShape:
+    """What decides the job's memory (segcore.admission)."""
+    values = hyperparameters.deserialized(job.hyperparameters)
+    crop = values.get("crop_size")
+    return admission.JobShape(str(values["architecture"]), int(values["batch_size"]),  # type: ignore[call-overload]
+                              int(crop) if crop else None, tile_size, job.processes, job.nodes)  # type: ignore[call-overload]
+
+
+def _check_fits(session: Session, shape: admission.JobShape) -> None:
+    """Admission: refuses, naming what to change, a job that no trainer node could hold. Nodes
+    that have not said what they offer are not judged; nothing is beyond ABSOLUTE_LIMIT_BYTES."""
+    known = [n for n in session.exec(select(TrainerNodeRow)) if n.state != _LOST and n.job_memory_bytes > 0]
+    able = [n for n in known if n.max_processes >= shape.processes]
+    if known and not able:
+        raise InvalidArgumentError.of("parallelism.processes", f"no trainer node starts more than "
+                                      f"{max(n.max_processes for n in known)} processes for one job")
+    refusals = [shape.refusal(n.job_memory_bytes, n.device) for n in able] or [shape.refusal(None)]
+    if any(r is None for r in refusals):
+        return
+    largest = max(able, key=lambda n: n.job_memory_bytes, default=None)
+    refusal = shape.refusal(largest.job_memory_bytes, largest.device) if largest else refusals[0]
+    assert refusal is not None
+    raise InvalidArgumentError.of(f"hyperparameters.{refusal[0]}", refusal[1])
 
 
 def _normalization(session: Session, requested: str, training_set: TrainingSetRow, parent: ModelRow | None, *,

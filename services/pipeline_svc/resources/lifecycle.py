@@ -55,5 +55,5 @@ def requeue(session: Session, *, job: JobRow, reason: str, max_attempts: int) ->
             "full-state checkpoint is kept, so starting a new job from scratch is not needed to debug it"))
         return
     transition(session, job=job, to=S.JOB_STATE_QUEUED, reason=reason)
-    job.trainer_node = ""
+    job.trainer_node, job.gang_nodes = "", []
     job.progress = S.Progress(phase=S.PHASE_QUEUED).SerializeToString()

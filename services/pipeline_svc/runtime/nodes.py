@@ -11,6 +11,7 @@ from services.common import job_states, names
 from services.common.errors import FieldViolation, check
 from services.common.timeutil import as_utc, utcnow
 from services.pipeline_svc.domain import HeartbeatAnswer, NodeHeartbeat, NodeRegistration
+from services.pipeline_svc.resources.jobs import MAX_PROCESSES
 from services.pipeline_svc.tables import JobRow, TrainerNodeRow
 
 READY, DRAINING, LOST = pb.TrainerNode.STATE_READY, pb.TrainerNode.STATE_DRAINING, pb.TrainerNode.STATE_LOST
@@ -25,9 +26,14 @@ def register_node(session: Session, *, registration: NodeRegistration) -> Traine
         v.append(FieldViolation("address", "required, host:port"))
     if r.capacity < 0 or r.capacity > 64:
         v.append(FieldViolation("capacity", "must be 0..64 (0 means 1)"))
+    if r.job_memory_bytes < 0:
+        v.append(FieldViolation("job_memory_bytes", "must be >= 0 (0: unknown)"))
+    if not 0 <= r.max_processes <= MAX_PROCESSES:
+        v.append(FieldViolation("max_processes", f"must be 0..{MAX_PROCESSES} (0 means 1)"))
     check(v)
     row = session.get(TrainerNodeRow, r.node_id) or TrainerNodeRow(id=r.node_id, address="", state=READY)
     row.address, row.capacity, row.device = r.address, r.capacity or 1, r.device
+    row.job_memory_bytes, row.max_processes = r.job_memory_bytes, r.max_processes or 1
     row.state, row.heartbeat_time = READY, utcnow()
     session.add(row)
     return row
@@ -48,8 +54,9 @@ def record_heartbeat(session: Session, *, heartbeat: NodeHeartbeat) -> Heartbeat
 
 
 def jobs_on_node(session: Session, *, node_id: str) -> list[JobRow]:
-    return list(session.exec(select(JobRow).where(JobRow.trainer_node == node_id,
-                                                  col(JobRow.state).in_(job_states.ACTIVE))))
+    """Active jobs with an attempt on the node: as rank 0, or as another node of a multi-node job."""
+    active = session.exec(select(JobRow).where(col(JobRow.state).in_(job_states.ACTIVE)))
+    return [job for job in active if job.trainer_node == node_id or node_id in job.gang_nodes]
 
 
 def list_nodes(session: Session) -> list[TrainerNodeRow]:

@@ -15,10 +15,11 @@ from segtrain.trainer.v1 import trainer_pb2
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from segcore import admission
 from services.common import job_states, names
 from services.common.database import session_scope
 from services.pipeline_svc import converters
-from services.pipeline_svc.resources import lifecycle, models, training_sets
+from services.pipeline_svc.resources import jobs, lifecycle, models, training_sets
 from services.pipeline_svc.runtime import nodes
 from services.pipeline_svc.runtime.job_relay import JobRelay
 from services.pipeline_svc.runtime.peers import PeerStubs
@@ -94,28 +95,43 @@ class Scheduler(threading.Thread):
             self._interrupt_relay(job.id)
 
     def _assign_one(self) -> bool:
+        """Starts the oldest queued job that fits the free nodes (all its nodes or none)."""
         with session_scope(self._engine) as session:
-            free = nodes.free_nodes(session)
-            job = session.exec(select(JobRow).where(JobRow.state == S.JOB_STATE_QUEUED)
-                               .order_by(col(JobRow.start_time))).first()
-            if not free or job is None:
+            placement = _placement(session)
+            if placement is None:
                 return False
-            node = free[0][0]
+            job, gang = placement
             job.attempt += 1
-            job.trainer_node = node.id
+            job.trainer_node, job.gang_nodes = gang[0].id, [n.id for n in gang]
             job.relayed_source_seq = 0
             lifecycle.transition(session, job=job, to=S.JOB_STATE_ASSIGNED)
             request = _run_request(session, job)
-            address = node.address
+            members = [(n.id, n.address) for n in gang]
         self._wake_outbox()
         try:
-            self._peers.trainer(address).RunJob(request, timeout=30)
-        except grpc.RpcError as exc:
-            log.warning("trainer node %s refused %s: %s", node.id, names.job(job.id), exc.code())
-            self._undo_assignment(job, node.id, exc.code())
+            self._start_gang(request, members)
+        except _Refused as refused:
+            log.warning("trainer node %s refused %s: %s", refused.node_id, names.job(job.id), refused.code)
+            self._undo_assignment(job, refused.node_id, refused.code)
             return False  # try again on the next pass, not in a tight loop
         self._ensure_relay(job.id)
         return True
+
+    def _start_gang(self, request: trainer_pb2.RunJobRequest, members: list[tuple[str, str]]) -> None:
+        """RunJob on every node of the attempt in rank order: rank 0 first, whose answer is the
+        rendezvous the others join. When one refuses, those already started are told to stop."""
+        started: list[str] = []
+        for rank, (node_id, address) in enumerate(members):
+            request.node_rank = rank
+            try:
+                response = self._peers.trainer(address).RunJob(request, timeout=30)
+            except grpc.RpcError as exc:
+                for other in started:
+                    self._peers.stop_job_on(other, job=request.job, stop_early=False)
+                raise _Refused(node_id, exc.code()) from None
+            started.append(address)
+            if rank == 0 and len(members) > 1:
+                request.rendezvous_endpoint = response.rendezvous_endpoint
 
     def _undo_assignment(self, job: JobRow, node_id: str, code: grpc.StatusCode) -> None:
         with session_scope(self._engine) as session:
@@ -148,6 +164,39 @@ class Scheduler(threading.Thread):
         with self._lock:
             self._relays.pop(job_id, None)
         self.wake()  # a node may have freed up
+
+
+class _Refused(Exception):
+    def __init__(self, node_id: str, code: grpc.StatusCode) -> None:
+        super().__init__(node_id, code)
+        self.node_id, self.code = node_id, code
+
+
+# Queued jobs looked at per pass: a job that fits no free node does not hold back the ones behind it.
+_LOOKAHEAD = 50
+
+
+def _placement(session: Session) -> tuple[JobRow, list[TrainerNodeRow]] | None:
+    """The oldest queued job that fits, with its nodes in rank order (least loaded first): each
+    free, starting the job's processes, and offering the memory it needs (segcore.admission)."""
+    free = [node for node, _ in nodes.free_nodes(session)]
+    if not free:
+        return None
+    queued = session.exec(select(JobRow).where(JobRow.state == S.JOB_STATE_QUEUED)
+                          .order_by(col(JobRow.start_time)).limit(_LOOKAHEAD))
+    for job in queued:
+        shape = _shape(session, job)
+        able = [n for n in free if n.max_processes >= job.processes
+                and shape.refusal(n.job_memory_bytes or None, n.device) is None]
+        if len(able) >= job.nodes:
+            return job, able[: job.nodes]
+    return None
+
+
+def _shape(session: Session, job: JobRow) -> admission.JobShape:
+    pipeline = session.get(PipelineRow, job.pipeline)
+    assert pipeline is not None
+    return jobs.job_shape(job, tile_size=pipeline.tile_size)
 
 
 def _run_request(session: Session, job: JobRow) -> trainer_pb2.RunJobRequest:
