@@ -175,10 +175,13 @@ class Client:
             pb.ListJobsRequest(page_token=token), timeout=self.timeout), "jobs")
 
     def create_job(self, *, pipeline: str, training_set: str, from_model: str = "",
-                   hyperparameters: common_pb2.Hyperparameters | None = None, request_id: str = "") -> pb.Job:
+                   hyperparameters: common_pb2.Hyperparameters | None = None, request_id: str = "",
+                   processes: int = 0, nodes: int = 0) -> pb.Job:
+        """`processes` per node and `nodes` train data-parallel (0: 1); the batch size is the global batch."""
         return self.pipeline.CreateJob(pb.CreateJobRequest(
             pipeline=names.pipeline(pipeline), training_set=names.training_set(training_set),
             from_model=names.model(from_model), hyperparameters=hyperparameters, request_id=request_id,
+            parallelism=common_pb2.Parallelism(processes=processes, nodes=nodes),
         ), timeout=self.timeout)
 
     def start_job(self, job: str) -> pb.Job:
@@ -195,7 +198,8 @@ class Client:
         """A new job with the same training set, parent and hyperparameters (seed included)."""
         original = self.get_job(job)
         again = self.create_job(pipeline=original.pipeline, training_set=original.training_set,
-                                from_model=original.from_model, hyperparameters=original.hyperparameters)
+                                from_model=original.from_model, hyperparameters=original.hyperparameters,
+                                processes=original.parallelism.processes, nodes=original.parallelism.nodes)
         return self.start_job(again.name) if start else again
 
     def compare(self, jobs: Sequence[str]) -> pb.JobComparison:

@@ -117,7 +117,8 @@ def _add_hyperparameter_flags(parser: argparse.ArgumentParser) -> None:
 
 def cmd_jobs_create(args: argparse.Namespace, client: Client) -> int:
     job = client.create_job(pipeline=args.pipeline, training_set=args.training_set,
-                            from_model=args.from_model or "", hyperparameters=_hyperparameters(args))
+                            from_model=args.from_model or "", hyperparameters=_hyperparameters(args),
+                            processes=args.processes, nodes=args.nodes)
     _out(args, job, job.name)
     return 0
 
@@ -358,6 +359,9 @@ def _add_jobs(group: Verbs) -> None:
     create.add_argument("--pipeline", required=True)
     create.add_argument("--training-set", required=True)
     create.add_argument("--from-model")
+    create.add_argument("--processes", type=int, default=0,
+                        help="data-parallel processes per node (default 1); the batch size is the global batch")
+    create.add_argument("--nodes", type=int, default=0, help="trainer nodes, all started together (default 1)")
     _add_hyperparameter_flags(create)
     for name, handler in (("start", cmd_jobs_start), ("get", cmd_jobs_get)):
         _verb(group, name, handler).add_argument("job")

@@ -185,6 +185,15 @@ BAD_REQUESTS: list[Case] = [
      "hyperparameters.architecture"),
     ("unknown loss", _job(hyperparameters=_hp(loss="hinge")), grpc.StatusCode.INVALID_ARGUMENT,
      "hyperparameters.loss"),
+    ("processes beyond the bound", _job(parallelism=common_pb2.Parallelism(processes=65)),
+     grpc.StatusCode.INVALID_ARGUMENT, "parallelism.processes"),
+    ("negative nodes", _job(parallelism=common_pb2.Parallelism(nodes=-1)), grpc.StatusCode.INVALID_ARGUMENT,
+     "parallelism.nodes"),
+    ("more processes than the batch", _job(hyperparameters=_hp(batch_size=4), parallelism=common_pb2.Parallelism(
+        processes=3, nodes=2)), grpc.StatusCode.INVALID_ARGUMENT, "parallelism.processes"),
+    # 4,096 tiles of 8,192² per step: more memory than any machine has, refused before any node tries.
+    ("crop 8192 x batch 4096", _job(hyperparameters=_hp(batch_size=4096, crop_size=8192)),
+     grpc.StatusCode.INVALID_ARGUMENT, "hyperparameters.batch_size"),
     ("pretrained weights with a parent", _job(from_model="models/m-x", pretrained_weights="uploads/a/w.safetensors"),
      grpc.StatusCode.INVALID_ARGUMENT, "pretrained_weights"),
     ("pretrained weights outside uploads", _job(pretrained_weights="jobs/j-1/models/best.safetensors"),
@@ -280,3 +289,30 @@ def test_an_outbox_row_refused_for_good_is_parked_and_does_not_block_later_event
     states = [e.state_change.state for e in events if e.HasField("state_change")]
     assert states == [common_pb2.JOB_STATE_PENDING, common_pb2.JOB_STATE_CANCELLED]
     engine.dispose()
+
+
+def test_admission_refuses_a_job_no_registered_node_can_hold_naming_what_to_change(
+        client: Client, training_set: pb.TrainingSet) -> None:
+    """Nodes say what one job may use there; CreateJob refuses what fits none of them."""
+    client.pipeline.RegisterTrainerNode(pb.RegisterTrainerNodeRequest(
+        node_id="small", address="127.0.0.1:1", device="cpu", job_memory_bytes=10 * 2**30, max_processes=2))
+    node, = client.pipeline.ListTrainerNodes(pb.ListTrainerNodesRequest()).trainer_nodes
+    assert (node.job_memory_bytes, node.max_processes) == (10 * 2**30, 2)
+
+    def create(**kw: object) -> pb.Job:
+        return client.pipeline.CreateJob(pb.CreateJobRequest(pipeline="pipelines/segmentation",
+                                                             training_set=training_set.name, **kw))  # type: ignore[arg-type]
+
+    too_big = error_of(lambda: create(hyperparameters=_hp(architecture="upernet-convnext-base", batch_size=16)))
+    assert too_big.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violation_fields(too_big) == {"hyperparameters.batch_size"}
+    assert "10.0 GB" in too_big.details() and "lower the batch size" in too_big.details()
+    # Two ConvNeXt-B processes do not fit 10 GB even at one small tile each: change the architecture.
+    base = error_of(lambda: create(hyperparameters=_hp(architecture="upernet-convnext-base", batch_size=2),
+                                   parallelism=common_pb2.Parallelism(processes=2)))
+    assert violation_fields(base) == {"hyperparameters.architecture"}
+    assert violation_fields(error_of(lambda: create(parallelism=common_pb2.Parallelism(processes=4)))) == {
+        "parallelism.processes"}  # the node starts at most 2
+    job = create(hyperparameters=_hp(architecture="upernet-convnext-cpu", batch_size=4),
+                 parallelism=common_pb2.Parallelism(processes=2))
+    assert (job.parallelism.processes, job.parallelism.nodes) == (2, 1)

@@ -19,7 +19,6 @@ from services.pipeline_svc.tables import JobRow, ModelRow, TrainerNodeRow, Train
 S = common_pb2
 # segtrain.common.v1.Parallelism's bounds.
 MAX_PROCESSES, MAX_NODES = 64, 16
-_LOST = 3  # TrainerNode.STATE_LOST
 
 
 def get_job(session: Session, *, name: str, field: str = "name", for_update: bool = False) -> JobRow:
@@ -94,9 +93,10 @@ def job_shape(job: JobRow, *, tile_size: int) -> admission.JobShape:
 
 
 def _check_fits(session: Session, shape: admission.JobShape) -> None:
-    """Admission: refuses, naming what to change, a job that no trainer node could hold. Nodes
-    that have not said what they offer are not judged; nothing is beyond ABSOLUTE_LIMIT_BYTES."""
-    known = [n for n in session.exec(select(TrainerNodeRow)) if n.state != _LOST and n.job_memory_bytes > 0]
+    """Admission: refuses, naming what to change, a job that no registered trainer node (lost ones
+    included: they may come back) could hold. Nodes that have not said what they offer are not
+    judged; nothing beyond ABSOLUTE_LIMIT_BYTES is accepted."""
+    known = [n for n in session.exec(select(TrainerNodeRow)) if n.job_memory_bytes > 0]
     able = [n for n in known if n.max_processes >= shape.processes]
     if known and not able:
         raise InvalidArgumentError.of("parallelism.processes", f"no trainer node starts more than "

@@ -112,7 +112,7 @@ class Scheduler(threading.Thread):
             self._start_gang(request, members)
         except _Refused as refused:
             log.warning("trainer node %s refused %s: %s", refused.node_id, names.job(job.id), refused.code)
-            self._undo_assignment(job, refused.node_id, refused.code)
+            self._undo_assignment(job, refused)
             return False  # try again on the next pass, not in a tight loop
         self._ensure_relay(job.id)
         return True
@@ -128,20 +128,22 @@ class Scheduler(threading.Thread):
             except grpc.RpcError as exc:
                 for other in started:
                     self._peers.stop_job_on(other, job=request.job, stop_early=False)
-                raise _Refused(node_id, exc.code()) from None
+                raise _Refused(node_id, exc.code(), started=bool(started)) from None
             started.append(address)
             if rank == 0 and len(members) > 1:
                 request.rendezvous_endpoint = response.rendezvous_endpoint
 
-    def _undo_assignment(self, job: JobRow, node_id: str, code: grpc.StatusCode) -> None:
+    def _undo_assignment(self, job: JobRow, refused: _Refused) -> None:
         with session_scope(self._engine) as session:
             fresh = session.get(JobRow, job.id, with_for_update=True)
             if fresh is not None and fresh.state == S.JOB_STATE_ASSIGNED and fresh.attempt == job.attempt:
-                fresh.attempt -= 1  # the attempt never started: it does not count
-                lifecycle.requeue(session, job=fresh, reason=f"trainer node {node_id} could not take the job",
+                if not refused.started:
+                    fresh.attempt -= 1  # the attempt started nowhere: it does not count
+                # (one that some node started keeps its number: a node never sees one reused)
+                lifecycle.requeue(session, job=fresh, reason=f"trainer node {refused.node_id} could not take the job",
                                   max_attempts=self._max_attempts)
-            stale = session.get(TrainerNodeRow, node_id)
-            if stale is not None and code == grpc.StatusCode.UNAVAILABLE:
+            stale = session.get(TrainerNodeRow, refused.node_id)
+            if stale is not None and refused.code == grpc.StatusCode.UNAVAILABLE:
                 stale.state = nodes.LOST
                 session.add(stale)
 
@@ -167,9 +169,11 @@ class Scheduler(threading.Thread):
 
 
 class _Refused(Exception):
-    def __init__(self, node_id: str, code: grpc.StatusCode) -> None:
+    """A node of the attempt refused RunJob (`started`: after others had accepted it)."""
+
+    def __init__(self, node_id: str, code: grpc.StatusCode, *, started: bool = False) -> None:
         super().__init__(node_id, code)
-        self.node_id, self.code = node_id, code
+        self.node_id, self.code, self.started = node_id, code, started
 
 
 # Queued jobs looked at per pass: a job that fits no free node does not hold back the ones behind it.
