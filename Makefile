@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup gen demo test lint check-gen bench bench-atto bench-quality bench-scale up clean
+.PHONY: setup gen demo test lint check-gen bench bench-atto bench-quality bench-scale bench-parallel up clean
 
 # The venv is rebuilt when the requirements change. torch/torchvision are pinned in
 # requirements.txt (pip takes them from local disk here); pip never resolves an unpinned torch.
@@ -50,6 +50,10 @@ bench-atto: setup gen
 # Peak memory (PSS of the node's process tree) and speed of a job at 250, 1,000 and 4,000 tiles of 512².
 bench-scale: setup gen
 	$(BIN)/python bench/scale.py
+
+# Data-parallel training on this machine: 1 process, 2 processes on a node, 1 process on each of 2 nodes.
+bench-parallel: setup gen
+	$(BIN)/python bench/parallel.py
 
 # Foreground IoU of the product with its defaults vs a bare PyTorch loop on five imaging regimes.
 bench-quality: setup gen

@@ -37,7 +37,7 @@ from pydantic import SecretStr
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 
-from clients.names import DEFAULT_PIPELINE, TERMINAL
+from clients.names import TERMINAL
 from clients.sdk import Client
 from clients.stack import LocalStack
 from segcore import regimes
@@ -46,6 +46,7 @@ from services.common.settings import StorageSettings, TrainerSettings, environme
 
 REGIME = "fluorescence-16bit"
 TILE = 512
+PIPELINE = "scale-512"  # the default pipeline's tiles are 256²
 BASE_TILES = 500  # rendered once; larger sets are their 8 flips and rotations (distinct tiles)
 PEAK_TARGET_MB = 2500.0
 SLOPE_TARGET_MB = 0.1
@@ -113,7 +114,7 @@ class PeakSampler(threading.Thread):
 def train_job(client: Client, training_set: str, train_tiles: int, epochs: int, node_pid: int
               ) -> tuple[float, float, float]:
     """(peak PSS MB, seconds from RUNNING to the first training batch, training images/s)."""
-    job = client.create_job(pipeline=DEFAULT_PIPELINE, training_set=training_set,
+    job = client.create_job(pipeline=PIPELINE, training_set=training_set,
                             hyperparameters=common_pb2.Hyperparameters(
                                 architecture="upernet-convnext-cpu", epochs=epochs, batch_size=8, crop_size=128))
     sampler = PeakSampler(node_pid)
@@ -126,10 +127,10 @@ def train_job(client: Client, training_set: str, train_tiles: int, epochs: int, 
     if current.state != common_pb2.JOB_STATE_SUCCEEDED:
         raise RuntimeError(f"{job.name} ended {current.state}: {current.failure_reason}")
     events = list(client.watch(job.name))
-    return sampler.peak, *_epoch_timing(events, train_tiles)
+    return sampler.peak, *epoch_timing(events, train_tiles)
 
 
-def _epoch_timing(events: list[common_pb2.JobEvent], train_tiles: int) -> tuple[float, float]:
+def epoch_timing(events: list[common_pb2.JobEvent], train_tiles: int) -> tuple[float, float]:
     """(seconds from the attempt's start to its first training batch, training images/s), from
     the node's own event times."""
     def at(e: common_pb2.JobEvent) -> float:
@@ -212,10 +213,14 @@ def main() -> int:
     with LocalStack(out / "stack", trainers=1, env_overrides=env) as stack, \
             Client(stack.pipeline_address, token=stack.tokens["trainer"]) as client:
         node_pid = stack.processes["trainer-1"].popen.pid
+        client.pipeline.CreatePipeline(pb.CreatePipelineRequest(pipeline_id=PIPELINE, pipeline=pb.Pipeline(
+            display_name="512² fluorescence", type=pb.Pipeline.TYPE_TRAINING, tile_size=TILE,
+            class_names=regimes.class_names(REGIME))), timeout=60)
         for size in sizes:
             images, masks = write_set(size, base, out / f"set-{size}")
             started = time.monotonic()
-            ts = client.create_training_set(f"scale-{size}", images, masks, class_names=regimes.class_names(REGIME))
+            ts = client.create_training_set(f"scale-{size}", images, masks, class_names=regimes.class_names(REGIME),
+                                            pipeline=PIPELINE)
             print(f"{size} tiles: set created in {time.monotonic() - started:.0f} s; training", flush=True)
             peak, first_batch, images_per_s = train_job(client, ts.name, ts.train_tile_count, args.epochs, node_pid)
             data = data_path_tiles_per_s(stack, client, ts.name)

@@ -65,7 +65,7 @@ def create_training_set(engine: Engine, store: ObjectStore, *, spec: TrainingSet
         pipeline = pipelines.get_pipeline(session, name=spec.pipeline, field="pipeline")
     class_names = list(spec.class_names) or list(pipeline.class_names)
     _check_spec(spec, class_names)
-    tiles, warnings = _read_and_check(store, spec, class_names)
+    tiles, warnings = _read_and_check(store, spec, class_names, tile_size=pipeline.tile_size)
     snapshot = _snapshot_hash(tiles, class_names)
     set_id = spec.training_set_id or f"ts-{snapshot.removeprefix('sha256:')[:12]}"
     fraction = spec.validation_fraction if spec.validation_fraction is not None else 0.2
@@ -183,8 +183,10 @@ def _tile_violations(tiles: list[TileSpec], *, collection: bool) -> list[FieldVi
     return v
 
 
-def _read_and_check(store: ObjectStore, spec: TrainingSetSpec, class_names: list[str]
+def _read_and_check(store: ObjectStore, spec: TrainingSetSpec, class_names: list[str], *, tile_size: int
                     ) -> tuple[list[_CheckedTile], list[pb.ValidationIssue]]:
+    """Every tile decoded and checked (no larger than the pipeline's tile size: admission and the
+    models' analysis windows count on it), its annotation rendered."""
     fmt = spec.format
     collection = _collection(store, spec, class_names)
 
@@ -199,6 +201,10 @@ def _read_and_check(store: ObjectStore, spec: TrainingSetSpec, class_names: list
         try:
             image = imaging.decode_image(image_bytes, name)
             height, width = image.shape[:2]
+            if max(height, width) > tile_size:
+                return [FieldViolation(f"tiles[{i}]", f"tile {name!r} is {width}x{height}, larger than the pipeline's "
+                                       f"tile size {tile_size}: cut it into tiles of at most {tile_size}x{tile_size}, "
+                                       "or use a pipeline with a larger tile size")]
             rendered = (collection.render(tile=name, width=width, height=height) if collection is not None
                         else formats.render_tile(fmt, annotation, tile=name, width=width, height=height,
                                                      class_names=class_names,
