@@ -62,8 +62,8 @@ class Group:
     def parallel(self) -> bool:
         return self.world_size > 1
 
-    def share(self, batch: Sequence[int]) -> list[int]:
-        """This rank's tiles of a global batch."""
+    def share(self, batch: Sequence[T]) -> list[T]:
+        """This rank's part of a global batch (its tiles, or anything listed per tile)."""
         return list(batch[self.rank :: self.world_size])
 
     def shares(self, batch: Sequence[int]) -> list[list[int]]:

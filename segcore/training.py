@@ -378,7 +378,7 @@ def _train_epoch(run: _Run, epoch: int, observer: TrainingObserver) -> tuple[flo
                                                  start=1):
         images, masks = batch_of(
             prepared,
-            generator=[_tile_draws(cfg.seed, epoch, i) for i in share],
+            generator=group.share(_tile_draws(cfg.seed, epoch, batch)),
             crop_size=cfg.crop_size,
             augment_data=cfg.augment,
             ignore_index=IGNORE_INDEX,
@@ -415,9 +415,15 @@ def _epoch_order(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed_seed(seed, epoch))
 
 
-def _tile_draws(seed: int, epoch: int, tile: int) -> torch.Generator:
-    """A tile's crop and augmentation in an epoch, whichever rank trains it."""
-    return torch.Generator().manual_seed(mixed_seed(seed, epoch, tile + 1))
+def _tile_draws(seed: int, epoch: int, batch: list[int]) -> list[torch.Generator]:
+    """Each tile's crop and augmentation in an epoch, whichever rank trains it (a tile twice in a
+    batch, the only tile of a set, gets two different views)."""
+    seen: dict[int, int] = {}
+    draws = []
+    for tile in batch:
+        seen[tile] = seen.get(tile, -1) + 1
+        draws.append(torch.Generator().manual_seed(mixed_seed(seed, epoch, tile + 1, seen[tile])))
+    return draws
 
 
 @contextlib.contextmanager
