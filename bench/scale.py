@@ -213,9 +213,10 @@ def main() -> int:
     with LocalStack(out / "stack", trainers=1, env_overrides=env) as stack, \
             Client(stack.pipeline_address, token=stack.tokens["trainer"]) as client:
         node_pid = stack.processes["trainer-1"].popen.pid
-        client.pipeline.CreatePipeline(pb.CreatePipelineRequest(pipeline_id=PIPELINE, pipeline=pb.Pipeline(
-            display_name="512² fluorescence", type=pb.Pipeline.TYPE_TRAINING, tile_size=TILE,
-            class_names=regimes.class_names(REGIME))), timeout=60)
+        with Client(stack.pipeline_address, token=stack.tokens["admin"]) as admin:
+            admin.pipeline.CreatePipeline(pb.CreatePipelineRequest(pipeline_id=PIPELINE, pipeline=pb.Pipeline(
+                display_name="512² fluorescence", type=pb.Pipeline.TYPE_TRAINING, tile_size=TILE,
+                class_names=regimes.class_names(REGIME))), timeout=60)
         for size in sizes:
             images, masks = write_set(size, base, out / f"set-{size}")
             started = time.monotonic()

@@ -22,7 +22,12 @@ file stays empty so ``import segcore.errors`` does not pull in torch):
 * ``losses``        - CE / Dice / CE+Dice, class weights
 * ``progress``      - EpochResult, TrainingObserver protocol (4 hooks)
 * ``state``         - TrainingState (resumable snapshot), RNG capture/restore
-* ``training``      - train() -> TrainResult (re-exports config/state/progress types)
+* ``tiles``         - tiles streamed from any TileSource: the checking pass, the DataLoader
+                      BatchStream, the prepared-tile cache
+* ``distributed``   - Group: what data-parallel ranks share and split (batch shares,
+                      all-reduced sums, agreed decisions)
+* ``admission``     - a job's memory estimate and what to change when it cannot fit (no torch)
+* ``training``      - train() / evaluate() (re-exports config/state/progress types)
 * ``checkpoint``    - export_model / load_model (safetensors + ModelMeta),
                       save_training_state / load_training_state, environment_info
 * ``inference``     - predict_mask (sliding window), class_pixel_counts
