@@ -1,2 +1,3 @@
-"""A trainer node: runs assigned jobs in background threads, streams their events, checkpoints
-to object storage, and runs analysis with registered models."""
+"""A trainer node: runs each assigned job attempt in its own process group (data-parallel on
+torch.distributed when asked), streams its events, checkpoints to object storage, and runs
+analysis with registered models."""

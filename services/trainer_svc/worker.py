@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -34,8 +35,10 @@ from services.common.server import configure_logging
 from services.common.settings import ServerSettings, StorageSettings, TrainerSettings
 from services.common.storage import ObjectStore
 from services.trainer_svc.attempts import AUTHKEY_VARIABLE
-from services.trainer_svc.executor import JobExecutor
 from services.trainer_svc.tile_source import DiskCache
+
+if TYPE_CHECKING:
+    from services.trainer_svc.executor import JobExecutor
 
 log = logging.getLogger("segtrain.worker")
 
@@ -188,6 +191,11 @@ def main() -> None:
 
 
 def _executor(settings: TrainerSettings, device: str | None, num_threads: int) -> JobExecutor:
+    # Imported here, not at the top: every data-loader process (spawned) imports this module, the
+    # launcher's `-m` target, as its main module; the training stack (transformers, timm, the
+    # architectures) would cost each of them about 240 MB it never uses.
+    from services.trainer_svc.executor import JobExecutor
+
     cache_dir = settings.tile_cache_dir or Path(tempfile.gettempdir()) / "segtrain-tiles"
     cache = DiskCache(cache_dir, settings.tile_cache_mb * 2**20) if settings.tile_cache_mb else None
     return JobExecutor(ObjectStore(StorageSettings()), device=device, num_threads=num_threads,
