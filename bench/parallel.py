@@ -42,7 +42,8 @@ VARIANTS = {"1 process": (1, 1), "2 processes, 1 node": (2, 1), "2 nodes, 1 proc
 
 
 class _TreesSampler:
-    """Peak PSS of several process trees together (the sum of their simultaneous samples)."""
+    """Peak PSS of several process trees: the sum of each tree's own peak (an upper bound of their
+    peak together: the trees may peak at different moments)."""
 
     def __init__(self, pids: list[int]) -> None:
         self._samplers = [PeakSampler(pid) for pid in pids]

@@ -65,7 +65,7 @@ class AttemptProcess:
         self.run = run
         self._request = request
         self._env = env
-        self._rendezvous = rendezvous
+        self.rendezvous = rendezvous
         self._processes = max(1, request.parallelism.processes)
         self._folder = Path(tempfile.mkdtemp(prefix="segtrain-attempt-"))
         self._authkey = secrets.token_bytes(32)
@@ -83,7 +83,7 @@ class AttemptProcess:
         request_path = self._folder / "request.pb"
         request_path.write_bytes(self._request.SerializeToString())
         command = [sys.executable, "-m", "torch.distributed.run",
-                   *launcher_arguments(self._request, rendezvous=self._rendezvous),
+                   *launcher_arguments(self._request, rendezvous=self.rendezvous),
                    "-m", "services.trainer_svc.worker", "--request", str(request_path),
                    "--node-socket", str(self._folder / "node.sock")]
         self._process = subprocess.Popen(

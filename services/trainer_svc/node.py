@@ -64,8 +64,8 @@ class TrainerNode:
         self.rendezvous_host = "127.0.0.1"
         # The environment of every attempt's worker: the node's own settings, passed on.
         self._worker_env = worker_env
+        # The attempts still running, by job (finished ones are dropped when the next one starts).
         self._attempts: dict[str, AttemptProcess] = {}
-        self._rendezvous: dict[tuple[str, int], str] = {}
 
     def run_job(self, request: trainer_pb2.RunJobRequest) -> tuple[bool, str]:
         """Starts the attempt; returns whether it is new here and, on node rank 0 of a multi-node
@@ -73,16 +73,15 @@ class TrainerNode:
         _validate(request)
         if self.draining:
             raise FailedPreconditionError("this trainer node is shutting down")
-        key = (request.job, request.attempt)
         run = self.runs.add(request.job, request.attempt)
         if run is None:
-            return False, self._rendezvous.get(key, "")
+            current = self._attempts.get(request.job)
+            return False, current.rendezvous if current is not None and request.node_rank == 0 else ""
         endpoint = request.rendezvous_endpoint
         if request.parallelism.nodes > 1 and request.node_rank == 0:
             endpoint = f"{self.rendezvous_host}:{_free_port(self.rendezvous_host)}"
-            self._rendezvous = {k: v for k, v in self._rendezvous.items() if k[0] != request.job}
-            self._rendezvous[key] = endpoint
         attempt = AttemptProcess(run, request, env=self._worker_env, rendezvous=endpoint)
+        self._attempts = {job: a for job, a in self._attempts.items() if not a.run.finished}
         self._attempts[request.job] = attempt
         attempt.start()
         return True, endpoint if request.node_rank == 0 else ""

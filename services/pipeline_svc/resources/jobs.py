@@ -101,13 +101,13 @@ def _check_fits(session: Session, shape: admission.JobShape) -> None:
     if known and not able:
         raise InvalidArgumentError.of("parallelism.processes", f"no trainer node starts more than "
                                       f"{max(n.max_processes for n in known)} processes for one job")
-    refusals = [shape.refusal(n.job_memory_bytes, n.device) for n in able] or [shape.refusal(None)]
-    if any(r is None for r in refusals):
+    offers: list[tuple[int | None, str]] = [(n.job_memory_bytes, n.device) for n in able] or [(None, "cpu")]
+    refusals = [shape.refusal(memory, device) for memory, device in offers]
+    if None in refusals:
         return
-    largest = max(able, key=lambda n: n.job_memory_bytes, default=None)
-    refusal = shape.refusal(largest.job_memory_bytes, largest.device) if largest else refusals[0]
-    assert refusal is not None
-    raise InvalidArgumentError.of(f"hyperparameters.{refusal[0]}", refusal[1])
+    largest = max(range(len(offers)), key=lambda i: offers[i][0] or 0)  # name what to change for it
+    field, reason = refusals[largest]  # type: ignore[misc]
+    raise InvalidArgumentError.of(f"hyperparameters.{field}", reason)
 
 
 def _normalization(session: Session, requested: str, training_set: TrainingSetRow, parent: ModelRow | None, *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import timedelta
 
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
@@ -80,10 +81,9 @@ def mark_lost_nodes(session: Session, *, timeout: timedelta) -> list[str]:
 
 
 def free_nodes(session: Session) -> list[tuple[TrainerNodeRow, int]]:
-    """READY nodes with free capacity, least loaded first."""
-    result = []
-    for row in ready_nodes(session):
-        free = row.capacity - len(jobs_on_node(session, node_id=row.id))
-        if free > 0:
-            result.append((row, free))
-    return sorted(result, key=lambda pair: -pair[1])
+    """READY nodes with free capacity, least loaded first (the active jobs read once)."""
+    load: Counter[str] = Counter()
+    for job in session.exec(select(JobRow).where(col(JobRow.state).in_(job_states.ACTIVE))):
+        load.update(set(job.gang_nodes) | {job.trainer_node})
+    result = [(row, row.capacity - load[row.id]) for row in ready_nodes(session)]
+    return sorted([pair for pair in result if pair[1] > 0], key=lambda pair: -pair[1])
