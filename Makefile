@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup gen demo test lint check-gen bench bench-atto bench-quality bench-scale bench-parallel up clean
+.PHONY: setup gen demo test lint check-gen bench bench-atto bench-quality bench-scale bench-parallel bench-watchers up clean
 
 # The venv is rebuilt when the requirements change. torch/torchvision are pinned in
 # requirements.txt (pip takes them from local disk here); pip never resolves an unpinned torch.
@@ -54,6 +54,10 @@ bench-scale: setup gen
 # Data-parallel training on this machine: 1 process, 2 processes on a node, 1 process on each of 2 nodes.
 bench-parallel: setup gen
 	$(BIN)/python bench/parallel.py
+
+# Fan-out of one metrics process to 2,000, 5,000 and 10,000 live watchers (~4 min).
+bench-watchers: setup gen
+	$(BIN)/python bench/watchers.py
 
 # Foreground IoU of the product with its defaults vs a bare PyTorch loop on five imaging regimes.
 bench-quality: setup gen

@@ -1,8 +1,10 @@
 """In-memory tiles to training batches: validation, batching, augmentation.
 
 This module owns how ``Sample`` objects become ``(images, masks)`` tensors:
-* samples are normalised once up front (tiles fit in memory, and re-doing the
-  numpy->tensor work every epoch would dominate small-model step time);
+* a sample is prepared once (checked, and its normalization measured over the
+  whole tile as a per-channel affine map) and kept in its native pixel type;
+  only the part a batch uses (a training crop) is converted to float32, so a
+  128² crop of a 512² tile costs a sixteenth of the tile's conversion;
 * every random choice (order, crops, flips, jitter) draws from explicit
   ``torch.Generator`` objects (training seeds one per epoch and one per tile
   and epoch, see segcore.distributed), so the whole data pipeline is
@@ -30,7 +32,8 @@ import torch.nn.functional as F
 
 from segcore.errors import InvalidParameterError, InvalidTileError
 from segcore.hyperparameters import MIN_INPUT_SIZE
-from segcore.imaging import Normalization, normalize
+from segcore.imaging import Normalization
+from segcore.intensity import apply_affine, measure
 
 # Photometric jitter, relative to each image's own intensity scale (its mean and standard deviation
 # per channel after normalization), so it can never swamp the signal of a dim image:
@@ -51,10 +54,35 @@ class Sample:
 
 @dataclass(frozen=True)
 class PreparedSample:
-    image: torch.Tensor  # normalised C x H x W float32
-    mask: torch.Tensor  # H x W int64
-    mean: torch.Tensor  # C x 1 x 1: the image's own per-channel mean (the jitter's reference)
-    std: torch.Tensor  # C x 1 x 1: and standard deviation
+    """A checked tile, still in its native pixel type: the network sees
+    ``image * scale + offset`` per channel (``pixels``)."""
+
+    image: np.ndarray  # H x W x 3, native pixel type
+    mask: np.ndarray  # H x W, native integer type
+    scale: np.ndarray  # (3,) float64: the tile's normalization as an affine map
+    offset: np.ndarray  # (3,) float64
+    mean: torch.Tensor  # C x 1 x 1: the network input's own per-channel mean (the jitter's reference)
+    std: torch.Tensor  # C x 1 x 1: and standard deviation (unbiased), over the whole tile
+
+    @property
+    def nbytes(self) -> int:
+        return self.image.nbytes + self.mask.nbytes
+
+    def cropped(self, top: int, left: int, size: int) -> PreparedSample:
+        """The window at (`top`, `left`) of at most `size` x `size`, with the whole tile's
+        normalization (a copy: it travels between processes without the rest of the tile)."""
+        window = (slice(top, top + size), slice(left, left + size))
+        return PreparedSample(self.image[window].copy(), self.mask[window].copy(), self.scale, self.offset,
+                              self.mean, self.std)
+
+    def pixels(self, top: int = 0, left: int = 0, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Network input (float32 C x h x w) and mask (int64 h x w) of the window at
+        (`top`, `left`) of at most `size` x `size` (the whole tile without a size)."""
+        image, mask = self.image, self.mask
+        if size is not None:
+            image, mask = image[top : top + size, left : left + size], mask[top : top + size, left : left + size]
+        pixels = torch.from_numpy(apply_affine(image, self.scale, self.offset)).permute(2, 0, 1).contiguous()
+        return pixels, torch.from_numpy(mask.astype(np.int64))
 
 
 def prepare_samples(
@@ -65,21 +93,26 @@ def prepare_samples(
     *,
     field: str,
 ) -> list[PreparedSample]:
-    """Check every sample and convert it to normalised tensors (all at once: for sets that fit in
-    memory; training streams them through segcore.tiles)."""
+    """Check and prepare every sample (all at once: for sets that fit in memory; training streams
+    them through segcore.tiles)."""
     if not samples:
         raise InvalidParameterError(field, "need at least one sample")
     return [prepare_sample(s, norm, num_classes, ignore_index) for s in samples]
 
 
 def prepare_sample(sample: Sample, norm: Normalization, num_classes: int, ignore_index: int) -> PreparedSample:
-    """One checked sample as normalised tensors."""
+    """One checked sample with its normalization measured (one pass over the tile, no float copy)."""
     check_sample(sample, num_classes, ignore_index)
     image, mask = np.asarray(sample.image), np.asarray(sample.mask)
-    pixels = normalize(image, norm)
-    mean = pixels.mean(dim=(1, 2), keepdim=True)
-    std = pixels.std(dim=(1, 2), keepdim=True) if pixels[0].numel() > 1 else torch.zeros_like(mean)
-    return PreparedSample(pixels, torch.from_numpy(mask.astype(np.int64)), mean, std)
+    measured = measure(image, norm.mode, norm.percentile_low, norm.percentile_high)
+    scale, offset = measured.standardizing(norm)
+    count = measured.count
+    native_mean = measured.sums / count
+    native_var = np.maximum(measured.squares - count * np.square(native_mean), 0.0) / max(count - 1, 1)
+    mean = native_mean * scale + offset
+    std = np.sqrt(native_var) * np.abs(scale) if count > 1 else np.zeros(3)
+    as_channels = lambda v: torch.tensor(v, dtype=torch.float32).view(3, 1, 1)  # noqa: E731
+    return PreparedSample(image, mask, scale, offset, as_channels(mean), as_channels(std))
 
 
 def check_sample(sample: Sample, num_classes: int, ignore_index: int) -> None:
@@ -91,7 +124,7 @@ def check_sample(sample: Sample, num_classes: int, ignore_index: int) -> None:
         raise InvalidTileError(
             sample.tile_id, f"mask shape {mask.shape} does not match image shape {image.shape[:2]}"
         )
-    if not np.isfinite(image).all():
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise InvalidTileError(sample.tile_id, "image contains NaN or infinite values")
     labelled = mask[mask != ignore_index]
     if labelled.size and (labelled.min() < 0 or labelled.max() >= num_classes):
@@ -152,17 +185,19 @@ def augment(
     return image, mask
 
 
-def random_crop(
-    image: torch.Tensor, mask: torch.Tensor, size: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Crop to at most ``size`` x ``size`` at a random position (smaller tiles pass through)."""
-    height, width = mask.shape
-    top = _random_offset(height - size, generator)
-    left = _random_offset(width - size, generator)
-    return (
-        image[:, top : top + size, left : left + size],
-        mask[top : top + size, left : left + size],
-    )
+def crop_window(height: int, width: int, size: int, generator: torch.Generator) -> tuple[int, int]:
+    """(top, left) of a random ``size`` x ``size`` window (smaller tiles pass through whole)."""
+    return _random_offset(height - size, generator), _random_offset(width - size, generator)
+
+
+def random_crop(sample: PreparedSample, size: int, seed: int) -> PreparedSample:
+    """`sample`'s random ``size`` x ``size`` window drawn from `seed` alone: the same window
+    wherever it is cut (a data-loader process, or the training process for a cached tile)."""
+    if sample.mask.shape[0] <= size and sample.mask.shape[1] <= size:
+        return sample
+    height, width = sample.mask.shape
+    top, left = crop_window(height, width, size, torch.Generator().manual_seed(seed))
+    return sample.cropped(top, left, size)
 
 
 def _random_offset(room: int, generator: torch.Generator) -> int:
@@ -215,9 +250,12 @@ def batch_of(
     draws = _per_sample(generator, len(samples))
     items = []
     for sample, drawn in zip(samples, draws, strict=True):
-        image, mask = sample.image, sample.mask
         if drawn is not None and crop_size is not None:
-            image, mask = random_crop(image, mask, crop_size, drawn)
+            height, width = sample.mask.shape
+            top, left = crop_window(height, width, crop_size, drawn)
+            image, mask = sample.pixels(top, left, crop_size)
+        else:
+            image, mask = sample.pixels()
         if drawn is not None and augment_data:
             image, mask = augment(image, mask, drawn, sample.mean, sample.std)
         items.append((image, mask))

@@ -93,14 +93,7 @@ IMAGENET_NORMALIZATION = Normalization(mean=_IMAGENET_MEAN, std=_IMAGENET_STD, m
 def unit_scale(image: np.ndarray) -> np.ndarray:
     """Integers divided by their type's maximum (signed ones shifted by the minimum first);
     floats as they are (any units). float32, same shape."""
-    if image.dtype == np.bool_:
-        return image.astype(np.float32)
-    if np.issubdtype(image.dtype, np.integer):
-        info = np.iinfo(image.dtype)
-        if info.min < 0:
-            return ((image.astype(np.float64) - info.min) / (info.max - info.min)).astype(np.float32)
-        return (image.astype(np.float32) / np.float32(info.max)).astype(np.float32)
-    return image.astype(np.float32, copy=False)
+    return _applied(image, *scaling(image, Normalization((0.0,) * 3, (1.0,) * 3, mode=DATASET)))
 
 
 def percentile_scale(image: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -111,16 +104,154 @@ def percentile_scale(image: np.ndarray, low: float, high: float) -> np.ndarray:
     two-channel images (third channel empty) per channel, since independent fluorophores have
     unrelated ranges. A constant image or channel maps to 0.
     """
-    pixels = image.astype(np.float32, copy=False)
-    if _is_two_channel(pixels):
-        bounds = np.percentile(pixels[:, :, :2].reshape(-1, 2), [low, high], axis=0)
-        lo, hi = np.append(bounds[0], 0.0), np.append(bounds[1], 1.0)
+    return _applied(image, *scaling(image, Normalization((0.0,) * 3, (1.0,) * 3, mode=PERCENTILE,
+                                                         percentile_low=low, percentile_high=high)))
+
+
+def scaled(image: np.ndarray, norm: Normalization) -> np.ndarray:
+    """Step 1 of ``norm``: the per-image scaling of an ``H x W x 3`` image."""
+    return _applied(image, *scaling(image, norm))
+
+
+def standardized(image: np.ndarray, norm: Normalization) -> np.ndarray:
+    """Both steps: float32 ``H x W x 3`` network input."""
+    return _applied(image, *input_affine(image, norm))
+
+
+def scaling(image: np.ndarray, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
+    """Step 1 of ``norm`` for this ``H x W x 3`` image as a per-channel affine map: scaled pixels
+    are ``image * scale + offset`` (two float64 arrays of 3)."""
+    measured = measure(image, norm.mode, norm.percentile_low, norm.percentile_high, moments=False)
+    return measured.scale, measured.offset
+
+
+def input_affine(image: np.ndarray, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
+    """Both steps of ``norm`` as one per-channel affine map (see ``scaling``): network input is
+    ``image * scale + offset``."""
+    return measure(image, norm.mode, norm.percentile_low, norm.percentile_high, moments=False).standardizing(norm)
+
+
+def apply_affine(image: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """``image * scale + offset`` per channel, float32 (the part of an image that is used)."""
+    return _applied(image, scale, offset)
+
+
+@dataclass(frozen=True)
+class ImageMeasures:
+    """One pass over an ``H x W x 3`` image: its per-image scaling as an affine map (scaled pixels
+    are ``image * scale + offset``) and the per-channel moments of its native values, float64.
+    Integers of up to 16 bits are measured from value counts (no sort, no float copy)."""
+
+    scale: np.ndarray
+    offset: np.ndarray
+    count: int  # pixels per channel
+    sums: np.ndarray
+    squares: np.ndarray
+
+    def standardizing(self, norm: Normalization) -> tuple[np.ndarray, np.ndarray]:
+        """Both steps of `norm` as one affine map: network input is ``image * scale + offset``."""
+        mean, std = np.asarray(norm.mean, dtype=np.float64), np.asarray(norm.std, dtype=np.float64)
+        return self.scale / std, (self.offset - mean) / std
+
+    def moments_after(self, scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sums, sums of squares) per channel of ``image * scale + offset``, without computing it."""
+        sums = scale * self.sums + self.count * offset
+        squares = np.square(scale) * self.squares + 2 * scale * offset * self.sums + self.count * np.square(offset)
+        return sums, squares
+
+
+def measure(image: np.ndarray, mode: str, low: float = 1.0, high: float = 99.8, *, moments: bool = True
+            ) -> ImageMeasures:
+    """The ``ImageMeasures`` of `image` under a `mode` scaling (the moments skipped unless asked)."""
+    grey = _is_grey(image)
+    channels = [image[:, :, 0]] if grey else [image[:, :, c] for c in range(3)]
+    counts = [_value_counts(c) for c in channels]
+    if mode == PERCENTILE:
+        scale, offset = _percentile_scaling(image, channels, counts, grey, low, high)
     else:
-        measured = pixels[:, :, 0] if _is_grey(pixels) else pixels
-        lo, hi = (np.asarray(v) for v in np.percentile(measured, [low, high]))
-    span = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
-    lo = lo.astype(np.float32)
-    return ((pixels - lo) / span).astype(np.float32)
+        scale, offset = _unit_scaling(image)
+    sums, squares = np.zeros(3), np.zeros(3)
+    for c, (values, levels) in enumerate(zip(channels, counts, strict=True)) if moments else ():
+        if levels is not None:
+            base, tally = levels
+            value = np.arange(tally.size, dtype=np.float64) + base
+            sums[c], squares[c] = tally @ value, tally @ np.square(value)
+        else:
+            flat = values.astype(np.float64).ravel()
+            sums[c], squares[c] = flat.sum(), flat @ flat
+    if grey:
+        sums[1:], squares[1:] = sums[0], squares[0]
+    return ImageMeasures(scale, offset, image.shape[0] * image.shape[1], sums, squares)
+
+
+def _applied(image: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    out = image.astype(np.float32)  # always a copy: the result is written in place
+    out *= scale.astype(np.float32)
+    out += offset.astype(np.float32)
+    return out
+
+
+def _unit_scaling(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if np.issubdtype(image.dtype, np.integer):
+        info = np.iinfo(image.dtype)
+        span = float(info.max) - float(min(info.min, 0))
+        return np.full(3, 1.0 / span), np.full(3, -float(min(info.min, 0)) / span)
+    return np.ones(3), np.zeros(3)  # floats (and booleans) as they are
+
+
+_Levels = tuple[int, np.ndarray] | None
+
+
+def _percentile_scaling(image: np.ndarray, channels: list[np.ndarray], counts: list[_Levels], grey: bool,
+                        low: float, high: float) -> tuple[np.ndarray, np.ndarray]:
+    if not grey and _is_two_channel(image):
+        bounds = [_percentiles(channels[c], counts[c], (low, high)) for c in range(2)]
+        lo, hi = np.array([bounds[0][0], bounds[1][0], 0.0]), np.array([bounds[0][1], bounds[1][1], 1.0])
+    elif grey:
+        lo, hi = (np.full(3, v) for v in _percentiles(channels[0], counts[0], (low, high)))
+    else:  # colour: all channels at once
+        pooled = None if any(c is None for c in counts) else _pooled(counts)  # type: ignore[arg-type]
+        lo, hi = (np.full(3, v) for v in _percentiles(image, pooled, (low, high)))
+    span = np.where(hi > lo, hi - lo, 1.0)
+    return 1.0 / span, -lo / span
+
+
+def _pooled(counts: list[tuple[int, np.ndarray]]) -> tuple[int, np.ndarray]:
+    base = min(b for b, _ in counts)
+    size = max(b + t.size for b, t in counts) - base
+    total = np.zeros(size, dtype=np.int64)
+    for b, tally in counts:
+        total[b - base : b - base + tally.size] += tally
+    return base, total
+
+
+def _percentiles(values: np.ndarray, levels: _Levels, qs: tuple[float, float]) -> np.ndarray:
+    """np.percentile's default (linear) percentiles of `values`, from their value counts when
+    known (integers of up to 16 bits)."""
+    if levels is None:
+        return np.percentile(values, qs).astype(np.float64)
+    base, counts = levels
+    cumulative = np.cumsum(counts)
+    n = int(cumulative[-1])
+    out = []
+    for q in qs:
+        position = q / 100.0 * (n - 1)
+        k = math.floor(position)
+        below, above = (float(np.searchsorted(cumulative, i, side="right")) for i in (k, min(k + 1, n - 1)))
+        out.append(base + below + (above - below) * (position - k))
+    return np.asarray(out)
+
+
+def _value_counts(values: np.ndarray) -> _Levels:
+    """(smallest value, counts of each value from it) for integers of up to 16 bits; None for
+    other types, which go the general way."""
+    if values.dtype.kind not in "uib" or values.dtype.itemsize > 2:
+        return None
+    flat = values.ravel()
+    if values.dtype.kind == "i":
+        base = int(flat.min())
+        return base, np.bincount(flat.astype(np.int32) - base)
+    return 0, np.bincount(flat.view(np.uint8) if values.dtype == np.bool_ else flat)
 
 
 def _is_grey(pixels: np.ndarray) -> bool:
@@ -131,36 +262,21 @@ def _is_two_channel(pixels: np.ndarray) -> bool:
     return not pixels[:, :, 2].any() and not np.array_equal(pixels[:, :, 0], pixels[:, :, 1])
 
 
-def scaled(image: np.ndarray, norm: Normalization) -> np.ndarray:
-    """Step 1 of ``norm``: the per-image scaling of an ``H x W x 3`` image."""
-    if norm.mode == PERCENTILE:
-        return percentile_scale(image, norm.percentile_low, norm.percentile_high)
-    return unit_scale(image)
-
-
-def standardized(image: np.ndarray, norm: Normalization) -> np.ndarray:
-    """Both steps: float32 ``H x W x 3`` network input."""
-    mean = np.asarray(norm.mean, dtype=np.float32)
-    std = np.asarray(norm.std, dtype=np.float32)
-    return ((scaled(image, norm) - mean) / std).astype(np.float32)
-
-
 def compute_normalization(images: Iterable[np.ndarray], mode: str = DATASET, *, percentile_low: float = 1.0,
                           percentile_high: float = 99.8) -> Normalization:
     """A ``mode`` normalization whose mean/std are those of ``images`` after the per-image
     scaling (ImageNet's for ``imagenet``). One pass, running float64 sums: memory stays flat."""
     if mode == IMAGENET:
         return IMAGENET_NORMALIZATION
-    probe = Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), mode=mode, percentile_low=percentile_low,
-                          percentile_high=percentile_high)
     total = np.zeros(3, dtype=np.float64)
     total_sq = np.zeros(3, dtype=np.float64)
     count = 0
     for image in images:
-        flat = scaled(np.asarray(image), probe).astype(np.float64).reshape(-1, 3)
-        total += flat.sum(axis=0)
-        total_sq += np.square(flat).sum(axis=0)
-        count += flat.shape[0]
+        measured = measure(np.asarray(image), mode, percentile_low, percentile_high)
+        sums, squares = measured.moments_after(measured.scale, measured.offset)
+        total += sums
+        total_sq += squares
+        count += measured.count
     if count == 0:
         raise InvalidParameterError("images", "need at least one image to compute normalization")
     mean = total / count

@@ -6,15 +6,24 @@ from object storage when asked). Two passes use it:
 * ``scan`` once before training: every tile is checked (shape, values, mask classes), the
   class pixel counts and the normalization statistics are accumulated, one tile at a time;
 * ``BatchStream`` every epoch: a torch ``DataLoader`` (worker processes when asked) prepares the
-  tiles of each planned batch (decode, check, normalise); random crops and augmentation stay in
-  the training process, drawn from its one generator, so results do not depend on how many
-  workers load the data.
+  tiles of each planned batch (decode, check, measure the normalization over the whole tile) and
+  cuts each training tile's random crop there, so only the crop travels to the training process,
+  still in its native pixel type. The crop's position comes from a seed in the request
+  (``TileRequest``), so it is the same whichever process cuts it; the conversion of the crop to
+  float32 and augmentation happen in the training process, drawn from its generators. Results do
+  not depend on how many workers load the data.
+
+Loader processes are forked from a fork server (``start_loader_server``, started before the
+checking pass so its imports overlap it) that has imported the data modules once: each loader
+starts in milliseconds instead of importing torch again, and shares those pages with the others.
 
 Memory: a batch or two per worker in flight, whatever the size of the set.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.forkserver
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from segcore.data import PreparedSample, Sample, check_sample, prepare_sample
+from segcore.data import PreparedSample, Sample, check_sample, prepare_sample, random_crop
 from segcore.errors import InvalidParameterError
 from segcore.imaging import Normalization
 from segcore.intensity import ImageProfile, compute_normalization, profile_image, profile_images
@@ -44,7 +53,7 @@ class ScanResult:
     normalization: Normalization | None
     class_pixels: torch.Tensor  # labelled pixels per class index (int64)
     profile: ImageProfile
-    pixels: int  # image pixels of all tiles (what preparing them all would hold)
+    prepared_bytes: int  # what the prepared tiles of the split hold (native image and mask)
 
 
 def scan(source: TileSource, *, num_classes: int, ignore_index: int, field: str, mode: str | None = None,
@@ -55,13 +64,13 @@ def scan(source: TileSource, *, num_classes: int, ignore_index: int, field: str,
         raise InvalidParameterError(field, "need at least one sample")
     counts = np.zeros(num_classes, dtype=np.int64)
     profile = profile_images([])
-    pixels = 0
+    prepared_bytes = 0
 
     def images() -> Iterator[np.ndarray]:
-        nonlocal counts, profile, pixels
+        nonlocal counts, profile, prepared_bytes
         for sample in _raw_stream(source, threads):
             check_sample(sample, num_classes, ignore_index)
-            pixels += int(sample.mask.size)
+            prepared_bytes += np.asarray(sample.image).nbytes + np.asarray(sample.mask).nbytes
             labelled = sample.mask[sample.mask != ignore_index].astype(np.int64).ravel()
             counts += np.bincount(labelled, minlength=num_classes)[:num_classes]
             profile = profile.merged(profile_image(sample.image))
@@ -73,11 +82,26 @@ def scan(source: TileSource, *, num_classes: int, ignore_index: int, field: str,
         norm = compute_normalization(stream, mode, percentile_low=percentile_low, percentile_high=percentile_high)
     for _ in stream:  # a mode that needs no statistics (imagenet) still checks every tile
         pass
-    return ScanResult(normalization=norm, class_pixels=torch.from_numpy(counts), profile=profile, pixels=pixels)
+    return ScanResult(normalization=norm, class_pixels=torch.from_numpy(counts), profile=profile,
+                      prepared_bytes=prepared_bytes)
+
+
+@dataclass(frozen=True)
+class TileRequest:
+    """A tile of a planned batch: the whole tile (`crop_size` 0), or its random crop of
+    `crop_size` drawn from `crop_seed` (segcore.data.random_crop)."""
+
+    index: int
+    crop_size: int = 0
+    crop_seed: int = 0
+
+    def cut(self, prepared: PreparedSample) -> PreparedSample:
+        return random_crop(prepared, self.crop_size, self.crop_seed) if self.crop_size else prepared
 
 
 class PreparedTiles(Dataset[PreparedSample]):
-    """`source`'s tiles, each prepared when asked (in a loader worker when there are workers)."""
+    """`source`'s tiles, each prepared (and cropped, when asked) on request, in a loader worker
+    when there are workers."""
 
     def __init__(self, source: TileSource, norm: Normalization, num_classes: int, ignore_index: int) -> None:
         self.source, self.norm, self.num_classes, self.ignore_index = source, norm, num_classes, ignore_index
@@ -85,32 +109,29 @@ class PreparedTiles(Dataset[PreparedSample]):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> PreparedSample:
-        return prepare_sample(self.source[index], self.norm, self.num_classes, self.ignore_index)
+    def __getitem__(self, request: TileRequest) -> PreparedSample:  # type: ignore[override]
+        return request.cut(prepare_sample(self.source[request.index], self.norm, self.num_classes,
+                                          self.ignore_index))
 
 
-class _Plan(Sampler[list[int]]):
+class _Plan(Sampler[list[TileRequest]]):
     """The batches of the current epoch; the stream sets them before each pass."""
 
     def __init__(self) -> None:
-        self.batches: list[list[int]] = []
+        self.batches: list[list[TileRequest]] = []
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[TileRequest]]:
         return iter(self.batches)
 
     def __len__(self) -> int:
         return len(self.batches)
 
 
-# Bytes a prepared tile holds per pixel: three float32 channels and an int64 mask.
-PREPARED_BYTES_PER_PIXEL = 3 * 4 + 8
-
-
-def prepared_cache_budget(pixels: int, budget_bytes: int) -> int:
+def prepared_cache_budget(prepared_bytes: int, budget_bytes: int) -> int:
     """All or nothing: a set whose prepared tiles fit `budget_bytes` is kept whole; a larger one
     keeps none. (Epochs visit every tile in a new order, so a cache holding part of the set
     would almost never hold the next tile: it would cost its memory for nothing.)"""
-    return budget_bytes if pixels * PREPARED_BYTES_PER_PIXEL <= budget_bytes else 0
+    return budget_bytes if prepared_bytes <= budget_bytes else 0
 
 
 class _PreparedCache:
@@ -130,23 +151,22 @@ class _PreparedCache:
         return index in self._items
 
     def put(self, index: int, item: PreparedSample) -> None:
-        size = _size(item)
+        size = item.nbytes
         if size > self.max_bytes or index in self._items:
             return
         self._items[index] = item
         self.bytes += size
         while self.bytes > self.max_bytes:
             _, dropped = self._items.popitem(last=False)
-            self.bytes -= _size(dropped)
+            self.bytes -= dropped.nbytes
 
 
-def _size(item: PreparedSample) -> int:
-    return sum(t.numel() * t.element_size() for t in (item.image, item.mask, item.mean, item.std))
 
 
 class BatchStream:
     """Prepared tiles of planned batches, in plan order. With `workers` > 0 the tiles are prepared
-    by that many worker processes (spawned, kept for the whole run), a few batches ahead; up to
+    by that many worker processes (forked from the fork server, kept for the whole run), a few
+    batches ahead; up to
     `cache_bytes` of prepared tiles are kept between epochs and not prepared again."""
 
     def __init__(self, dataset: PreparedTiles, *, workers: int, pin_memory: bool = False,
@@ -155,22 +175,31 @@ class BatchStream:
         self._plan = _Plan()
         self._loader: DataLoader[PreparedSample] = DataLoader(
             dataset, batch_sampler=self._plan, collate_fn=_as_list, num_workers=workers,
-            multiprocessing_context="spawn" if workers else None, persistent_workers=workers > 0,
+            multiprocessing_context=_loader_context(dataset.source) if workers else None,
+            persistent_workers=workers > 0,
             prefetch_factor=2 if workers else None, pin_memory=pin_memory)
 
     def __len__(self) -> int:
         return len(self._loader.dataset)  # type: ignore[arg-type]
 
-    def batches(self, plan: list[list[int]]) -> Iterator[list[PreparedSample]]:
-        # The loader is asked only for the tiles the cache does not hold, in plan order.
-        missing = [[i for i in batch if i not in self._cache] for batch in plan]
+    def batches(self, plan: list[list[TileRequest]]) -> Iterator[list[PreparedSample]]:
+        """The prepared tiles of each planned batch. The loader is asked only for the tiles the
+        cache does not hold, in plan order: whole while the cache keeps them (the cut is made
+        here), cut by the loader otherwise."""
+        caching = self._cache.max_bytes > 0
+        missing = [[r if not caching else TileRequest(r.index) for r in batch if r.index not in self._cache]
+                   for batch in plan]
         self._plan.batches = [m for m in missing if m]
         loaded = iter(self._loader) if self._plan.batches else iter(())
         for batch, wanted in zip(plan, missing, strict=True):
-            fresh: dict[int, PreparedSample] = dict(zip(wanted, next(loaded), strict=True)) if wanted else {}
+            if not caching:  # nothing is cached: the loader answers the batch as asked
+                yield next(loaded) if wanted else []
+                continue
+            fresh: dict[int, PreparedSample] = dict(zip((r.index for r in wanted), next(loaded), strict=True)) \
+                if wanted else {}
             for index, item in fresh.items():
                 self._cache.put(index, item)
-            yield [fresh[i] if i in fresh else self._cache.get(i) for i in batch]  # type: ignore[misc]
+            yield [r.cut(fresh[r.index] if r.index in fresh else self._cache.get(r.index)) for r in batch]  # type: ignore[arg-type]
 
     def close(self) -> None:
         """Stops the worker processes now, rather than whenever the stream is collected."""
@@ -182,6 +211,25 @@ class BatchStream:
 
 def _as_list(items: list[PreparedSample]) -> list[PreparedSample]:
     return items
+
+
+def start_loader_server(source: TileSource) -> None:
+    """Starts the fork server loader processes come from (if not yet running), importing the
+    modules that `source`'s tiles need, so the first epoch does not wait for them."""
+    _loader_context(source)
+    multiprocessing.forkserver.ensure_running()
+
+
+def _loader_context(source: object) -> multiprocessing.context.BaseContext:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__, *_modules_of(source)])
+    return context
+
+
+def _modules_of(source: object) -> list[str]:
+    """The modules whose classes a pickled `source` refers to (a joined source's parts')."""
+    parts = [source.first, source.second] if isinstance(source, Joined) else [source]
+    return sorted({type(p).__module__ for p in parts} - {"builtins"})
 
 
 class Joined:

@@ -53,10 +53,21 @@ from segcore.losses import class_weights_from_counts, segmentation_loss
 from segcore.metrics import IGNORE_INDEX, ConfusionMatrix, argmax_classes
 from segcore.progress import EpochResult, NullObserver, PrintObserver, TrainingObserver
 from segcore.state import TrainingState, capture_rng, cpu_copy, restore_rng
-from segcore.tiles import BatchStream, Joined, PreparedTiles, ScanResult, TileSource, prepared_cache_budget, scan
+from segcore.tiles import (
+    BatchStream,
+    Joined,
+    PreparedTiles,
+    ScanResult,
+    TileRequest,
+    TileSource,
+    prepared_cache_budget,
+    scan,
+    start_loader_server,
+)
 
 # Threads that read tiles for the checking pass before training.
 _SCAN_THREADS = 4
+_CROP_STREAM = 1  # the crops' seeds: mixed_seed(seed, epoch, tile + 1, occurrence, _CROP_STREAM)
 
 __all__ = [
     "EpochResult",
@@ -249,6 +260,8 @@ def _setup(
         _check_resumable(config, init_state)
         normalization = Normalization.from_dict(init_state.normalization)
     _check_split(config, len(train_samples), group)
+    if config.data_workers:  # the loaders' imports run while the tiles are checked
+        start_loader_server(Joined(train_samples, val_samples))
     n = config.num_classes
     # One pass over every tile before training (on rank 0 for the whole group): each is checked (a
     # bad tile fails the run now, naming it, not hours in) while the class counts and
@@ -263,7 +276,7 @@ def _setup(
     tiles = BatchStream(PreparedTiles(Joined(train_samples, val_samples), norm, n, IGNORE_INDEX),
                         workers=config.data_workers, pin_memory=device.type == "cuda",
                         # every rank trains on every tile over the epochs: each keeps its part
-                        cache_bytes=prepared_cache_budget(found.pixels + val_found.pixels,
+                        cache_bytes=prepared_cache_budget(found.prepared_bytes + val_found.prepared_bytes,
                                                           config.prepared_cache_mb * 2**20 // group.world_size))
     _seed_everything(config.seed)  # before building: weight init draws from the global RNG
     model, forward = _placed(model if model is not None else build_model(config.architecture, n), device, group)
@@ -372,9 +385,10 @@ def _train_epoch(run: _Run, epoch: int, observer: TrainingObserver) -> tuple[flo
     batches = plan_batches(run.train_count, cfg.batch_size, _epoch_order(cfg.seed, epoch), group.world_size)
     observer.on_epoch_start(epoch, cfg.epochs, len(batches))
     shares = [group.share(batch) for batch in batches]
+    requests = [group.share(_crops(cfg.seed, epoch, cfg.crop_size, batch)) for batch in batches]
     cm = ConfusionMatrix(cfg.num_classes)
     loss_sum, seen = 0.0, 0
-    for b, (batch, share, prepared) in enumerate(zip(batches, shares, run.tiles.batches(shares), strict=True),
+    for b, (batch, share, prepared) in enumerate(zip(batches, shares, run.tiles.batches(requests), strict=True),
                                                  start=1):
         images, masks = batch_of(
             prepared,
@@ -416,14 +430,24 @@ def _epoch_order(seed: int, epoch: int) -> torch.Generator:
 
 
 def _tile_draws(seed: int, epoch: int, batch: list[int]) -> list[torch.Generator]:
-    """Each tile's crop and augmentation in an epoch, whichever rank trains it (a tile twice in a
-    batch, the only tile of a set, gets two different views)."""
+    """Each tile's augmentation in an epoch, whichever rank trains it (a tile twice in a batch,
+    the only tile of a set, gets two different views)."""
+    return [torch.Generator().manual_seed(mixed_seed(seed, epoch, tile + 1, occurrence))
+            for tile, occurrence in _occurrences(batch)]
+
+
+def _crops(seed: int, epoch: int, crop_size: int | None, batch: list[int]) -> list[TileRequest]:
+    """Each tile's request, with the seed of its random crop (a stream apart from its
+    augmentation's: the crop is cut wherever the tile is loaded)."""
+    return [TileRequest(tile, crop_size or 0, mixed_seed(seed, epoch, tile + 1, occurrence, _CROP_STREAM))
+            for tile, occurrence in _occurrences(batch)]
+
+
+def _occurrences(batch: list[int]) -> Iterator[tuple[int, int]]:
     seen: dict[int, int] = {}
-    draws = []
     for tile in batch:
         seen[tile] = seen.get(tile, -1) + 1
-        draws.append(torch.Generator().manual_seed(mixed_seed(seed, epoch, tile + 1, seen[tile])))
-    return draws
+        yield tile, seen[tile]
 
 
 @contextlib.contextmanager
@@ -484,7 +508,7 @@ def _evaluate(run: _Validation, observer: TrainingObserver) -> tuple[float, Conf
     run.model.eval()
     cm = ConfusionMatrix(cfg.num_classes)
     loss_sum, seen = 0.0, 0
-    shares = [[run.first + i for i in group.share(batch)]
+    shares = [[TileRequest(run.first + i) for i in group.share(batch)]
               for batch in plan_batches(run.count, cfg.batch_size, None, group.world_size)]
     for share, prepared in zip(shares, run.tiles.batches(shares), strict=True):
         if share:

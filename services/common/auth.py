@@ -71,7 +71,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if method.startswith(OPEN_SERVICES):
             return continuation(details)
         needed = self._access.get(method)
-        token = _bearer(details.invocation_metadata)
+        token = bearer_token(details.invocation_metadata)
         principal = self._store.authenticate(token) if token else None
         if principal is None:
             return _deny(continuation(details), grpc.StatusCode.UNAUTHENTICATED,
@@ -84,7 +84,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return continuation(details)
 
 
-def _bearer(metadata: Any) -> str:
+def bearer_token(metadata: Any) -> str:
+    """The bearer token of a call's metadata (empty when none)."""
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
             return value.removeprefix("Bearer ").strip()

@@ -58,6 +58,10 @@ class ResourceExhaustedError(DomainError):
     """A limit was hit (buffer overflow, too many items)."""
 
 
+class CancelledError(DomainError):
+    """The caller gave up (cancelled, or its deadline passed): the work was stopped."""
+
+
 class OutOfRangeError(DomainError):
     """A position (e.g. a sequence number) is outside what the server holds."""
 

@@ -31,6 +31,7 @@ _CODES: list[tuple[type[errors.DomainError], grpc.StatusCode]] = [
     (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (errors.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.OutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
+    (errors.CancelledError, grpc.StatusCode.CANCELLED),
 ]
 
 

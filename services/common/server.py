@@ -1,25 +1,33 @@
 """gRPC server bootstrap shared by the services: keepalive, message limits, health checking,
-reflection, the error interceptor, and a graceful stop on SIGTERM/SIGINT."""
+reflection, authentication, admission and error mapping (services.common.gate), and a graceful
+stop on SIGTERM/SIGINT.
+
+The pipeline and metrics services serve on grpc.aio (``create_server``): a waiting watch stream
+costs no thread, and blocking work runs in bounded pools. The trainer node keeps a thread-per-call
+server (``create_threaded_server``): only the pipeline services call it."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.auth import AuthInterceptor, BearerToken, Role, TokenStore
+from services.common.gate import Executors, Gate
 from services.common.interceptor import ErrorMappingInterceptor
-from services.common.settings import SecuritySettings
+from services.common.settings import SecuritySettings, ServingSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
@@ -46,7 +54,51 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 
-Registrar = Callable[[grpc.Server], None]
+Registrar = Callable[[Any], None]  # adds a servicer to a grpc.aio.Server or grpc.Server
+
+
+class AsyncServer:
+    """A grpc.aio server on its own event-loop thread, driven from synchronous code (the
+    services' main functions, the tests): ``start()``, ``stop(grace).wait()``, ``run(coro)``."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-aio", daemon=True)
+        self._thread.start()
+        self.server: grpc.aio.Server | None = None
+        self.health: health.aio.HealthServicer | None = None
+        self.gate: Gate | None = None  # what it admits now (calls, streams): inspectable
+        self.on_stopped: list[Callable[[], None]] = []
+        self._stopped: threading.Event | None = None
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Runs `coroutine` on the server's loop and waits for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def start(self) -> None:
+        assert self.server is not None
+        self.run(self.server.start())
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """Stops accepting calls, lets in-flight ones finish for `grace` seconds, then ends the
+        loop; the event is set once all of it is done."""
+        if self._stopped is not None:
+            return self._stopped
+        self._stopped = stopped = threading.Event()
+        assert self.server is not None
+        future = asyncio.run_coroutine_threadsafe(self.server.stop(grace), self.loop)
+
+        def finished(_: object) -> None:
+            for callback in self.on_stopped:
+                callback()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            stopped.set()
+        future.add_done_callback(finished)
+        return stopped
+
+    def enter_graceful_shutdown(self) -> None:
+        if self.health is not None:
+            self.run(self.health.enter_graceful_shutdown())
 
 
 def create_server(
@@ -56,23 +108,60 @@ def create_server(
     *,
     access: Mapping[str, Role],
     security: SecuritySettings,
-    max_workers: int = 64,
-) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Builds a ready-to-start server bound to `address` ("host:0" picks a free port).
+    serving: ServingSettings,
+    reserved: Collection[str] = (),
+    executors: Executors | None = None,
+) -> tuple[AsyncServer, int, health.aio.HealthServicer]:
+    """Builds a ready-to-start asyncio server bound to `address` ("host:0" picks a free port),
+    every call going through services.common.gate (authentication, admission, error mapping).
 
-    `access` gives the minimum role of each full method name. Returns the server, the bound port
-    and its health servicer (SERVING for every service).
+    `access` gives the minimum role of each full method name; `reserved` the methods with their
+    own capacity; `executors` (shut down with the server) those its servicers run blocking work
+    in. Returns the server, the bound port and its health servicer (SERVING for every service).
     """
     loopback = _is_loopback(address)
+    store = _token_store(address, security)
+    handle = AsyncServer()
+
+    handle.gate = gate = Gate(store, access, reserved, serving)
+
+    async def build() -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+        server = grpc.aio.server(interceptors=[gate], options=SERVER_OPTIONS)
+        for register in registrars:
+            register(server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for name in [*service_names, ""]:
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if serving.reflection == "on" or (serving.reflection == "auto" and loopback):
+            reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME], server)
+        return server, _bind(server, address, security), health_servicer
+
+    try:
+        handle.server, port, handle.health = handle.run(build())
+    except BaseException:
+        handle.loop.call_soon_threadsafe(handle.loop.stop)
+        raise
+    if executors is not None:
+        handle.on_stopped.append(executors.shutdown)
+    return handle, port, handle.health
+
+
+def create_threaded_server(
+    address: str,
+    registrars: Sequence[Registrar],
+    service_names: Sequence[str],
+    *,
+    access: Mapping[str, Role],
+    security: SecuritySettings,
+    max_workers: int = 64,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A thread-per-call server (the trainer node's: its callers are the pipeline services, its
+    streams one per running attempt), with the same security as ``create_server``."""
+    store = _token_store(address, security)
     interceptors: list[grpc.ServerInterceptor] = []
-    if security.auth_tokens_file is not None:
-        interceptors.append(AuthInterceptor(TokenStore.load(security.auth_tokens_file), access))
-    elif not loopback:
-        raise RuntimeError(f"refusing to serve {address} without authentication: set SEGTRAIN_AUTH_TOKENS_FILE")
-    tls = security.tls_cert_file is not None and security.tls_key_file is not None
-    if not tls and not loopback and not security.allow_plaintext:
-        raise RuntimeError(f"refusing to serve {address} in plaintext: set SEGTRAIN_TLS_CERT_FILE and "
-                           "SEGTRAIN_TLS_KEY_FILE, or SEGTRAIN_ALLOW_PLAINTEXT=true on a private network")
+    if store is not None:
+        interceptors.append(AuthInterceptor(store, access))
     interceptors.append(ErrorMappingInterceptor())
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
@@ -86,7 +175,24 @@ def create_server(
     for name in [*service_names, ""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME], server)
-    if tls:
+    return server, _bind(server, address, security), health_servicer
+
+
+def _token_store(address: str, security: SecuritySettings) -> TokenStore | None:
+    """The tokens callers must present; refuses to serve beyond loopback without them, or in
+    plaintext unless allowed."""
+    loopback = _is_loopback(address)
+    tls = security.tls_cert_file is not None and security.tls_key_file is not None
+    if security.auth_tokens_file is None and not loopback:
+        raise RuntimeError(f"refusing to serve {address} without authentication: set SEGTRAIN_AUTH_TOKENS_FILE")
+    if not tls and not loopback and not security.allow_plaintext:
+        raise RuntimeError(f"refusing to serve {address} in plaintext: set SEGTRAIN_TLS_CERT_FILE and "
+                           "SEGTRAIN_TLS_KEY_FILE, or SEGTRAIN_ALLOW_PLAINTEXT=true on a private network")
+    return TokenStore.load(security.auth_tokens_file) if security.auth_tokens_file is not None else None
+
+
+def _bind(server: Any, address: str, security: SecuritySettings) -> int:
+    if security.tls_cert_file is not None and security.tls_key_file is not None:
         credentials = grpc.ssl_server_credentials(
             [(_read(security.tls_key_file), _read(security.tls_cert_file))],
             root_certificates=_read(security.tls_ca_file) if security.tls_ca_file else None,
@@ -97,7 +203,7 @@ def create_server(
         port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"could not bind {address}")
-    return server, port, health_servicer
+    return int(port)
 
 
 def connect(address: str, security: SecuritySettings) -> grpc.Channel:
@@ -126,8 +232,8 @@ def _is_loopback(address: str) -> bool:
 
 
 def serve_until_signalled(
-    server: grpc.Server,
-    health_servicer: health.HealthServicer,
+    server: AsyncServer | grpc.Server,
+    health_servicer: health.HealthServicer | None,
     grace_s: float,
     on_stop: Callable[[], None] | None = None,
 ) -> None:
@@ -138,7 +244,10 @@ def serve_until_signalled(
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("stopping: draining for up to %.0f s", grace_s)
-    health_servicer.enter_graceful_shutdown()
+    if isinstance(server, AsyncServer):
+        server.enter_graceful_shutdown()
+    elif health_servicer is not None:
+        health_servicer.enter_graceful_shutdown()
     if on_stop is not None:
         on_stop()
     server.stop(grace_s).wait()

@@ -9,7 +9,7 @@ the services with it): a variable's name is its class's env_prefix plus the fiel
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,6 +49,26 @@ class ServerSettings(BaseSettings):
     log_level: str = "INFO"
     # Seconds to let in-flight RPCs finish on SIGTERM.
     shutdown_grace_s: float = 10.0
+
+
+class ServingSettings(BaseSettings):
+    """What one asyncio server admits at once (services.common.gate), and reflection."""
+
+    model_config = SettingsConfigDict(env_prefix="SEGTRAIN_")
+
+    # Unary calls in flight; a full server answers RESOURCE_EXHAUSTED at once.
+    max_calls: int = Field(default=64, ge=1)
+    # Further calls only the reserved methods (node heartbeats, event appends) may use.
+    reserved_calls: int = Field(default=32, ge=1)
+    # Open streams (watches) per authenticated principal.
+    max_streams_per_principal: int = Field(default=4096, ge=1)
+    # Open streams without a token (health Watch, reflection) per client host.
+    max_open_streams_per_peer: int = Field(default=32, ge=1)
+    # Threads for blocking work (SQL, object storage): everyone's, and the reserved methods' own.
+    blocking_threads: int = Field(default=16, ge=1)
+    reserved_threads: int = Field(default=4, ge=1)
+    # Server reflection: "auto" serves it on loopback addresses only.
+    reflection: Literal["auto", "on", "off"] = "auto"
 
 
 class SecuritySettings(BaseSettings):
@@ -101,6 +121,9 @@ class MetricsSettings(BaseSettings):
     heartbeat_interval_s: float = 5.0
     # Events a slow watcher may lag behind before it is cut off (it can resume).
     watcher_buffer: int = 1000
+    # Seconds a watch of a job with no events waits for its first one before NOT_FOUND (a job just
+    # created has its first event on the way from the pipeline's outbox).
+    unknown_job_grace_s: float = Field(default=2.0, ge=0.0)
 
 
 class TrainerSettings(BaseSettings):

@@ -2,32 +2,31 @@
 
 from __future__ import annotations
 
-import grpc
 from grpc_health.v1 import health
 from segtrain.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 
 from services.common.database import make_engine
-from services.common.server import create_server
-from services.common.settings import MetricsSettings, SecuritySettings
+from services.common.gate import Executors
+from services.common.server import AsyncServer, create_server
+from services.common.settings import MetricsSettings, SecuritySettings, ServingSettings
 from services.metrics_svc.service import MetricsService
-from services.metrics_svc.servicer import ACCESS, MetricsServicer
+from services.metrics_svc.servicer import ACCESS, RESERVED, MetricsServicer
 from services.metrics_svc.tables import TABLES
 
 SERVICE_NAME = metrics_pb2.DESCRIPTOR.services_by_name["MetricsService"].full_name
 
 
-def build(settings: MetricsSettings, security: SecuritySettings | None = None
-          ) -> tuple[grpc.Server, int, health.HealthServicer, MetricsService]:
-    security = security or SecuritySettings()
+def build(settings: MetricsSettings, security: SecuritySettings | None = None,
+          serving: ServingSettings | None = None) -> tuple[AsyncServer, int, health.aio.HealthServicer, MetricsService]:
+    security, serving = security or SecuritySettings(), serving or ServingSettings()
     engine = make_engine(settings.database_url, TABLES)
-    service = MetricsService(
-        engine, heartbeat_interval_s=settings.heartbeat_interval_s, watcher_buffer=settings.watcher_buffer
-    )
+    executors = Executors(serving)
+    service = MetricsService(engine, executors, heartbeat_interval_s=settings.heartbeat_interval_s,
+                             watcher_buffer=settings.watcher_buffer, unknown_job_grace_s=settings.unknown_job_grace_s)
     servicer = MetricsServicer(service)
     server, port, health_servicer = create_server(
         settings.listen,
         [lambda s: metrics_pb2_grpc.add_MetricsServiceServicer_to_server(servicer, s)],
-        [SERVICE_NAME], access=ACCESS, security=security,
-        max_workers=512,  # one thread per live watch stream
+        [SERVICE_NAME], access=ACCESS, security=security, serving=serving, reserved=RESERVED, executors=executors,
     )
     return server, port, health_servicer, service

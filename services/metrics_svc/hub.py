@@ -1,14 +1,18 @@
-"""In-process fan-out of freshly persisted events to live watchers.
+"""In-process fan-out of freshly persisted events to live watchers, on the server's event loop.
 
-Each watcher owns a bounded buffer. Publishing never blocks: a watcher whose buffer would
-overflow is marked and cut off (it resumes from its last seq), so a slow watcher never slows the
-relay, training or other watchers.
+One producer per job: the append that persisted the events publishes them once, and every
+watcher of the job takes them from its own bounded buffer; no watcher reads the database for live
+events. Publishing never blocks: a watcher whose buffer would overflow is marked and cut off (it
+resumes from its last seq), so a slow watcher never slows the relay, training or other watchers.
+Everything here runs on the loop thread (appends publish through ``loop.call_soon_threadsafe``),
+so there are no locks.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict, deque
+import asyncio
+import contextlib
+from collections import deque
 from collections.abc import Sequence
 
 from segtrain.common.v1 import common_pb2
@@ -21,32 +25,26 @@ class Subscription:
         self.job = job
         self._capacity = capacity
         self._events: deque[common_pb2.JobEvent] = deque()
-        self._cond = threading.Condition()
+        self._ready = asyncio.Event()
         self.overflowed = False
-        self.closed = False
 
     def push(self, events: Sequence[common_pb2.JobEvent]) -> None:
-        with self._cond:
-            if len(self._events) + len(events) > self._capacity:
-                self.overflowed = True
-                self._events.clear()
-            else:
-                self._events.extend(events)
-            self._cond.notify_all()
-
-    def close(self) -> None:
-        with self._cond:
-            self.closed = True
-            self._cond.notify_all()
-
-    def take(self, timeout: float) -> list[common_pb2.JobEvent]:
-        """Waits up to `timeout` for events and returns all buffered ones (maybe none)."""
-        with self._cond:
-            if not self._events and not self.overflowed and not self.closed:
-                self._cond.wait(timeout)
-            items = list(self._events)
+        if len(self._events) + len(events) > self._capacity:
+            self.overflowed = True
             self._events.clear()
-            return items
+        else:
+            self._events.extend(events)
+        self._ready.set()
+
+    async def take(self, timeout: float) -> list[common_pb2.JobEvent]:
+        """Waits up to `timeout` for events and returns all buffered ones (maybe none)."""
+        if not self._events and not self.overflowed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), timeout)
+        self._ready.clear()
+        items = list(self._events)
+        self._events.clear()
+        return items
 
 
 class EventHub:
@@ -54,27 +52,23 @@ class EventHub:
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
-        self._subs: dict[str, set[Subscription]] = defaultdict(set)
-        self._lock = threading.Lock()
+        self._subs: dict[str, set[Subscription]] = {}
 
     def subscribe(self, job: str) -> Subscription:
         sub = Subscription(job, self._capacity)
-        with self._lock:
-            self._subs[job].add(sub)
+        self._subs.setdefault(job, set()).add(sub)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        with self._lock:
-            subs = self._subs.get(sub.job)
-            if subs is not None:
-                subs.discard(sub)
-                if not subs:
-                    del self._subs[sub.job]
+        subs = self._subs.get(sub.job)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.job]
 
     def publish(self, job: str, events: Sequence[common_pb2.JobEvent]) -> None:
-        if not events:
-            return
-        with self._lock:
-            subs = list(self._subs.get(job, ()))
-        for sub in subs:
+        for sub in list(self._subs.get(job, ())) if events else ():
             sub.push(events)
+
+    def watchers(self) -> int:
+        return sum(len(s) for s in self._subs.values())

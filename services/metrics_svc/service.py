@@ -1,11 +1,17 @@
 """The metrics service's logic: appending events (persist, then publish), history, replay-then-
-live watching, and charts."""
+live watching, and charts.
+
+Its methods are coroutines of the server's event loop; SQL and chart rendering run in the
+server's bounded executors (services.common.gate), appends in the reserved pool, so no number of
+watchers or readers can delay the events that move jobs along.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from segtrain.common.v1 import common_pb2
@@ -16,10 +22,12 @@ from services.common.database import session_scope
 from services.common.errors import (
     FieldViolation,
     InvalidArgumentError,
+    NotFoundError,
     OutOfRangeError,
     ResourceExhaustedError,
     check,
 )
+from services.common.gate import Executors
 from services.metrics_svc import charts, repository
 from services.metrics_svc.hub import EventHub
 
@@ -38,17 +46,24 @@ class Heartbeat:
 
 
 class MetricsService:
-    def __init__(self, engine: Engine, *, heartbeat_interval_s: float, watcher_buffer: int) -> None:
+    def __init__(self, engine: Engine, executors: Executors, *, heartbeat_interval_s: float, watcher_buffer: int,
+                 unknown_job_grace_s: float = 2.0) -> None:
         self._engine = engine
+        self._executors = executors
         self._heartbeat_s = heartbeat_interval_s
+        self._unknown_job_grace_s = unknown_job_grace_s
         self.hub = EventHub(watcher_buffer)
         # Appends to one job are serialised so seq numbers stay gap-free and publish order = seq order;
         # a fixed set of striped locks keeps memory bounded however many jobs there are.
         self._job_locks = [threading.Lock() for _ in range(64)]
 
-    def append(self, job: str, events: Sequence[common_pb2.JobEvent]) -> tuple[int, int]:
+    async def append(self, job: str, events: Sequence[common_pb2.JobEvent]) -> tuple[int, int]:
         job = names.canonical(job, names.JOBS, field="job")
         _validate_events(events)
+        return await self._executors.run(self._append, job, events, asyncio.get_running_loop(), reserved=True)
+
+    def _append(self, job: str, events: Sequence[common_pb2.JobEvent], loop: asyncio.AbstractEventLoop
+                ) -> tuple[int, int]:
         with self._job_locks[zlib.crc32(job.encode()) % len(self._job_locks)]:
             with session_scope(self._engine) as session:
                 stored = repository.append(session, job=job, events=events)
@@ -56,39 +71,50 @@ class MetricsService:
                 last_source = (
                     repository.last_source_seq(session, job=job, attempt=events[-1].attempt) if events else 0
                 )
-            # Published only after the commit: an event is persisted before anyone sees it.
-            self.hub.publish(job, stored)
+            # Published only after the commit (an event is persisted before anyone sees it), and
+            # queued to the loop under the job's lock: publish order is seq order.
+            loop.call_soon_threadsafe(self.hub.publish, job, stored)
         return last, last_source
 
-    def list_events(self, job: str, after_seq: int, page_size: int) -> tuple[list[common_pb2.JobEvent], int]:
+    async def list_events(self, job: str, after_seq: int, page_size: int) -> tuple[list[common_pb2.JobEvent], int]:
         job = names.canonical(job, names.JOBS, field="job")
         check(_range_violations(after_seq, page_size, MAX_APPEND * 5))
+        return await self._executors.run(self._list_events, job, after_seq, page_size or REPLAY_PAGE)
+
+    def _list_events(self, job: str, after_seq: int, limit: int) -> tuple[list[common_pb2.JobEvent], int]:
         with session_scope(self._engine) as session:
-            events = repository.read(session, job=job, after_seq=after_seq, limit=page_size or REPLAY_PAGE)
+            events = repository.read(session, job=job, after_seq=after_seq, limit=limit)
             return events, repository.last_seq(session, job=job)
 
-    def history(self, job: str) -> tuple[list[common_pb2.EpochMetrics], int]:
+    async def history(self, job: str) -> tuple[list[common_pb2.EpochMetrics], int]:
         """Each epoch once: a later attempt's epoch supersedes the earlier attempt's."""
         job = names.canonical(job, names.JOBS, field="job")
+        return await self._executors.run(self._history, job)
+
+    def _history(self, job: str) -> tuple[list[common_pb2.EpochMetrics], int]:
         with session_scope(self._engine) as session:
             epoch_events = repository.read_kind(session, jobs=[job], kind="epoch_metrics")
             finals = repository.read_kind(session, jobs=[job], kind="state_change")
         final_state = next((e.state_change.state for e in reversed(finals) if is_terminal(e)), 0)
         return effective_epochs(epoch_events), final_state
 
-    def watch(
-        self, job: str, after_seq: int, *, include_batch_progress: bool, is_active: Callable[[], bool]
-    ) -> Iterator[common_pb2.JobEvent | Heartbeat]:
-        """Replays the log after `after_seq`, then streams live events; ends after the final event."""
+    async def watch(self, job: str, after_seq: int, *, include_batch_progress: bool
+                    ) -> AsyncIterator[common_pb2.JobEvent | Heartbeat]:
+        """Replays the log after `after_seq`, then streams live events; ends after the final event.
+        A job with no events is NOT_FOUND, once its first event had a moment to arrive (a job just
+        created has its first event on the way from the pipeline's outbox)."""
         job = names.canonical(job, names.JOBS, field="job")
         if after_seq < 0:
             raise InvalidArgumentError.of("after_seq", "must be >= 0")
         sub = self.hub.subscribe(job)  # before the replay, so nothing falls between the two
         try:
             last = after_seq
-            with session_scope(self._engine) as session:
-                held = repository.last_seq(session, job=job)
-                tail = repository.read(session, job=job, after_seq=held - 1, limit=1) if held else []
+            held, tail = await self._executors.run(self._log_end, job)
+            if not held:
+                await sub.take(self._unknown_job_grace_s)
+                held, tail = await self._executors.run(self._log_end, job)
+                if not held:
+                    raise NotFoundError(job)  # no events: no such job
             if tail and is_terminal(tail[0]) and after_seq >= held:
                 return  # the client has seen the whole, finished log
             if after_seq > held:
@@ -97,14 +123,14 @@ class MetricsService:
                     "re-read the history with ListJobEvents and watch from its last seq"
                 )
             replaying = True
-            while is_active():
+            while True:  # a client that leaves cancels this coroutine at its next await
                 if replaying:
-                    batch = self._replay(job, last)
+                    batch = await self._executors.run(self._replay, job, last)
                     replaying = len(batch) == REPLAY_PAGE  # caught up once a page comes back short
                     if not batch:
                         continue
                 else:
-                    batch = sub.take(self._heartbeat_s)
+                    batch = await sub.take(self._heartbeat_s)
                 if sub.overflowed:
                     raise ResourceExhaustedError(
                         f"watcher fell too far behind; reconnect with after_seq={last} to resume"
@@ -126,11 +152,20 @@ class MetricsService:
         finally:
             self.hub.unsubscribe(sub)
 
+    def _log_end(self, job: str) -> tuple[int, list[common_pb2.JobEvent]]:
+        """The job's last seq and its last event (none when it has no events)."""
+        with session_scope(self._engine) as session:
+            held = repository.last_seq(session, job=job)
+            return held, repository.read(session, job=job, after_seq=held - 1, limit=1) if held else []
+
     def _replay(self, job: str, after_seq: int) -> list[common_pb2.JobEvent]:
         with session_scope(self._engine) as session:
             return repository.read(session, job=job, after_seq=after_seq, limit=REPLAY_PAGE)
 
-    def render_charts(self, jobs: Sequence[str], width: int, height: int) -> tuple[bytes, bytes]:
+    async def render_charts(self, jobs: Sequence[str], width: int, height: int) -> tuple[bytes, bytes]:
+        return await self._executors.run(self._render_charts, jobs, width, height)
+
+    def _render_charts(self, jobs: Sequence[str], width: int, height: int) -> tuple[bytes, bytes]:
         if not jobs:
             raise InvalidArgumentError.of("jobs", "name at least one job")
         job_names = [names.canonical(j, names.JOBS, field="jobs") for j in jobs]

@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-import grpc
 from grpc_health.v1 import health
 from segtrain.pipeline.v1 import pipeline_pb2, pipeline_pb2_grpc
 
 from services.common.database import make_engine
-from services.common.server import create_server
-from services.common.settings import PipelineSettings, SecuritySettings, StorageSettings
+from services.common.gate import BlockingServicer, Executors
+from services.common.server import AsyncServer, create_server
+from services.common.settings import PipelineSettings, SecuritySettings, ServingSettings, StorageSettings
 from services.common.storage import ObjectStore
 from services.pipeline_svc.runtime.peers import PeerStubs
 from services.pipeline_svc.service import PipelineService
-from services.pipeline_svc.servicer import ACCESS, PipelineServicer
+from services.pipeline_svc.servicer import ACCESS, RESERVED, PipelineServicer
 from services.pipeline_svc.tables import TABLES
 
 SERVICE_NAME = pipeline_pb2.DESCRIPTOR.services_by_name["PipelineService"].full_name
 VERSION = "0.1.0"
 
 
-def build(settings: PipelineSettings, storage: StorageSettings, security: SecuritySettings | None = None
-          ) -> tuple[grpc.Server, int, health.HealthServicer, PipelineService]:
-    security = security or SecuritySettings()
+def build(settings: PipelineSettings, storage: StorageSettings, security: SecuritySettings | None = None,
+          serving: ServingSettings | None = None
+          ) -> tuple[AsyncServer, int, health.aio.HealthServicer, PipelineService]:
+    security, serving = security or SecuritySettings(), serving or ServingSettings()
     engine = make_engine(settings.database_url, TABLES)
     store = ObjectStore(storage)
     store.ensure_bucket()
@@ -31,9 +32,12 @@ def build(settings: PipelineSettings, storage: StorageSettings, security: Securi
         schedule_interval_s=settings.schedule_interval_s, heartbeat_interval_s=settings.heartbeat_interval_s,
         max_attempts=settings.max_attempts,
     )
-    servicer = PipelineServicer(service, VERSION)
+    # The service's work is blocking (SQL, object storage): each call runs in the bounded pools.
+    executors = Executors(serving)
+    servicer = BlockingServicer(PipelineServicer(service, VERSION), executors,
+                                reserved={m.rsplit("/", 1)[1] for m in RESERVED})
     server, port, health_servicer = create_server(
         settings.listen, [lambda s: pipeline_pb2_grpc.add_PipelineServiceServicer_to_server(servicer, s)],
-        [SERVICE_NAME], access=ACCESS, security=security,
+        [SERVICE_NAME], access=ACCESS, security=security, serving=serving, reserved=RESERVED, executors=executors,
     )
     return server, port, health_servicer, service

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from sqlalchemy.engine import Engine
 
@@ -139,8 +140,10 @@ class PipelineService:
         with session_scope(self.engine) as session:
             return models.list_models(session, pipeline=pipeline, page_size=page_size, page_token=page_token)
 
-    def analyze_tiles(self, *, model: str, image_keys: list[str]) -> domain.Analysis:
-        return analysis.analyze_tiles(self.engine, self.store, self.peers, model=model, image_keys=image_keys)
+    def analyze_tiles(self, *, model: str, image_keys: list[str],
+                      is_active: Callable[[], bool] = lambda: True) -> domain.Analysis:
+        return analysis.analyze_tiles(self.engine, self.store, self.peers, model=model, image_keys=image_keys,
+                                      is_active=is_active)
 
     # Trainer nodes
     def register_node(self, registration: domain.NodeRegistration) -> TrainerNodeRow:

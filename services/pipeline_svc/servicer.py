@@ -26,6 +26,8 @@ ACCESS = {f"/segtrain.pipeline.v1.PipelineService/{method}": role for method, ro
     "AnalyzeTiles": Role.TRAINER, "RegisterTrainerNode": Role.ADMIN, "HeartbeatTrainerNode": Role.ADMIN,
     "ListTrainerNodes": Role.ADMIN, "GetServiceInfo": Role.VIEWER,
 }.items()}
+# Capacity user traffic cannot take (services.common.gate): nodes must stay alive under any load.
+RESERVED = {f"/segtrain.pipeline.v1.PipelineService/{m}" for m in ("RegisterTrainerNode", "HeartbeatTrainerNode")}
 
 
 class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
@@ -88,7 +90,9 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
         return pb.ListModelsResponse(models=[converters.model_message(r) for r in rows], next_page_token=token)
 
     def AnalyzeTiles(self, request: pb.AnalyzeTilesRequest, context: Ctx) -> pb.AnalyzeTilesResponse:
-        result = self._s.analyze_tiles(model=request.model, image_keys=list(request.image_keys))
+        # `context` is the call's CallState (services.common.gate): a caller that leaves stops the work.
+        result = self._s.analyze_tiles(model=request.model, image_keys=list(request.image_keys),
+                                       is_active=context.is_active)
         return converters.analysis_message(result)
 
     def RegisterTrainerNode(self, request: pb.RegisterTrainerNodeRequest, context: Ctx) -> pb.TrainerNode:

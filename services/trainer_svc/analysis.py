@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import PurePosixPath
 
@@ -19,7 +20,7 @@ from segcore.config import resolve_device
 from segcore.errors import InvalidTileError
 from segcore.imaging import Normalization
 from services.common import object_keys
-from services.common.errors import InvalidArgumentError, NotFoundError
+from services.common.errors import CancelledError, InvalidArgumentError, NotFoundError
 from services.common.storage import ObjectStore, verified
 
 CACHED_MODELS = 2
@@ -41,7 +42,10 @@ class Analyzer:
             max_workers=1, thread_name_prefix="inference",
             initializer=(lambda: torch.set_num_threads(num_threads)) if num_threads else None)
 
-    def analyze(self, request: trainer_pb2.AnalyzeTilesRequest) -> trainer_pb2.AnalyzeTilesResponse:
+    def analyze(self, request: trainer_pb2.AnalyzeTilesRequest,
+                is_active: Callable[[], bool] = lambda: True) -> trainer_pb2.AnalyzeTilesResponse:
+        """Masks for the request's images; stops (and removes what it wrote) once `is_active`
+        turns false: its caller gave up."""
         prefix = object_keys.check_analysis_prefix(request.output_prefix, field="output_prefix")
         model, meta = self._model(request.model)
         norm = Normalization.from_dict(meta.normalization)
@@ -52,6 +56,8 @@ class Analyzer:
             # Decoding runs up to two batches ahead of the forwards; masks are stored behind them.
             images += [self._io.submit(self._read, i, key) for i, key in enumerate(keys[: 2 * BATCH])]
             for start in range(0, len(keys), BATCH):
+                if not is_active():
+                    raise CancelledError("the caller gave up: the analysis was stopped")
                 ahead = range(start + 2 * BATCH, min(start + 3 * BATCH, len(keys)))
                 images += [self._io.submit(self._read, i, keys[i]) for i in ahead]
                 batch = [f.result() for f in images[start : start + BATCH]]

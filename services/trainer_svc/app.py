@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health
 from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
-from services.common.server import connect, create_server
+from services.common.server import connect, create_threaded_server
 from services.common.settings import SecuritySettings, ServerSettings, StorageSettings, TrainerSettings, environment
 from services.common.storage import ObjectStore
 from services.trainer_svc.node import Analyses, AnalyzerOnDemand, NodeOffer, Registration, TrainerNode
@@ -33,7 +33,7 @@ def build(settings: TrainerSettings, storage: StorageSettings, security: Securit
     node = TrainerNode(AnalyzerOnDemand(lambda: _analyzer(store, device, settings.num_threads)),
                        capacity=settings.capacity, worker_env=worker_env)
     servicer = TrainerServicer(node)
-    server, port, health_servicer = create_server(
+    server, port, health_servicer = create_threaded_server(
         settings.listen, [lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s)],
         [SERVICE_NAME], access=ACCESS, security=security,
     )

@@ -26,7 +26,8 @@ WATCH_POLL_S = 1.0
 
 
 class Analyses(Protocol):
-    def analyze(self, request: trainer_pb2.AnalyzeTilesRequest) -> trainer_pb2.AnalyzeTilesResponse: ...
+    def analyze(self, request: trainer_pb2.AnalyzeTilesRequest,
+                is_active: Callable[[], bool] = ...) -> trainer_pb2.AnalyzeTilesResponse: ...
 
 
 class AnalyzerOnDemand:
@@ -39,11 +40,12 @@ class AnalyzerOnDemand:
         self._analyzer: Analyses | None = None
         self._lock = threading.Lock()
 
-    def analyze(self, request: trainer_pb2.AnalyzeTilesRequest) -> trainer_pb2.AnalyzeTilesResponse:
+    def analyze(self, request: trainer_pb2.AnalyzeTilesRequest,
+                is_active: Callable[[], bool] = lambda: True) -> trainer_pb2.AnalyzeTilesResponse:
         with self._lock:
             if self._analyzer is None:
                 self._analyzer = self._load()
-        return self._analyzer.analyze(request)
+        return self._analyzer.analyze(request, is_active)
 
 
 @dataclass(frozen=True)

@@ -37,4 +37,4 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     def AnalyzeTiles(self, request: pb.AnalyzeTilesRequest, context: grpc.ServicerContext
                      ) -> pb.AnalyzeTilesResponse:
-        return self._node.analyzer.analyze(request)
+        return self._node.analyzer.analyze(request, context.is_active)

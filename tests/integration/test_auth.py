@@ -22,6 +22,7 @@ from services.common.settings import (
     MetricsSettings,
     PipelineSettings,
     SecuritySettings,
+    ServingSettings,
     StorageSettings,
     TrainerSettings,
 )
@@ -154,11 +155,12 @@ def test_health_checking_needs_no_token(secured: Secured) -> None:
 
 def test_servers_refuse_to_listen_openly_off_loopback(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="without authentication"):
-        create_server("0.0.0.0:0", [], [], access={}, security=SecuritySettings())
+        create_server("0.0.0.0:0", [], [], access={}, security=SecuritySettings(), serving=ServingSettings())
     tokens_file = tmp_path / "tokens.json"
     write_tokens_file(tokens_file, {})
     with pytest.raises(RuntimeError, match="plaintext"):
-        create_server("0.0.0.0:0", [], [], access={}, security=SecuritySettings(auth_tokens_file=tokens_file))
+        create_server("0.0.0.0:0", [], [], access={}, security=SecuritySettings(auth_tokens_file=tokens_file),
+                      serving=ServingSettings())
 
 
 MALFORMED = [

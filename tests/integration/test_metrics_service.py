@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import random
 import threading
@@ -15,7 +16,12 @@ from PIL import Image
 from segtrain.common.v1 import common_pb2
 from segtrain.metrics.v1 import metrics_pb2 as pb
 
+from services.common.database import make_engine
 from services.common.errors import ResourceExhaustedError
+from services.common.gate import Executors
+from services.common.settings import ServingSettings
+from services.metrics_svc.service import MetricsService
+from services.metrics_svc.tables import TABLES
 from tests.integration.conftest import MetricsServer, start_metrics
 
 JOB = "jobs/j-test"
@@ -164,15 +170,20 @@ def test_a_stalled_watcher_is_cut_off_without_slowing_appends(tmp_path: Path) ->
         server.stop(0).wait()
 
 
-def test_overflow_logic_cuts_the_lagging_subscription(metrics_server: MetricsServer) -> None:
-    service = metrics_server.service
-    service.hub = type(service.hub)(capacity=3)
-    service.append(JOB, [batch(1, 1)])
-    stream = service.watch(JOB, 0, include_batch_progress=True, is_active=lambda: True)
-    assert next(stream).seq == 1
-    service.append(JOB, [batch(1, i) for i in range(2, 8)])  # 6 events > 3 buffered
-    with pytest.raises(ResourceExhaustedError):
-        next(stream)
+def test_overflow_logic_cuts_the_lagging_subscription(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        executors = Executors(ServingSettings())
+        service = MetricsService(make_engine(f"sqlite:///{tmp_path / 'm.db'}", TABLES), executors,
+                                 heartbeat_interval_s=0.2, watcher_buffer=3)
+        await service.append(JOB, [batch(1, 1)])
+        stream = service.watch(JOB, 0, include_batch_progress=True)
+        assert (await anext(stream)).seq == 1  # type: ignore[union-attr]
+        await service.append(JOB, [batch(1, i) for i in range(2, 8)])  # 6 events > 3 buffered
+        with pytest.raises(ResourceExhaustedError, match="after_seq=1"):
+            await anext(stream)
+        executors.shutdown()
+
+    asyncio.run(scenario())
 
 
 def test_history_keeps_each_epoch_once_across_attempts(metrics_server: MetricsServer) -> None:

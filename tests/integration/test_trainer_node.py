@@ -18,7 +18,7 @@ from segcore import advice as advice_module
 from segcore import synthetic
 from segcore.architectures import build_model
 from services.common import object_keys
-from services.common.errors import FailedPreconditionError, UnavailableError
+from services.common.errors import CancelledError, FailedPreconditionError, UnavailableError
 from services.common.storage import ObjectStore
 from services.trainer_svc.analysis import Analyzer
 from services.trainer_svc.executor import JobExecutor
@@ -274,3 +274,23 @@ def test_attempts_write_apart_and_a_changed_model_is_never_loaded(store: ObjectS
     with pytest.raises(FailedPreconditionError, match="does not match the sha256"):
         Analyzer(store, "cpu", 1).analyze(analysis)
     assert not store.list_keys(object_keys.analysis_prefix("a-tampered"))
+
+
+def test_an_analysis_whose_caller_gives_up_stops_and_leaves_no_masks(store: ObjectStore, tiles: list) -> None:  # type: ignore[type-arg]
+    finished = execute(store, request(tiles, epochs=1)).events[-1].finished
+    ref = trainer_pb2.ModelRef(name="models/m-a", weights_uri=finished.best_model.uri,
+                               weights_sha256=finished.best_model.sha256, architecture="upernet-convnext-cpu",
+                               class_names=synthetic.CLASS_NAMES)
+    keys = [t.image_uri for t in tiles] * 3  # several batches of 8
+    analysis = trainer_pb2.AnalyzeTilesRequest(model=ref, image_keys=keys,
+                                               output_prefix=object_keys.analysis_prefix("a-abandoned"))
+    asked = []
+
+    def wanted_for_one_batch() -> bool:
+        asked.append(1)
+        return len(asked) == 1
+
+    with pytest.raises(CancelledError, match="gave up"):
+        Analyzer(store, "cpu", 1).analyze(analysis, wanted_for_one_batch)
+    assert len(asked) == 2  # it stopped at the next batch
+    assert not store.list_keys(object_keys.analysis_prefix("a-abandoned"))

@@ -19,7 +19,8 @@ def test_readme_configuration_table_lists_every_variable_the_services_read() -> 
     from services.common import settings
 
     read = {f"{cls.model_config.get('env_prefix', '')}{name}".upper()
-            for cls in (settings.StorageSettings, settings.ServerSettings, settings.SecuritySettings,
+            for cls in (settings.StorageSettings, settings.ServerSettings, settings.ServingSettings,
+                        settings.SecuritySettings,
                         settings.PipelineSettings, settings.MetricsSettings, settings.TrainerSettings)
             for name in cls.model_fields}
     table = README.read_text().split("| Variable | Default | Used by | Meaning |", 1)[1].split("\n\n", 1)[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from pathlib import PurePosixPath
 
 import grpc
@@ -12,6 +13,7 @@ from sqlalchemy.engine import Engine
 from services.common import object_keys
 from services.common.database import session_scope
 from services.common.errors import (
+    CancelledError,
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
@@ -29,8 +31,10 @@ MAX_IMAGES = 1000
 TIMEOUT_S = 600
 
 
-def analyze_tiles(engine: Engine, store: ObjectStore, peers: PeerStubs, *, model: str, image_keys: list[str]
-                  ) -> Analysis:
+def analyze_tiles(engine: Engine, store: ObjectStore, peers: PeerStubs, *, model: str, image_keys: list[str],
+                  is_active: Callable[[], bool] = lambda: True) -> Analysis:
+    """Runs the analysis on a ready node; a caller that gives up (`is_active` false) cancels the
+    node's call, which stops the node's work."""
     _check_image_keys(image_keys)
     with session_scope(engine) as session:
         row = models.get_model(session, name=model, field="model")
@@ -43,8 +47,16 @@ def analyze_tiles(engine: Engine, store: ObjectStore, peers: PeerStubs, *, model
     node_id, address = candidates[hash(analysis_id) % len(candidates)]
     request = trainer_pb2.AnalyzeTilesRequest(model=ref, image_keys=image_keys,
                                               output_prefix=object_keys.analysis_prefix(analysis_id))
+    call = peers.trainer(address).AnalyzeTiles.future(request, timeout=TIMEOUT_S)
     try:
-        result = peers.trainer(address).AnalyzeTiles(request, timeout=TIMEOUT_S)
+        while True:
+            try:
+                result = call.result(timeout=0.25)
+                break
+            except grpc.FutureTimeoutError:
+                if not is_active():
+                    call.cancel()
+                    raise CancelledError("the caller gave up: the analysis was stopped") from None
     except grpc.RpcError as exc:
         if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
             raise InvalidArgumentError.of("image_keys", exc.details() or "bad image") from None

@@ -1,13 +1,17 @@
 """Following one active job: `JobRelay` reads the trainer node's event stream (resuming after the
-last relayed source_seq), appends each event to the metrics service (persisted before anyone
-sees it), then updates the job's progress and state here. The node's final event finalises the
-job: the model is registered and the job marked SUCCEEDED in one transaction."""
+last relayed source_seq), appends the events to the metrics service (persisted before anyone
+sees them), then updates the job's progress and state here. Events that arrive while one batch
+is being relayed go together in the next: one AppendJobEvents and one transaction however fast
+the node sends. The node's final event finalises the job: the model is registered and the job
+marked SUCCEEDED in one transaction."""
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 from segtrain.common.v1 import common_pb2
@@ -26,6 +30,7 @@ from services.pipeline_svc.tables import JobRow, TrainerNodeRow
 log = logging.getLogger(__name__)
 S = common_pb2
 RETRY_S = 0.5
+MAX_BATCH = 500  # events relayed in one append (the metrics service takes up to 1000)
 
 
 class JobRelay(threading.Thread):
@@ -84,14 +89,14 @@ class JobRelay(threading.Thread):
         self._call = call  # type: ignore[assignment]
         if self._interrupted.is_set():  # stop() came between _locate and this call
             call.cancel()
-        for response in call:
-            self._append(response.event)
-            if self._apply(response.event):
-                return
+        for events in _batches(call, MAX_BATCH):
+            self._append(events)
+            if self._apply(events):
+                return  # the job is final here (closing the batches ends the stream)
 
-    def _append(self, event: common_pb2.JobEvent) -> None:
+    def _append(self, events: list[common_pb2.JobEvent]) -> None:
         """Appends to the metrics service, retrying while it is unavailable (idempotent)."""
-        request = metrics_pb2.AppendJobEventsRequest(job=event.job, events=[event])
+        request = metrics_pb2.AppendJobEventsRequest(job=events[0].job, events=events)
         while True:
             try:
                 self._peers.metrics.AppendJobEvents(request, timeout=10)
@@ -103,25 +108,31 @@ class JobRelay(threading.Thread):
                     raise
                 log.warning("metrics service unavailable; retrying append for %s", names.job(self.job_id))
 
-    def _apply(self, event: common_pb2.JobEvent) -> bool:
-        """Updates the job from one relayed event; True once the job is final here."""
+    def _apply(self, events: list[common_pb2.JobEvent]) -> bool:
+        """Updates the job from relayed events, in one transaction; True once the job is final here."""
+        done = False
         with session_scope(self._engine) as session:
             job = session.get(JobRow, self.job_id, with_for_update=True)
-            if job is None or job.attempt != event.attempt or job.state not in job_states.ACTIVE:
-                return True
-            job.relayed_source_seq = event.source_seq
-            if event.HasField("progress"):
-                job.progress = event.progress.SerializeToString()
-            if event.HasField("epoch_metrics"):
-                job.latest_metrics = event.epoch_metrics.SerializeToString()
-            if event.HasField("checkpoint_saved") and event.checkpoint_saved.kind == "state":
-                job.checkpoint_uri, job.checkpoint_epoch = event.checkpoint_saved.uri, event.checkpoint_saved.epoch
-            if job.state == S.JOB_STATE_ASSIGNED:
-                lifecycle.transition(session, job=job, to=S.JOB_STATE_RUNNING)
-            done = event.HasField("finished")
-            if done:
-                _finalise(session, job, event.finished, self._max_attempts)
-            session.add(job)
+            for event in events:
+                if job is None or job.attempt != event.attempt or job.state not in job_states.ACTIVE:
+                    done = True
+                    break
+                job.relayed_source_seq = event.source_seq
+                if event.HasField("progress"):
+                    job.progress = event.progress.SerializeToString()
+                if event.HasField("epoch_metrics"):
+                    job.latest_metrics = event.epoch_metrics.SerializeToString()
+                if event.HasField("checkpoint_saved") and event.checkpoint_saved.kind == "state":
+                    job.checkpoint_uri = event.checkpoint_saved.uri
+                    job.checkpoint_epoch = event.checkpoint_saved.epoch
+                if job.state == S.JOB_STATE_ASSIGNED:
+                    lifecycle.transition(session, job=job, to=S.JOB_STATE_RUNNING)
+                if event.HasField("finished"):
+                    _finalise(session, job, event.finished, self._max_attempts)
+                    done = True
+                    break
+            if job is not None:
+                session.add(job)
         self._wake_outbox()
         return done
 
@@ -139,6 +150,58 @@ class JobRelay(threading.Thread):
             return False
         log.info("stream of %s interrupted (%s); reconnecting", names.job(self.job_id), exc.code())
         return True
+
+
+def _batches(call: Iterator[trainer_pb2.WatchJobRunResponse], most: int) -> Iterator[list[common_pb2.JobEvent]]:
+    """The stream's events in batches: each holds what arrived while the previous one was handled
+    (at least one event, at most `most`). A reader thread drains the stream into a bounded queue
+    (a full queue holds the node back through gRPC flow control); the stream's error, or its end,
+    comes after the events before it."""
+    arrived: queue.Queue[Any] = queue.Queue(maxsize=4 * most)
+    closed = threading.Event()
+
+    def put(item: object) -> None:
+        while not closed.is_set():  # a relay that stopped reading must not strand this thread
+            try:
+                arrived.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def read() -> None:
+        try:
+            for response in call:
+                put(response.event)
+            put(None)
+        except BaseException as exc:  # handed to the relay, which decides
+            put(exc)
+
+    threading.Thread(target=read, name="relay-reader", daemon=True).start()
+    try:
+        while True:
+            item = arrived.get()
+            batch: list[common_pb2.JobEvent] = []
+            while isinstance(item, common_pb2.JobEvent):
+                batch.append(item)
+                if len(batch) == most:
+                    item = _MORE
+                    break
+                try:
+                    item = arrived.get_nowait()
+                except queue.Empty:
+                    item = _MORE
+            if batch:
+                yield batch
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+    finally:
+        closed.set()
+        call.cancel()  # type: ignore[attr-defined]
+
+
+_MORE = object()  # the queue is empty for now, or the batch is full: wait for the next
 
 
 def _finalise(session: Session, job: JobRow, finished: common_pb2.JobFinished, max_attempts: int) -> None:

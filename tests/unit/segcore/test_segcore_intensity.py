@@ -157,12 +157,13 @@ def test_augmentation_preserves_the_signal_of_a_narrow_range_16_bit_image() -> N
     for mode in (DATASET, PERCENTILE):
         norm = compute_normalization([image], mode)
         prepared = prepare_samples([Sample("t", image, tile.mask)], norm, 2, IGNORE_INDEX, field="s")[0]
-        base = prepared.image[0]
+        pixels, labels = prepared.pixels()
+        base = pixels[0]
         separation = float(base[fg].mean() - base[~fg].mean())
         spread = float(base.std())
         generator = torch.Generator().manual_seed(0)
         for _ in range(50):
-            out, mask = augment(prepared.image, prepared.mask, generator, prepared.mean, prepared.std)
+            out, mask = augment(pixels, labels, generator, prepared.mean, prepared.std)
             moved = out[0][mask == 1].mean() - out[0][mask == 0].mean()
             # Gain stays within 10 % and the shift within 0.2 of the image's own standard deviation.
             assert 0.85 * separation <= float(moved) <= 1.15 * separation, mode
@@ -178,3 +179,62 @@ def test_training_batches_of_a_narrow_range_set_stay_on_the_signal_scale() -> No
                            augment_data=True, ignore_index=IGNORE_INDEX)
     # Standardised input: about zero mean and unit spread, not shifted by whole multiples of it.
     assert abs(float(images.mean())) < 0.5 and 0.5 < float(images.std()) < 2.0
+
+
+# The fast paths (value counts instead of sorting, moments instead of float copies, converting only
+# the crop) must give the network exactly what the plain float computation gives.
+_NATIVE_IMAGES = {
+    "uint8 colour": lambda: RNG.integers(0, 256, (40, 56, 3)).astype(np.uint8),
+    "uint16 grey": lambda: np.repeat(RNG.integers(90, 700, (40, 56, 1)).astype(np.uint16), 3, axis=2),
+    "int16 two-channel": lambda: np.dstack([RNG.integers(-900, 400, (40, 56)), RNG.integers(5, 60, (40, 56)),
+                                            np.zeros((40, 56))]).astype(np.int16),
+    "float32 units": lambda: RNG.normal(1e3, 40.0, (40, 56, 3)).astype(np.float32),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_NATIVE_IMAGES))
+def test_percentiles_from_value_counts_equal_numpys(kind: str) -> None:
+    image = _NATIVE_IMAGES[kind]()
+    fast = percentile_scale(image, 1.0, 99.8)
+    reference = percentile_scale(image.astype(np.float64), 1.0, 99.8)  # floats take np.percentile
+    np.testing.assert_allclose(fast, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", [DATASET, PERCENTILE])
+@pytest.mark.parametrize("kind", sorted(_NATIVE_IMAGES))
+def test_normalization_statistics_and_prepared_crops_equal_the_float_computation(kind: str, mode: str) -> None:
+    images = [_NATIVE_IMAGES[kind]() for _ in range(3)]
+    norm = compute_normalization(images, mode)
+    scaled = np.concatenate([scaled_image(i, norm).reshape(-1, 3) for i in images]).astype(np.float64)
+    np.testing.assert_allclose(norm.mean, scaled.mean(axis=0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(norm.std, np.maximum(scaled.std(axis=0), 1e-6), rtol=1e-5, atol=1e-7)
+
+    mask = RNG.integers(0, 2, images[0].shape[:2]).astype(np.uint8)
+    prepared = prepare_samples([Sample("t", images[0], mask)], norm, 2, IGNORE_INDEX, field="s")[0]
+    assert prepared.image.dtype == images[0].dtype  # kept native until a batch uses it
+    whole = normalize(images[0], norm)
+    np.testing.assert_allclose(prepared.pixels()[0], whole, rtol=1e-5, atol=1e-5)
+    crop, crop_mask = prepared.pixels(7, 11, 24)
+    np.testing.assert_allclose(crop, whole[:, 7:31, 11:35], rtol=1e-5, atol=1e-5)
+    assert torch.equal(crop_mask, torch.from_numpy(mask[7:31, 11:35].astype(np.int64)))
+    np.testing.assert_allclose(prepared.mean.flatten(), whole.double().mean(dim=(1, 2)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(prepared.std.flatten(), whole.double().std(dim=(1, 2)), rtol=1e-5, atol=1e-5)
+
+
+def scaled_image(image: np.ndarray, norm: Normalization) -> np.ndarray:
+    """The per-image scaling computed the plain way, in float64."""
+    pixels = image.astype(np.float64)
+    if norm.mode != PERCENTILE:
+        if np.issubdtype(image.dtype, np.integer):
+            info = np.iinfo(image.dtype)
+            return (pixels - min(info.min, 0)) / (info.max - min(info.min, 0))
+        return pixels
+    if not pixels[:, :, 2].any() and not np.array_equal(pixels[:, :, 0], pixels[:, :, 1]):
+        out = np.zeros_like(pixels)
+        for c in range(2):
+            lo, hi = np.percentile(pixels[:, :, c], [norm.percentile_low, norm.percentile_high])
+            out[:, :, c] = (pixels[:, :, c] - lo) / (hi - lo)
+        return out
+    grey = np.array_equal(pixels[:, :, 0], pixels[:, :, 1]) and np.array_equal(pixels[:, :, 0], pixels[:, :, 2])
+    lo, hi = np.percentile(pixels[:, :, 0] if grey else pixels, [norm.percentile_low, norm.percentile_high])
+    return (pixels - lo) / (hi - lo)

@@ -77,5 +77,10 @@ def test_scan_counts_class_pixels_and_computes_the_normalization_in_one_pass(dis
 def test_a_set_too_large_for_the_cache_keeps_none_of_it() -> None:
     from segcore.tiles import prepared_cache_budget
 
-    assert prepared_cache_budget(1000 * 512 * 512, 256 * 2**20) == 0  # 1,000 tiles of 512²: 5 GB
-    assert prepared_cache_budget(48 * 128 * 128, 256 * 2**20) == 256 * 2**20  # 48 tiles of 128²: 16 MB
+    # Prepared tiles stay in their native type: a 16-bit tile of 64² holds 6 + 1 bytes a pixel.
+    tiles = [Sample(f"t{i}", np.full((64, 64, 3), 300 * i, np.uint16), np.zeros((64, 64), np.uint8))
+             for i in range(4)]
+    found = scan(tiles, num_classes=2, ignore_index=IGNORE_INDEX, field="samples")
+    assert found.prepared_bytes == 4 * 64 * 64 * 7
+    assert prepared_cache_budget(found.prepared_bytes, 2**20) == 2**20
+    assert prepared_cache_budget(found.prepared_bytes, found.prepared_bytes - 1) == 0
