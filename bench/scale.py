@@ -5,11 +5,12 @@ TIFF), one local stack trains a 1-epoch job per set (`upernet-convnext-cpu`, bat
 while this script samples the PSS of the trainer node's whole process tree (the node, the
 attempt's launcher, its worker and the worker's data-loader processes) every 0.25 s. It reports,
 per size: peak PSS, the time to the first training batch (the checking pass over every tile),
-training images/s of the epoch, and the data path alone (the node's tile source and loader,
-reading the same set from the same store, cold cache, loaders started) in tiles/s.
+training images/s of the epoch, and the data path alone as the job's first epoch uses it (the
+checking pass over the cold store, then the loader through the disk cache it filled) in tiles/s.
 
 Targets (issue 10): peak ≤ 2.5 GB at 4,000 tiles; slope ≤ 0.1 MB per tile; data path ≥ 5×
-the model's consumption (training images/s), the first epoch's load included.
+the model's consumption (training images/s), the first epoch's load included (the verdict uses
+the checking pass and the loader together; the loader's own rate is shown beside it).
 
     .venv/bin/python bench/scale.py [--sizes 250,1000,4000] [--epochs 1]
 """
@@ -59,11 +60,21 @@ class SizeResult:
     peak_pss_mb: float
     seconds_to_first_batch: float
     train_images_per_s: float
-    data_tiles_per_s: float
+    checking_tiles_per_s: float  # the checking pass, cold cache
+    data_tiles_per_s: float  # the loader after it
+
+    @property
+    def first_epoch_tiles_per_s(self) -> float:
+        """The first epoch's whole load: every tile read by the checking pass, then by the loader."""
+        return 1.0 / (1.0 / self.checking_tiles_per_s + 1.0 / self.data_tiles_per_s)
 
     @property
     def data_over_model(self) -> float:
         return self.data_tiles_per_s / self.train_images_per_s if self.train_images_per_s else 0.0
+
+    @property
+    def first_epoch_over_model(self) -> float:
+        return self.first_epoch_tiles_per_s / self.train_images_per_s if self.train_images_per_s else 0.0
 
 
 def write_set(count: int, base: list[regimes.RegimeTile], folder: Path) -> tuple[Path, Path]:
@@ -145,16 +156,16 @@ def epoch_timing(events: list[common_pb2.JobEvent], train_tiles: int) -> tuple[f
     return training[0] - running, len(training) * train_tiles / seconds
 
 
-def data_path_tiles_per_s(stack: LocalStack, client: Client, training_set: str) -> float:
-    """The node's data path alone: its tile source (cold disk cache) and loader (2 worker
-    processes, its default), preparing every training tile once and cutting its crop, no model.
-    Timed from the first batch on: the loaders' start is not counted (in a job their fork server
-    starts before the checking pass, which hides it)."""
+def data_path_tiles_per_s(stack: LocalStack, client: Client, training_set: str) -> tuple[float, float]:
+    """The node's data path alone, as a job's first epoch uses it, no model: (the checking pass's
+    tiles/s, reading every training tile once from the store, cold disk cache, 4 threads; the
+    loader's tiles/s after it, 2 loader processes decoding each tile and cutting its crop with the
+    measures the pass kept, through the disk cache the pass filled). Loader start-up is not
+    counted: in a job their fork server starts before the checking pass, which hides it."""
     from segtrain.trainer.v1 import trainer_pb2
 
-    from segcore.imaging import Normalization
     from segcore.metrics import IGNORE_INDEX
-    from segcore.tiles import BatchStream, PreparedTiles, TileRequest
+    from segcore.tiles import BatchStream, PreparedTiles, TileRequest, scan
     from services.common.storage import ObjectStore
     from services.trainer_svc.tile_source import DiskCache, PatientStore, StoredTiles
 
@@ -165,40 +176,45 @@ def data_path_tiles_per_s(stack: LocalStack, client: Client, training_set: str) 
                                         secret_key=SecretStr(stack.secret_key)))
     with tempfile.TemporaryDirectory() as cache:
         source = StoredTiles(tiles, PatientStore(store, patience_s=30, cache=DiskCache(Path(cache), 2**31)))
-        norm = Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), mode="percentile")
-        stream = BatchStream(PreparedTiles(source, norm, 2, IGNORE_INDEX), workers=2)
+        started = time.perf_counter()
+        found = scan(source, num_classes=2, ignore_index=IGNORE_INDEX, field="tiles", mode="percentile", threads=4)
+        checking = len(tiles) / (time.perf_counter() - started)
+        assert found.normalization is not None
+        stream = BatchStream(PreparedTiles(source, found.normalization, 2, IGNORE_INDEX, found.measures), workers=2)
         # Each training tile as the job asks for it: its 128² crop, cut by the loader.
         plan = [[TileRequest(t, 128, t) for t in range(i, min(i + 8, len(tiles)))] for i in range(0, len(tiles), 8)]
         batches = stream.batches(plan)
-        next(batches)  # the loaders are up (in a job they start while the tiles are checked)
+        next(batches)  # the loaders are up
         started = time.perf_counter()
         for _ in batches:
             pass
-        seconds = time.perf_counter() - started
+        loading = (len(tiles) - len(plan[0])) / (time.perf_counter() - started)
         stream.close()
-    return (len(tiles) - len(plan[0])) / seconds
+    return checking, loading
 
 
 def print_table(results: list[SizeResult]) -> dict[str, object]:
-    print(f"\n{'tiles':>6} {'peak PSS MB':>12} {'s to 1st batch':>15} {'train img/s':>12} "
-          f"{'data tiles/s':>13} {'data/model':>11}")
+    print(f"\n{'tiles':>6} {'peak PSS MB':>12} {'s to 1st batch':>15} {'train img/s':>12} {'check tiles/s':>14} "
+          f"{'loader tiles/s':>15} {'loader/model':>13} {'1st epoch/model':>16}")
     for r in results:
         print(f"{r.tiles:>6} {r.peak_pss_mb:>12.0f} {r.seconds_to_first_batch:>15.1f} {r.train_images_per_s:>12.1f} "
-              f"{r.data_tiles_per_s:>13.1f} {r.data_over_model:>11.1f}")
+              f"{r.checking_tiles_per_s:>14.1f} {r.data_tiles_per_s:>15.1f} {r.data_over_model:>13.1f} "
+              f"{r.first_epoch_over_model:>16.1f}")
     first, last = results[0], results[-1]
     slope = (last.peak_pss_mb - first.peak_pss_mb) / max(1, last.tiles - first.tiles)
+    worst = min(r.first_epoch_over_model for r in results)
     verdicts = {
         "peak": (last.peak_pss_mb, PEAK_TARGET_MB, last.peak_pss_mb <= PEAK_TARGET_MB),
         "slope_mb_per_tile": (slope, SLOPE_TARGET_MB, slope <= SLOPE_TARGET_MB),
-        "data_over_model_min": (min(r.data_over_model for r in results), DATA_TARGET,
-                                min(r.data_over_model for r in results) >= DATA_TARGET),
+        "first_epoch_data_over_model_min": (worst, DATA_TARGET, worst >= DATA_TARGET),
     }
+    word = {True: "PASS", False: "MISS"}
     print(f"peak PSS at {last.tiles} tiles {last.peak_pss_mb:.0f} MB (target <= {PEAK_TARGET_MB:.0f}): "
-          f"{'PASS' if verdicts['peak'][2] else 'MISS'}")
+          f"{word[verdicts['peak'][2]]}")
     print(f"slope {slope:.3f} MB/tile between {first.tiles} and {last.tiles} (target <= {SLOPE_TARGET_MB}): "
-          f"{'PASS' if verdicts['slope_mb_per_tile'][2] else 'MISS'}")
-    print(f"data path / model consumption, worst size {verdicts['data_over_model_min'][0]:.1f}x "
-          f"(target >= {DATA_TARGET:.0f}x): {'PASS' if verdicts['data_over_model_min'][2] else 'MISS'}")
+          f"{word[verdicts['slope_mb_per_tile'][2]]}")
+    print(f"data path / model consumption, first epoch's load included, worst size {worst:.1f}x "
+          f"(target >= {DATA_TARGET:.0f}x): {word[verdicts['first_epoch_data_over_model_min'][2]]}")
     return {k: {"value": v, "target": t, "pass": ok} for k, (v, t, ok) in verdicts.items()}
 
 
@@ -229,8 +245,8 @@ def main() -> int:
                                             pipeline=PIPELINE)
             print(f"{size} tiles: set created in {time.monotonic() - started:.0f} s; training", flush=True)
             peak, first_batch, images_per_s = train_job(client, ts.name, ts.train_tile_count, args.epochs, node_pid)
-            data = data_path_tiles_per_s(stack, client, ts.name)
-            results.append(SizeResult(size, peak, first_batch, images_per_s, data))
+            checking, data = data_path_tiles_per_s(stack, client, ts.name)
+            results.append(SizeResult(size, peak, first_batch, images_per_s, checking, data))
             print(f"{size} tiles: {asdict(results[-1])}", flush=True)
             shutil.rmtree(out / f"set-{size}")
     verdicts = print_table(results)

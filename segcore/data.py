@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from segcore.errors import InvalidParameterError, InvalidTileError
 from segcore.hyperparameters import MIN_INPUT_SIZE
 from segcore.imaging import Normalization
-from segcore.intensity import apply_affine, measure
+from segcore.intensity import ImageMeasures, apply_affine, measure
 
 # Photometric jitter, relative to each image's own intensity scale (its mean and standard deviation
 # per channel after normalization), so it can never swamp the signal of a dim image:
@@ -100,11 +100,17 @@ def prepare_samples(
     return [prepare_sample(s, norm, num_classes, ignore_index) for s in samples]
 
 
-def prepare_sample(sample: Sample, norm: Normalization, num_classes: int, ignore_index: int) -> PreparedSample:
-    """One checked sample with its normalization measured (one pass over the tile, no float copy)."""
-    check_sample(sample, num_classes, ignore_index)
+def prepare_sample(sample: Sample, norm: Normalization, num_classes: int, ignore_index: int,
+                   measured: ImageMeasures | None = None) -> PreparedSample:
+    """One checked sample with its normalization measured (one pass over the tile, no float copy).
+    With `measured` (what a checking pass over the set found for this tile, under `norm`'s
+    mode) the tile's values are neither checked nor measured again, only its shapes."""
     image, mask = np.asarray(sample.image), np.asarray(sample.mask)
-    measured = measure(image, norm.mode, norm.percentile_low, norm.percentile_high)
+    if measured is None:
+        check_sample(sample, num_classes, ignore_index)
+        measured = measure(image, norm.mode, norm.percentile_low, norm.percentile_high)
+    else:
+        _check_shapes(sample.tile_id, image, mask)
     scale, offset = measured.standardizing(norm)
     count = measured.count
     native_mean = measured.sums / count
@@ -118,12 +124,7 @@ def prepare_sample(sample: Sample, norm: Normalization, num_classes: int, ignore
 def check_sample(sample: Sample, num_classes: int, ignore_index: int) -> None:
     """InvalidTileError naming the tile when its image or mask cannot be trained on."""
     image, mask = np.asarray(sample.image), np.asarray(sample.mask)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise InvalidTileError(sample.tile_id, f"image must be H x W x 3, got shape {image.shape}")
-    if mask.shape != image.shape[:2]:
-        raise InvalidTileError(
-            sample.tile_id, f"mask shape {mask.shape} does not match image shape {image.shape[:2]}"
-        )
+    _check_shapes(sample.tile_id, image, mask)
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise InvalidTileError(sample.tile_id, "image contains NaN or infinite values")
     labelled = mask[mask != ignore_index]
@@ -132,6 +133,13 @@ def check_sample(sample: Sample, num_classes: int, ignore_index: int) -> None:
         raise InvalidTileError(
             sample.tile_id, f"mask contains class {bad} but only {num_classes} classes are configured"
         )
+
+
+def _check_shapes(tile_id: str, image: np.ndarray, mask: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise InvalidTileError(tile_id, f"image must be H x W x 3, got shape {image.shape}")
+    if mask.shape != image.shape[:2]:
+        raise InvalidTileError(tile_id, f"mask shape {mask.shape} does not match image shape {image.shape[:2]}")
 
 
 def plan_batches(num_samples: int, batch_size: int, generator: torch.Generator | None,

@@ -153,6 +153,14 @@ class ImageMeasures:
         mean, std = np.asarray(norm.mean, dtype=np.float64), np.asarray(norm.std, dtype=np.float64)
         return self.scale / std, (self.offset - mean) / std
 
+    def row(self) -> np.ndarray:
+        """The measures as 13 float64s (a set's measures are an N x 13 array)."""
+        return np.concatenate([self.scale, self.offset, self.sums, self.squares, [self.count]])
+
+    @classmethod
+    def from_row(cls, row: np.ndarray) -> ImageMeasures:
+        return cls(row[0:3], row[3:6], int(row[12]), row[6:9], row[9:12])
+
     def moments_after(self, scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(sums, sums of squares) per channel of ``image * scale + offset``, without computing it."""
         sums = scale * self.sums + self.count * offset
@@ -266,13 +274,21 @@ def compute_normalization(images: Iterable[np.ndarray], mode: str = DATASET, *, 
                           percentile_high: float = 99.8) -> Normalization:
     """A ``mode`` normalization whose mean/std are those of ``images`` after the per-image
     scaling (ImageNet's for ``imagenet``). One pass, running float64 sums: memory stays flat."""
+    measures = (measure(np.asarray(i), mode, percentile_low, percentile_high) for i in images)
+    return normalization_of(measures, mode, percentile_low=percentile_low, percentile_high=percentile_high)
+
+
+def normalization_of(measures: Iterable[ImageMeasures], mode: str = DATASET, *, percentile_low: float = 1.0,
+                     percentile_high: float = 99.8) -> Normalization:
+    """``compute_normalization`` from the images' measures (taken under the same mode)."""
     if mode == IMAGENET:
+        for _ in measures:  # consumed all the same: the caller may be checking tiles on the way
+            pass
         return IMAGENET_NORMALIZATION
     total = np.zeros(3, dtype=np.float64)
     total_sq = np.zeros(3, dtype=np.float64)
     count = 0
-    for image in images:
-        measured = measure(np.asarray(image), mode, percentile_low, percentile_high)
+    for measured in measures:
         sums, squares = measured.moments_after(measured.scale, measured.offset)
         total += sums
         total_sq += squares

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from segcore.data import PreparedSample, Sample, check_sample, prepare_sample, random_crop
 from segcore.errors import InvalidParameterError
 from segcore.imaging import Normalization
-from segcore.intensity import ImageProfile, compute_normalization, profile_image, profile_images
+from segcore.intensity import ImageMeasures, ImageProfile, measure, normalization_of, profile_image, profile_images
 
 
 class TileSource(Protocol):
@@ -54,19 +54,26 @@ class ScanResult:
     class_pixels: torch.Tensor  # labelled pixels per class index (int64)
     profile: ImageProfile
     prepared_bytes: int  # what the prepared tiles of the split hold (native image and mask)
+    # Each tile's normalization measures (segcore.intensity.ImageMeasures.row), N x 13, when the
+    # scan was asked to measure: loaders then neither check nor measure a tile again.
+    measures: np.ndarray | None = None
 
 
 def scan(source: TileSource, *, num_classes: int, ignore_index: int, field: str, mode: str | None = None,
-         percentile_low: float = 1.0, percentile_high: float = 99.8, threads: int = 0) -> ScanResult:
-    """Checks every tile of `source` and accumulates its statistics in one pass (the normalization
-    of `mode` when given). Raises InvalidTileError naming the first bad tile."""
+         percentile_low: float = 1.0, percentile_high: float = 99.8, threads: int = 0,
+         compute_normalization: bool = True) -> ScanResult:
+    """Checks every tile of `source` and accumulates its statistics in one pass; with a `mode`,
+    each tile's normalization measures under it too (and the set's normalization, unless
+    `compute_normalization` is false). Raises InvalidTileError naming the first bad tile."""
     if len(source) == 0:
         raise InvalidParameterError(field, "need at least one sample")
     counts = np.zeros(num_classes, dtype=np.int64)
     profile = profile_images([])
     prepared_bytes = 0
 
-    def images() -> Iterator[np.ndarray]:
+    rows: list[np.ndarray] = []
+
+    def checked() -> Iterator[ImageMeasures]:
         nonlocal counts, profile, prepared_bytes
         for sample in _raw_stream(source, threads):
             check_sample(sample, num_classes, ignore_index)
@@ -74,16 +81,19 @@ def scan(source: TileSource, *, num_classes: int, ignore_index: int, field: str,
             labelled = sample.mask[sample.mask != ignore_index].astype(np.int64).ravel()
             counts += np.bincount(labelled, minlength=num_classes)[:num_classes]
             profile = profile.merged(profile_image(sample.image))
-            yield sample.image
+            if mode is not None:
+                measured = measure(np.asarray(sample.image), mode, percentile_low, percentile_high)
+                rows.append(measured.row())
+                yield measured
 
-    stream = images()
+    stream = checked()
     norm = None
-    if mode is not None:
-        norm = compute_normalization(stream, mode, percentile_low=percentile_low, percentile_high=percentile_high)
-    for _ in stream:  # a mode that needs no statistics (imagenet) still checks every tile
+    if mode is not None and compute_normalization:
+        norm = normalization_of(stream, mode, percentile_low=percentile_low, percentile_high=percentile_high)
+    for _ in stream:  # every tile is checked, whatever is computed
         pass
     return ScanResult(normalization=norm, class_pixels=torch.from_numpy(counts), profile=profile,
-                      prepared_bytes=prepared_bytes)
+                      prepared_bytes=prepared_bytes, measures=np.stack(rows) if rows else None)
 
 
 @dataclass(frozen=True)
@@ -101,17 +111,21 @@ class TileRequest:
 
 class PreparedTiles(Dataset[PreparedSample]):
     """`source`'s tiles, each prepared (and cropped, when asked) on request, in a loader worker
-    when there are workers."""
+    when there are workers. With the checking pass's `measures` (one row per tile, under `norm`'s
+    mode) a tile is decoded and cut, not checked or measured again."""
 
-    def __init__(self, source: TileSource, norm: Normalization, num_classes: int, ignore_index: int) -> None:
+    def __init__(self, source: TileSource, norm: Normalization, num_classes: int, ignore_index: int,
+                 measures: np.ndarray | None = None) -> None:
         self.source, self.norm, self.num_classes, self.ignore_index = source, norm, num_classes, ignore_index
+        self.measures = measures
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, request: TileRequest) -> PreparedSample:  # type: ignore[override]
+        measured = None if self.measures is None else ImageMeasures.from_row(self.measures[request.index])
         return request.cut(prepare_sample(self.source[request.index], self.norm, self.num_classes,
-                                          self.ignore_index))
+                                          self.ignore_index, measured))
 
 
 class _Plan(Sampler[list[TileRequest]]):

@@ -265,15 +265,28 @@ def _setup(
     n = config.num_classes
     # One pass over every tile before training (on rank 0 for the whole group): each is checked (a
     # bad tile fails the run now, naming it, not hours in) while the class counts and
-    # normalization statistics accumulate.
-    found, val_found = group.from_primary(lambda: (
-        _scan_training_tiles(config, train_samples, None if normalization else _mode_for(config, train_samples)),
-        scan(val_samples, num_classes=n, ignore_index=IGNORE_INDEX, field="val_samples", threads=_SCAN_THREADS)))
+    # normalization statistics accumulate. Each tile's normalization measures are kept from this
+    # pass too: the loaders then only decode and cut.
+    def check_and_measure() -> tuple[ScanResult, ScanResult]:
+        if normalization is not None:  # a resumed run's or a parent model's: measured as it scales
+            mode, low, high = normalization.mode, normalization.percentile_low, normalization.percentile_high
+        else:
+            mode, low, high = _mode_for(config, train_samples), config.percentile_low, config.percentile_high
+
+        def checked(samples: TileSource, field: str, compute: bool) -> ScanResult:
+            return scan(samples, num_classes=n, ignore_index=IGNORE_INDEX, field=field, mode=mode,
+                        percentile_low=low, percentile_high=high, threads=_SCAN_THREADS,
+                        compute_normalization=compute)
+        return (checked(train_samples, "train_samples", normalization is None),
+                checked(val_samples, "val_samples", False))
+
+    found, val_found = group.from_primary(check_and_measure)
     norm = normalization or found.normalization
     assert norm is not None
+    measures = _joined_measures(found, val_found)
     # One loader (and one set of worker processes) serves both splits: validation's tiles follow
     # the training tiles' indices.
-    tiles = BatchStream(PreparedTiles(Joined(train_samples, val_samples), norm, n, IGNORE_INDEX),
+    tiles = BatchStream(PreparedTiles(Joined(train_samples, val_samples), norm, n, IGNORE_INDEX, measures),
                         workers=config.data_workers, pin_memory=device.type == "cuda",
                         # every rank trains on every tile over the epochs: each keeps its part
                         cache_bytes=prepared_cache_budget(found.prepared_bytes + val_found.prepared_bytes,
@@ -327,10 +340,10 @@ def _mode_for(config: TrainConfig, samples: TileSource) -> str:
     return mode
 
 
-def _scan_training_tiles(config: TrainConfig, samples: TileSource, mode: str | None) -> ScanResult:
-    return scan(samples, num_classes=config.num_classes, ignore_index=IGNORE_INDEX, field="train_samples",
-                mode=mode, percentile_low=config.percentile_low, percentile_high=config.percentile_high,
-                threads=_SCAN_THREADS)
+def _joined_measures(train: ScanResult, val: ScanResult) -> np.ndarray | None:
+    if train.measures is None or val.measures is None:
+        return None
+    return np.concatenate([train.measures, val.measures])
 
 
 def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

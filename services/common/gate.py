@@ -161,7 +161,7 @@ class Gate(grpc.aio.ServerInterceptor):
         if streaming is None:
             return handler  # client streaming: none of our services has one
 
-        async def refused(context: grpc.aio.ServicerContext) -> Callable[[], None]:
+        async def stream_admission(context: grpc.aio.ServicerContext) -> Callable[[], None]:
             leave = stream_ticket(context)
             if leave is None:
                 who = "this client host" if open_method else "this principal"
@@ -171,7 +171,7 @@ class Gate(grpc.aio.ServerInterceptor):
 
         if inspect.isasyncgenfunction(streaming):
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                leave = await refused(context)
+                leave = await stream_admission(context)
                 try:
                     async for item in _mapped_stream(streaming(request, context), context):
                         yield item
@@ -180,7 +180,7 @@ class Gate(grpc.aio.ServerInterceptor):
             wrapped: Callable[..., Any] = stream
         else:  # a coroutine that writes its messages (grpc_health's Watch)
             async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
-                leave = await refused(context)
+                leave = await stream_admission(context)
                 try:
                     await _mapped(streaming(request, context), context)
                 finally:

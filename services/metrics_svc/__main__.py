@@ -13,11 +13,15 @@ def main() -> None:
     common = ServerSettings()
     configure_logging(common.log_level)
     settings = MetricsSettings()
-    server, port, health_servicer, _ = build(settings, SecuritySettings())
+    server, port, health_servicer, service = build(settings, SecuritySettings())
     logging.getLogger("segtrain.metrics").info("metrics service listening on port %d", port)
     server.start()
     print(f"READY metrics {port}", flush=True)
-    serve_until_signalled(server, health_servicer, common.shutdown_grace_s)
+
+    def end_watches() -> None:  # watchers resume elsewhere at once, not after the grace period
+        server.loop.call_soon_threadsafe(service.close_watches)
+
+    serve_until_signalled(server, health_servicer, common.shutdown_grace_s, on_stop=end_watches)
 
 
 if __name__ == "__main__":

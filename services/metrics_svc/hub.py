@@ -27,6 +27,7 @@ class Subscription:
         self._events: deque[common_pb2.JobEvent] = deque()
         self._ready = asyncio.Event()
         self.overflowed = False
+        self.closed = False  # the service is stopping: the watcher reconnects elsewhere
 
     def push(self, events: Sequence[common_pb2.JobEvent]) -> None:
         if len(self._events) + len(events) > self._capacity:
@@ -36,9 +37,13 @@ class Subscription:
             self._events.extend(events)
         self._ready.set()
 
+    def close(self) -> None:
+        self.closed = True
+        self._ready.set()
+
     async def take(self, timeout: float) -> list[common_pb2.JobEvent]:
         """Waits up to `timeout` for events and returns all buffered ones (maybe none)."""
-        if not self._events and not self.overflowed:
+        if not self._events and not self.overflowed and not self.closed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._ready.wait(), timeout)
         self._ready.clear()
@@ -69,6 +74,12 @@ class EventHub:
     def publish(self, job: str, events: Sequence[common_pb2.JobEvent]) -> None:
         for sub in list(self._subs.get(job, ())) if events else ():
             sub.push(events)
+
+    def close_all(self) -> None:
+        """Ends every watch (the service is stopping): each is told to reconnect."""
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.close()
 
     def watchers(self) -> int:
         return sum(len(s) for s in self._subs.values())

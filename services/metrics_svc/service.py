@@ -25,6 +25,7 @@ from services.common.errors import (
     NotFoundError,
     OutOfRangeError,
     ResourceExhaustedError,
+    UnavailableError,
     check,
 )
 from services.common.gate import Executors
@@ -53,6 +54,7 @@ class MetricsService:
         self._heartbeat_s = heartbeat_interval_s
         self._unknown_job_grace_s = unknown_job_grace_s
         self.hub = EventHub(watcher_buffer)
+        self._closing = False
         # Appends to one job are serialised so seq numbers stay gap-free and publish order = seq order;
         # a fixed set of striped locks keeps memory bounded however many jobs there are.
         self._job_locks = [threading.Lock() for _ in range(64)]
@@ -106,6 +108,8 @@ class MetricsService:
         job = names.canonical(job, names.JOBS, field="job")
         if after_seq < 0:
             raise InvalidArgumentError.of("after_seq", "must be >= 0")
+        if self._closing:
+            raise UnavailableError("the metrics service is stopping; reconnect")
         sub = self.hub.subscribe(job)  # before the replay, so nothing falls between the two
         try:
             last = after_seq
@@ -131,6 +135,8 @@ class MetricsService:
                         continue
                 else:
                     batch = await sub.take(self._heartbeat_s)
+                if sub.closed:
+                    raise UnavailableError(f"the metrics service is stopping; reconnect with after_seq={last}")
                 if sub.overflowed:
                     raise ResourceExhaustedError(
                         f"watcher fell too far behind; reconnect with after_seq={last} to resume"
@@ -151,6 +157,13 @@ class MetricsService:
                         return
         finally:
             self.hub.unsubscribe(sub)
+
+    def close_watches(self) -> None:
+        """Ends every open watch with UNAVAILABLE (clients resume from their last seq elsewhere),
+        so a stopping service does not hold its watchers until the grace period ends. Call it
+        on the server's loop."""
+        self._closing = True
+        self.hub.close_all()
 
     def _log_end(self, job: str) -> tuple[int, list[common_pb2.JobEvent]]:
         """The job's last seq and its last event (none when it has no events)."""

@@ -219,3 +219,20 @@ def test_malformed_appends_are_refused_and_store_nothing(
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in violation_fields(info.value)
     assert metrics_server.stub.ListJobEvents(pb.ListJobEventsRequest(job=JOB)).last_seq == 0
+
+
+def test_a_stopping_service_ends_its_watches_at_once_telling_them_where_to_resume(tmp_path: Path) -> None:
+    server, m = start_metrics(f"sqlite:///{tmp_path / 'm.db'}", heartbeat_s=5.0)
+    try:
+        append(m, batch(1, 1), batch(1, 2))
+        stream = m.stub.WatchJobEvents(pb.WatchJobEventsRequest(job=JOB), timeout=30)
+        assert [next(stream).event.seq for _ in range(2)] == [1, 2]
+        started = time.monotonic()
+        server.loop.call_soon_threadsafe(m.service.close_watches)  # what SIGTERM does first
+        with pytest.raises(grpc.RpcError) as ended:
+            next(stream)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and "after_seq=2" in ended.value.details()
+        assert time.monotonic() - started < 2.0  # not after the grace period, nor a heartbeat
+    finally:
+        m.channel.close()
+        server.stop(0).wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from segcore.data import Sample
 from segcore.errors import InvalidTileError
@@ -84,3 +85,24 @@ def test_a_set_too_large_for_the_cache_keeps_none_of_it() -> None:
     assert found.prepared_bytes == 4 * 64 * 64 * 7
     assert prepared_cache_budget(found.prepared_bytes, 2**20) == 2**20
     assert prepared_cache_budget(found.prepared_bytes, found.prepared_bytes - 1) == 0
+
+
+@pytest.mark.parametrize("mode", ["percentile", "dataset", "imagenet"])
+def test_tiles_prepared_from_the_checking_pass_measures_equal_tiles_measured_again(mode: str) -> None:
+    from segcore.tiles import PreparedTiles, TileRequest
+
+    rng = np.random.default_rng(4)
+    tiles = [Sample(f"t{i}", np.repeat(rng.integers(100 * i, 900 + 100 * i, (40, 52, 1)).astype(np.uint16), 3, axis=2),
+                    rng.integers(0, 2, (40, 52)).astype(np.uint8)) for i in range(5)]
+    found = scan(tiles, num_classes=2, ignore_index=IGNORE_INDEX, field="samples", mode=mode)
+    assert found.measures is not None and found.measures.shape == (5, 13)
+    norm = found.normalization
+    assert norm is not None
+    measured_once = PreparedTiles(tiles, norm, 2, IGNORE_INDEX, found.measures)
+    measured_again = PreparedTiles(tiles, norm, 2, IGNORE_INDEX)
+    for i in range(5):
+        for request in (TileRequest(i), TileRequest(i, 24, 7 + i)):
+            a, b = measured_once[request], measured_again[request]
+            assert np.array_equal(a.image, b.image)
+            for x, y in zip((*a.pixels(), a.mean, a.std), (*b.pixels(), b.mean, b.std), strict=True):
+                assert torch.equal(x, y)
