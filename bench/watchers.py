@@ -136,7 +136,8 @@ def produce(stub: metrics_pb2_grpc.MetricsServiceStub, jobs: list[str], rate: fl
         time.sleep(max(0.0, period - (time.monotonic() - tick)))
     if finish:
         for job in jobs:
-            stub.AppendJobEvents(metrics_pb2.AppendJobEventsRequest(job=job, events=[event(0, 1, final=True)]),
+            # The pipeline's own series (attempt 0): after the job's first event, its terminal state.
+            stub.AppendJobEvents(metrics_pb2.AppendJobEventsRequest(job=job, events=[event(0, 2, final=True)]),
                                  timeout=30)
     return latencies
 
@@ -174,7 +175,7 @@ def run_size(address: str, pid: int, size: int, args: argparse.Namespace, round_
     stub = metrics_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(address))
     for job in jobs:  # a job exists once it has an event
         stub.AppendJobEvents(metrics_pb2.AppendJobEventsRequest(job=job, events=[common_pb2.JobEvent(
-            attempt=0, source_seq=100, warning=common_pb2.Warning(code="BENCH"))]), timeout=30)
+            attempt=0, source_seq=1, warning=common_pb2.Warning(code="BENCH"))]), timeout=30)
     share = [size // args.clients + (1 if i < size % args.clients else 0) for i in range(args.clients)]
     clients = []
     for i, count in enumerate(share):
