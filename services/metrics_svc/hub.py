@@ -80,6 +80,3 @@ class EventHub:
         for subs in self._subs.values():
             for sub in subs:
                 sub.close()
-
-    def watchers(self) -> int:
-        return sum(len(s) for s in self._subs.values())
