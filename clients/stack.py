@@ -31,6 +31,7 @@ from services.common.settings import (
 from services.common.tokens import Role, write_credentials_file, write_tokens_file
 
 READY_TIMEOUT_S = 120.0
+SERVICE_COMMANDS = {name: [sys.executable, "-m", f"services.{name}_svc"] for name in ("metrics", "pipeline")}
 
 
 def free_port() -> int:
@@ -62,6 +63,9 @@ class Process:
                 self.popen.kill()
                 self.popen.wait()
         self.log_file.close()
+
+    def log_tail(self, lines: int = 30) -> str:
+        return b"\n".join(self.log_path.read_bytes().splitlines()[-lines:]).decode(errors="replace")
 
     def kill(self) -> None:
         if self.popen.poll() is None:
@@ -147,71 +151,87 @@ class LocalStack:
         write_credentials_file(self.credentials_file, self.tokens)
 
     def start(self) -> LocalStack:
+        """Starts every process in the order they need each other: a service given port 0 binds one
+        the kernel picks and reports it on its READY line, so no port is guessed (a port found free
+        and bound later can be taken in between, by anything on the machine)."""
         self.logs.mkdir(parents=True, exist_ok=True)
         self._write_tokens()
         (self.root / "db").mkdir(parents=True, exist_ok=True)
-        self.s3_port = self.s3_port or free_port()
-        self.metrics_port = self.metrics_port or free_port()
-        self.pipeline_port = self.pipeline_port or free_port()
         try:
             self._start_s3()
-            self._start("metrics", [sys.executable, "-m", "services.metrics_svc"])
-            self._start("pipeline", [sys.executable, "-m", "services.pipeline_svc"])
-            for _ in range(self.trainers):
-                self.add_trainer()
-            self._wait_ready()
+            self.metrics_port = self._ready_port(self._start("metrics", SERVICE_COMMANDS["metrics"]))
+            self.pipeline_port = self._ready_port(self._start("pipeline", SERVICE_COMMANDS["pipeline"]))
+            launched = [self._launch_trainer() for _ in range(self.trainers)]
+            for index, process in launched:
+                self.trainer_ports[index] = self._ready_port(process)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def add_trainer(self, port: int = 0) -> str:
-        index = len(self.trainer_ports) + 1
-        port = port or free_port()
-        self.trainer_ports.append(port)
-        name = f"trainer-{index}"
-        self._start(name, [sys.executable, "-m", "services.trainer_svc"],
-                    environment(self.trainer_settings(index, port)))
-        return name
+    def add_trainer(self) -> str:
+        """Starts one more trainer node and waits until it serves; returns its process name."""
+        index, process = self._launch_trainer()
+        self.trainer_ports[index] = self._ready_port(process)
+        return process.name
+
+    def _launch_trainer(self) -> tuple[int, Process]:
+        index = len(self.trainer_ports)
+        self.trainer_ports.append(0)
+        process = self._start(f"trainer-{index + 1}", [sys.executable, "-m", "services.trainer_svc"],
+                              environment(self.trainer_settings(index + 1, 0)))
+        return index, process
 
     def restart(self, name: str) -> None:
         """Stops a service process (SIGTERM) and starts it again on the same address."""
         process = self.processes.pop(name)
         process.stop()
-        module = {"metrics": "services.metrics_svc", "pipeline": "services.pipeline_svc"}[name]
-        self._start(name, [sys.executable, "-m", module])
-        self._wait_ready()
+        self._ready_port(self._start(name, SERVICE_COMMANDS[name]))
 
     def _start_s3(self) -> None:
+        """rclone takes no port 0, so a free port is picked; picked again if it was taken meanwhile."""
         data = self.root / "s3"
         data.mkdir(parents=True, exist_ok=True)
-        cmd = [rclone_binary(), "serve", "s3", str(data), "--addr", self.s3_endpoint,
-               "--auth-key", f"{self.access_key},{self.secret_key}", "--config", "/dev/null",
-               "--vfs-cache-mode", "off"]
-        self._launch("s3", cmd, os.environ.copy())
-        _wait_port(self.s3_port, self.processes["s3"])
+        chosen = self.s3_port
+        for attempt in range(3):
+            self.s3_port = chosen or free_port()
+            cmd = [rclone_binary(), "serve", "s3", str(data), "--addr", self.s3_endpoint,
+                   "--auth-key", f"{self.access_key},{self.secret_key}", "--config", "/dev/null",
+                   "--vfs-cache-mode", "off"]
+            process = self._launch("s3", cmd, os.environ.copy())
+            try:
+                _wait_port(self.s3_port, process)
+                return
+            except RuntimeError:
+                if chosen or attempt == 2 or process.popen.poll() is None:
+                    raise
+                process.stop()
 
-    def _start(self, name: str, cmd: list[str], extra: dict[str, str] | None = None) -> None:
-        self._launch(name, cmd, {**self.env(), **(extra or {})})
+    def _start(self, name: str, cmd: list[str], extra: dict[str, str] | None = None) -> Process:
+        return self._launch(name, cmd, {**self.env(), **(extra or {})})
 
-    def _launch(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+    def _launch(self, name: str, cmd: list[str], env: dict[str, str]) -> Process:
         log_path = self.logs / f"{name}.log"
         log_file = open(log_path, "wb")  # noqa: SIM115 - closed in Process.stop
         popen = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                  cwd=Path(__file__).resolve().parent.parent, start_new_session=True)
         self.processes[name] = Process(name, popen, log_path, log_file)
+        return self.processes[name]
 
-    def _wait_ready(self) -> None:
+    def _ready_port(self, process: Process) -> int:
+        """The port from the process's `READY <service> <port>` line, once it is printed."""
         deadline = time.monotonic() + READY_TIMEOUT_S
-        for name, process in self.processes.items():
-            if name == "s3":
-                continue
-            while b"READY" not in process.log_path.read_bytes():
-                if process.popen.poll() is not None:
-                    raise RuntimeError(f"{name} exited; see {process.log_path}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{name} did not start within {READY_TIMEOUT_S:.0f} s; see {process.log_path}")
-                time.sleep(0.1)
+        while True:
+            for line in process.log_path.read_bytes().splitlines():
+                if line.startswith(b"READY "):
+                    return int(line.split()[-1])
+            if process.popen.poll() is not None:
+                raise RuntimeError(f"{process.name} exited with {process.popen.returncode}; "
+                                   f"the end of {process.log_path}:\n{process.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{process.name} did not start within {READY_TIMEOUT_S:.0f} s; "
+                                   f"the end of {process.log_path}:\n{process.log_tail()}")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         # Services first, the object store last.
@@ -229,7 +249,7 @@ def _wait_port(port: int, process: Process, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.popen.poll() is not None:
-            raise RuntimeError(f"{process.name} exited; see {process.log_path}")
+            raise RuntimeError(f"{process.name} exited; the end of {process.log_path}:\n{process.log_tail()}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
