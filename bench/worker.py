@@ -101,7 +101,8 @@ def bare_train(spec: dict[str, Any]) -> dict[str, Any]:
 
     from segcore.architectures import build_model
     from segcore.data import plan_batches
-    from segcore.imaging import compute_normalization, normalize
+    from segcore.imaging import compute_normalization
+    from segcore.inference import normalize
 
     threads = _set_threads(spec["threads"])
     samples = _samples(spec)
@@ -357,7 +358,7 @@ _INFER_CACHE: dict[str, _LoadedModel] = {}
 
 def _loaded_model(store: ObjectStore, spec: dict[str, Any]) -> tuple[_LoadedModel, bool]:
     """The spec's model and tiles, loaded on the first call and kept; True when loaded just now."""
-    from segcore import checkpoint, imaging
+    from segcore import checkpoint, imaging, inference
 
     cache_key = json.dumps([spec["weights_uri"], spec["tiles"]])
     first = cache_key not in _INFER_CACHE
@@ -367,7 +368,7 @@ def _loaded_model(store: ObjectStore, spec: dict[str, Any]) -> tuple[_LoadedMode
         norm = imaging.Normalization.from_dict(meta.normalization)
         paths = [Path(p) for p in spec["tiles"]]
         images = [imaging.decode_image(p.read_bytes(), p.name) for p in paths]
-        pixels = [imaging.normalize(im, norm) for im in images]
+        pixels = [inference.normalize(im, norm) for im in images]
         _INFER_CACHE[cache_key] = _LoadedModel(model, meta, norm, images, pixels)
     return _INFER_CACHE[cache_key], first
 

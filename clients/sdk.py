@@ -7,13 +7,14 @@ retried on UNAVAILABLE with backoff by the channel's retry policy; nothing else 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,14 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024), ("grpc.enable_retries", 1),
     ("grpc.service_config", _RETRY_CONFIG),
 ]
+
+
+class TrainingSetFailedError(Exception):
+    """A training set ended FAILED; `training_set` says why (failure_reason, report.issues)."""
+
+    def __init__(self, training_set: pb.TrainingSet) -> None:
+        super().__init__(f"{training_set.name} FAILED: {training_set.failure_reason}")
+        self.training_set = training_set
 
 
 class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
@@ -131,9 +140,11 @@ class Client:
     def create_training_set(
         self, name: str, tiles_dir: Path, annotations: Path, *, format: str = "masks",
         pipeline: str = names.DEFAULT_PIPELINE, class_names: Sequence[str] = (), group_by: str = "",
-        instance_class: int | None = None, request_id: str = "",
+        instance_class: int | None = None, request_id: str = "", wait: bool = True,
+        on_progress: Callable[[pb.TrainingSet], None] | None = None,
     ) -> pb.TrainingSet:
-        """Uploads tiles with their annotations and creates the set.
+        """Uploads tiles with their annotations and creates the set; with `wait`, returns it READY
+        (TrainingSetFailedError if it FAILED), else at once, PREPARING.
 
         `annotations` is a folder of per-tile files paired with tiles by file stem (class-index or
         instance masks, per-tile GeoJSON, Django-Labeller `<stem>__labels.json`), or one file for
@@ -150,12 +161,16 @@ class Client:
             raise ValueError(f"no tiles (png, jpg, tif) in {tiles_dir}")
         request = pb.CreateTrainingSetRequest(
             training_set_id=name, display_name=name, pipeline=names.pipeline(pipeline),
-            class_names=list(class_names), format=FORMATS[format], request_id=request_id)
+            class_names=list(class_names), format=FORMATS[format])
         if instance_class is not None:
             request.instance_class = instance_class
+        paired = _pair_by_stem(tiles, Path(annotations), format) if Path(annotations).is_dir() else {}
+        files = [*tiles, *paired.values()] if paired else [*tiles, Path(annotations)]
+        # Uploads get fresh keys, so a repeated call is a new request to the service: its content
+        # (these files and parameters) is what makes it the same one.
+        request.request_id = request_id or _content_request_id(request, group_by, files)
         tile_keys = self.upload(tiles)
-        if Path(annotations).is_dir():
-            paired = _pair_by_stem(tiles, Path(annotations), format)
+        if paired:
             annotation_keys = self.upload(list(paired.values()))
             keys = {t: annotation_keys[paired[t]] for t in tiles}
         else:
@@ -163,7 +178,30 @@ class Client:
             keys = {}
         request.tiles.extend(pb.TileInput(image_key=tile_keys[t], annotation_key=keys.get(t, ""),
                                           source_image=_source_image(t.stem, pattern)) for t in tiles)
-        return self.pipeline.CreateTrainingSet(request, timeout=max(self.timeout, 300))
+        created = self.pipeline.CreateTrainingSet(request, timeout=self.timeout)
+        return self.wait_for_training_set(created.name, on_progress=on_progress) if wait else created
+
+    def get_training_set(self, training_set: str) -> pb.TrainingSet:
+        return self.pipeline.GetTrainingSet(pb.GetTrainingSetRequest(name=names.training_set(training_set)),
+                                            timeout=self.timeout)
+
+    def wait_for_training_set(self, training_set: str, *, timeout_s: float = 3600.0,
+                              on_progress: Callable[[pb.TrainingSet], None] | None = None) -> pb.TrainingSet:
+        """Polls a PREPARING set until it is READY (returned) or FAILED (TrainingSetFailedError)."""
+        deadline, pause = time.monotonic() + timeout_s, 0.05
+        while True:
+            ts = self.get_training_set(training_set)
+            if on_progress is not None:
+                on_progress(ts)
+            if ts.state == pb.TrainingSet.STATE_READY:
+                return ts
+            if ts.state == pb.TrainingSet.STATE_FAILED:
+                raise TrainingSetFailedError(ts)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{ts.name} still PREPARING after {timeout_s:.0f} s "
+                                   f"({ts.tiles_checked}/{ts.tile_count} tiles checked)")
+            time.sleep(pause)
+            pause = min(1.0, pause * 2)
 
     def list_training_sets(self) -> list[pb.TrainingSet]:
         return _all_pages(lambda token: self.pipeline.ListTrainingSets(
@@ -261,6 +299,15 @@ FORMATS = {
 }
 _ANNOTATION_SUFFIXES = {"masks": IMAGE_SUFFIXES, "instance-masks": IMAGE_SUFFIXES,
                         "geojson": {".geojson", ".json"}, "labeller": {".json"}}
+
+
+def _content_request_id(request: pb.CreateTrainingSetRequest, group_by: str, files: Sequence[Path]) -> str:
+    """An idempotency key from what a set is made of: the request's parameters, the files' names
+    and bytes."""
+    digest = hashlib.sha256(request.SerializeToString(deterministic=True) + group_by.encode())
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return f"sdk-{digest.hexdigest()[:40]}"
 
 
 def _pair_by_stem(tiles: list[Path], folder: Path, format: str) -> dict[Path, Path]:

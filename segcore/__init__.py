@@ -5,13 +5,15 @@ every piece works from a notebook. Modules (import them directly; this package
 file stays empty so ``import segcore.errors`` does not pull in torch):
 
 * ``errors``        - SegcoreError and its subclasses (carry field/tile names)
-* ``architectures`` - @register_architecture registry, build_model, list_architectures,
-                      load_pretrained_backbone
+* ``catalogue``     - the architectures as facts: names, descriptions, parameter counts,
+                      memory figures (no torch; the pipeline service lists and validates from it)
+* ``architectures`` - @register_architecture registry, build_model, load_pretrained_backbone
 * ``annotations``   - render_tile / load_collection: annotation formats to class-index
                       masks with issue reports (a package; no torch)
 * ``hyperparameters`` - the training-parameter contract: names, types, defaults, bounds
                       (no torch; the services and the CLI import it)
 * ``imaging``       - decode_image (native pixel type and units) / decode_mask / encode_mask_png
+                      (Pillow/tifffile, no torch)
 * ``intensity``     - Normalization modes (percentile, dataset, imagenet), image profiles and the
                       choice "auto" makes (numpy only)
 * ``splits``        - deterministic, grouped, stratified split_train_val

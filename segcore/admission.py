@@ -13,7 +13,7 @@ Per training process:
   batch at the training size (the crop, or the whole tile). Validation runs in windows of the
   crop size (segcore.training), so it needs no more.
 
-The per-architecture figures were measured on CPU in float32 (peak resident memory of forward,
+The per-architecture figures (segcore.catalogue) were measured on CPU in float32 (peak resident memory of forward,
 backward and an AdamW step at 128² and 256², batch 2; the difference per pixel) and are used with
 a 20 % margin; on CUDA bf16 autocast holds activations at about 0.6 of that.
 """
@@ -22,17 +22,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from segcore.catalogue import CATALOGUE
+
 _MB = 2**20
 
-# parameters (2 labels), activation bytes per training pixel of one tile (CPU, float32)
-_FOOTPRINTS: dict[str, tuple[int, int]] = {
-    "upernet-convnext-base": (120_808_322, 9_569),
-    "upernet-convnext-small": (80_877_474, 6_069),
-    "upernet-convnext-tiny": (59_242_914, 5_031),
-    "upernet-convnextv2-atto": (5_580_426, 2_375),
-    "upernet-convnext-cpu": (391_794, 483),
-    "upernet-resnet18": (19_489_858, 2_393),
-}
 RUNTIME_BYTES = {"cpu": 800 * _MB, "cuda": 600 * _MB}
 STATE_BYTES_PER_PARAMETER = 40
 ACTIVATION_FACTOR = {"cpu": 1.2, "cuda": 0.6 * 1.2}
@@ -65,7 +58,8 @@ class JobShape:
 
     def need(self, device: str = "cpu") -> MemoryEstimate:
         """The memory each process needs; `device` "cpu" or "cuda..."."""
-        parameters, per_pixel = _FOOTPRINTS[self.architecture]
+        facts = CATALOGUE[self.architecture]
+        parameters, per_pixel = facts.parameter_count, facts.activation_bytes_per_pixel
         kind = "cuda" if device.startswith("cuda") else "cpu"
         side = min(self.crop_size, self.tile_size) if self.crop_size else self.tile_size
         tiles = -(-self.batch_size // (self.processes * self.nodes))
@@ -95,7 +89,3 @@ class JobShape:
             return "crop_size", f"{why}: set a smaller crop size"
         return "architecture", f"{why}: pick a smaller architecture"
 
-
-def architectures() -> list[str]:
-    """The architectures this module has figures for."""
-    return sorted(_FOOTPRINTS)

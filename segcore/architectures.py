@@ -1,6 +1,7 @@
 """Registry of segmentation architectures and pretrained-backbone loading.
 
-This module owns *which* networks segcore can train. Architectures are plain
+This module owns *how* the networks segcore can train are built (which exist, with their
+descriptions and parameter counts, is segcore.catalogue, which needs no torch). Architectures are plain
 builder functions ``(num_labels) -> nn.Module`` decorated with
 ``@register_architecture``; the registered name is the function name with
 underscores turned into hyphens (``upernet_convnext_base`` ->
@@ -21,7 +22,6 @@ Choices:
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -39,22 +39,11 @@ from transformers import (
     UperNetForSemanticSegmentation,
 )
 
+from segcore.catalogue import CATALOGUE
 from segcore.errors import IncompatibleModelError, UnknownArchitectureError
 
 Builder = Callable[[int], torch.nn.Module]
 
-
-# Labels used only to count parameters; the head's share depends on it (tiny).
-_COUNT_LABELS = 2
-
-
-@dataclass(frozen=True)
-class ArchitectureInfo:
-    """What ``list_architectures`` reports about one registered architecture."""
-
-    name: str
-    description: str
-    parameter_count: int  # counted with 2 labels; each extra label adds hidden_size + 1
 
 
 @dataclass(frozen=True)
@@ -72,8 +61,9 @@ def register_architecture(fn: Builder) -> Builder:
     if name in _REGISTRY:
         # Two builders with the same name would make the registry order-dependent.
         raise ValueError(f"architecture {name!r} registered twice")
-    description = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else name
-    _REGISTRY[name] = _Entry(builder=fn, description=description)
+    if name not in CATALOGUE:
+        raise ValueError(f"architecture {name!r} has no entry in segcore.catalogue")
+    _REGISTRY[name] = _Entry(builder=fn, description=CATALOGUE[name].description)
     return fn
 
 
@@ -95,23 +85,6 @@ def build_model(name: str, num_labels: int) -> torch.nn.Module:
     if num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     return entry.builder(num_labels)
-
-
-@functools.cache
-def _parameter_count(name: str) -> int:
-    # Building on the meta device allocates no memory and runs no init kernels,
-    # so counting even the 120M-parameter model takes milliseconds.
-    with torch.device("meta"):
-        model = _entry(name).builder(_COUNT_LABELS)
-    return sum(p.numel() for p in model.parameters())
-
-
-def list_architectures() -> list[ArchitectureInfo]:
-    """Name, description and parameter count of every registered architecture."""
-    return [
-        ArchitectureInfo(name, _REGISTRY[name].description, _parameter_count(name))
-        for name in architecture_names()
-    ]
 
 
 # --------------------------------------------------------------------------- builders

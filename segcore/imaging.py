@@ -23,15 +23,14 @@ import io
 
 import numpy as np
 import tifffile
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from segcore.errors import InvalidParameterError, InvalidTileError
-from segcore.intensity import IMAGENET_NORMALIZATION, Normalization, compute_normalization, standardized
+from segcore.intensity import IMAGENET_NORMALIZATION, Normalization, compute_normalization
 
 __all__ = [
     "IMAGENET_NORMALIZATION", "Normalization", "compute_normalization", "decode_image", "decode_mask",
-    "encode_mask_png", "normalize",
+    "encode_mask_png",
 ]
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic + BigTIFF
@@ -170,13 +169,3 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-# -------------------------------------------------------------------- normalisation
-
-
-def normalize(image: np.ndarray, norm: Normalization) -> torch.Tensor:
-    """Network input for an ``H x W x 3`` image in native units: a float32 ``C x H x W`` tensor."""
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise InvalidParameterError("image", f"expected H x W x 3, got shape {image.shape}")
-    return torch.from_numpy(standardized(image, norm)).permute(2, 0, 1).contiguous()

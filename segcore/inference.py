@@ -19,8 +19,17 @@ import torch.nn.functional as F
 
 from segcore.data import MIN_INPUT_SIZE
 from segcore.errors import InvalidParameterError
-from segcore.imaging import Normalization, normalize
+from segcore.imaging import Normalization
+from segcore.intensity import standardized
 from segcore.metrics import argmax_classes
+
+
+def normalize(image: np.ndarray, norm: Normalization) -> torch.Tensor:
+    """Network input for an ``H x W x 3`` image in native units: a float32 ``C x H x W`` tensor."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise InvalidParameterError("image", f"expected H x W x 3, got shape {image.shape}")
+    return torch.from_numpy(standardized(image, norm)).permute(2, 0, 1).contiguous()
+
 
 _WINDOWS_PER_FORWARD = 4  # windows batched per forward pass; bounds peak memory
 

@@ -18,7 +18,7 @@ from segtrain.pipeline.v1 import pipeline_pb2 as pb
 
 from clients import names
 from clients.names import TERMINAL
-from clients.sdk import IMAGE_SUFFIXES, Client
+from clients.sdk import IMAGE_SUFFIXES, Client, TrainingSetFailedError
 from segcore import hyperparameters as contract
 
 Handler = Callable[[argparse.Namespace, Client], int]
@@ -82,16 +82,43 @@ cmd_models_list = _listing("models", lambda c: c.list_models(), _model_row)
 
 def cmd_sets_create(args: argparse.Namespace, client: Client) -> int:
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else []
-    ts = client.create_training_set(args.name, Path(args.tiles), Path(args.masks or args.annotations),
-                                    format=args.format, pipeline=args.pipeline, class_names=classes,
-                                    group_by=args.group_by, instance_class=args.instance_class)
-    lines = [f"{ts.name}: {ts.tile_count} tiles ({ts.train_tile_count} train, {ts.validation_tile_count} "
-             f"validation), snapshot {ts.snapshot[:19]}"]
-    lines += [f"  {c.class_name:16} {c.pixel_count:>10} px in {c.tile_count} tiles" for c in ts.report.classes]
-    lines += [f"  warning {i.code}: {i.tile + ': ' if i.tile else ''}{i.message}" for i in ts.report.issues]
+    shown = [-1]
+
+    def progress(ts: pb.TrainingSet) -> None:
+        if ts.state == pb.TrainingSet.STATE_PREPARING and ts.tiles_checked != shown[0] and not args.json:
+            shown[0] = ts.tiles_checked
+            print(f"{ts.name}: {ts.tiles_checked}/{ts.tile_count} tiles checked", file=sys.stderr, flush=True)
+
+    try:
+        ts = client.create_training_set(args.name, Path(args.tiles), Path(args.masks or args.annotations),
+                                        format=args.format, pipeline=args.pipeline, class_names=classes,
+                                        group_by=args.group_by, instance_class=args.instance_class,
+                                        wait=not args.no_wait, on_progress=progress)
+    except TrainingSetFailedError as exc:
+        ts = exc.training_set
+    return _show_set(args, ts)
+
+
+def cmd_sets_get(args: argparse.Namespace, client: Client) -> int:
+    return _show_set(args, client.get_training_set(args.training_set))
+
+
+def _show_set(args: argparse.Namespace, ts: pb.TrainingSet) -> int:
+    """A set's state and report; exit status 1 if it FAILED."""
+    if ts.state == pb.TrainingSet.STATE_PREPARING:
+        lines = [f"{ts.name}: PREPARING, {ts.tiles_checked}/{ts.tile_count} tiles checked"]
+    elif ts.state == pb.TrainingSet.STATE_FAILED:
+        lines = [f"{ts.name}: FAILED: {ts.failure_reason}"]
+        lines += [f"  {i.code}: {i.message}" for i in ts.report.issues
+                  if i.severity == pb.ValidationIssue.SEVERITY_ERROR]
+    else:
+        lines = [f"{ts.name}: {ts.tile_count} tiles ({ts.train_tile_count} train, {ts.validation_tile_count} "
+                 f"validation), snapshot {ts.snapshot[:19]}"]
+        lines += [f"  {c.class_name:16} {c.pixel_count:>10} px in {c.tile_count} tiles" for c in ts.report.classes]
+        lines += [f"  warning {i.code}: {i.tile + ': ' if i.tile else ''}{i.message}" for i in ts.report.issues]
     ts.ClearField("tiles")
     _out(args, ts, "\n".join(lines))
-    return 0
+    return 1 if ts.state == pb.TrainingSet.STATE_FAILED else 0
 
 
 def _hyperparameters(args: argparse.Namespace) -> common_pb2.Hyperparameters:
@@ -350,6 +377,8 @@ def _add_sets(group: Verbs) -> None:
     create.add_argument("--instance-class", type=int, help="class index of every instance (--format instance-masks)")
     create.add_argument("--pipeline", default=names.DEFAULT_PIPELINE)
     create.add_argument("--group-by", default="", help="regex; its first group on a tile's stem names the source image")
+    create.add_argument("--no-wait", action="store_true", help="return at once, the set PREPARING")
+    _verb(group, "get", cmd_sets_get, help="a set's state, progress and report").add_argument("training_set")
 
 
 def _add_jobs(group: Verbs) -> None:

@@ -27,9 +27,9 @@ ModelKind = Literal["best", "final"]
 LAYOUT: tuple[tuple[str, str, str], ...] = (
     (f"{UPLOADS}{{upload_id}}/{{file}}", "clients, via presigned PUTs from `CreateUpload`",
      "tiles and masks to turn into a training set; images to analyse; pretrained weights"),
-    (f"{SNAPSHOTS}{{snapshot-hash[:32]}}/images/{{tile}}{{ext}}", "pipeline (`CreateTrainingSet`)",
-     "tile images of a snapshot, content-addressed: identical sets share them"),
-    (f"{SNAPSHOTS}{{snapshot-hash[:32]}}/masks/{{tile}}.png", "pipeline",
+    (f"{SNAPSHOTS}{{training_set}}/images/{{tile}}-{{sha256[:16]}}{{ext}}", "pipeline (set preparation)",
+     "the set's tile images as uploaded; the content hash in the key means a key never names two contents"),
+    (f"{SNAPSHOTS}{{training_set}}/masks/{{tile}}-{{sha256[:16]}}.png", "pipeline (set preparation)",
      "the checked class-index masks, re-encoded as PNG"),
     (f"{JOBS}{{job}}/attempts/{{attempt}}/checkpoints/state-latest.pt", "trainer",
      "the attempt's rolling full-state checkpoint (weights, optimiser, scheduler, RNG state, best weights so "
@@ -55,22 +55,23 @@ def check_upload_key(key: str, *, field: str) -> str:
     return safe_key(key, field=field, prefix=UPLOADS)
 
 
-# Training-set snapshots ----------------------------------------------------------------------
+# Training sets ---------------------------------------------------------------------------------
 
-def snapshot_prefix(snapshot: str) -> str:
-    """Where a snapshot's objects live: content-addressed by the snapshot hash ("sha256:...")."""
-    return f"{SNAPSHOTS}{snapshot.removeprefix('sha256:')[:32]}/"
-
-
-def snapshot_image(snapshot: str, tile: str, ext: str) -> str:
-    return f"{snapshot_prefix(snapshot)}images/{tile}{ext}"
+def training_set_prefix(set_id: str) -> str:
+    """Everything a training set stores lies under its own prefix (removed whole if it FAILED)."""
+    return f"{SNAPSHOTS}{set_id}/"
 
 
-def snapshot_mask(snapshot: str, tile: str) -> str:
-    return f"{snapshot_prefix(snapshot)}masks/{tile}.png"
+def training_set_image(set_id: str, tile: str, digest: str, ext: str) -> str:
+    """A tile image's key; `digest` is the hex sha256 of its bytes."""
+    return f"{training_set_prefix(set_id)}images/{tile}-{digest[:16]}{ext}"
 
 
-def check_snapshot_key(key: str, *, field: str) -> str:
+def training_set_mask(set_id: str, tile: str, digest: str) -> str:
+    return f"{training_set_prefix(set_id)}masks/{tile}-{digest[:16]}.png"
+
+
+def check_training_set_key(key: str, *, field: str) -> str:
     return safe_key(key, field=field, prefix=SNAPSHOTS)
 
 

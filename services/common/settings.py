@@ -108,6 +108,9 @@ class PipelineSettings(BaseSettings):
     heartbeat_interval_s: float = 5.0
     # Attempts a job gets (re-queues after lost nodes included) before it fails.
     max_attempts: int = 5
+    # Training sets prepared at once, and tiles of each decoded and stored at once.
+    prepare_concurrency: int = Field(default=2, ge=1, le=64)
+    prepare_threads: int = Field(default=8, ge=1, le=64)
 
 
 class MetricsSettings(BaseSettings):

@@ -10,6 +10,7 @@ from services.common.gate import BlockingServicer, Executors
 from services.common.server import AsyncServer, create_server
 from services.common.settings import PipelineSettings, SecuritySettings, ServingSettings, StorageSettings
 from services.common.storage import ObjectStore
+from services.pipeline_svc.resources.set_preparation import Tuning
 from services.pipeline_svc.runtime.peers import PeerStubs
 from services.pipeline_svc.service import PipelineService
 from services.pipeline_svc.servicer import ACCESS, RESERVED, PipelineServicer
@@ -30,7 +31,8 @@ def build(settings: PipelineSettings, storage: StorageSettings, security: Securi
         engine, store, PeerStubs(settings.metrics_address, security),
         metrics_public_address=settings.metrics_public_address or settings.metrics_address,
         schedule_interval_s=settings.schedule_interval_s, heartbeat_interval_s=settings.heartbeat_interval_s,
-        max_attempts=settings.max_attempts,
+        max_attempts=settings.max_attempts, prepare_concurrency=settings.prepare_concurrency,
+        preparation=Tuning(threads=settings.prepare_threads, window=2 * settings.prepare_threads),
     )
     # The service's work is blocking (SQL, object storage): each call runs in the bounded pools.
     executors = Executors(serving)

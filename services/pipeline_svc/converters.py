@@ -9,13 +9,13 @@ from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.trainer.v1 import trainer_pb2
 
+from segcore import catalogue
 from segcore.hyperparameters import DEFAULT_ARCHITECTURE
 from services.common import hyperparameters as wire
 from services.common import names, object_keys
 from services.common.timeutil import to_timestamp
 from services.pipeline_svc import domain
 from services.pipeline_svc.resources import hyperparameters
-from services.pipeline_svc.resources.architectures import ArchitectureEntry
 from services.pipeline_svc.tables import JobRow, ModelRow, PipelineRow, TileRow, TrainerNodeRow, TrainingSetRow
 
 FORMATS = {
@@ -79,7 +79,7 @@ def pipeline_message(row: PipelineRow) -> pb.Pipeline:
     )
 
 
-def architecture_message(entry: ArchitectureEntry) -> pb.Architecture:
+def architecture_message(entry: catalogue.ArchitectureInfo) -> pb.Architecture:
     return pb.Architecture(name=entry.name, description=entry.description, parameter_count=entry.parameter_count,
                            is_default=entry.name == DEFAULT_ARCHITECTURE)
 
@@ -98,6 +98,9 @@ def training_set_message(row: TrainingSetRow, tiles: list[TileRow] | None = None
                        width=t.width, height=t.height, validation=t.validation) for t in tiles or []],
         report=pb.ValidationReport.FromString(row.report), validation_fraction=row.validation_fraction,
         split_seed=row.split_seed, create_time=to_timestamp(row.create_time),
+        state=row.state, tiles_checked=row.tile_count if row.state == pb.TrainingSet.STATE_READY  # type: ignore[arg-type]
+        else row.tiles_checked, failure_reason=row.failure_reason,
+        update_time=to_timestamp(row.update_time or row.create_time),
     )
 
 

@@ -10,15 +10,24 @@ from collections.abc import Callable
 
 from sqlalchemy.engine import Engine
 
+from segcore import catalogue
 from services.common import names
 from services.common.database import session_scope
 from services.common.storage import ObjectStore
 from services.pipeline_svc import domain
-from services.pipeline_svc.resources import comparison, jobs, models, pipelines, training_sets, uploads
-from services.pipeline_svc.resources.architectures import ArchitectureEntry, Architectures
+from services.pipeline_svc.resources import (
+    comparison,
+    jobs,
+    models,
+    pipelines,
+    set_preparation,
+    training_sets,
+    uploads,
+)
 from services.pipeline_svc.runtime import analysis, nodes
 from services.pipeline_svc.runtime.outbox_relay import OutboxRelay
 from services.pipeline_svc.runtime.peers import PeerStubs
+from services.pipeline_svc.runtime.preparer import Preparer
 from services.pipeline_svc.runtime.scheduler import Scheduler
 from services.pipeline_svc.tables import JobRow, ModelRow, PipelineRow, TileRow, TrainerNodeRow, TrainingSetRow
 
@@ -27,13 +36,16 @@ log = logging.getLogger(__name__)
 
 class PipelineService:
     def __init__(self, engine: Engine, store: ObjectStore, peers: PeerStubs, *, metrics_public_address: str,
-                 schedule_interval_s: float, heartbeat_interval_s: float, max_attempts: int) -> None:
+                 schedule_interval_s: float, heartbeat_interval_s: float, max_attempts: int,
+                 prepare_concurrency: int = 2,
+                 preparation: set_preparation.Tuning = set_preparation.DEFAULT_TUNING) -> None:
         self.engine, self.store, self.peers = engine, store, peers
         self.metrics_public_address = metrics_public_address
         self.heartbeat_interval_s = heartbeat_interval_s
-        self.architectures = Architectures()
         self._stopping = threading.Event()
         self._outbox_relay = OutboxRelay(engine, peers, stopping=self._stopping)
+        self._preparer = Preparer(engine, store, concurrency=prepare_concurrency, stopping=self._stopping,
+                                  tuning=preparation)
         self.scheduler = Scheduler(engine, peers, interval_s=schedule_interval_s,
                                    heartbeat_interval_s=heartbeat_interval_s, max_attempts=max_attempts,
                                    stopping=self._stopping, wake_outbox=self._outbox_relay.wake)
@@ -41,16 +53,18 @@ class PipelineService:
     def start(self) -> None:
         with session_scope(self.engine) as session:
             pipelines.seed_pipelines(session)
-        self.architectures.warm_up()
         self._outbox_relay.start()
+        self._preparer.start()
         self.scheduler.start()
 
     def stop(self) -> None:
         self._stopping.set()
         self._outbox_relay.wake()
+        self._preparer.wake()
         self.scheduler.stop_relays()
-        for thread in (self.scheduler, self._outbox_relay):
+        for thread in (self.scheduler, self._outbox_relay, self._preparer):
             thread.join(timeout=5)
+        self._preparer.join_running(timeout=5)
 
     # Pipelines and architectures
     def list_pipelines(self, *, page_size: int, page_token: str) -> tuple[list[PipelineRow], str]:
@@ -62,19 +76,21 @@ class PipelineService:
             return pipelines.get_pipeline(session, name=name)
 
     def create_pipeline(self, spec: domain.PipelineSpec) -> PipelineRow:
-        known = self.architectures.names()
         with session_scope(self.engine) as session:
-            return pipelines.create_pipeline(session, spec=spec, architectures=known)
+            return pipelines.create_pipeline(session, spec=spec, architectures=catalogue.architecture_names())
 
-    def list_architectures(self) -> list[ArchitectureEntry]:
-        return self.architectures.entries()
+    def list_architectures(self) -> list[catalogue.ArchitectureInfo]:
+        return catalogue.list_architectures()
 
     # Uploads and training sets
     def create_upload(self, file_names: list[str]) -> domain.UploadGrant:
         return uploads.create_upload(self.store, file_names=file_names)
 
     def create_training_set(self, spec: domain.TrainingSetSpec) -> tuple[TrainingSetRow, list[TileRow]]:
-        row = training_sets.create_training_set(self.engine, self.store, spec=spec)
+        """The set, PREPARING (or as an earlier identical request left it); prepared off the request."""
+        row, to_prepare = training_sets.create_training_set(self.engine, spec=spec)
+        if to_prepare:
+            self._preparer.wake()
         with session_scope(self.engine) as session:
             return row, training_sets.tiles_of(session, set_id=row.id)
 
@@ -91,9 +107,8 @@ class PipelineService:
 
     # Jobs
     def create_job(self, spec: domain.JobSpec) -> JobRow:
-        architectures = self.architectures.names()
         with session_scope(self.engine) as session:
-            job = jobs.create_job(session, spec=spec, architectures=architectures)
+            job = jobs.create_job(session, spec=spec, architectures=catalogue.architecture_names())
         self._outbox_relay.wake()
         return job
 

@@ -32,16 +32,26 @@ class TrainingSetRow(SQLModel, table=True):
     display_name: str
     pipeline: str = Field(index=True)
     class_names: list[str] = Field(sa_column=Column(JSON, nullable=False))
-    snapshot: str = Field(index=True, max_length=80)
-    tile_count: int
-    train_tile_count: int
-    validation_tile_count: int
+    # segtrain.pipeline.v1.TrainingSet.State; PREPARING until every tile is checked and stored.
+    # (Sets made before preparation was asynchronous were READY when created: the default.)
+    state: int = Field(default=2, index=True, sa_column_kwargs={"server_default": "2"})
+    # The request it is prepared from (domain.TrainingSetSpec as JSON) and that content's digest:
+    # a repeated request names the same set, another one with the same id is a conflict.
+    spec: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False, server_default=""))
+    spec_hash: str = Field(default="", max_length=80, sa_column_kwargs={"server_default": ""})
+    tiles_checked: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    failure_reason: str = Field(default="", sa_column_kwargs={"server_default": ""})
+    snapshot: str = Field(default="", index=True, max_length=80)  # "" until READY
+    tile_count: int  # requested (PREPARING, FAILED) or stored (READY)
+    train_tile_count: int = 0
+    validation_tile_count: int = 0
     validation_fraction: float
     split_seed: int
-    # Serialized segtrain.pipeline.v1.ValidationReport.
-    report: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    # Serialized segtrain.pipeline.v1.ValidationReport (empty until READY or FAILED).
+    report: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
     request_id: str | None = Field(default=None, unique=True, max_length=128)
     create_time: datetime = Field(default_factory=utcnow)
+    update_time: datetime | None = Field(default_factory=utcnow, nullable=True)
 
 
 class TileRow(SQLModel, table=True):

@@ -141,8 +141,8 @@ def _validate(request: trainer_pb2.RunJobRequest) -> None:
         v.append(FieldViolation("rendezvous_endpoint", "host:port of node rank 0's rendezvous, required"))
     check(v)
     for i, tile in enumerate(request.tiles):
-        object_keys.check_snapshot_key(tile.image_uri, field=f"tiles[{i}].image_uri")
-        object_keys.check_snapshot_key(tile.mask_uri, field=f"tiles[{i}].mask_uri")
+        object_keys.check_training_set_key(tile.image_uri, field=f"tiles[{i}].image_uri")
+        object_keys.check_training_set_key(tile.mask_uri, field=f"tiles[{i}].mask_uri")
     object_keys.check_attempt_prefix(request.output_prefix, job_id=job_id, attempt=request.attempt,
                                      field="output_prefix")
     if request.resume_checkpoint_uri:

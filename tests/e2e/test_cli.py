@@ -35,6 +35,8 @@ def test_every_verb_through_the_cli(stack: LocalStack, capsys: pytest.CaptureFix
     created = run_json(capsys, "sets", "create", "cli-cells", "--tiles", str(tiles), "--masks", str(masks),
                        "--classes", "background,nucleus,debris", "--group-by", "^(.*)_tile")[0]
     assert created["name"] == "trainingSets/cli-cells" and created["tile_count"] == 12
+    assert created["state"] == "STATE_READY"
+    assert run_json(capsys, "sets", "get", "cli-cells")[0]["snapshot"] == created["snapshot"]
 
     job = run_json(capsys, "jobs", "create", "--pipeline", "segmentation", "--training-set", "cli-cells",
                    "--architecture", "upernet-convnext-cpu", "--epochs", "2", "--batch-size", "4",
@@ -73,6 +75,20 @@ def test_bad_input_exits_non_zero_with_the_status(stack: LocalStack, capsys: pyt
     assert segtrain(["jobs", "create", "--pipeline", "segmentation", "--training-set", "nope"]) == 2
     assert "NOT_FOUND" in capsys.readouterr().err
     assert segtrain(["jobs", "get", "jobs/j-doesnotexist"]) == 2
+
+
+def test_a_set_that_fails_exits_1_naming_its_tile(stack: LocalStack, capsys: pytest.CaptureFixture[str],
+                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEGTRAIN_ADDRESS", stack.pipeline_address)
+    monkeypatch.setenv("SEGTRAIN_TOKEN", stack.tokens["trainer"])
+    tiles, masks = write_sample_set(tmp_path / "set", count=6, tile_size=64, seed=23)
+    (tiles / sorted(p.name for p in tiles.iterdir())[2]).write_bytes(b"not an image")
+    capsys.readouterr()
+    assert segtrain(["sets", "create", "cli-broken", "--tiles", str(tiles), "--masks", str(masks),
+                     "--classes", "background,nucleus,debris"]) == 1
+    out = capsys.readouterr()
+    assert "FAILED" in out.out and "UNREADABLE" in out.out and "(tiles[2])" in out.out
+    assert segtrain(["sets", "get", "cli-broken"]) == 1
 
 
 def test_human_watch_prints_epoch_lines_like_the_seed(stack: LocalStack, capsys: pytest.CaptureFixture[str],

@@ -14,6 +14,7 @@ from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 
 from clients.sdk import Client
+from clients.stack import LocalStack
 from services.common.storage import ObjectStore
 from tests.e2e.conftest import wait_for_state
 from tests.helpers import write_sample_set
@@ -24,7 +25,7 @@ CLASSES = ["background", "nucleus", "debris"]
 
 
 
-def test_the_seven_steps(client: Client, stack_store: ObjectStore, tmp_path: Path) -> None:
+def test_the_seven_steps(client: Client, stack: LocalStack, stack_store: ObjectStore, tmp_path: Path) -> None:
     # 1. Select a pipeline.
     pipeline = next(p for p in client.list_pipelines() if p.name == "pipelines/segmentation")
     # 2.-3. New job on a training set, configured.
@@ -79,6 +80,9 @@ def test_the_seven_steps(client: Client, stack_store: ObjectStore, tmp_path: Pat
     assert child.hyperparameters.architecture == "upernet-convnext-cpu" and child.from_model == model.name
     charts = client.charts([job.name])
     assert all(Image.open(io.BytesIO(png)).size == (800, 480) for png in charts)
+    # The pipeline service did all of that (set preparation, scheduling, analysis) without torch.
+    pid = stack.processes["pipeline"].popen.pid
+    assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text()
 
 
 def test_training_outlives_its_watcher_and_the_watch_resumes_exactly(client: Client, tmp_path: Path) -> None:

@@ -7,15 +7,14 @@ import io
 import json
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 from PIL import Image
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 
-from clients.sdk import Client
+from clients.sdk import Client, TrainingSetFailedError
 from services.common.storage import ObjectStore
-from tests.helpers import png_bytes, violation_fields
+from tests.helpers import png_bytes
 from tests.integration.conftest import PipelineServer
 
 CLASSES = ["background", "cell", "debris"]
@@ -134,8 +133,8 @@ def test_unknown_class_rejects_the_set_naming_the_tile(client: Client, tmp_path:
         feature = {"type": "Feature", "properties": {"classification": {"name": cls}},
                    "geometry": {"type": "Polygon", "coordinates": [square(4, 4, 28, 28)]}}
         (ann / f"{stem}.geojson").write_text(json.dumps([feature]))
-    with pytest.raises(grpc.RpcError) as info:
+    with pytest.raises(TrainingSetFailedError) as info:
         client.create_training_set("bad-geo", tmp_path / "tiles", ann, format="geojson", class_names=CLASSES)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert violation_fields(info.value) == {"tiles[2]"}
-    assert "t2" in info.value.details() and "mitochondrion" in info.value.details()
+    failed = info.value.training_set
+    assert [i.tile for i in failed.report.issues if i.severity == pb.ValidationIssue.SEVERITY_ERROR] == ["t2"]
+    assert "(tiles[2])" in failed.failure_reason and "mitochondrion" in failed.failure_reason

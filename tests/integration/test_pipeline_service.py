@@ -16,11 +16,15 @@ from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from sqlmodel import Session, select
 
-from clients.sdk import Client
+from clients.sdk import Client, TrainingSetFailedError
+from services.common.database import session_scope
+from services.common.settings import PipelineSettings, StorageSettings
 from services.common.storage import ObjectStore
+from services.pipeline_svc import app as pipeline_app
+from services.pipeline_svc.resources import pipelines
 from services.pipeline_svc.tables import OutboxRow
 from tests.helpers import error_of, png_bytes, row_counts, upload_bytes, violation_fields, write_sample_set
-from tests.integration.conftest import PipelineServer
+from tests.integration.conftest import MetricsServer, PipelineServer
 
 TABLES = ["pipelines", "training_sets", "tiles", "jobs", "models", "event_outbox"]
 
@@ -137,17 +141,6 @@ def _job(**kw: object) -> Callable[[Client, pb.TrainingSet, Path], object]:
         pipeline="pipelines/segmentation", training_set=ts.name, **kw))  # type: ignore[arg-type]
 
 
-def _set_from(files: Callable[[], dict[str, bytes]], **kw: object) -> Callable[[Client, pb.TrainingSet, Path], object]:
-    def call(c: Client, ts: pb.TrainingSet, tmp: Path) -> object:
-        keys = upload_bytes(c, tmp / "bad", files())
-        return c.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(
-            training_set_id="bad-set", pipeline="pipelines/segmentation",
-            class_names=["background", "cell"], tiles=[pb.TileInput(
-                image_key=keys.get("t.png", "uploads/x/missing.png"),
-                annotation_key=keys.get("m.png", "uploads/x/missing-mask.png"))], **kw))
-    return call
-
-
 def _image(h: int = 64, w: int = 64) -> bytes:
     return png_bytes(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
 
@@ -212,20 +205,6 @@ BAD_REQUESTS: list[Case] = [
         pipeline="pipelines/segmentation",
         tiles=[pb.TileInput(image_key="jobs/j-1/models/best.safetensors", annotation_key="uploads/a/m.png")])),
      grpc.StatusCode.INVALID_ARGUMENT, "tiles[0].image_key"),
-    ("missing tile object", _set_from(lambda: {"m.png": _mask()}), grpc.StatusCode.INVALID_ARGUMENT, "tiles[0]"),
-    ("corrupt tile", _set_from(lambda: {"t.png": b"\x89PNG\r\n\x1a\nnot really", "m.png": _mask()}),
-     grpc.StatusCode.INVALID_ARGUMENT, "tiles[0]"),
-    ("truncated tile", _set_from(lambda: {"t.png": _image()[:200], "m.png": _mask()}),
-     grpc.StatusCode.INVALID_ARGUMENT, "tiles[0]"),
-    ("tile larger than the pipeline's tile size", _set_from(lambda: {"t.png": _image(64, 300),
-                                                                     "m.png": _mask(64, 300)}),
-     grpc.StatusCode.INVALID_ARGUMENT, "tiles[0]"),
-    ("mask size mismatch", _set_from(lambda: {"t.png": _image(), "m.png": _mask(32, 32)}),
-     grpc.StatusCode.INVALID_ARGUMENT, "tiles[0]"),
-    ("unknown class in mask", _set_from(lambda: {"t.png": _image(), "m.png": _mask(value=7)}),
-     grpc.StatusCode.INVALID_ARGUMENT, "tiles[0]"),
-    ("set too small to split", _set_from(lambda: {"t.png": _image(), "m.png": _mask()}),
-     grpc.StatusCode.INVALID_ARGUMENT, "tiles"),
     ("start unknown job", lambda c, ts, _: c.pipeline.StartJob(pb.StartJobRequest(name="jobs/nope")),
      grpc.StatusCode.NOT_FOUND, ""),
     ("unknown model", lambda c, ts, _: c.pipeline.GetModel(pb.GetModelRequest(name="models/nope")),
@@ -319,3 +298,86 @@ def test_admission_refuses_a_job_no_registered_node_can_hold_naming_what_to_chan
     job = create(hyperparameters=_hp(architecture="upernet-convnext-cpu", batch_size=4),
                  parallelism=common_pb2.Parallelism(processes=2))
     assert (job.parallelism.processes, job.parallelism.nodes) == (2, 1)
+
+
+UNUSABLE = [  # (label, the files of a one-tile set, the code of its error, or "" for a whole-set one)
+    ("missing tile object", lambda: {"m.png": _mask()}, "MISSING"),
+    ("corrupt tile", lambda: {"t.png": b"\x89PNG\r\n\x1a\nnot really", "m.png": _mask()}, "UNREADABLE"),
+    ("truncated tile", lambda: {"t.png": _image()[:200], "m.png": _mask()}, "UNREADABLE"),
+    ("tile larger than the pipeline's tile size", lambda: {"t.png": _image(64, 300), "m.png": _mask(64, 300)},
+     "TOO_LARGE"),
+    ("mask size mismatch", lambda: {"t.png": _image(), "m.png": _mask(32, 32)}, "SIZE_MISMATCH"),
+    ("unknown class in mask", lambda: {"t.png": _image(), "m.png": _mask(value=7)}, "BAD_CLASS_INDEX"),
+    ("set too small to split", lambda: {"t.png": _image(), "m.png": _mask()}, ""),
+]
+
+
+@pytest.mark.parametrize(("label", "files", "code"), UNUSABLE, ids=[u[0] for u in UNUSABLE])
+def test_a_set_with_an_unusable_tile_ends_failed_naming_it_stores_nothing_and_takes_no_job(
+    label: str, files: Callable[[], dict[str, bytes]], code: str, client: Client, tmp_path: Path,
+    pipeline_server: PipelineServer, store: ObjectStore,
+) -> None:
+    tiles_before = row_counts(pipeline_server.database_url, ["tiles"])
+    keys = upload_bytes(client, tmp_path / "bad", files())
+    created = client.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(
+        training_set_id="bad-set", pipeline="pipelines/segmentation", class_names=["background", "cell"],
+        tiles=[pb.TileInput(image_key=keys.get("t.png", "uploads/x/t.png"),
+                            annotation_key=keys.get("m.png", "uploads/x/missing-mask.png"))]))
+    assert created.state == pb.TrainingSet.STATE_PREPARING and created.tile_count == 1  # returned at once
+    with pytest.raises(TrainingSetFailedError) as failed:
+        client.wait_for_training_set(created.name, timeout_s=30)
+    ts = failed.value.training_set
+    errors = [i for i in ts.report.issues if i.severity == pb.ValidationIssue.SEVERITY_ERROR]
+    if code:
+        assert "tile 't' (tiles[0])" in ts.failure_reason, ts.failure_reason
+        assert [(e.tile, e.code) for e in errors] == [("t", code)], errors
+    else:
+        assert ts.failure_reason.startswith("tiles: "), ts.failure_reason
+    assert "Traceback" not in ts.failure_reason and "/work" not in ts.failure_reason
+    assert store.list_keys("training-sets/bad-set/") == []  # what it stored is gone
+    assert row_counts(pipeline_server.database_url, ["tiles"]) == tiles_before
+    refused = error_of(client.create_job, pipeline="segmentation", training_set=ts.name)
+    assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION and "FAILED" in refused.details()
+
+
+def test_a_set_is_prepared_off_the_request_and_reports_its_progress(
+        client: Client, tmp_path: Path, pipeline_server: PipelineServer) -> None:
+    tiles, masks = write_sample_set(tmp_path / "set", count=40, tile_size=64)
+    states = []
+    ts = client.create_training_set("progress", tiles, masks, class_names=["background", "nucleus", "debris"],
+                                    on_progress=lambda t: states.append((t.state, t.tiles_checked)))
+    assert states[0][0] == pb.TrainingSet.STATE_PREPARING and states[-1][0] == pb.TrainingSet.STATE_READY
+    checked = [n for state, n in states]
+    assert checked == sorted(checked) and checked[-1] == 40  # progress only moves forward
+    assert ts.tile_count == 40 and len(ts.tiles) == 40 and ts.update_time.seconds >= ts.create_time.seconds
+    # A retried request returns the set as it is, READY, and prepares nothing again.
+    again = client.create_training_set("progress", tiles, masks, class_names=["background", "nucleus", "debris"])
+    assert again.state == pb.TrainingSet.STATE_READY and again.snapshot == ts.snapshot
+
+
+def test_a_preparing_set_takes_no_job_and_a_service_that_starts_prepares_it(
+        tmp_path: Path, s3_settings: StorageSettings, metrics_server: MetricsServer) -> None:
+    """A set recorded PREPARING by a service that stopped before preparing it (here: one whose
+    background work is not started yet) waits, refuses jobs, and is prepared when a service starts."""
+    settings = PipelineSettings(listen="127.0.0.1:0", database_url=f"sqlite:///{tmp_path / 'pipeline.db'}",
+                                metrics_address=metrics_server.address, schedule_interval_s=0.2)
+    server, port, _, service = pipeline_app.build(settings, s3_settings)
+    with session_scope(service.engine) as session:
+        pipelines.seed_pipelines(session)
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            tiles, masks = write_sample_set(tmp_path / "set", count=6, tile_size=64)
+            ts = client.create_training_set("waiting", tiles, masks, class_names=["background", "nucleus", "debris"],
+                                            wait=False)
+            assert ts.state == pb.TrainingSet.STATE_PREPARING and ts.tiles_checked == 0 and not ts.snapshot
+            refused = error_of(client.create_job, pipeline="segmentation", training_set=ts.name)
+            assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.details()
+            assert "still being prepared" in refused.details() and "training_set" in refused.details()
+            service.start()
+            ready = client.wait_for_training_set(ts.name, timeout_s=60)
+            assert ready.tile_count == 6 and ready.snapshot.startswith("sha256:")
+            assert client.create_job(pipeline="segmentation", training_set=ts.name).name
+    finally:
+        service.stop()
+        server.stop(0).wait()

@@ -154,6 +154,10 @@ def test_a_database_from_before_new_columns_gets_them_with_their_defaults(databa
         connection.execute(sqlalchemy.text("ALTER TABLE event_outbox DROP COLUMN park_reason"))
         connection.execute(sqlalchemy.text("ALTER TABLE models DROP COLUMN weights_sha256"))
         connection.execute(sqlalchemy.text("ALTER TABLE jobs DROP COLUMN checkpoint_epoch"))
+        for column in ("state", "spec", "spec_hash", "tiles_checked", "failure_reason", "update_time"):
+            if column == "state":
+                connection.execute(sqlalchemy.text("DROP INDEX IF EXISTS ix_training_sets_state"))
+            connection.execute(sqlalchemy.text(f"ALTER TABLE training_sets DROP COLUMN {column}"))
     engine.dispose()
     engine = make_engine(database_url, PIPELINE_TABLES)
     columns = {c["name"] for c in sqlalchemy.inspect(engine).get_columns("jobs")}
@@ -168,6 +172,8 @@ def test_a_database_from_before_new_columns_gets_them_with_their_defaults(databa
         old.quality_warnings = [{"code": "CLASS_NOT_LEARNED", "class_name": "b", "message": "m"}]
     with session_scope(engine) as session:
         assert session.get(JobRow, "j-1").quality_warnings[0]["code"] == "CLASS_NOT_LEARNED"  # type: ignore[union-attr]
+        made_before = session.get(TrainingSetRow, "ts")
+        assert made_before is not None and made_before.state == pb.TrainingSet.STATE_READY  # was READY when made
     engine.dispose()
 
 

@@ -27,7 +27,7 @@ S = common_pb2
 
 @pytest.fixture(scope="module")
 def tiles(store: ObjectStore) -> list[trainer_pb2.TrainingTile]:
-    prefix = object_keys.snapshot_prefix(f"sha256:{uuid.uuid4().hex}")
+    prefix = object_keys.training_set_prefix(f"ts-{uuid.uuid4().hex[:12]}")
     result = []
     for i, tile in enumerate(synthetic.generate_tiles(8, tile_size=64, seed=3)):
         image, mask = f"{prefix}images/{tile.name}.png", f"{prefix}masks/{tile.name}.png"

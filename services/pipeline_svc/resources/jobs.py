@@ -41,7 +41,7 @@ def create_job(session: Session, *, spec: JobSpec, architectures: Collection[str
     pipeline = pipelines.get_pipeline(session, name=spec.pipeline, field="pipeline")
     if pipeline.type != pipelines.TRAINING:
         raise FailedPreconditionError(f"{names.pipeline(pipeline.id)} is not a TRAINING pipeline")
-    training_set = training_sets.get_training_set(session, name=spec.training_set, field="training_set")
+    training_set = training_sets.ready_training_set(session, name=spec.training_set, field="training_set")
     overrides = dict(spec.hyperparameters)
     parent = None
     if spec.from_model:

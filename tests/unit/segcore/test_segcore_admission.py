@@ -3,15 +3,7 @@
 from __future__ import annotations
 
 from segcore import admission
-from segcore.architectures import list_architectures
 from segcore.hyperparameters import DEFAULTS
-
-
-def test_every_architecture_has_figures_with_its_real_parameter_count() -> None:
-    counts = {a.name: a.parameter_count for a in list_architectures()}
-    assert admission.architectures() == sorted(counts)
-    for name, count in counts.items():
-        assert admission._FOOTPRINTS[name][0] == count, name
 
 
 def test_the_estimate_grows_with_the_share_of_the_batch_and_the_training_size() -> None:

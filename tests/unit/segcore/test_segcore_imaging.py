@@ -19,8 +19,8 @@ from segcore.imaging import (
     decode_image,
     decode_mask,
     encode_mask_png,
-    normalize,
 )
+from segcore.inference import normalize
 
 RNG = np.random.default_rng(0)
 GRAY8 = RNG.integers(0, 256, (9, 11), dtype=np.uint8)

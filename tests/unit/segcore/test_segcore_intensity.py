@@ -17,7 +17,8 @@ from PIL import Image
 from segcore import regimes
 from segcore.data import Sample, augment, make_batch, prepare_samples
 from segcore.errors import InvalidTileError
-from segcore.imaging import decode_image, normalize
+from segcore.imaging import decode_image
+from segcore.inference import normalize
 from segcore.intensity import (
     DATASET,
     IMAGENET,

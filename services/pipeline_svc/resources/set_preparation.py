@@ -1,0 +1,327 @@
+"""Preparing a training set: every tile read, decoded (Pillow/tifffile: no torch here), checked,
+its annotation rendered, and its image and mask stored under the set's own prefix.
+
+Memory does not grow with the set: tiles stream through a few threads, a bounded window of them
+at a time, and only small facts about each are kept (names, keys, sizes, class pixel counts,
+value range, digests). Progress is written as it goes. At the end the split, the report, the tile
+rows and the snapshot hash are written in one transaction that also makes the set READY; any
+unusable tile makes it FAILED instead, naming each (up to 50), and removes what it stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import TypeVar
+
+import numpy as np
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
+from sqlalchemy import insert, update
+from sqlalchemy.engine import Engine
+from sqlmodel import col
+
+from segcore import annotations as formats
+from segcore import imaging, intensity, splits
+from segcore.errors import InvalidParameterError, InvalidTileError
+from services.common import names, object_keys
+from services.common.database import session_scope
+from services.common.errors import NotFoundError
+from services.common.storage import ObjectStore
+from services.common.timeutil import utcnow
+from services.pipeline_svc.domain import TrainingSetSpec
+from services.pipeline_svc.resources import pipelines
+from services.pipeline_svc.resources.training_sets import FAILED, MAX_REPORTED, PREPARING, READY, spec_of
+from services.pipeline_svc.tables import TileRow, TrainingSetRow
+
+log = logging.getLogger(__name__)
+
+UNLABELLED = 255
+MAX_WARNINGS = 1_000  # listed in a report; the rest are counted
+PROGRESS_INTERVAL_S = 0.5
+SEVERITIES = {formats.ERROR: pb.ValidationIssue.SEVERITY_ERROR,
+              formats.WARNING: pb.ValidationIssue.SEVERITY_WARNING}
+ERROR = pb.ValidationIssue.SEVERITY_ERROR
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Tuning:
+    threads: int = 8  # tiles decoded and stored at once
+    window: int = 16  # tiles in flight (submitted, not yet consumed): what bounds memory
+
+
+DEFAULT_TUNING = Tuning()
+
+
+@dataclass
+class _Tile:
+    """What is kept of one checked and stored tile (a few hundred bytes)."""
+
+    name: str
+    source_image: str
+    image_uri: str
+    mask_uri: str
+    width: int
+    height: int
+    digests: tuple[str, str]  # sha256 of the image bytes and of the mask PNG
+    class_pixels: np.ndarray  # pixel count per class index
+    profile: intensity.ImageProfile
+    warnings: list[pb.ValidationIssue]
+
+
+class _Failed(Exception):
+    """The set cannot be used: the reason, and the issues that say why."""
+
+    def __init__(self, reason: str, issues: Sequence[pb.ValidationIssue] = ()) -> None:
+        super().__init__(reason)
+        self.reason, self.issues = reason, list(issues)
+
+
+def prepare(engine: Engine, store: ObjectStore, set_id: str, *, stopping: threading.Event,
+            tuning: Tuning = DEFAULT_TUNING) -> None:
+    """Prepares one PREPARING set to READY or FAILED. Returns early, leaving it PREPARING, if
+    `stopping` is set (a later start prepares it again from the beginning)."""
+    with session_scope(engine) as session:
+        row = session.get(TrainingSetRow, set_id)
+        if row is None or row.state != PREPARING:
+            return
+        spec, class_names = spec_of(row), list(row.class_names)
+        fraction, seed = row.validation_fraction, row.split_seed
+        tile_size = pipelines.get_pipeline(session, name=spec.pipeline, field="pipeline").tile_size
+    try:
+        store.delete_prefix(object_keys.training_set_prefix(set_id))  # an interrupted preparation's
+        checked = _check_and_store(engine, store, set_id, spec, class_names, tile_size, stopping, tuning)
+        if checked is None:
+            return
+        tiles, warnings = checked
+        validation = _split(tiles, fraction, seed)
+        _finish(engine, set_id, tiles, validation, _report(tiles, validation, class_names, warnings))
+    except _Failed as failed:
+        _fail(engine, store, set_id, failed.reason, failed.issues)
+    except Exception:
+        log.exception("preparing %s failed", names.training_set(set_id))
+        _fail(engine, store, set_id, "the pipeline service could not prepare the set (an internal error, logged); "
+              "create it again with the same request to retry", [])
+
+
+def _check_and_store(engine: Engine, store: ObjectStore, set_id: str, spec: TrainingSetSpec, class_names: list[str],
+                     tile_size: int, stopping: threading.Event, tuning: Tuning
+                     ) -> tuple[list[_Tile], list[pb.ValidationIssue]] | None:
+    """Every tile checked and stored, with the warnings no one tile has (an annotation collection's);
+    None if `stopping` was set. _Failed naming the unusable tiles (at most MAX_REPORTED are read)."""
+    collection = _collection(store, spec, class_names)
+    checked: list[_Tile] = []
+    errors: list[pb.ValidationIssue] = []
+    progress = _Progress(engine, set_id)
+    one = _tile_checker(store, set_id, spec, class_names, tile_size, collection)
+    with contextlib.closing(_bounded_map(one, range(len(spec.tiles)), tuning)) as results:
+        for result in results:
+            if stopping.is_set():
+                return None
+            if isinstance(result, list):
+                errors += result
+                if len(errors) >= MAX_REPORTED:
+                    break  # enough to say what is wrong; the rest of the set is not worth reading
+            else:
+                checked.append(result)
+            progress.advance()
+    if errors:
+        unusable = sorted({e.tile for e in errors})
+        shown = "; ".join(e.message for e in errors[:5]) + ("; …" if len(errors) > 5 else "")
+        raise _Failed(f"{len(unusable)}{'+' if len(errors) >= MAX_REPORTED else ''} tile(s) cannot be used: {shown}",
+                      errors[:MAX_REPORTED])
+    if collection is None:
+        return checked, []
+    return checked, [_issue(i) for i in collection.issues + collection.unmatched(t.name for t in checked)]
+
+
+def _tile_checker(store: ObjectStore, set_id: str, spec: TrainingSetSpec, class_names: list[str], tile_size: int,
+                  collection: formats.AnnotationCollection | None) -> Callable[[int], _Tile | list[pb.ValidationIssue]]:
+    def one(i: int) -> _Tile | list[pb.ValidationIssue]:
+        tile = spec.tiles[i]
+        name = PurePosixPath(tile.image_key).stem
+
+        def error(reason: str, code: str) -> list[pb.ValidationIssue]:
+            return [pb.ValidationIssue(severity=ERROR, code=code, tile=name,
+                                       message=f"tile {name!r} (tiles[{i}]): {reason}")]
+        try:
+            image_bytes = store.get(tile.image_key)
+            annotation = store.get(tile.annotation_key) if tile.annotation_key else None
+        except NotFoundError as exc:
+            return error(exc.message, "MISSING")
+        try:
+            image = imaging.decode_image(image_bytes, name)
+            height, width = image.shape[:2]
+            if max(height, width) > tile_size:
+                return error(f"{width}x{height} is larger than the pipeline's tile size {tile_size}: cut it into "
+                             f"tiles of at most {tile_size}x{tile_size}, or use a pipeline with a larger tile size",
+                             "TOO_LARGE")
+            rendered = (collection.render(tile=name, width=width, height=height) if collection is not None
+                        else formats.render_tile(spec.format, annotation, tile=name, width=width, height=height,
+                                                 class_names=class_names, instance_class=spec.instance_class or 1))
+        except InvalidTileError as exc:
+            return error(exc.reason, "UNREADABLE")
+        if rendered.has_errors:
+            return [e for issue in rendered.issues if issue.severity == formats.ERROR
+                    for e in error(issue.message, issue.code)]
+        mask = rendered.mask
+        mask_png = imaging.encode_mask_png(mask)
+        digests = hashlib.sha256(image_bytes).hexdigest(), hashlib.sha256(mask_png).hexdigest()
+        ext = PurePosixPath(tile.image_key).suffix.lower()
+        image_uri = object_keys.training_set_image(set_id, name, digests[0], ext)
+        mask_uri = object_keys.training_set_mask(set_id, name, digests[1])
+        store.put(image_uri, image_bytes)
+        store.put(mask_uri, mask_png, content_type="image/png")
+        labelled = mask[mask != UNLABELLED]
+        return _Tile(
+            name=name, source_image=tile.source_image or name, image_uri=image_uri, mask_uri=mask_uri,
+            width=int(width), height=int(height), digests=digests,
+            class_pixels=np.bincount(labelled.ravel().astype(np.int64), minlength=len(class_names))[:len(class_names)],
+            profile=intensity.profile_image(image), warnings=[_issue(i) for i in rendered.issues])
+    return one
+
+
+def _bounded_map(fn: Callable[[T], R], items: Sequence[T], tuning: Tuning) -> Generator[R, None, None]:
+    """`fn` over `items` on `tuning.threads` threads, in order, with at most `tuning.window` results
+    held at once; stopping the iteration cancels what has not started."""
+    pool = ThreadPoolExecutor(max_workers=tuning.threads, thread_name_prefix="set-preparation")
+    pending: deque[Future[R]] = deque()
+    it = iter(items)
+    try:
+        for item in itertools.islice(it, tuning.window):
+            pending.append(pool.submit(fn, item))
+        while pending:
+            result = pending.popleft().result()
+            for item in itertools.islice(it, 1):
+                pending.append(pool.submit(fn, item))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Progress:
+    """Writes how many tiles are checked, at most every PROGRESS_INTERVAL_S."""
+
+    def __init__(self, engine: Engine, set_id: str) -> None:
+        self._engine, self._set_id, self.done, self._last = engine, set_id, 0, 0.0
+
+    def advance(self) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self._last >= PROGRESS_INTERVAL_S:
+            self._last = now
+            with session_scope(self._engine) as session:
+                session.execute(update(TrainingSetRow).where(
+                    col(TrainingSetRow.id) == self._set_id, col(TrainingSetRow.state) == PREPARING,
+                ).values(tiles_checked=self.done, update_time=utcnow()))
+
+
+def _collection(store: ObjectStore, spec: TrainingSetSpec, class_names: list[str]
+                ) -> formats.AnnotationCollection | None:
+    if not spec.annotations_key:
+        return None
+    try:
+        collection = formats.load_collection(spec.format, store.get(spec.annotations_key), class_names)
+    except NotFoundError as exc:
+        raise _Failed(f"annotations_key: {exc.message}") from None
+    except InvalidParameterError as exc:
+        raise _Failed(f"annotations_key: {exc.reason}") from None
+    errors = [_issue(i) for i in collection.issues if i.severity == formats.ERROR][:MAX_REPORTED]
+    if errors:
+        raise _Failed(f"annotations_key: {'; '.join(e.message for e in errors[:5])}", errors)
+    return collection
+
+
+def _issue(issue: formats.AnnotationIssue) -> pb.ValidationIssue:
+    return pb.ValidationIssue(severity=SEVERITIES[issue.severity], code=issue.code, tile=issue.tile,
+                              message=issue.message)
+
+
+def _split(tiles: list[_Tile], fraction: float, seed: int) -> set[str]:
+    try:
+        result = splits.split_train_val(
+            [t.name for t in tiles], seed=seed, val_fraction=fraction, groups=[t.source_image for t in tiles],
+            labels_present=[{int(c) for c in np.nonzero(t.class_pixels)[0]} for t in tiles],
+        )
+    except InvalidParameterError as exc:
+        raise _Failed(f"tiles: {exc.reason}") from None
+    return set(result.val)
+
+
+def _report(tiles: list[_Tile], validation: set[str], class_names: list[str],
+            warnings: list[pb.ValidationIssue]) -> pb.ValidationReport:
+    totals = np.sum([t.class_pixels for t in tiles], axis=0)
+    classes = [
+        pb.ClassStatistics(
+            class_index=i, class_name=name, pixel_count=int(totals[i]),
+            tile_count=sum(1 for t in tiles if t.class_pixels[i] > 0),
+            validation_tile_count=sum(1 for t in tiles if t.class_pixels[i] > 0 and t.name in validation),
+        )
+        for i, name in enumerate(class_names)
+    ]
+    issues = [w for t in tiles for w in t.warnings] + list(warnings)
+    for stats in classes[1:]:
+        if stats.pixel_count == 0:
+            issues.append(pb.ValidationIssue(severity=pb.ValidationIssue.SEVERITY_WARNING, code="CLASS_ABSENT",
+                                             message=f"class {stats.class_name!r} has no annotated pixel"))
+        elif stats.validation_tile_count == 0:
+            issues.append(pb.ValidationIssue(
+                severity=pb.ValidationIssue.SEVERITY_WARNING, code="CLASS_NOT_IN_VALIDATION",
+                message=f"class {stats.class_name!r} does not appear in the validation split"))
+    if len(issues) > MAX_WARNINGS:
+        more = len(issues) - MAX_WARNINGS + 1
+        issues = [*issues[:MAX_WARNINGS - 1], pb.ValidationIssue(
+            severity=pb.ValidationIssue.SEVERITY_WARNING, code="MORE_WARNINGS", message=f"{more} more warnings")]
+    profile = intensity.profile_images([])
+    for t in tiles:
+        profile = profile.merged(t.profile)
+    return pb.ValidationReport(classes=classes, issues=issues, image_profile=pb.ImageProfile(
+        pixel_types=profile.pixel_types, single_channel=profile.single_channel, min_value=profile.min_value,
+        max_value=profile.max_value, recorded=True))
+
+
+def _snapshot_hash(tiles: list[_Tile], class_names: list[str]) -> str:
+    digest = hashlib.sha256(json.dumps(class_names).encode())
+    for t in sorted(tiles, key=lambda t: t.name):
+        digest.update(json.dumps([t.name, t.source_image, *t.digests]).encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _finish(engine: Engine, set_id: str, tiles: list[_Tile], validation: set[str], report: pb.ValidationReport) -> None:
+    """Tile rows, split, report and READY in one transaction (only if the set is still PREPARING)."""
+    with session_scope(engine) as session:
+        row = session.get(TrainingSetRow, set_id, with_for_update=True)
+        if row is None or row.state != PREPARING:
+            return
+        session.execute(insert(TileRow), [
+            {"training_set": set_id, "name": t.name, "image_uri": t.image_uri, "mask_uri": t.mask_uri,
+             "source_image": t.source_image, "width": t.width, "height": t.height, "validation": t.name in validation}
+            for t in tiles])
+        row.state, row.snapshot, row.tiles_checked = READY, _snapshot_hash(tiles, list(row.class_names)), len(tiles)
+        row.tile_count, row.validation_tile_count = len(tiles), len(validation)
+        row.train_tile_count = len(tiles) - len(validation)
+        row.report, row.update_time = report.SerializeToString(), utcnow()
+    log.info("%s READY: %d tiles", names.training_set(set_id), len(tiles))
+
+
+def _fail(engine: Engine, store: ObjectStore, set_id: str, reason: str, issues: list[pb.ValidationIssue]) -> None:
+    store.delete_prefix(object_keys.training_set_prefix(set_id))
+    with session_scope(engine) as session:
+        row = session.get(TrainingSetRow, set_id, with_for_update=True)
+        if row is None or row.state != PREPARING:
+            return
+        row.state, row.failure_reason, row.update_time = FAILED, reason, utcnow()
+        row.report = pb.ValidationReport(issues=issues).SerializeToString()
+    log.info("%s FAILED: %s", names.training_set(set_id), reason)
+

@@ -1,0 +1,74 @@
+"""Runs training-set preparation off the request path: a few sets at a time, oldest first, each
+on its own thread (resources.set_preparation streams its tiles). Sets still PREPARING when the
+service starts (it stopped mid-way) are prepared again; a stopping service leaves them so."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from sqlalchemy.engine import Engine
+
+from services.common.database import session_scope
+from services.common.storage import ObjectStore
+from services.pipeline_svc.resources import set_preparation, training_sets
+
+log = logging.getLogger(__name__)
+POLL_S = 5.0  # also picks up sets another path recorded without waking this one
+
+
+class Preparer(threading.Thread):
+    def __init__(self, engine: Engine, store: ObjectStore, *, concurrency: int, stopping: threading.Event,
+                 tuning: set_preparation.Tuning = set_preparation.DEFAULT_TUNING) -> None:
+        super().__init__(name="set-preparer", daemon=True)
+        self._engine, self._store, self._stopping, self._tuning = engine, store, stopping, tuning
+        self._slots = threading.Semaphore(concurrency)
+        self._wake = threading.Event()
+        self._running: dict[str, threading.Thread] = {}
+        self._lock = threading.Lock()
+
+    def wake(self) -> None:
+        """A set was recorded PREPARING: start on it now rather than at the next poll."""
+        self._wake.set()
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.clear()
+            try:
+                with session_scope(self._engine) as session:
+                    waiting = [s for s in training_sets.preparing(session) if s not in self._running]
+            except Exception:
+                log.exception("set preparer could not read the sets to prepare; retrying")
+                waiting = []
+            for set_id in waiting:
+                if not self._slots.acquire(timeout=0.1):
+                    break  # all slots busy: the rest wait for the next pass
+                self._start(set_id)
+            self._wake.wait(POLL_S)
+
+    def join_running(self, timeout: float) -> None:
+        """Waits for the preparations in progress to notice `stopping` and return."""
+        with self._lock:
+            running = list(self._running.values())
+        for thread in running:
+            thread.join(timeout)
+
+    def _start(self, set_id: str) -> None:
+        thread = threading.Thread(target=self._prepare, args=(set_id,), name=f"prepare-{set_id}", daemon=True)
+        with self._lock:
+            self._running[set_id] = thread
+        thread.start()
+
+    def _prepare(self, set_id: str) -> None:
+        done = False
+        try:
+            set_preparation.prepare(self._engine, self._store, set_id, stopping=self._stopping, tuning=self._tuning)
+            done = True
+        except Exception:  # the database or store failed under it: tried again at the next poll
+            log.exception("preparing training set %s failed; retried in %.0f s", set_id, POLL_S)
+        finally:
+            with self._lock:
+                self._running.pop(set_id, None)
+            self._slots.release()
+            if done:
+                self._wake.set()  # a slot is free
