@@ -5,7 +5,8 @@ codes (services.common.interceptor.to_status).
 Admission (limits in ServingSettings) keeps any caller from starving the others, and never queues silently:
 * unary calls: at most ``max_calls`` in flight, plus ``reserved_calls`` that only the *reserved*
   methods may use (node heartbeats, event appends: what keeps jobs alive and moving), so user
-  traffic can never take the capacity the control plane needs. A full server answers
+  traffic can never take the capacity the control plane needs; of ``max_calls``, the *long*
+  methods (minutes of work) hold at most ``max_long_calls``. A full server answers
   RESOURCE_EXHAUSTED at once;
 * streams: at most ``max_streams_per_principal`` open per authenticated principal, and
   ``max_open_streams_per_peer`` per client host for the open services (health ``Watch``,
@@ -64,19 +65,29 @@ class _Admission:
         self.limits = limits
         self.calls = 0
         self.reserved = 0
+        self.long = 0
         self.streams: Counter[str] = Counter()  # by principal name, or "peer:<host>" for open streams
 
-    def enter_call(self, reserved: bool) -> Callable[[], None] | None:
+    def enter_call(self, reserved: bool, long: bool = False) -> Callable[[], None] | None:
         if reserved and self.reserved < self.limits.reserved_calls:
             self.reserved += 1
             return self._leave_reserved
+        if long and self.long >= self.limits.max_long_calls:
+            return None
         if self.calls < self.limits.max_calls:
             self.calls += 1
+            if long:
+                self.long += 1
+                return self._leave_long
             return self._leave_call
         return None
 
     def _leave_call(self) -> None:
         self.calls -= 1
+
+    def _leave_long(self) -> None:
+        self.calls -= 1
+        self.long -= 1
 
     def _leave_reserved(self) -> None:
         self.reserved -= 1
@@ -99,8 +110,9 @@ class Gate(grpc.aio.ServerInterceptor):
     is an anonymous principal."""
 
     def __init__(self, store: TokenStore | None, access: Mapping[str, Role], reserved: Collection[str],
-                 limits: ServingSettings) -> None:
+                 limits: ServingSettings, long: Collection[str] = ()) -> None:
         self._store, self._access, self._reserved = store, dict(access), frozenset(reserved)
+        self._long = frozenset(long)
         self.admission = _Admission(limits)
 
     async def intercept_service(self, continuation: Callable[..., Awaitable[Any]], details: Any) -> Any:
@@ -134,7 +146,7 @@ class Gate(grpc.aio.ServerInterceptor):
 
     def _admitted(self, handler: Any, method: str, principal: Principal | None, open_method: bool) -> Any:
         admission, limits = self.admission, self.admission.limits
-        reserved = method in self._reserved
+        reserved, long = method in self._reserved, method in self._long
 
         def stream_ticket(context: grpc.aio.ServicerContext) -> Callable[[], None] | None:
             if open_method:
@@ -147,10 +159,11 @@ class Gate(grpc.aio.ServerInterceptor):
             behaviour = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                leave = admission.enter_call(reserved)
+                leave = admission.enter_call(reserved, long)
                 if leave is None:
+                    what = "long calls of this kind" if long else "concurrent calls"
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                        "the server is at its limit of concurrent calls; retry with backoff")
+                                        f"the server is at its limit of {what}; retry with backoff")
                 try:
                     return await _mapped(behaviour(request, context), context)
                 finally:
@@ -173,8 +186,12 @@ class Gate(grpc.aio.ServerInterceptor):
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 leave = await stream_admission(context)
                 try:
-                    async for item in _mapped_stream(streaming(request, context), context):
+                    async for item in streaming(request, context):
                         yield item
+                except grpc.aio.AbortError:
+                    raise
+                except Exception as exc:
+                    await context.abort_with_status(rpc_status.to_status(to_status(exc)))
                 finally:
                     leave()
             wrapped: Callable[..., Any] = stream
@@ -187,7 +204,7 @@ class Gate(grpc.aio.ServerInterceptor):
                     leave()
             wrapped = writer
         make = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
-        return make(wrapped, handler.request_deserializer, handler.response_serializer)
+        return make(wrapped, handler.request_deserializer, _bytes_as_is(handler.response_serializer))
 
 
 async def _mapped(result: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -199,14 +216,12 @@ async def _mapped(result: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort_with_status(rpc_status.to_status(to_status(exc)))
 
 
-async def _mapped_stream(items: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-    try:
-        async for item in items:
-            yield item
-    except grpc.aio.AbortError:
-        raise
-    except Exception as exc:
-        await context.abort_with_status(rpc_status.to_status(to_status(exc)))
+def _bytes_as_is(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """A stream may yield messages already serialized (one event sent to many watchers is
+    serialized once): bytes pass as they are."""
+    if serializer is None:
+        return None
+    return lambda message: message if isinstance(message, bytes) else serializer(message)
 
 
 def _refusing(handler: Any, code: grpc.StatusCode, message: str) -> Any:

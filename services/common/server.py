@@ -110,20 +110,22 @@ def create_server(
     security: SecuritySettings,
     serving: ServingSettings,
     reserved: Collection[str] = (),
+    long: Collection[str] = (),
     executors: Executors | None = None,
 ) -> tuple[AsyncServer, int, health.aio.HealthServicer]:
     """Builds a ready-to-start asyncio server bound to `address` ("host:0" picks a free port),
     every call going through services.common.gate (authentication, admission, error mapping).
 
     `access` gives the minimum role of each full method name; `reserved` the methods with their
-    own capacity; `executors` (shut down with the server) those its servicers run blocking work
-    in. Returns the server, the bound port and its health servicer (SERVING for every service).
+    own capacity, `long` those held to `max_long_calls`; `executors` (shut down with the server)
+    those its servicers run blocking work in. Returns the server, the bound port and its health
+    servicer (SERVING for every service).
     """
     loopback = _is_loopback(address)
     store = _token_store(address, security)
     handle = AsyncServer()
 
-    handle.gate = gate = Gate(store, access, reserved, serving)
+    handle.gate = gate = Gate(store, access, reserved, serving, long)
 
     async def build() -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
         server = grpc.aio.server(interceptors=[gate], options=SERVER_OPTIONS)

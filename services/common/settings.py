@@ -60,6 +60,9 @@ class ServingSettings(BaseSettings):
     max_calls: int = Field(default=64, ge=1)
     # Further calls only the reserved methods (node heartbeats, event appends) may use.
     reserved_calls: int = Field(default=32, ge=1)
+    # Of max_calls, how many the long methods (AnalyzeTiles: up to 600 s) may hold at once, so
+    # that long calls, abandoned ones included, never take the capacity short calls need.
+    max_long_calls: int = Field(default=8, ge=1)
     # Open streams (watches) per authenticated principal.
     max_streams_per_principal: int = Field(default=4096, ge=1)
     # Open streams without a token (health Watch, reflection) per client host.

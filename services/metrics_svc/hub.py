@@ -16,6 +16,18 @@ from collections import deque
 from collections.abc import Sequence
 
 from segtrain.common.v1 import common_pb2
+from segtrain.metrics.v1 import metrics_pb2
+
+
+class Published:
+    """A persisted event as every watcher of its job receives it, serialized once for all of them
+    (the watch stream sends `wire` as is) rather than once per watcher."""
+
+    __slots__ = ("event", "wire")
+
+    def __init__(self, event: common_pb2.JobEvent) -> None:
+        self.event = event
+        self.wire = metrics_pb2.WatchJobEventsResponse(event=event).SerializeToString()
 
 
 class Subscription:
@@ -24,12 +36,12 @@ class Subscription:
     def __init__(self, job: str, capacity: int) -> None:
         self.job = job
         self._capacity = capacity
-        self._events: deque[common_pb2.JobEvent] = deque()
+        self._events: deque[Published] = deque()
         self._ready = asyncio.Event()
         self.overflowed = False
         self.closed = False  # the service is stopping: the watcher reconnects elsewhere
 
-    def push(self, events: Sequence[common_pb2.JobEvent]) -> None:
+    def push(self, events: Sequence[Published]) -> None:
         if len(self._events) + len(events) > self._capacity:
             self.overflowed = True
             self._events.clear()
@@ -41,11 +53,13 @@ class Subscription:
         self.closed = True
         self._ready.set()
 
-    async def take(self, timeout: float) -> list[common_pb2.JobEvent]:
+    async def take(self, timeout: float) -> list[Published]:
         """Waits up to `timeout` for events and returns all buffered ones (maybe none)."""
         if not self._events and not self.overflowed and not self.closed:
+            # asyncio.timeout, not wait_for: no task is created per wait (one per event per watcher).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
         self._ready.clear()
         items = list(self._events)
         self._events.clear()
@@ -72,8 +86,11 @@ class EventHub:
                 del self._subs[sub.job]
 
     def publish(self, job: str, events: Sequence[common_pb2.JobEvent]) -> None:
-        for sub in list(self._subs.get(job, ())) if events else ():
-            sub.push(events)
+        subs = list(self._subs.get(job, ())) if events else []
+        if subs:
+            published = [Published(e) for e in events]
+            for sub in subs:
+                sub.push(published)
 
     def close_all(self) -> None:
         """Ends every watch (the service is stopping): each is told to reconnect."""

@@ -30,7 +30,7 @@ from services.common.errors import (
 )
 from services.common.gate import Executors
 from services.metrics_svc import charts, repository
-from services.metrics_svc.hub import EventHub
+from services.metrics_svc.hub import EventHub, Published
 
 REPLAY_PAGE = 500
 MAX_APPEND = 1000
@@ -101,8 +101,9 @@ class MetricsService:
         return effective_epochs(epoch_events), final_state
 
     async def watch(self, job: str, after_seq: int, *, include_batch_progress: bool
-                    ) -> AsyncIterator[common_pb2.JobEvent | Heartbeat]:
-        """Replays the log after `after_seq`, then streams live events; ends after the final event.
+                    ) -> AsyncIterator[common_pb2.JobEvent | Published | Heartbeat]:
+        """Replays the log after `after_seq` (events read from the store), then streams live events
+        (as published, serialized once for every watcher); ends after the final event.
         A job with no events is NOT_FOUND, once its first event had a moment to arrive (a job just
         created has its first event on the way from the pipeline's outbox)."""
         job = names.canonical(job, names.JOBS, field="job")
@@ -128,6 +129,7 @@ class MetricsService:
                 )
             replaying = True
             while True:  # a client that leaves cancels this coroutine at its next await
+                batch: Sequence[common_pb2.JobEvent | Published]
                 if replaying:
                     batch = await self._executors.run(self._replay, job, last)
                     replaying = len(batch) == REPLAY_PAGE  # caught up once a page comes back short
@@ -144,7 +146,8 @@ class MetricsService:
                 if not batch:
                     yield Heartbeat(last)
                     continue
-                for event in batch:
+                for item in batch:
+                    event = item.event if isinstance(item, Published) else item
                     if event.seq <= last:
                         continue  # seen in the replay already
                     if event.seq > last + 1:
@@ -152,7 +155,7 @@ class MetricsService:
                         break
                     last = event.seq
                     if include_batch_progress or not event.HasField("batch_progress"):
-                        yield event
+                        yield item
                     if is_terminal(event):
                         return
         finally:

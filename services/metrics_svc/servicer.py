@@ -9,6 +9,7 @@ from segtrain.metrics.v1 import metrics_pb2 as pb
 from segtrain.metrics.v1 import metrics_pb2_grpc
 
 from services.common.auth import Role
+from services.metrics_svc.hub import Published
 from services.metrics_svc.service import Heartbeat, MetricsService
 
 # Minimum role of each RPC (services.common.auth); an RPC missing here is refused.
@@ -40,10 +41,13 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
         return pb.JobHistory(job=request.job, epochs=epochs, final_state=final_state)  # type: ignore[arg-type]
 
     async def WatchJobEvents(self, request: pb.WatchJobEventsRequest, context: grpc.aio.ServicerContext
-                             ) -> AsyncIterator[pb.WatchJobEventsResponse]:
+                             ) -> AsyncIterator[pb.WatchJobEventsResponse | bytes]:
+        """Live events go out as the hub serialized them (the gate's serializer sends bytes as is)."""
         include = request.include_batch_progress if request.HasField("include_batch_progress") else True
         async for item in self._service.watch(request.job, request.after_seq, include_batch_progress=include):
-            if isinstance(item, Heartbeat):
+            if isinstance(item, Published):
+                yield item.wire
+            elif isinstance(item, Heartbeat):
                 yield pb.WatchJobEventsResponse(heartbeat=pb.Heartbeat(last_seq=item.last_seq))
             else:
                 yield pb.WatchJobEventsResponse(event=item)

@@ -13,7 +13,7 @@ from services.common.storage import ObjectStore
 from services.pipeline_svc.resources.set_preparation import Tuning
 from services.pipeline_svc.runtime.peers import PeerStubs
 from services.pipeline_svc.service import PipelineService
-from services.pipeline_svc.servicer import ACCESS, RESERVED, PipelineServicer
+from services.pipeline_svc.servicer import ACCESS, LONG, RESERVED, PipelineServicer
 from services.pipeline_svc.tables import TABLES
 
 SERVICE_NAME = pipeline_pb2.DESCRIPTOR.services_by_name["PipelineService"].full_name
@@ -40,6 +40,7 @@ def build(settings: PipelineSettings, storage: StorageSettings, security: Securi
                                 reserved={m.rsplit("/", 1)[1] for m in RESERVED})
     server, port, health_servicer = create_server(
         settings.listen, [lambda s: pipeline_pb2_grpc.add_PipelineServiceServicer_to_server(servicer, s)],
-        [SERVICE_NAME], access=ACCESS, security=security, serving=serving, reserved=RESERVED, executors=executors,
+        [SERVICE_NAME], access=ACCESS, security=security, serving=serving, reserved=RESERVED, long=LONG,
+        executors=executors,
     )
     return server, port, health_servicer, service

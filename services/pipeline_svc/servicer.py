@@ -28,6 +28,8 @@ ACCESS = {f"/segtrain.pipeline.v1.PipelineService/{method}": role for method, ro
 }.items()}
 # Capacity user traffic cannot take (services.common.gate): nodes must stay alive under any load.
 RESERVED = {f"/segtrain.pipeline.v1.PipelineService/{m}" for m in ("RegisterTrainerNode", "HeartbeatTrainerNode")}
+# Calls that may take minutes, held to SEGTRAIN_MAX_LONG_CALLS of the user capacity.
+LONG = {"/segtrain.pipeline.v1.PipelineService/AnalyzeTiles"}
 
 
 class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):

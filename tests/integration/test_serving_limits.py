@@ -34,7 +34,7 @@ from services.common.settings import (
 )
 from services.metrics_svc import app as metrics_app
 from services.pipeline_svc import app as pipeline_app
-from services.pipeline_svc.servicer import ACCESS, RESERVED
+from services.pipeline_svc.servicer import ACCESS, LONG, RESERVED
 
 TOKENS = {role: f"token-{role.name.lower()}-0123456789" for role in Role}
 
@@ -63,6 +63,10 @@ class Held(pipeline_pb2_grpc.PipelineServiceServicer):
         self.running = 0
         self.stopped_by_cancel = 0
         self._lock = threading.Lock()
+
+    def AnalyzeTiles(self, request: object, state: CallState) -> pipeline_pb2.AnalyzeTilesResponse:
+        self.ListPipelines(request, state)
+        return pipeline_pb2.AnalyzeTilesResponse()
 
     def ListPipelines(self, request: object, state: CallState) -> pipeline_pb2.ListPipelinesResponse:
         with self._lock:
@@ -93,7 +97,7 @@ class Gated:
 
 @pytest.fixture
 def gated(security: SecuritySettings) -> Iterator[Gated]:
-    serving = ServingSettings(max_calls=4, reserved_calls=2, blocking_threads=4, reserved_threads=1,
+    serving = ServingSettings(max_calls=4, reserved_calls=2, max_long_calls=2, blocking_threads=4, reserved_threads=1,
                               max_streams_per_principal=3, max_open_streams_per_peer=5)
     executors = Executors(serving)
     held = Held()
@@ -101,7 +105,7 @@ def gated(security: SecuritySettings) -> Iterator[Gated]:
     server, port, _ = create_server(
         "127.0.0.1:0", [lambda s: pipeline_pb2_grpc.add_PipelineServiceServicer_to_server(blocking, s)],
         ["segtrain.pipeline.v1.PipelineService"], access=ACCESS, security=security, serving=serving,
-        reserved=RESERVED, executors=executors)
+        reserved=RESERVED, long=LONG, executors=executors)
     server.start()
     try:
         yield Gated(server, f"127.0.0.1:{port}", held)
@@ -135,6 +139,26 @@ def test_a_full_server_refuses_at_once_and_keeps_the_reserved_capacity(gated: Ga
         gated.servicer.release.set()
         assert all(f.result(timeout=10) is not None for f in pending)
     wait_until(lambda: gated.server.gate.admission.calls == 0)  # type: ignore[union-attr]
+
+
+def test_long_calls_hold_only_their_share_and_short_calls_keep_the_rest(gated: Gated) -> None:
+    with grpc.insecure_channel(gated.address) as channel:
+        stub = pipeline_pb2_grpc.PipelineServiceStub(channel)
+        analyses = [stub.AnalyzeTiles.future(pipeline_pb2.AnalyzeTilesRequest(), metadata=bearer(Role.TRAINER),
+                                             timeout=30) for _ in range(2)]
+        wait_until(lambda: gated.servicer.running == 2)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.AnalyzeTiles(pipeline_pb2.AnalyzeTilesRequest(), metadata=bearer(Role.TRAINER), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "long calls" in refused.value.details()
+        assert time.monotonic() - started < 1.0
+        # The other half of the capacity is the short calls': two of them run beside the long ones.
+        short = [stub.ListPipelines.future(pipeline_pb2.ListPipelinesRequest(), metadata=bearer(Role.VIEWER),
+                                           timeout=30) for _ in range(2)]
+        wait_until(lambda: gated.servicer.running == 4)
+        gated.servicer.release.set()
+        assert all(f.result(timeout=10) is not None for f in analyses + short)
+    wait_until(lambda: gated.server.gate.admission.calls == 0 and gated.server.gate.admission.long == 0)  # type: ignore[union-attr]
 
 
 def test_an_abandoned_call_stops_its_work_and_holds_its_capacity_until_it_has(gated: Gated) -> None:
