@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup gen demo test lint check-gen bench bench-atto bench-quality bench-scale bench-parallel bench-watchers bench-sets up clean
+.PHONY: setup gen demo test lint check-gen bench bench-atto bench-quality bench-scale bench-parallel bench-watchers bench-sets bench-analysis up clean
 
 # The venv is rebuilt when the requirements change. torch/torchvision are pinned in
 # requirements.txt (pip takes them from local disk here); pip never resolves an unpinned torch.
@@ -62,6 +62,10 @@ bench-watchers: setup gen
 # What creating a training set costs the pipeline service at 1,000, 4,000 and 10,000 tiles of 512² (~15 min).
 bench-sets: setup gen
 	$(BIN)/python bench/sets.py
+
+# Analysis jobs of 1,000, 4,000 and 10,000 tiles of 256² against the bare batched forward, and the node's memory.
+bench-analysis: setup gen
+	$(BIN)/python bench/analysis.py
 
 # Foreground IoU of the product with its defaults vs a bare PyTorch loop on five imaging regimes.
 bench-quality: setup gen

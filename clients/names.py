@@ -12,6 +12,7 @@ from segtrain.common.v1 import common_pb2
 PIPELINES = "pipelines"
 TRAINING_SETS = "trainingSets"
 JOBS = "jobs"
+ANALYSES = "analyses"
 MODELS = "models"
 TRAINER_NODES = "trainerNodes"
 
@@ -49,6 +50,15 @@ def training_set(id_or_name: str) -> str:
 
 def job(id_or_name: str) -> str:
     return name(JOBS, id_or_name)
+
+
+def analysis(id_or_name: str) -> str:
+    return name(ANALYSES, id_or_name)
+
+
+def run(id_or_name: str) -> str:
+    """What has an event log: an analysis job's name as it is, else a training job's."""
+    return id_or_name if id_or_name.startswith(f"{ANALYSES}/") else job(id_or_name)
 
 
 def model(id_or_name: str) -> str:

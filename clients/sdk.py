@@ -13,8 +13,11 @@ import logging
 import os
 import re
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,8 @@ def job_name(job: str) -> str:
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+# Files per CreateUpload (the service takes up to 5000), presigned PUTs in flight, retries of one.
+UPLOAD_BATCH, UPLOAD_THREADS, UPLOAD_RETRIES = 1000, 8, 5
 
 _RETRY_CONFIG = json.dumps({"methodConfig": [{
     "name": [{"service": "segtrain.pipeline.v1.PipelineService"}, {"service": "segtrain.metrics.v1.MetricsService"}],
@@ -125,17 +130,36 @@ class Client:
 
     # Files and training sets
     def upload(self, paths: Sequence[Path]) -> dict[Path, str]:
-        """Uploads files through presigned URLs; returns each path's object key."""
-        upload = self.pipeline.CreateUpload(pb.CreateUploadRequest(file_names=[p.name for p in paths]),
-                                            timeout=self.timeout)
-        keys = {}
-        for path, file in zip(paths, upload.files, strict=True):
-            request = urllib.request.Request(file.url, data=path.read_bytes(), method="PUT")
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                if response.status >= 300:
-                    raise RuntimeError(f"upload of {path.name} failed with HTTP {response.status}")
-            keys[path] = file.key
+        """Uploads files through presigned URLs, UPLOAD_BATCH per CreateUpload and UPLOAD_THREADS
+        at a time; returns each path's object key."""
+        keys: dict[Path, str] = {}
+        with ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="upload") as pool:
+            for start in range(0, len(paths), UPLOAD_BATCH):
+                batch = list(paths[start : start + UPLOAD_BATCH])
+                upload = self.pipeline.CreateUpload(pb.CreateUploadRequest(file_names=[p.name for p in batch]),
+                                                    timeout=self.timeout)
+                for path, file in zip(batch, upload.files, strict=True):
+                    keys[path] = file.key
+                list(pool.map(self._put, batch, [f.url for f in upload.files]))
         return keys
+
+    def _put(self, path: Path, url: str) -> None:
+        """One presigned PUT; a server error or a dropped connection is retried with backoff, as
+        S3 clients do (PUT is idempotent; the local stack's S3 server answers 500 to some
+        concurrent PUTs into a new folder)."""
+        data = path.read_bytes()
+        for attempt in range(UPLOAD_RETRIES + 1):
+            try:
+                request = urllib.request.Request(url, data=data, method="PUT")
+                with urllib.request.urlopen(request, timeout=self.timeout):
+                    return
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500 or attempt == UPLOAD_RETRIES:
+                    raise RuntimeError(f"upload of {path.name} failed with HTTP {exc.code}") from None
+            except (urllib.error.URLError, ConnectionError) as exc:
+                if attempt == UPLOAD_RETRIES:
+                    raise RuntimeError(f"upload of {path.name} failed: {exc}") from None
+            time.sleep(0.2 * 2**attempt)
 
     def create_training_set(
         self, name: str, tiles_dir: Path, annotations: Path, *, format: str = "masks",
@@ -246,11 +270,12 @@ class Client:
 
     def watch(self, job: str, *, after_seq: int = 0, reconnect: bool = True,
               include_batch_progress: bool = True) -> Iterator[common_pb2.JobEvent]:
-        """The job's events from after `after_seq` to its final event. On a dropped stream it
-        reconnects after the last seq it yielded, so nothing is missed or repeated."""
+        """The events of a job (or of an analysis job, by its name) from after `after_seq` to
+        its final event. On a dropped stream it reconnects after the last seq it yielded, so
+        nothing is missed or repeated."""
         last, delay = after_seq, 0.2
         while True:
-            request = metrics_pb2.WatchJobEventsRequest(job=names.job(job), after_seq=last,
+            request = metrics_pb2.WatchJobEventsRequest(job=names.run(job), after_seq=last,
                                                         include_batch_progress=include_batch_progress)
             try:
                 for item in self.metrics.WatchJobEvents(request):
@@ -280,16 +305,87 @@ class Client:
         return _all_pages(lambda token: self.pipeline.ListModels(
             pb.ListModelsRequest(page_token=token), timeout=self.timeout), "models")
 
-    def analyze(self, model: str, tiles: Sequence[Path], out_dir: Path) -> pb.AnalyzeTilesResponse:
-        """Runs the model on local images and writes `<stem>.png` class-index masks to `out_dir`."""
-        keys = self.upload(list(tiles))
-        response = self.pipeline.AnalyzeTiles(pb.AnalyzeTilesRequest(
-            model=names.model(model), image_keys=[keys[t] for t in tiles]), timeout=max(self.timeout, 600))
+    def create_analysis(self, model: str, *, tiles: Sequence[Path] = (), training_set: str = "",
+                        display_name: str = "", request_id: str = "") -> pb.AnalysisJob:
+        """Starts an analysis job of `model` on local images (uploaded first) or on a training
+        set's tiles; returns it QUEUED. Follow it with `watch` or `wait_for_analysis`."""
+        keys = self.upload(list(tiles)) if tiles else {}
+        return self.pipeline.CreateAnalysisJob(pb.CreateAnalysisJobRequest(
+            model=names.model(model), image_keys=[keys[t] for t in tiles],
+            training_set=names.training_set(training_set), display_name=display_name, request_id=request_id,
+        ), timeout=max(self.timeout, 60))
+
+    def get_analysis(self, analysis: str) -> pb.AnalysisJob:
+        return self.pipeline.GetAnalysisJob(pb.GetAnalysisJobRequest(name=names.analysis(analysis)),
+                                            timeout=self.timeout)
+
+    def list_analyses(self) -> list[pb.AnalysisJob]:
+        return _all_pages(lambda token: self.pipeline.ListAnalysisJobs(
+            pb.ListAnalysisJobsRequest(page_token=token), timeout=self.timeout), "analysis_jobs")
+
+    def cancel_analysis(self, analysis: str) -> pb.AnalysisJob:
+        return self.pipeline.CancelAnalysisJob(pb.CancelAnalysisJobRequest(name=names.analysis(analysis)),
+                                               timeout=self.timeout)
+
+    def wait_for_analysis(self, analysis: str, *, on_event: Callable[[common_pb2.JobEvent], None] | None = None
+                          ) -> pb.AnalysisJob:
+        """Follows the analysis's events to its end; returns it as it ended (any terminal state)."""
+        for event in self.watch(names.analysis(analysis)):
+            if on_event is not None:
+                on_event(event)
+        return self.get_analysis(analysis)
+
+    def analysis_tiles(self, analysis: str) -> Iterator[pb.TileAnalysis]:
+        """Every tile's result of a SUCCEEDED analysis, in input order, with its mask's URL."""
+        token = ""
+        while True:
+            page = self.pipeline.ListAnalysisTiles(pb.ListAnalysisTilesRequest(
+                name=names.analysis(analysis), page_token=token), timeout=self.timeout)
+            yield from page.tiles
+            token = page.next_page_token
+            if not token:
+                return
+
+    def download_analysis(self, analysis: pb.AnalysisJob, out_dir: Path) -> list[pb.TileAnalysis]:
+        """Writes a SUCCEEDED analysis's results to `out_dir`: `<tile>.png` class-index masks, and
+        manifest.json, tiles.csv, tiles.json, classes.csv, classes.json. Returns the tiles."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        for tile, result in zip(tiles, response.tiles, strict=True):
-            with urllib.request.urlopen(result.mask_url, timeout=self.timeout) as r:
-                (out_dir / f"{tile.stem}.png").write_bytes(r.read())
-        return response
+        results = analysis.results
+        files = {"manifest.json": results.manifest, "tiles.csv": results.tiles_csv, "tiles.json": results.tiles_json,
+                 "classes.csv": results.classes_csv, "classes.json": results.classes_json}
+        tiles = list(self.analysis_tiles(analysis.name))
+        downloads = [(f.url, out_dir / name) for name, f in files.items()]
+        downloads += [(t.mask_url, out_dir / f"{t.tile}.png") for t in tiles if t.mask_url]
+        with ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="download") as pool:
+            list(pool.map(lambda item: self._get(*item), downloads))
+        return tiles
+
+    def _get(self, url: str, path: Path) -> None:
+        with urllib.request.urlopen(url, timeout=self.timeout) as response:
+            path.write_bytes(response.read())
+
+    def analyze(self, model: str, tiles: Sequence[Path], out_dir: Path,
+                on_event: Callable[[common_pb2.JobEvent], None] | None = None) -> AnalysisResult:
+        """Runs the model on local images as an analysis job and downloads its results to
+        `out_dir` (see download_analysis). AnalysisFailedError if it did not succeed."""
+        job = self.wait_for_analysis(self.create_analysis(model, tiles=tiles).name, on_event=on_event)
+        if job.state != common_pb2.JOB_STATE_SUCCEEDED:
+            raise AnalysisFailedError(job)
+        return AnalysisResult(job, self.download_analysis(job, out_dir))
+
+
+@dataclass(frozen=True)
+class AnalysisResult:
+    """A finished analysis job and its tiles' results (masks written where `analyze` was told)."""
+
+    job: pb.AnalysisJob
+    tiles: list[pb.TileAnalysis]
+
+
+class AnalysisFailedError(RuntimeError):
+    def __init__(self, job: pb.AnalysisJob) -> None:
+        super().__init__(f"{job.name} {names.state_name(job.state)}: {job.failure_reason}")
+        self.job = job
 
 
 FORMATS = {

@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TextIO, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -78,6 +78,14 @@ cmd_architectures_list = _listing("architectures", lambda c: c.list_architecture
 cmd_sets_list = _listing("training_sets", lambda c: c.list_training_sets(), _training_set_row)
 cmd_jobs_list = _listing("jobs", lambda c: c.list_jobs(), _job_row)
 cmd_models_list = _listing("models", lambda c: c.list_models(), _model_row)
+
+
+def _analysis_row(a: pb.AnalysisJob) -> str:
+    return (f"{a.name:26} {state_name(a.state):11} {a.progress.tiles_done:>7}/{a.tile_count:<7} tiles  {a.model:24} "
+            f"{a.training_set or 'uploaded tiles'}")
+
+
+cmd_analyses_list = _listing("analysis_jobs", lambda c: c.list_analyses(), _analysis_row)
 
 
 def cmd_sets_create(args: argparse.Namespace, client: Client) -> int:
@@ -186,6 +194,7 @@ def _epoch_line(m: common_pb2.EpochMetrics) -> str:
 
 
 def cmd_jobs_watch(args: argparse.Namespace, client: Client) -> int:
+    """Follows a job or an analysis job; exit status 0 if it SUCCEEDED."""
     view = WatchView(live=sys.stdout.isatty() and not args.json)
     final = 0
     for event in client.watch(args.job, after_seq=args.after_seq):
@@ -203,9 +212,10 @@ class WatchView:
     """Human output of `jobs watch`: a table of epochs that fills in, state changes and advice,
     and (on a terminal) a live progress bar with ETA on the last line."""
 
-    def __init__(self, live: bool) -> None:
+    def __init__(self, live: bool, stream: TextIO | None = None) -> None:
         self._live = live
         self._bar = ""
+        self._stream = stream or sys.stdout
 
     def show(self, event: common_pb2.JobEvent) -> None:
         kind = event.WhichOneof("payload")
@@ -221,26 +231,27 @@ class WatchView:
             self._print(line)
         if self._live and event.HasField("progress"):
             self._bar = progress_bar(event.progress)
-            print(f"\r\x1b[2K{self._bar}", end="", flush=True)
+            print(f"\r\x1b[2K{self._bar}", end="", flush=True, file=self._stream)
 
     def _print(self, line: str) -> None:
         if self._live and self._bar:
-            print("\r\x1b[2K", end="")
-        print(line, flush=True)
+            print("\r\x1b[2K", end="", file=self._stream)
+        print(line, flush=True, file=self._stream)
         if self._live and self._bar:
-            print(self._bar, end="", flush=True)
+            print(self._bar, end="", flush=True, file=self._stream)
 
     def close(self) -> None:
         if self._live and self._bar:
-            print()
+            print(file=self._stream)
 
 
 def progress_bar(p: common_pb2.Progress, width: int = 30) -> str:
     filled = int(width * p.percent / 100)
     eta = f" ETA {_duration(p.eta.ToTimedelta().total_seconds())}" if p.HasField("eta") else ""
     phase = common_pb2.Phase.Name(p.phase).removeprefix("PHASE_").lower().replace("_", " ")  # type: ignore[arg-type]
-    return (f"[{'#' * filled}{'.' * (width - filled)}] {p.percent:5.1f}%  epoch {p.epoch}/{p.epochs}  "
-            f"batch {p.batch}/{p.batches}  {phase}  elapsed {_duration(p.elapsed.ToTimedelta().total_seconds())}{eta}")
+    where = f"tiles {p.tiles_done}/{p.tiles}" if p.tiles else f"epoch {p.epoch}/{p.epochs}  batch {p.batch}/{p.batches}"
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {p.percent:5.1f}%  {where}  "
+            f"{phase}  elapsed {_duration(p.elapsed.ToTimedelta().total_seconds())}{eta}")
 
 
 def _duration(seconds: float) -> str:
@@ -289,17 +300,60 @@ def cmd_jobs_chart(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_analyses_create(args: argparse.Namespace, client: Client) -> int:
+    """Starts an analysis job; unless --no-wait, follows it (progress on stderr) and, with --out,
+    downloads its masks and statistics. Exit status 1 if it did not succeed."""
+    tiles = []
+    if args.tiles:
+        tiles = sorted(p for p in Path(args.tiles).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not tiles:
+            raise SystemExit(f"no images (png, jpg, tif) in {args.tiles}")
+    job = client.create_analysis(args.model, tiles=tiles, training_set=args.training_set or "")
+    if args.no_wait:
+        _out(args, job, job.name)
+        return 0
+    print(f"{job.name}: {job.tile_count} tiles queued", file=sys.stderr, flush=True)
+    view = WatchView(live=sys.stderr.isatty() and not args.json, stream=sys.stderr)
+    job = client.wait_for_analysis(job.name, on_event=view.show)
+    view.close()
+    return _show_analysis(args, client, job, Path(args.out) if args.out else None)
+
+
 def cmd_analyze(args: argparse.Namespace, client: Client) -> int:
-    tiles = sorted(p for p in Path(args.tiles).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not tiles:
-        raise SystemExit(f"no images (png, jpg, tif) in {args.tiles}")
-    response = client.analyze(args.model, tiles, Path(args.out))
-    lines = [f"{len(response.tiles)} masks written to {args.out} (analysis {response.analysis_id})"]
-    for t in response.tiles:
-        areas = ", ".join(f"{c.class_name} {100 * c.fraction:.1f}%" for c in t.classes)
-        lines.append(f"  {Path(t.image_key).stem}: {areas}")
-    _out(args, response, "\n".join(lines))
+    """`analyses create --out` under its first name."""
+    args.training_set, args.no_wait = "", False
+    return cmd_analyses_create(args, client)
+
+
+def cmd_analyses_get(args: argparse.Namespace, client: Client) -> int:
+    return _show_analysis(args, client, client.get_analysis(args.analysis), None)
+
+
+def cmd_analyses_cancel(args: argparse.Namespace, client: Client) -> int:
+    job = client.cancel_analysis(args.analysis)
+    _out(args, job, f"{job.name}: {state_name(job.state)}")
     return 0
+
+
+def _show_analysis(args: argparse.Namespace, client: Client, job: pb.AnalysisJob, out: Path | None) -> int:
+    """An analysis's state and, once SUCCEEDED, its per-class totals (and, with `out`, its files
+    downloaded there). Exit status 1 unless it SUCCEEDED."""
+    lines = [f"{job.name}: {state_name(job.state)}, {job.progress.tiles_done}/{job.tile_count} tiles"
+             + (f" ({job.failure_reason})" if job.failure_reason else "")]
+    data: dict[str, Any] = {"analysis": MessageToDict(job, preserving_proto_field_name=True)}
+    if job.state == common_pb2.JOB_STATE_SUCCEEDED:
+        r = job.results
+        lines.append(f"{r.tiles_analysed} tiles analysed, {r.tiles_failed} failed")
+        lines += [f"  {c.class_name:20} {100 * c.area_fraction:6.2f}% of the area  {c.object_count:>8} objects  "
+                  f"in {c.tiles_present} tiles" for c in r.classes]
+        if out is not None:
+            tiles = client.download_analysis(job, out)
+            data["tiles"] = [MessageToDict(t, preserving_proto_field_name=True) for t in tiles]
+            lines.append(f"{sum(1 for t in tiles if t.mask_uri)} masks, manifest.json, tiles.csv, tiles.json, "
+                         f"classes.csv and classes.json written to {out}")
+            lines += [f"  {t.tile}: {t.error}" for t in tiles if t.error][:20]
+    _out(args, data, "\n".join(lines))
+    return 0 if job.state == common_pb2.JOB_STATE_SUCCEEDED else 1
 
 
 def cmd_up(args: argparse.Namespace, client: Client | None) -> int:
@@ -338,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sets(_group(sub, "sets"))
     _add_jobs(_group(sub, "jobs"))
     _verb(_group(sub, "models"), "list", cmd_models_list)
+    _add_analyses(_group(sub, "analyses"))
     _add_analyze(sub)
     return parser
 
@@ -414,8 +469,25 @@ def _add_job_results(group: Verbs) -> None:
     chart.add_argument("--height", type=int, default=480)
 
 
+def _add_analyses(group: Verbs) -> None:
+    """Analysis jobs: create (and follow, and download), get, list, watch, cancel."""
+    create = _verb(group, "create", cmd_analyses_create, help="analyse tiles with a model, as a job")
+    create.add_argument("--model", required=True)
+    source = create.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tiles", help="folder of images to analyse")
+    source.add_argument("--training-set", help="analyse every tile of this training set")
+    create.add_argument("--out", help="download masks, manifest, CSV and JSON here when it succeeds")
+    create.add_argument("--no-wait", action="store_true", help="print its name and return at once, QUEUED")
+    for name, handler in (("get", cmd_analyses_get), ("cancel", cmd_analyses_cancel)):
+        _verb(group, name, handler).add_argument("analysis")
+    _verb(group, "list", cmd_analyses_list, help="list analysis jobs, newest first")
+    watch = _verb(group, "watch", cmd_jobs_watch, help="follow an analysis live until it ends")
+    watch.add_argument("job", metavar="analysis", type=names.analysis)
+    watch.add_argument("--after-seq", type=int, default=0, help="start after event N")
+
+
 def _add_analyze(verbs: Verbs) -> None:
-    analyze = _verb(verbs, "analyze", cmd_analyze, help="run a model on a folder of tiles")
+    analyze = _verb(verbs, "analyze", cmd_analyze, help="run a model on a folder of tiles (an analysis job)")
     analyze.add_argument("--model", required=True)
     analyze.add_argument("--tiles", required=True)
     analyze.add_argument("--out", required=True)

@@ -13,6 +13,7 @@ _ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 PIPELINES = "pipelines"
 TRAINING_SETS = "trainingSets"
 JOBS = "jobs"
+ANALYSES = "analyses"
 MODELS = "models"
 TRAINER_NODES = "trainerNodes"
 
@@ -59,6 +60,17 @@ def training_set(set_id: str) -> str:
 
 def job(job_id: str) -> str:
     return format_name(JOBS, job_id)
+
+
+def analysis(analysis_id: str) -> str:
+    return format_name(ANALYSES, analysis_id)
+
+
+def canonical_run(name: str, *, field: str = "name") -> str:
+    """The name of something with an event log: a training job ("jobs/{id}") or an analysis job
+    ("analyses/{id}"); a bare id is a training job's."""
+    collection = ANALYSES if name.startswith(f"{ANALYSES}/") else JOBS
+    return canonical(name, collection, field=field)
 
 
 def model(model_id: str) -> str:

@@ -40,6 +40,13 @@ LAYOUT: tuple[tuple[str, str, str], ...] = (
      "classes, normalisation, versions); its sha256 is recorded at registration and checked on every load"),
     (f"{JOBS}{{job}}/attempts/{{attempt}}/models/final.safetensors", "trainer", "weights after the last epoch"),
     (f"{ANALYSES}{{analysis_id}}/masks/{{stem}}.png", "trainer (`AnalyzeTiles`)", "predicted class-index masks"),
+    (f"{ANALYSES}{{analysis}}/inputs.jsonl", "pipeline (`CreateAnalysisJob`)",
+     "an analysis job's tiles in order, one JSON line each: `{\"tile\": name, \"image\": key}`"),
+    (f"{ANALYSES}{{analysis}}/attempts/{{attempt}}/masks/{{tile}}.png", "trainer (analysis job)",
+     "the predicted class-index mask of each tile"),
+    (f"{ANALYSES}{{analysis}}/attempts/{{attempt}}/results/{{file}}", "trainer (analysis job)",
+     "`manifest.json`, `tiles.csv`, `tiles.json`, `classes.csv`, `classes.json`, and the per-tile results in "
+     "pages of 1000 tiles (`tiles-00000.json`, ...) that `ListAnalysisTiles` reads"),
     (f"{SCRATCH}{{name}}/…", "benchmarks (`bench/`)", "probe objects of a measurement, deleted when it ends"),
 )
 
@@ -126,6 +133,39 @@ def analysis_prefix(analysis_id: str) -> str:
 def analysis_mask(analysis_prefix: str, image_key: str) -> str:
     """The mask of one analysed image: named by the image's stem (so stems must be unique)."""
     return f"{analysis_prefix}masks/{PurePosixPath(image_key).stem}.png"
+
+
+# Analysis jobs ---------------------------------------------------------------------------------
+
+def analysis_inputs(analysis_id: str) -> str:
+    return f"{analysis_prefix(analysis_id)}inputs.jsonl"
+
+
+def analysis_attempt_prefix(analysis_id: str, attempt: int) -> str:
+    """Everything one attempt of an analysis job writes lies under this prefix."""
+    if attempt < 1:
+        raise ValueError(f"attempts count from 1, got {attempt}")
+    return f"{analysis_prefix(analysis_id)}attempts/{attempt}/"
+
+
+def analysis_tile_mask(attempt_prefix: str, tile: str) -> str:
+    return f"{attempt_prefix}masks/{tile}.png"
+
+
+def analysis_result(attempt_prefix: str, file_name: str) -> str:
+    return f"{attempt_prefix}results/{file_name}"
+
+
+def check_analysis_attempt_prefix(prefix: str, *, analysis_id: str, attempt: int, field: str) -> str:
+    expected = analysis_attempt_prefix(analysis_id, attempt)
+    if prefix != expected:
+        raise InvalidArgumentError.of(field, f"must be {expected!r} for this analysis attempt, got {prefix!r}")
+    return prefix
+
+
+def check_analysis_key(key: str, *, analysis_id: str, field: str) -> str:
+    """`key` if it lies under the analysis job's own keys."""
+    return safe_key(key, field=field, prefix=analysis_prefix(analysis_id))
 
 
 # Scratch -----------------------------------------------------------------------------------------

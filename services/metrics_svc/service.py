@@ -60,7 +60,7 @@ class MetricsService:
         self._job_locks = [threading.Lock() for _ in range(64)]
 
     async def append(self, job: str, events: Sequence[common_pb2.JobEvent]) -> tuple[int, int]:
-        job = names.canonical(job, names.JOBS, field="job")
+        job = names.canonical_run(job, field="job")
         _validate_events(events)
         return await self._executors.run(self._append, job, events, asyncio.get_running_loop(), reserved=True)
 
@@ -79,7 +79,7 @@ class MetricsService:
         return last, last_source
 
     async def list_events(self, job: str, after_seq: int, page_size: int) -> tuple[list[common_pb2.JobEvent], int]:
-        job = names.canonical(job, names.JOBS, field="job")
+        job = names.canonical_run(job, field="job")
         check(_range_violations(after_seq, page_size, MAX_APPEND * 5))
         return await self._executors.run(self._list_events, job, after_seq, page_size or REPLAY_PAGE)
 
@@ -90,7 +90,7 @@ class MetricsService:
 
     async def history(self, job: str) -> tuple[list[common_pb2.EpochMetrics], int]:
         """Each epoch once: a later attempt's epoch supersedes the earlier attempt's."""
-        job = names.canonical(job, names.JOBS, field="job")
+        job = names.canonical_run(job, field="job")
         return await self._executors.run(self._history, job)
 
     def _history(self, job: str) -> tuple[list[common_pb2.EpochMetrics], int]:
@@ -106,7 +106,7 @@ class MetricsService:
         (as published, serialized once for every watcher); ends after the final event.
         A job with no events is NOT_FOUND, once its first event had a moment to arrive (a job just
         created has its first event on the way from the pipeline's outbox)."""
-        job = names.canonical(job, names.JOBS, field="job")
+        job = names.canonical_run(job, field="job")
         if after_seq < 0:
             raise InvalidArgumentError.of("after_seq", "must be >= 0")
         if self._closing:

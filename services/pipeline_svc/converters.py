@@ -5,6 +5,9 @@ analysis read the trainer's and metrics service's answers themselves, where they
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.trainer.v1 import trainer_pb2
@@ -55,6 +58,12 @@ def job_spec(request: pb.CreateJobRequest) -> domain.JobSpec:
         hyperparameters=wire.values_of(request.hyperparameters), pretrained_weights=request.pretrained_weights,
         display_name=request.display_name, request_id=request.request_id,
         processes=request.parallelism.processes, nodes=request.parallelism.nodes)
+
+
+def analysis_job_spec(request: pb.CreateAnalysisJobRequest) -> domain.AnalysisJobSpec:
+    return domain.AnalysisJobSpec(model=request.model, image_keys=list(request.image_keys),
+                                  training_set=request.training_set, pipeline=request.pipeline,
+                                  display_name=request.display_name, request_id=request.request_id)
 
 
 def node_registration(request: pb.RegisterTrainerNodeRequest) -> domain.NodeRegistration:
@@ -167,6 +176,44 @@ def analysis_message(result: domain.Analysis) -> pb.AnalyzeTilesResponse:
         ) for t in result.tiles])
 
 
+def analysis_job_message(a: domain.AnalysisJob, presign: Callable[[str], str] | None = None) -> pb.AnalysisJob:
+    """The analysis job; its results once SUCCEEDED, with download URLs when `presign` is given."""
+    job, row = a.job, a.analysis
+    message = pb.AnalysisJob(
+        name=names.analysis(job.id), pipeline=names.pipeline(job.pipeline), model=names.model(row.model),
+        training_set=names.training_set(row.training_set) if row.training_set else "", tile_count=row.tile_count,
+        state=job.state, failure_reason=job.failure_reason, attempt=job.attempt,  # type: ignore[arg-type]
+        progress=common_pb2.Progress.FromString(job.progress),
+        trainer_node=names.trainer_node(job.trainer_node) if job.trainer_node else "",
+        display_name=job.display_name, create_time=to_timestamp(job.create_time),
+        start_time=to_timestamp(job.start_time), end_time=to_timestamp(job.end_time),
+        update_time=to_timestamp(job.update_time),
+    )
+    output = common_pb2.AnalysisOutput.FromString(row.output) if row.output else None
+    if job.state == common_pb2.JOB_STATE_SUCCEEDED and output is not None:
+        message.progress.percent = 100.0
+        message.results.CopyFrom(pb.AnalysisResults(
+            tiles_analysed=output.tiles_analysed, tiles_failed=output.tiles_failed, classes=output.classes,
+            **{field: _result_file(getattr(output, field), presign)
+               for field in ("manifest", "tiles_csv", "tiles_json", "classes_csv", "classes_json")}))
+    return message
+
+
+def _result_file(artifact: common_pb2.Artifact, presign: Callable[[str], str] | None) -> pb.ResultFile:
+    return pb.ResultFile(uri=artifact.uri, url=presign(artifact.uri) if presign and artifact.uri else "",
+                         size_bytes=artifact.size_bytes, sha256=artifact.sha256)
+
+
+def analysed_tile_message(record: dict[str, Any], presign: Callable[[str], str]) -> pb.TileAnalysis:
+    """One record of an analysis's per-tile results (the trainer's pages) as the API's tile."""
+    return pb.TileAnalysis(
+        tile=record["tile"], image_key=record["image"], mask_uri=record["mask"],
+        mask_url=presign(record["mask"]) if record["mask"] else "", width=record["width"], height=record["height"],
+        error=record["error"],
+        classes=[pb.ClassArea(class_index=c["index"], class_name=c["name"], pixel_count=c["pixels"],
+                              fraction=c["fraction"], object_count=c["objects"]) for c in record["classes"]])
+
+
 def trainer_node_message(row: TrainerNodeRow, jobs: list[str]) -> pb.TrainerNode:
     return pb.TrainerNode(
         name=names.trainer_node(row.id), address=row.address, state=row.state,  # type: ignore[arg-type]
@@ -186,6 +233,18 @@ def model_ref(row: ModelRow) -> trainer_pb2.ModelRef:
     return trainer_pb2.ModelRef(name=names.model(row.id), weights_uri=finished.best_model.uri,
                                 weights_sha256=row.weights_sha256 or finished.best_model.sha256,
                                 architecture=row.architecture, class_names=row.class_names)
+
+
+def run_analysis_request(a: domain.AnalysisJob, *, model: ModelRow) -> trainer_pb2.RunJobRequest:
+    """What a node is sent to run an analysis job's attempt (one process: parallelism 1 x 1)."""
+    job = a.job
+    return trainer_pb2.RunJobRequest(
+        job=names.analysis(job.id), attempt=job.attempt, class_names=model.class_names, tile_size=model.tile_size,
+        output_prefix=object_keys.analysis_attempt_prefix(job.id, job.attempt),
+        parallelism=common_pb2.Parallelism(processes=1, nodes=1),
+        analysis=trainer_pb2.AnalysisTask(model=model_ref(model), inputs_uri=a.analysis.inputs_uri,
+                                          tile_count=a.analysis.tile_count),
+    )
 
 
 def run_job_request(job: JobRow, *, training_set: TrainingSetRow, tile_size: int, tiles: list[TileRow],

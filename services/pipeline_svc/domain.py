@@ -19,7 +19,7 @@ from datetime import datetime
 
 from segtrain.common.v1 import common_pb2
 
-from services.pipeline_svc.tables import JobRow
+from services.pipeline_svc.tables import AnalysisRow, JobRow
 
 Hyperparameters = Mapping[str, object]
 
@@ -126,6 +126,24 @@ class Analysis:
     trainer_node: str
     class_names: list[str]
     tiles: list[AnalysedTile]
+
+
+@dataclass(frozen=True)
+class AnalysisJobSpec:
+    model: str
+    image_keys: list[str] = field(default_factory=list)
+    training_set: str = ""
+    pipeline: str = ""
+    display_name: str = ""
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class AnalysisJob:
+    """An analysis job: its life (the job row) and what it analyses and produced."""
+
+    job: JobRow
+    analysis: AnalysisRow
 
 
 @dataclass(frozen=True)

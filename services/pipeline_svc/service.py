@@ -13,11 +13,13 @@ from sqlalchemy.engine import Engine
 from segcore import catalogue
 from services.common import names
 from services.common.database import session_scope
-from services.common.storage import ObjectStore
+from services.common.storage import PRESIGNED_URL_LIFETIME, ObjectStore
 from services.pipeline_svc import domain
 from services.pipeline_svc.resources import (
+    analyses,
     comparison,
     jobs,
+    lifecycle,
     models,
     pipelines,
     set_preparation,
@@ -127,15 +129,15 @@ class PipelineService:
         self.scheduler.wake()
         return job
 
-    def cancel_job(self, name: str, *, stop_early: bool) -> JobRow:
+    def cancel_job(self, name: str, *, stop_early: bool, kind: str = jobs.TRAINING) -> JobRow:
         with session_scope(self.engine) as session:
-            job, node_id = jobs.request_cancel(session, name=name, stop_early=stop_early)
+            job, node_id = jobs.request_cancel(session, name=name, stop_early=stop_early, kind=kind)
         self._outbox_relay.wake()
         if node_id:
             with session_scope(self.engine) as session:
                 node = session.get(TrainerNodeRow, node_id)
             if node is not None:
-                self.peers.stop_job_on(node.address, job=names.job(job.id), stop_early=stop_early)
+                self.peers.stop_job_on(node.address, job=lifecycle.log_name(job), stop_early=stop_early)
         return job
 
     def compare_jobs(self, job_names: list[str]) -> domain.Comparison:
@@ -160,6 +162,37 @@ class PipelineService:
         return analysis.analyze_tiles(self.engine, self.store, self.peers, model=model, image_keys=image_keys,
                                       is_active=is_active)
 
+    # Analysis jobs
+    def create_analysis(self, spec: domain.AnalysisJobSpec) -> domain.AnalysisJob:
+        created = analyses.create_analysis(self.engine, self.store, spec)
+        self._outbox_relay.wake()
+        self.scheduler.wake()
+        return created
+
+    def get_analysis(self, name: str) -> domain.AnalysisJob:
+        with session_scope(self.engine) as session:
+            return analyses.get_analysis(session, name=name)
+
+    def list_analyses(self, *, pipeline: str, page_size: int, page_token: str
+                      ) -> tuple[list[domain.AnalysisJob], str]:
+        with session_scope(self.engine) as session:
+            return analyses.list_analyses(session, pipeline=pipeline, page_size=page_size, page_token=page_token)
+
+    def cancel_analysis(self, name: str) -> domain.AnalysisJob:
+        job = self.cancel_job(name, stop_early=False, kind=jobs.ANALYSIS)
+        with session_scope(self.engine) as session:
+            return analyses.get_analysis(session, name=names.analysis(job.id))
+
+    def analysis_tiles(self, name: str, *, page_token: str) -> tuple[list[dict], str]:  # type: ignore[type-arg]
+        """One page of a SUCCEEDED analysis's per-tile records (read from its results in storage)."""
+        with session_scope(self.engine) as session:
+            found = analyses.get_analysis(session, name=name)
+        return analyses.tile_page(self.store, found, page_token)
+
+    def presign(self, key: str) -> str:
+        """A download URL of one of the service's objects."""
+        return self.store.presign_get(key, PRESIGNED_URL_LIFETIME)
+
     # Trainer nodes
     def register_node(self, registration: domain.NodeRegistration) -> TrainerNodeRow:
         with session_scope(self.engine) as session:
@@ -173,5 +206,5 @@ class PipelineService:
 
     def list_nodes(self) -> list[tuple[TrainerNodeRow, list[str]]]:
         with session_scope(self.engine) as session:
-            return [(row, [names.job(j.id) for j in nodes.jobs_on_node(session, node_id=row.id)])
+            return [(row, [lifecycle.log_name(j) for j in nodes.jobs_on_node(session, node_id=row.id)])
                     for row in nodes.list_nodes(session)]

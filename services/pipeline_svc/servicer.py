@@ -23,7 +23,9 @@ ACCESS = {f"/segtrain.pipeline.v1.PipelineService/{method}": role for method, ro
     "GetTrainingSet": Role.VIEWER, "ListTrainingSets": Role.VIEWER, "CreateJob": Role.TRAINER,
     "GetJob": Role.VIEWER, "ListJobs": Role.VIEWER, "StartJob": Role.TRAINER, "CancelJob": Role.TRAINER,
     "CompareJobs": Role.VIEWER, "GetModel": Role.VIEWER, "ListModels": Role.VIEWER,
-    "AnalyzeTiles": Role.TRAINER, "RegisterTrainerNode": Role.ADMIN, "HeartbeatTrainerNode": Role.ADMIN,
+    "AnalyzeTiles": Role.TRAINER, "CreateAnalysisJob": Role.TRAINER, "GetAnalysisJob": Role.VIEWER,
+    "ListAnalysisJobs": Role.VIEWER, "CancelAnalysisJob": Role.TRAINER, "ListAnalysisTiles": Role.VIEWER,
+    "RegisterTrainerNode": Role.ADMIN, "HeartbeatTrainerNode": Role.ADMIN,
     "ListTrainerNodes": Role.ADMIN, "GetServiceInfo": Role.VIEWER,
 }.items()}
 # Capacity user traffic cannot take (services.common.gate): nodes must stay alive under any load.
@@ -96,6 +98,25 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
         result = self._s.analyze_tiles(model=request.model, image_keys=list(request.image_keys),
                                        is_active=context.is_active)
         return converters.analysis_message(result)
+
+    def CreateAnalysisJob(self, request: pb.CreateAnalysisJobRequest, context: Ctx) -> pb.AnalysisJob:
+        return converters.analysis_job_message(self._s.create_analysis(converters.analysis_job_spec(request)))
+
+    def GetAnalysisJob(self, request: pb.GetAnalysisJobRequest, context: Ctx) -> pb.AnalysisJob:
+        return converters.analysis_job_message(self._s.get_analysis(request.name), self._s.presign)
+
+    def ListAnalysisJobs(self, request: pb.ListAnalysisJobsRequest, context: Ctx) -> pb.ListAnalysisJobsResponse:
+        found, token = self._s.list_analyses(**_page_of_pipeline(request))
+        return pb.ListAnalysisJobsResponse(analysis_jobs=[converters.analysis_job_message(a) for a in found],
+                                           next_page_token=token)
+
+    def CancelAnalysisJob(self, request: pb.CancelAnalysisJobRequest, context: Ctx) -> pb.AnalysisJob:
+        return converters.analysis_job_message(self._s.cancel_analysis(request.name))
+
+    def ListAnalysisTiles(self, request: pb.ListAnalysisTilesRequest, context: Ctx) -> pb.ListAnalysisTilesResponse:
+        records, token = self._s.analysis_tiles(request.name, page_token=request.page_token)
+        return pb.ListAnalysisTilesResponse(
+            tiles=[converters.analysed_tile_message(r, self._s.presign) for r in records], next_page_token=token)
 
     def RegisterTrainerNode(self, request: pb.RegisterTrainerNodeRequest, context: Ctx) -> pb.TrainerNode:
         return converters.trainer_node_message(self._s.register_node(converters.node_registration(request)), [])

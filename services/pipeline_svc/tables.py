@@ -70,9 +70,13 @@ class TileRow(SQLModel, table=True):
 
 
 class JobRow(SQLModel, table=True):
+    """A training job, or an analysis job (`kind`; its inputs and results in AnalysisRow): both
+    share the state machine, scheduling, attempts, relay and event log."""
+
     __tablename__ = "jobs"
 
     id: str = Field(primary_key=True, max_length=63)
+    kind: str = Field(default="training", max_length=16, index=True, sa_column_kwargs={"server_default": "training"})
     display_name: str = ""
     pipeline: str = Field(index=True)
     training_set: str
@@ -135,6 +139,21 @@ class ModelRow(SQLModel, table=True):
     create_time: datetime = Field(default_factory=utcnow)
 
 
+class AnalysisRow(SQLModel, table=True):
+    """What an analysis job analyses and what it produced (its life is its JobRow's, same id)."""
+
+    __tablename__ = "analyses"
+
+    id: str = Field(primary_key=True, foreign_key="jobs.id", max_length=63)
+    model: str = Field(index=True)
+    training_set: str = ""  # the set whose tiles it analyses, if any
+    tile_count: int
+    # Object key of the inputs (JSON lines {"tile", "image"}), written when it was created.
+    inputs_uri: str
+    # Serialized segtrain.common.v1.AnalysisOutput of the attempt that succeeded (empty until then).
+    output: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
+
+
 class TrainerNodeRow(SQLModel, table=True):
     __tablename__ = "trainer_nodes"
 
@@ -166,4 +185,4 @@ class OutboxRow(SQLModel, table=True):
     park_reason: str = Field(default="", sa_column_kwargs={"server_default": ""})
 
 
-TABLES = [PipelineRow, TrainingSetRow, TileRow, JobRow, ModelRow, TrainerNodeRow, OutboxRow]
+TABLES = [PipelineRow, TrainingSetRow, TileRow, JobRow, ModelRow, AnalysisRow, TrainerNodeRow, OutboxRow]

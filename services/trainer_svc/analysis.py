@@ -27,6 +27,15 @@ CACHED_MODELS = 2
 BATCH = 8  # tiles per forward pass (those that fit one window and share a shape)
 
 
+def load_analysis_model(data: bytes, device: str | None) -> tuple[torch.nn.Module, ModelMeta]:
+    """An exported model (already checked against its sha256), in eval mode on its device (None:
+    CUDA when available, as for training)."""
+    model, meta = checkpoint.load_model(data)
+    model.eval()
+    model.to(resolve_device(device))
+    return model, meta
+
+
 class Analyzer:
     """Runs analyses as a pipeline: a pool of I/O threads fetches and decodes the next tiles and
     encodes and stores finished masks while one long-lived inference thread runs batched forwards
@@ -103,9 +112,7 @@ class Analyzer:
                 return self._models[cache_key]
         object_keys.check_model_key(ref.weights_uri, field="model.weights_uri")
         data = verified(self._store.get(ref.weights_uri), key=ref.weights_uri, sha256=ref.weights_sha256)
-        model, meta = checkpoint.load_model(data)
-        model.eval()
-        model.to(resolve_device(self._device))  # None: CUDA when available, as for training
+        model, meta = load_analysis_model(data, self._device)
         with self._lock:
             self._models[cache_key] = (model, meta)
             while len(self._models) > CACHED_MODELS:

@@ -149,7 +149,7 @@ def _record_initialisation(run: JobRun, how: str, code: str, message: str) -> No
     run.emit(S.JobEvent(warning=S.Warning(code=code, message=message)))
 
 
-def _failure(job: str, exc: Exception) -> common_pb2.JobFinished:
+def failure_of(job: str, exc: Exception) -> common_pb2.JobFinished:
     """A failed attempt's report. Out of memory and bad data or parameters say what to change
     (the pipeline does not retry a FAILED attempt: the same inputs would fail again); anything
     else is an internal error, logged under an incident id the reason carries."""
@@ -208,8 +208,8 @@ class JobExecutor:
         """Runs the attempt to its end; always finishes the run's log with a `finished` event."""
         try:
             finished = self._train(run, request, self._config(request))
-        except Exception as exc:  # every failure ends the attempt; _failure says what to change
-            finished = _failure(request.job, exc)
+        except Exception as exc:  # every failure ends the attempt; failure_of says what to change
+            finished = failure_of(request.job, exc)
         finally:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the device's memory goes back with the worker

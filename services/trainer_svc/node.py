@@ -128,6 +128,9 @@ def _free_port(host: str) -> int:
 def _validate(request: trainer_pb2.RunJobRequest) -> None:
     """Every key the attempt reads lies in the layout's place for it; it writes only under its own
     attempt's prefix."""
+    if request.HasField("analysis"):
+        _validate_analysis(request)
+        return
     job_id = names.parse_name(request.job, names.JOBS, field="job")
     v = []
     if request.attempt < 1:
@@ -149,6 +152,23 @@ def _validate(request: trainer_pb2.RunJobRequest) -> None:
         object_keys.check_job_key(request.resume_checkpoint_uri, job_id=job_id, field="resume_checkpoint_uri")
     if request.HasField("from_model"):
         object_keys.check_model_key(request.from_model.weights_uri, field="from_model.weights_uri")
+
+
+def _validate_analysis(request: trainer_pb2.RunJobRequest) -> None:
+    analysis_id = names.parse_name(request.job, names.ANALYSES, field="job")
+    v = []
+    if request.attempt < 1:
+        v.append(FieldViolation("attempt", "must be >= 1"))
+    if (request.parallelism.processes or 1) != 1 or (request.parallelism.nodes or 1) != 1:
+        v.append(FieldViolation("parallelism", "an analysis runs in one process"))
+    if request.tiles:
+        v.append(FieldViolation("tiles", "an analysis reads its tiles from analysis.inputs_uri"))
+    check(v)
+    task = request.analysis
+    object_keys.check_analysis_key(task.inputs_uri, analysis_id=analysis_id, field="analysis.inputs_uri")
+    object_keys.check_model_key(task.model.weights_uri, field="analysis.model.weights_uri")
+    object_keys.check_analysis_attempt_prefix(request.output_prefix, analysis_id=analysis_id,
+                                              attempt=request.attempt, field="output_prefix")
 
 
 class Registration(threading.Thread):

@@ -53,8 +53,15 @@ class PatientStore:
     def get(self, key: str) -> bytes:
         return self._retrying(lambda: self._objects.get(key))
 
-    def put(self, key: str, data: bytes) -> None:
-        self._retrying(lambda: self._objects.put(key, data))
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self._retrying(lambda: self._objects.put(key, data, content_type=content_type))
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        """A local file, streamed (never read whole into memory)."""
+        def upload() -> None:
+            with path.open("rb") as handle:
+                self._objects.put_stream(key, handle, path.stat().st_size, content_type)
+        self._retrying(upload)
 
     def get_tile_object(self, key: str) -> bytes:
         """A tile's image or mask, from the disk cache when it holds it."""

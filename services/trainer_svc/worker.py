@@ -38,6 +38,7 @@ from services.trainer_svc.attempts import AUTHKEY_VARIABLE
 from services.trainer_svc.tile_source import DiskCache
 
 if TYPE_CHECKING:
+    from services.trainer_svc.analysis_job import AnalysisExecutor
     from services.trainer_svc.executor import JobExecutor
 
 log = logging.getLogger("segtrain.worker")
@@ -181,7 +182,9 @@ def main() -> None:
         watch.start()
     try:
         device = place.join(None if settings.device == "auto" else settings.device, settings.process_group_timeout_s)
-        _executor(settings, device, place.threads(settings.num_threads)).execute(run, request)  # type: ignore[arg-type]
+        executor = (_analyst if request.HasField("analysis") else _executor)(
+            settings, device, place.threads(settings.num_threads))
+        executor.execute(run, request)  # type: ignore[arg-type]
     finally:
         if watch is not None:
             watch.armed = False
@@ -202,6 +205,14 @@ def _executor(settings: TrainerSettings, device: str | None, num_threads: int) -
                        progress_interval_s=settings.progress_interval_s, storage_patience_s=settings.storage_patience_s,
                        data_workers=settings.data_workers, prepared_cache_mb=settings.prepared_cache_mb,
                        tile_cache=cache)
+
+
+def _analyst(settings: TrainerSettings, device: str | None, num_threads: int) -> AnalysisExecutor:
+    from services.trainer_svc.analysis_job import AnalysisExecutor
+
+    return AnalysisExecutor(ObjectStore(StorageSettings()), device=device, num_threads=num_threads,
+                            progress_interval_s=settings.progress_interval_s,
+                            storage_patience_s=settings.storage_patience_s)
 
 
 if __name__ == "__main__":

@@ -64,8 +64,19 @@ def test_every_verb_through_the_cli(stack: LocalStack, capsys: pytest.CaptureFix
     new, _ = write_sample_set(tmp_path / "new", count=2, tile_size=64, seed=22)
     analysis = run_json(capsys, "analyze", "--model", done["model"], "--tiles", str(new), "--out",
                         str(tmp_path / "out"))[0]
-    assert len(analysis["tiles"]) == 2
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in new.iterdir())
+    assert len(analysis["tiles"]) == 2 and analysis["analysis"]["state"] == "JOB_STATE_SUCCEEDED"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [p.name for p in new.iterdir()] + ["classes.csv", "classes.json", "manifest.json", "tiles.csv", "tiles.json"])
+    name = analysis["analysis"]["name"]
+    assert name in {a["name"] for a in run_json(capsys, "analyses", "list")[0]["analysis_jobs"]}
+    assert run_json(capsys, "analyses", "get", name)[0]["analysis"]["results"]["tiles_analysed"] == "2"
+    watched = run_json(capsys, "analyses", "watch", name)
+    assert watched[-1]["state_change"]["state"] == "JOB_STATE_SUCCEEDED"
+    queued = run_json(capsys, "analyses", "create", "--model", done["model"], "--training-set", "cli-cells",
+                      "--no-wait")[0]
+    assert queued["name"].startswith("analyses/") and queued["state"] == "JOB_STATE_QUEUED"
+    cancelled = run_json(capsys, "analyses", "cancel", queued["name"])[0]
+    assert cancelled["state"] in {"JOB_STATE_CANCELLED", "JOB_STATE_CANCELLING"}
 
 
 def test_bad_input_exits_non_zero_with_the_status(stack: LocalStack, capsys: pytest.CaptureFixture[str],

@@ -26,7 +26,7 @@ from services.pipeline_svc.tables import OutboxRow
 from tests.helpers import error_of, png_bytes, row_counts, upload_bytes, violation_fields, write_sample_set
 from tests.integration.conftest import MetricsServer, PipelineServer
 
-TABLES = ["pipelines", "training_sets", "tiles", "jobs", "models", "event_outbox"]
+TABLES = ["pipelines", "training_sets", "tiles", "jobs", "models", "analyses", "event_outbox"]
 
 
 def test_default_pipeline_carries_the_seed_defaults(client: Client) -> None:
@@ -211,6 +211,34 @@ BAD_REQUESTS: list[Case] = [
      grpc.StatusCode.NOT_FOUND, ""),
     ("analysis with unknown model", lambda c, ts, _: c.pipeline.AnalyzeTiles(pb.AnalyzeTilesRequest(
         model="models/nope", image_keys=["uploads/a/b.png"])), grpc.StatusCode.NOT_FOUND, ""),
+    ("analysis job of no tiles", lambda c, ts, _: c.pipeline.CreateAnalysisJob(pb.CreateAnalysisJobRequest(
+        model="models/nope")), grpc.StatusCode.INVALID_ARGUMENT, "image_keys"),
+    ("analysis job of tiles and a set", lambda c, ts, _: c.pipeline.CreateAnalysisJob(pb.CreateAnalysisJobRequest(
+        model="models/nope", image_keys=["uploads/a/b.png"], training_set=ts.name)),
+     grpc.StatusCode.INVALID_ARGUMENT, "image_keys"),
+    ("analysis job of a traversal key", lambda c, ts, _: c.pipeline.CreateAnalysisJob(pb.CreateAnalysisJobRequest(
+        model="models/nope", image_keys=["uploads/a/b.png", "uploads/../jobs/x.png"])),
+     grpc.StatusCode.INVALID_ARGUMENT, "image_keys[1]"),
+    ("analysis job of two tiles of one name", lambda c, ts, _: c.pipeline.CreateAnalysisJob(
+        pb.CreateAnalysisJobRequest(model="models/nope", image_keys=["uploads/a/b.png", "uploads/c/b.tif"])),
+     grpc.StatusCode.INVALID_ARGUMENT, "image_keys[1]"),
+    ("analysis job of too many tiles", lambda c, ts, _: c.pipeline.CreateAnalysisJob(pb.CreateAnalysisJobRequest(
+        model="models/nope", image_keys=[f"uploads/u/{i}.png" for i in range(100_001)])),
+     grpc.StatusCode.INVALID_ARGUMENT, "image_keys"),
+    ("analysis job with an unknown model", lambda c, ts, _: c.pipeline.CreateAnalysisJob(
+        pb.CreateAnalysisJobRequest(model="models/nope", image_keys=["uploads/a/b.png"])),
+     grpc.StatusCode.NOT_FOUND, ""),
+    ("analysis job on a training pipeline", lambda c, ts, _: c.pipeline.CreateAnalysisJob(
+        pb.CreateAnalysisJobRequest(model="models/nope", image_keys=["uploads/a/b.png"],
+                                    pipeline="pipelines/segmentation")), grpc.StatusCode.FAILED_PRECONDITION, ""),
+    ("unknown analysis job", lambda c, ts, _: c.pipeline.GetAnalysisJob(pb.GetAnalysisJobRequest(
+        name="analyses/nope")), grpc.StatusCode.NOT_FOUND, ""),
+    ("analysis job named as a job", lambda c, ts, _: c.pipeline.GetAnalysisJob(pb.GetAnalysisJobRequest(
+        name="jobs/j-1")), grpc.StatusCode.INVALID_ARGUMENT, "name"),
+    ("tiles of an unknown analysis", lambda c, ts, _: c.pipeline.ListAnalysisTiles(pb.ListAnalysisTilesRequest(
+        name="analyses/nope")), grpc.StatusCode.NOT_FOUND, ""),
+    ("cancel an unknown analysis", lambda c, ts, _: c.pipeline.CancelAnalysisJob(pb.CancelAnalysisJobRequest(
+        name="analyses/nope")), grpc.StatusCode.NOT_FOUND, ""),
     ("bad page token", lambda c, ts, _: c.pipeline.ListJobs(pb.ListJobsRequest(page_token="garbage!")),
      grpc.StatusCode.INVALID_ARGUMENT, "page_token"),
     ("upload with a path", lambda c, ts, _: c.pipeline.CreateUpload(pb.CreateUploadRequest(
@@ -226,6 +254,7 @@ def test_bad_input_is_refused_naming_the_field_and_leaves_nothing(
 ) -> None:
     rows = row_counts(pipeline_server.database_url, TABLES)
     snapshots = set(store.list_keys("training-sets/"))
+    analyses = set(store.list_keys("analyses/"))
     error = error_of(call, client, training_set, tmp_path)
     assert error.code() == code, error.details()
     if field:
@@ -233,6 +262,7 @@ def test_bad_input_is_refused_naming_the_field_and_leaves_nothing(
     assert "Traceback" not in error.details() and "/work" not in error.details()
     assert row_counts(pipeline_server.database_url, TABLES) == rows
     assert set(store.list_keys("training-sets/")) == snapshots
+    assert set(store.list_keys("analyses/")) == analyses
 
 
 def test_internal_errors_reveal_nothing(client: Client, pipeline_server: PipelineServer,

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from segtrain.common.v1 import common_pb2
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from segcore import admission, intensity
 from services.common import names, object_keys
-from services.common.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError, check
+from services.common.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError, NotFoundError, check
 from services.common.timeutil import utcnow
 from services.pipeline_svc.domain import JobSpec
 from services.pipeline_svc.resources import hyperparameters, lifecycle, lookup, models, pipelines, training_sets
@@ -21,13 +21,24 @@ S = common_pb2
 MAX_PROCESSES, MAX_NODES = 64, 16
 
 
-def get_job(session: Session, *, name: str, field: str = "name", for_update: bool = False) -> JobRow:
-    return lookup.get_by_name(session, table=JobRow, collection=names.JOBS, name=name, field=field,
-                              for_update=for_update)
+TRAINING, ANALYSIS = "training", "analysis"  # JobRow.kind
 
 
-def list_jobs(session: Session, *, pipeline: str, page_size: int, page_token: str) -> tuple[list[JobRow], str]:
-    return lookup.list_page(session, table=JobRow, pipeline=pipeline, page_size=page_size, page_token=page_token)
+def get_job(session: Session, *, name: str, field: str = "name", for_update: bool = False,
+            kind: str = TRAINING) -> JobRow:
+    """The job of that kind (an analysis job is not a training job's resource, nor the reverse)."""
+    collection = names.ANALYSES if kind == ANALYSIS else names.JOBS
+    job = lookup.get_by_name(session, table=JobRow, collection=collection, name=name, field=field,
+                             for_update=for_update)
+    if job.kind != kind:
+        raise NotFoundError(names.format_name(collection, job.id))
+    return job
+
+
+def list_jobs(session: Session, *, pipeline: str, page_size: int, page_token: str,
+              kind: str = TRAINING) -> tuple[list[JobRow], str]:
+    return lookup.list_page(session, table=JobRow, pipeline=pipeline, page_size=page_size, page_token=page_token,
+                            where=col(JobRow.kind) == kind)
 
 
 def create_job(session: Session, *, spec: JobSpec, architectures: Collection[str]) -> JobRow:
@@ -59,7 +70,7 @@ def create_job(session: Session, *, spec: JobSpec, architectures: Collection[str
         state=S.JOB_STATE_PENDING, request_id=spec.request_id or None, normalization_reason=reason,
         processes=processes, nodes=nodes,
     )
-    _check_fits(session, job_shape(job, tile_size=pipeline.tile_size))
+    check_fits(session, job_shape(job, tile_size=pipeline.tile_size))
     for event in (S.JobEvent(state_change=S.StateChange(state=S.JOB_STATE_PENDING)),
                   S.JobEvent(warning=S.Warning(code="NORMALIZATION", message=reason))):
         lifecycle.emit_control_event(session, job=job, event=event)
@@ -92,7 +103,7 @@ def job_shape(job: JobRow, *, tile_size: int) -> admission.JobShape:
                               int(crop) if crop else None, tile_size, job.processes, job.nodes)  # type: ignore[call-overload]
 
 
-def _check_fits(session: Session, shape: admission.JobShape) -> None:
+def check_fits(session: Session, shape: admission.JobShape) -> None:
     """Admission: refuses, naming what to change, a job that no registered trainer node (lost ones
     included: they may come back) could hold. Nodes that have not said what they offer are not
     judged; nothing beyond ABSOLUTE_LIMIT_BYTES is accepted."""
@@ -154,10 +165,10 @@ def start_job(session: Session, *, name: str) -> JobRow:
     return job
 
 
-def request_cancel(session: Session, *, name: str, stop_early: bool) -> tuple[JobRow, str]:
+def request_cancel(session: Session, *, name: str, stop_early: bool, kind: str = TRAINING) -> tuple[JobRow, str]:
     """Cancels a pending/queued job at once; marks an active one CANCELLING and returns the id of
     the node that must be told (empty when nothing runs)."""
-    job = get_job(session, name=name, for_update=True)
+    job = get_job(session, name=name, for_update=True, kind=kind)
     if job.state in (S.JOB_STATE_PENDING, S.JOB_STATE_QUEUED):
         lifecycle.transition(session, job=job, to=S.JOB_STATE_CANCELLED, reason="cancelled before it ran")
         return job, ""

@@ -15,11 +15,17 @@ from services.pipeline_svc.tables import JobRow, OutboxRow
 S = common_pb2
 
 
+def log_name(job: JobRow) -> str:
+    """The job's resource name, which also names its event log: a training job's, or an
+    analysis job's (names.analysis)."""
+    return names.analysis(job.id) if job.kind == "analysis" else names.job(job.id)
+
+
 def transition(session: Session, *, job: JobRow, to: int, reason: str = "") -> None:
     """Moves `job` to state `to` and queues the state-change event; the caller commits."""
     if not job_states.can_move(job.state, to):
         raise FailedPreconditionError(
-            f"{names.job(job.id)} is {job_states.state_name(job.state)}; it cannot become {job_states.state_name(to)}"
+            f"{log_name(job)} is {job_states.state_name(job.state)}; it cannot become {job_states.state_name(to)}"
         )
     now = utcnow()
     job.state = to
@@ -36,7 +42,7 @@ def transition(session: Session, *, job: JobRow, to: int, reason: str = "") -> N
 def emit_control_event(session: Session, *, job: JobRow, event: common_pb2.JobEvent) -> None:
     """Queues a control event of the pipeline service (attempt 0) in the outbox."""
     job.control_seq += 1
-    event.job = names.job(job.id)
+    event.job = log_name(job)
     event.attempt = 0
     event.source_seq = job.control_seq
     event.event_time.FromDatetime(utcnow())

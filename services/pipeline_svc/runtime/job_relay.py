@@ -23,7 +23,7 @@ from sqlmodel import Session
 from services.common import job_states, names
 from services.common.database import session_scope
 from services.common.errors import FailedPreconditionError
-from services.pipeline_svc.resources import lifecycle, models
+from services.pipeline_svc.resources import analyses, jobs, lifecycle, models
 from services.pipeline_svc.runtime.peers import PeerStubs
 from services.pipeline_svc.tables import JobRow, TrainerNodeRow
 
@@ -44,6 +44,7 @@ class JobRelay(threading.Thread):
         self._wake_outbox = wake_outbox
         self._on_exit = on_exit
         self._call: grpc.Future | None = None
+        self._name = names.job(job_id)  # an analysis job's name instead: set by _locate
         self._interrupted = threading.Event()
 
     def run(self) -> None:
@@ -55,12 +56,15 @@ class JobRelay(threading.Thread):
                 address, attempt, after = target
                 try:
                     self._follow(address, attempt, after)
+                except _AppendRefused as refused:
+                    self._requeue(attempt, f"the metrics service refused the attempt's events ({refused})")
+                    return
                 except grpc.RpcError as exc:
                     if not self._handle_stream_error(exc, attempt):
                         return
                     self._stopping.wait(RETRY_S)
         except Exception:
-            log.exception("relay of %s failed", names.job(self.job_id))
+            log.exception("relay of %s failed", self._name)
         finally:
             self._on_exit(self.job_id)
 
@@ -78,13 +82,14 @@ class JobRelay(threading.Thread):
             job = session.get(JobRow, self.job_id)
             if job is None or job.state not in job_states.ACTIVE:
                 return None
+            self._name = lifecycle.log_name(job)
             node = session.get(TrainerNodeRow, job.trainer_node)
             if node is None:
                 return None
             return node.address, job.attempt, job.relayed_source_seq
 
     def _follow(self, address: str, attempt: int, after: int) -> None:
-        request = trainer_pb2.WatchJobRunRequest(job=names.job(self.job_id), attempt=attempt, after_source_seq=after)
+        request = trainer_pb2.WatchJobRunRequest(job=self._name, attempt=attempt, after_source_seq=after)
         call = self._peers.trainer(address).WatchJobRun(request)
         self._call = call  # type: ignore[assignment]
         if self._interrupted.is_set():  # stop() came between _locate and this call
@@ -102,11 +107,14 @@ class JobRelay(threading.Thread):
                 self._peers.metrics.AppendJobEvents(request, timeout=10)
                 return
             except grpc.RpcError as exc:
+                if exc.code() in _REFUSALS:
+                    # Retrying the same events would be refused forever and stall the job.
+                    raise _AppendRefused(f"{exc.code().name}: {exc.details()}") from None
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
                 if self._stopping.wait(RETRY_S):
                     raise
-                log.warning("metrics service unavailable; retrying append for %s", names.job(self.job_id))
+                log.warning("metrics service unavailable; retrying append for %s", self._name)
 
     def _apply(self, events: list[common_pb2.JobEvent]) -> bool:
         """Updates the job from relayed events, in one transaction; True once the job is final here."""
@@ -136,20 +144,38 @@ class JobRelay(threading.Thread):
         self._wake_outbox()
         return done
 
+    def _requeue(self, attempt: int, reason: str) -> None:
+        """Gives the attempt up: the job goes back to the queue (or FAILED after its last attempt)."""
+        log.warning("%s attempt %d: %s", self._name, attempt, reason)
+        with session_scope(self._engine) as session:
+            job = session.get(JobRow, self.job_id, with_for_update=True)
+            if job is not None and job.attempt == attempt and job.state in job_states.ACTIVE:
+                lifecycle.requeue(session, job=job, reason=reason, max_attempts=self._max_attempts)
+        self._wake_outbox()
+
     def _handle_stream_error(self, exc: grpc.RpcError, attempt: int) -> bool:
         """Whether to reconnect. A node that no longer knows the job hands it back to the queue."""
         if exc.code() == grpc.StatusCode.CANCELLED and self._stopping.is_set():
             return False
         if exc.code() == grpc.StatusCode.NOT_FOUND:
-            with session_scope(self._engine) as session:
-                job = session.get(JobRow, self.job_id, with_for_update=True)
-                if job is not None and job.attempt == attempt and job.state in job_states.ACTIVE:
-                    lifecycle.requeue(session, job=job, reason="the trainer node lost the job (restarted?)",
-                                      max_attempts=self._max_attempts)
-            self._wake_outbox()
+            self._requeue(attempt, "the trainer node lost the job (restarted?)")
             return False
-        log.info("stream of %s interrupted (%s); reconnecting", names.job(self.job_id), exc.code())
+        if exc.code() in _REFUSALS:
+            self._requeue(attempt, f"the trainer node refused to stream the attempt ({exc.code().name}: "
+                                   f"{exc.details()})")
+            return False
+        log.info("stream of %s interrupted (%s); reconnecting", self._name, exc.code())
         return True
+
+
+class _AppendRefused(Exception):
+    """The metrics service refused a batch of the attempt's events for good."""
+
+
+# Answers that the same call would get again: the attempt is given up (re-queued, counting attempts).
+_REFUSALS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                       grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                       grpc.StatusCode.UNIMPLEMENTED})
 
 
 def _batches(call: Iterator[trainer_pb2.WatchJobRunResponse], most: int) -> Iterator[list[common_pb2.JobEvent]]:
@@ -218,6 +244,14 @@ def _finalise(session: Session, job: JobRow, finished: common_pb2.JobFinished, m
 
 
 def _succeed(session: Session, job: JobRow, finished: common_pb2.JobFinished) -> None:
+    if job.kind == jobs.ANALYSIS:
+        try:
+            analyses.record_output(session, job=job, output=finished.analysis)
+        except FailedPreconditionError as exc:
+            lifecycle.transition(session, job=job, to=S.JOB_STATE_FAILED, reason=f"results not kept: {exc.message}")
+            return
+        lifecycle.transition(session, job=job, to=S.JOB_STATE_SUCCEEDED)
+        return
     try:
         models.register_model(session, job=job, finished=finished)
     except FailedPreconditionError as exc:

@@ -12,6 +12,7 @@ from services.common import job_states, names
 from services.common.errors import FieldViolation, check
 from services.common.timeutil import as_utc, utcnow
 from services.pipeline_svc.domain import HeartbeatAnswer, NodeHeartbeat, NodeRegistration
+from services.pipeline_svc.resources import lifecycle
 from services.pipeline_svc.resources.jobs import MAX_PROCESSES
 from services.pipeline_svc.tables import JobRow, TrainerNodeRow
 
@@ -48,7 +49,7 @@ def record_heartbeat(session: Session, *, heartbeat: NodeHeartbeat) -> Heartbeat
         return HeartbeatAnswer(known=False, stop_jobs=[])
     row.heartbeat_time, row.state = utcnow(), DRAINING if heartbeat.draining else READY
     session.add(row)
-    running = {names.job(j.id): j for j in jobs_on_node(session, node_id=node_id)}
+    running = {lifecycle.log_name(j): j for j in jobs_on_node(session, node_id=node_id)}
     # A job the node reports but no longer holds here (cancelled, re-assigned) must stop there.
     return HeartbeatAnswer(known=True, stop_jobs=[
         name for name in heartbeat.jobs if name not in running or running[name].cancel_requested])

@@ -19,7 +19,7 @@ from segcore import admission
 from services.common import job_states, names
 from services.common.database import session_scope
 from services.pipeline_svc import converters
-from services.pipeline_svc.resources import jobs, lifecycle, models, training_sets
+from services.pipeline_svc.resources import analyses, jobs, lifecycle, models, training_sets
 from services.pipeline_svc.runtime import nodes
 from services.pipeline_svc.runtime.job_relay import JobRelay
 from services.pipeline_svc.runtime.peers import PeerStubs
@@ -85,7 +85,7 @@ class Scheduler(threading.Thread):
         with session_scope(self._engine) as session:
             handed_back = nodes.jobs_on_node(session, node_id=node_id)
             for job in handed_back:
-                log.warning("trainer node %s lost; re-queueing %s", node_id, names.job(job.id))
+                log.warning("trainer node %s lost; re-queueing %s", node_id, lifecycle.log_name(job))
                 lifecycle.requeue(session, job=job, reason=f"trainer node {node_id} stopped responding",
                                   max_attempts=self._max_attempts)
         self._wake_outbox()
@@ -111,7 +111,7 @@ class Scheduler(threading.Thread):
         try:
             self._start_gang(request, members)
         except _Refused as refused:
-            log.warning("trainer node %s refused %s: %s", refused.node_id, names.job(job.id), refused.code)
+            log.warning("trainer node %s refused %s: %s", refused.node_id, lifecycle.log_name(job), refused.code)
             self._undo_assignment(job, refused)
             return False  # try again on the next pass, not in a tight loop
         self._ensure_relay(job.id)
@@ -198,6 +198,8 @@ def _placement(session: Session) -> tuple[JobRow, list[TrainerNodeRow]] | None:
 
 
 def _shape(session: Session, job: JobRow) -> admission.JobShape:
+    if job.kind == jobs.ANALYSIS:
+        return analyses.shape(job, models.get_model(session, name=job.from_model))
     pipeline = session.get(PipelineRow, job.pipeline)
     assert pipeline is not None
     return jobs.job_shape(job, tile_size=pipeline.tile_size)
@@ -205,6 +207,9 @@ def _shape(session: Session, job: JobRow) -> admission.JobShape:
 
 def _run_request(session: Session, job: JobRow) -> trainer_pb2.RunJobRequest:
     # Jobs reference rows that are never deleted; the foreign keys were checked at creation.
+    if job.kind == jobs.ANALYSIS:
+        analysis = analyses.get_analysis(session, name=names.analysis(job.id))
+        return converters.run_analysis_request(analysis, model=models.get_model(session, name=job.from_model))
     training_set = training_sets.get_training_set(session, name=job.training_set)
     pipeline = session.get(PipelineRow, job.pipeline)
     assert pipeline is not None

@@ -1,0 +1,120 @@
+"""The control plane under what hostile or careless clients open at once (loopback, bounded): 256
+unauthenticated health Watch streams, 600 viewer watches of jobs that do not exist and 64
+AnalyzeTiles calls whose clients give up after a second. Meanwhile authenticated calls answer in
+under a second, node heartbeats keep the node alive and a job trains to the end; once the
+clients leave, the services' threads and open files are back where they were."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from segtrain.common.v1 import common_pb2
+from segtrain.metrics.v1 import metrics_pb2, metrics_pb2_grpc
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
+from segtrain.pipeline.v1 import pipeline_pb2_grpc
+
+from clients.sdk import Client
+from clients.stack import LocalStack
+from tests.e2e.conftest import wait_for_state
+from tests.helpers import write_sample_set
+
+pytestmark = pytest.mark.e2e
+S = common_pb2
+HEALTH_WATCHES, UNKNOWN_WATCHES, ABANDONED_ANALYSES = 256, 600, 64
+CLASSES = ["background", "nucleus", "debris"]
+
+
+def _usage(pid: int) -> tuple[int, int]:
+    """(threads, open file descriptors) of a process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    threads = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Threads:")))
+    return threads, len(list(Path(f"/proc/{pid}/fd").iterdir()))
+
+
+def _settled(pid: int, baseline: tuple[int, int], timeout: float = 30) -> tuple[int, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        now = _usage(pid)
+        # A few threads come and go with the executors' idle workers; nothing may stay per client.
+        if (now[0] <= baseline[0] + 4 and now[1] <= baseline[1] + 4) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.5)
+
+
+def test_hostile_clients_starve_nothing_and_leave_nothing(client: Client, stack: LocalStack, tmp_path: Path
+                                                          ) -> None:
+    tiles, masks = write_sample_set(tmp_path / "set", count=8, tile_size=64, seed=12)
+    training_set = client.create_training_set("e2e-hostile", tiles, masks, class_names=CLASSES)
+    params = S.Hyperparameters(architecture="upernet-convnext-cpu", epochs=1, batch_size=4)
+    first = client.create_job(pipeline="segmentation", training_set=training_set.name, hyperparameters=params)
+    client.start_job(first.name)
+    model = wait_for_state(client, first.name, {S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED}, 300).model
+    assert model, "the first job trained no model"
+    image_key = client.upload([sorted(tiles.iterdir())[0]]).popitem()[1]
+    pids = {name: stack.processes[name].popen.pid for name in ("pipeline", "metrics")}
+    time.sleep(1.0)
+    baseline = {name: _usage(pid) for name, pid in pids.items()}
+
+    channels = [grpc.insecure_channel(stack.pipeline_address) for _ in range(8)]
+    metrics_channels = [grpc.insecure_channel(stack.metrics_address) for _ in range(6)]
+    viewer = [("authorization", f"Bearer {stack.tokens['viewer']}")]
+    trainer = [("authorization", f"Bearer {stack.tokens['trainer']}")]
+    try:
+        health = [health_pb2_grpc.HealthStub(channels[i % 8]).Watch(health_pb2.HealthCheckRequest())
+                  for i in range(HEALTH_WATCHES)]
+        unknown = [metrics_pb2_grpc.MetricsServiceStub(metrics_channels[i % 6]).WatchJobEvents(
+            metrics_pb2.WatchJobEventsRequest(job=f"jobs/j-nothing-{i}"), metadata=viewer)
+            for i in range(UNKNOWN_WATCHES)]
+        analyses = [pipeline_pb2_grpc.PipelineServiceStub(channels[i % 8]).AnalyzeTiles.future(
+            pb.AnalyzeTilesRequest(model=model, image_keys=[image_key] * 1), metadata=trainer, timeout=1.0)
+            for i in range(ABANDONED_ANALYSES)]
+        job = client.create_job(pipeline="segmentation", training_set=training_set.name,
+                                hyperparameters=S.Hyperparameters(architecture="upernet-convnext-cpu", epochs=3,
+                                                                  batch_size=4))
+        client.start_job(job.name)
+        with Client(stack.pipeline_address, token=stack.tokens["admin"]) as admin:
+            slowest = 0.0
+            while (current := client.get_job(job.name)).state not in {S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED}:
+                for call in (lambda: client.list_pipelines(), lambda: client.get_job(job.name),
+                             lambda: admin.pipeline.ListTrainerNodes(pb.ListTrainerNodesRequest(), timeout=5)):
+                    started = time.perf_counter()
+                    call()
+                    slowest = max(slowest, time.perf_counter() - started)
+                nodes = admin.pipeline.ListTrainerNodes(pb.ListTrainerNodesRequest(), timeout=5).trainer_nodes
+                assert all(n.state == pb.TrainerNode.STATE_READY for n in nodes), [n.state for n in nodes]
+                time.sleep(0.2)
+        assert current.state == S.JOB_STATE_SUCCEEDED, current.failure_reason
+        assert slowest < 1.0, f"an authenticated call took {slowest:.2f} s under load"
+
+        for call in unknown:  # each answered at once once its grace passed, none left waiting
+            with pytest.raises(grpc.RpcError) as info:
+                list(call)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        codes = []
+        for future in analyses:
+            try:
+                future.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+        # Most never started (the long-call limit); those that did were stopped at their deadline.
+        assert set(codes) <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              grpc.StatusCode.OK}, set(codes)
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= ABANDONED_ANALYSES - 8
+        refused = 0
+        for stream in health:  # the per-host limit of open streams refused the rest at once
+            if stream.done() and stream.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                refused += 1
+        assert refused >= HEALTH_WATCHES - 32
+        for stream in health:
+            stream.cancel()
+    finally:
+        for channel in channels + metrics_channels:
+            channel.close()
+    for name, pid in pids.items():
+        after = _settled(pid, baseline[name])
+        assert after[0] <= baseline[name][0] + 4 and after[1] <= baseline[name][1] + 4, (name, baseline[name], after)
