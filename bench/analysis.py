@@ -12,12 +12,12 @@ not matter to speed), then, side by side in this run:
   storage of masks and result pages); also reported: the seconds to finalise (CSV, JSON,
   manifest) and the whole job from CreateAnalysisJob to SUCCEEDED (scheduling and the worker's
   start included). A sampler reads the trainer node's process tree PSS (node and worker) every
-  0.2 s.
+  0.25 s.
 
 Target (issue 11): at 10,000 tiles, product ≥ 0.9 × bare, with the node's peak memory not growing
 with the number of tiles.
 
-    .venv/bin/python bench/analysis.py [--sizes 1000,4000,10000] [--architecture upernet-convnext-cpu]
+    .venv/bin/python bench/analysis.py [--sizes 1000,4000,10000] [--architecture A] [--threads N]
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 from pydantic import SecretStr
-from scale import process_tree_pss_mb
+from scale import PeakSampler
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 
@@ -71,21 +70,47 @@ class SizeResult:
     finalising_s: float  # FINALISING -> SUCCEEDED
     job_s: float  # CreateAnalysisJob -> SUCCEEDED
     node_peak_pss_mb: float
+    node_cpu_ms_per_tile: float  # the node, its launcher and worker: CPU per tile over the job
+    s3_cpu_ms_per_tile: float  # the S3 server's (on the same cores here; a separate host in production)
 
     @property
     def tiles_per_s(self) -> float:
         return self.tiles / self.analysing_s
 
 
-class PeakPss(threading.Thread):
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.peak, self.running = pid, 0.0, True
+def cpu_s(pid: int) -> float:
+    """CPU seconds a process used so far (user and system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(root: int) -> list[int]:
+    found, pending = [], [root]
+    while pending:
+        pid = pending.pop()
+        found.append(pid)
+        try:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found[1:]
+
+
+class WorkerCpu(PeakSampler):
+    """The node's descendants' CPU seconds (launcher and worker), last seen before they exit."""
 
     def run(self) -> None:
+        self.peak = 0.0
         while self.running:
-            self.peak = max(self.peak, process_tree_pss_mb(self.pid))
-            time.sleep(0.2)
+            total = 0.0
+            for pid in descendants(self.pid):
+                try:
+                    total += cpu_s(pid)
+                except OSError:
+                    continue
+            self.peak = max(self.peak, total)
+            time.sleep(0.25)
 
 
 def png(array: np.ndarray) -> bytes:
@@ -151,9 +176,12 @@ def upload(client: Client, contents: list[bytes], count: int) -> list[str]:
     return keys
 
 
-def analyse(client: Client, node_pid: int, model: pb.Model, keys: list[str], upload_s: float) -> SizeResult:
-    sampler = PeakPss(node_pid)
+def analyse(client: Client, node_pid: int, s3_pid: int, model: pb.Model, keys: list[str], upload_s: float
+            ) -> SizeResult:
+    sampler, worker_cpu = PeakSampler(node_pid), WorkerCpu(node_pid)
     sampler.start()
+    worker_cpu.start()
+    cpu_before = cpu_s(node_pid), cpu_s(s3_pid)
     started = time.perf_counter()
     created = client.pipeline.CreateAnalysisJob(pb.CreateAnalysisJobRequest(model=model.name, image_keys=keys),
                                                 timeout=120)
@@ -162,29 +190,36 @@ def analyse(client: Client, node_pid: int, model: pb.Model, keys: list[str], upl
         if event.HasField("phase_change"):
             marks.setdefault(S.Phase.Name(event.phase_change.phase), time.perf_counter())
     ended = time.perf_counter()
-    sampler.running = False
+    sampler.running = worker_cpu.running = False
     sampler.join()
+    worker_cpu.join()
     done = client.get_analysis(created.name)
     assert done.state == S.JOB_STATE_SUCCEEDED, done.failure_reason
     assert done.results.tiles_analysed == len(keys), done.results
+    node_cpu = cpu_s(node_pid) - cpu_before[0] + worker_cpu.peak
+    s3_cpu = cpu_s(s3_pid) - cpu_before[1]
     return SizeResult(len(keys), upload_s, marks["PHASE_FINALISING"] - marks["PHASE_ANALYSING"],
-                      ended - marks["PHASE_FINALISING"], ended - started, sampler.peak)
+                      ended - marks["PHASE_FINALISING"], ended - started, sampler.peak,
+                      1000 * node_cpu / len(keys), 1000 * s3_cpu / len(keys))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1000,4000,10000")
     parser.add_argument("--architecture", default="upernet-convnext-cpu")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of both sides (default: the cores, what the node's worker takes)")
     args = parser.parse_args()
     sizes = sorted(int(s) for s in args.sizes.split(","))
     out = Path("bench-output/analysis")
     shutil.rmtree(out, ignore_errors=True)
-    threads = os.cpu_count() or 1  # what the node's one worker process gets (cores ÷ processes)
+    threads = args.threads or os.cpu_count() or 1  # unset: what the node's one worker gets (cores ÷ processes)
     print(f"bench-analysis: sizes {sizes}, {TILE}² tiles, {args.architecture}, {threads} threads", flush=True)
     tiles = synthetic.generate_tiles(DISTINCT, tile_size=TILE, seed=1)
     contents = [png(t.image) for t in tiles]
     results = []
-    with LocalStack(out / "stack", trainers=1) as stack, \
+    env = {"SEGTRAIN_TRAINER_NUM_THREADS": str(threads)} if args.threads else {}
+    with LocalStack(out / "stack", trainers=1, env_overrides=env) as stack, \
             Client(stack.pipeline_address, token=stack.tokens["trainer"]) as client, \
             Client(stack.pipeline_address, token=stack.tokens["admin"]) as admin:
         store = ObjectStore(StorageSettings(endpoint=stack.s3_endpoint, access_key=stack.access_key,
@@ -194,18 +229,22 @@ def main() -> int:
                          threads)
         print(f"bare batched forward: {bare:.1f} tiles/s", flush=True)
         node_pid = next(p.popen.pid for name, p in stack.processes.items() if name.startswith("trainer-"))
+        s3_pid = stack.processes["s3"].popen.pid
         for size in sizes:
             started = time.perf_counter()
             keys = upload(client, contents, size)
-            results.append(analyse(client, node_pid, model, keys, time.perf_counter() - started))
+            results.append(analyse(client, node_pid, s3_pid, model, keys, time.perf_counter() - started))
             r = results[-1]
             print(f"{size} tiles: {asdict(r)}, {r.tiles_per_s:.1f} tiles/s ({r.tiles_per_s / bare:.2f}x bare)",
                   flush=True)
     print(f"\n{'tiles':>6} {'upload s':>9} {'analysing s':>12} {'tiles/s':>8} {'x bare':>7} {'finalise s':>11} "
-          f"{'job s':>7} {'node peak PSS MB':>17}")
+          f"{'job s':>7} {'node peak PSS MB':>17} {'node CPU ms/tile':>17} {'S3 CPU ms/tile':>15}")
     for r in results:
         print(f"{r.tiles:>6} {r.upload_s:>9.0f} {r.analysing_s:>12.1f} {r.tiles_per_s:>8.1f} "
-              f"{r.tiles_per_s / bare:>7.2f} {r.finalising_s:>11.1f} {r.job_s:>7.0f} {r.node_peak_pss_mb:>17.0f}")
+              f"{r.tiles_per_s / bare:>7.2f} {r.finalising_s:>11.1f} {r.job_s:>7.0f} {r.node_peak_pss_mb:>17.0f} "
+              f"{r.node_cpu_ms_per_tile:>17.1f} {r.s3_cpu_ms_per_tile:>15.1f}")
+    print(f"bare forward: {1000 / bare:.1f} ms a tile of wall time on {threads} threads "
+          f"(at most {1000 * threads / bare:.1f} ms of CPU)")
     last = results[-1]
     ratio = last.tiles_per_s / bare
     growth = last.node_peak_pss_mb - results[0].node_peak_pss_mb

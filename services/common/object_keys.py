@@ -90,9 +90,19 @@ def job_prefix(job_id: str) -> str:
 
 def attempt_prefix(job_id: str, attempt: int) -> str:
     """Everything one attempt of a job writes lies under this prefix."""
+    return _attempt(job_prefix(job_id), attempt)
+
+
+def _attempt(owner_prefix: str, attempt: int) -> str:
     if attempt < 1:
         raise ValueError(f"attempts count from 1, got {attempt}")
-    return f"{job_prefix(job_id)}attempts/{attempt}/"
+    return f"{owner_prefix}attempts/{attempt}/"
+
+
+def _expected(prefix: str, expected: str, *, field: str, what: str) -> str:
+    if prefix != expected:
+        raise InvalidArgumentError.of(field, f"must be {expected!r} for this {what}, got {prefix!r}")
+    return prefix
 
 
 def state_checkpoint(attempt_prefix: str) -> str:
@@ -105,10 +115,7 @@ def model_weights(attempt_prefix: str, kind: ModelKind) -> str:
 
 def check_attempt_prefix(prefix: str, *, job_id: str, attempt: int, field: str) -> str:
     """`prefix` if it is the one this job attempt writes under; INVALID_ARGUMENT otherwise."""
-    expected = attempt_prefix(job_id, attempt)
-    if prefix != expected:
-        raise InvalidArgumentError.of(field, f"must be {expected!r} for this job attempt, got {prefix!r}")
-    return prefix
+    return _expected(prefix, attempt_prefix(job_id, attempt), field=field, what="job attempt")
 
 
 def check_job_key(key: str, *, job_id: str, field: str) -> str:
@@ -143,9 +150,7 @@ def analysis_inputs(analysis_id: str) -> str:
 
 def analysis_attempt_prefix(analysis_id: str, attempt: int) -> str:
     """Everything one attempt of an analysis job writes lies under this prefix."""
-    if attempt < 1:
-        raise ValueError(f"attempts count from 1, got {attempt}")
-    return f"{analysis_prefix(analysis_id)}attempts/{attempt}/"
+    return _attempt(analysis_prefix(analysis_id), attempt)
 
 
 def analysis_tile_mask(attempt_prefix: str, tile: str) -> str:
@@ -157,10 +162,7 @@ def analysis_result(attempt_prefix: str, file_name: str) -> str:
 
 
 def check_analysis_attempt_prefix(prefix: str, *, analysis_id: str, attempt: int, field: str) -> str:
-    expected = analysis_attempt_prefix(analysis_id, attempt)
-    if prefix != expected:
-        raise InvalidArgumentError.of(field, f"must be {expected!r} for this analysis attempt, got {prefix!r}")
-    return prefix
+    return _expected(prefix, analysis_attempt_prefix(analysis_id, attempt), field=field, what="analysis attempt")
 
 
 def check_analysis_key(key: str, *, analysis_id: str, field: str) -> str:
