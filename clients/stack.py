@@ -182,10 +182,11 @@ class LocalStack:
                               environment(self.trainer_settings(index + 1, 0)))
         return index, process
 
-    def restart(self, name: str) -> None:
-        """Stops a service process (SIGTERM) and starts it again on the same address."""
+    def restart(self, name: str, *, down_s: float = 0.0) -> None:
+        """Stops a service process (SIGTERM) and, `down_s` later, starts it again on the same address."""
         process = self.processes.pop(name)
         process.stop()
+        time.sleep(down_s)
         self._ready_port(self._start(name, SERVICE_COMMANDS[name]))
 
     def _start_s3(self) -> None:

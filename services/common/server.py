@@ -45,7 +45,14 @@ SERVER_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.so_reuseport", 0),
 ]
 
+RECONNECT_BACKOFF_MAX_MS = 1000
+
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    # A peer that restarts is reached again within a second of coming back (gRPC's default backoff
+    # grows to 120 s: a node would miss its lease after a pipeline restart of a few seconds).
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),

@@ -39,9 +39,10 @@ class Scheduler(threading.Thread):
         self._stopping = stopping
         self._wake_outbox = wake_outbox
         self._lost_after = timedelta(seconds=3 * heartbeat_interval_s)
-        # Nodes could not heartbeat while this service was down: judge them only after a full
-        # lease period of this process's life.
-        self._judge_nodes_after = time.monotonic() + self._lost_after.total_seconds()
+        # Nodes could not heartbeat while this service was down: judge them only after twice the
+        # lease period of this process's life (reconnecting, a node also waits out its channel's
+        # backoff; on a loaded machine its first heartbeats may take a while).
+        self._judge_nodes_after = time.monotonic() + 2 * self._lost_after.total_seconds()
         self._pending = threading.Event()
         self._relays: dict[str, JobRelay] = {}
         self._lock = threading.Lock()
