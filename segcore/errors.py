@@ -41,6 +41,10 @@ class InvalidTileError(SegcoreError, ValueError):
         super().__init__(f"tile {tile!r}: {reason}")
 
 
+class TileTooLargeError(InvalidTileError):
+    """A tile over a size limit (segcore.limits), found before the work it would cost was done."""
+
+
 class InvalidParameterError(SegcoreError, ValueError):
     """A configuration or call parameter with an unusable value."""
 

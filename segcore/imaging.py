@@ -19,22 +19,24 @@ precisely instead of failing a whole job with a library traceback.
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
-from segcore.errors import InvalidParameterError, InvalidTileError
+from segcore import limits
+from segcore.errors import InvalidParameterError, InvalidTileError, TileTooLargeError
 from segcore.intensity import IMAGENET_NORMALIZATION, Normalization, compute_normalization
 
 __all__ = [
     "IMAGENET_NORMALIZATION", "Normalization", "compute_normalization", "decode_image", "decode_mask",
-    "encode_mask_png",
+    "encode_mask_png", "image_size", "read_pixels",
 ]
 
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic + BigTIFF
-_MAX_CHANNELS = 4
 _PLANAR_CHANNELS = 8  # a first axis this short before a longer last one is channels (C x H x W)
 
 
@@ -45,18 +47,58 @@ def _is_tiff(data: bytes, name: str) -> bool:
     return data[:4] in _TIFF_MAGIC or name.lower().endswith((".tif", ".tiff"))
 
 
-def _read_array(data: bytes, name: str, *, for_mask: bool) -> np.ndarray:
-    """Raw pixel array (H x W or H x W x C) in the file's own dtype."""
+def read_pixels(data: bytes, name: str, *, max_side: int,
+                pil_array: Callable[[Image.Image], np.ndarray] | None = None) -> np.ndarray:
+    """Raw pixel array (H x W or H x W x C) in the file's own dtype, after its header has shown
+    that it fits `max_side` and the limits (segcore.limits): a small file that would decode into
+    gigabytes is refused (TileTooLargeError) before a byte of it is decompressed. `pil_array`
+    turns a decoded Pillow image into the array (default: as an image's pixels)."""
+    to_array = pil_array or (lambda img: _pil_to_array(img, for_mask=False))
     if not data:
         raise InvalidTileError(name, "file is empty")
-    try:
+    if len(data) > limits.MAX_IMAGE_BYTES:
+        raise TileTooLargeError(name, f"the file holds {len(data):,} bytes; at most {limits.MAX_IMAGE_BYTES:,}")
+    with _decoding(name):
         if _is_tiff(data, name):
-            return np.asarray(tifffile.imread(io.BytesIO(data)))
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                series = tif.series[0]
+                _check_header(name, tuple(series.shape), max_side)
+                arr = np.asarray(series.asarray())
+        else:
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                _check_header(name, (height, width, len(img.getbands())), max_side)
+                img.load()  # forces a full decode so truncated files fail here
+                arr = to_array(img)
+    if arr.size == 0:  # tifffile only logs a warning for a TIFF whose first page is missing
+        raise InvalidTileError(name, "image has no pixels (corrupt or empty file)")
+    return arr
+
+
+def image_size(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) as the file's header declares them, decoding no pixel."""
+    if not data:
+        raise InvalidTileError(name, "file is empty")
+    with _decoding(name):
+        if _is_tiff(data, name):
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                shape = tuple(tif.series[0].shape)
+                if len(shape) == 3 and shape[0] <= _PLANAR_CHANNELS < shape[-1]:
+                    shape = shape[1:]
+                return (int(shape[1]), int(shape[0])) if len(shape) >= 2 else (1, int(shape[0]))
         with Image.open(io.BytesIO(data)) as img:
-            img.load()  # forces a full decode so truncated files fail here
-            return _pil_to_array(img, for_mask=for_mask)
+            return img.size
+
+
+@contextlib.contextmanager
+def _decoding(name: str) -> Iterator[None]:
+    """Turns whatever the decoders raise for a file into InvalidTileError naming the tile."""
+    try:
+        yield
     except InvalidTileError:
         raise
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, at open: far over ours
+        raise TileTooLargeError(name, str(exc)) from exc
     except UnidentifiedImageError as exc:
         raise InvalidTileError(name, "not a recognised PNG, JPEG or TIFF image") from exc
     except (OSError, ValueError, SyntaxError) as exc:
@@ -64,6 +106,21 @@ def _read_array(data: bytes, name: str, *, for_mask: bool) -> np.ndarray:
         raise InvalidTileError(name, f"cannot decode image: {exc}") from exc
     except Exception as exc:  # tifffile raises assorted types
         raise InvalidTileError(name, f"cannot decode image: {exc}") from exc
+
+
+def _check_header(name: str, shape: tuple[int, ...], max_side: int) -> None:
+    """Refuses, from the shape the header declares, an image with a side over `max_side` (or the
+    limit), or more samples per pixel than any layout this module accepts."""
+    if len(shape) == 3 and shape[0] <= _PLANAR_CHANNELS < shape[-1]:
+        shape = (shape[1], shape[2], shape[0])  # planar (C x H x W)
+    height, width = (*shape, 1, 1)[:2]
+    side = min(max_side, limits.MAX_TILE_SIDE)
+    if max(height, width) > side:
+        raise TileTooLargeError(name, f"{width}x{height} is larger than {side}x{side}")
+    samples = int(np.prod(shape[2:], dtype=np.int64))
+    if samples > limits.MAX_CHANNELS:
+        raise InvalidTileError(name, f"has {samples} channels (shape {shape}); at most {limits.MAX_CHANNELS} are "
+                                     "supported (grey, 2-channel, RGB, RGBA): select up to 3 channels before uploading")
 
 
 def _pil_to_array(img: Image.Image, *, for_mask: bool) -> np.ndarray:
@@ -86,13 +143,14 @@ def _pil_to_array(img: Image.Image, *, for_mask: bool) -> np.ndarray:
     return np.asarray(img)
 
 
-def decode_image(data: bytes, name: str) -> np.ndarray:
+def decode_image(data: bytes, name: str, *, max_side: int = limits.MAX_TILE_SIDE) -> np.ndarray:
     """Decode PNG/JPEG/TIFF bytes to ``H x W x 3`` in the file's own pixel type and units.
 
-    Channels map as the module docstring says. Raises InvalidTileError(name, reason) for corrupt
-    data, NaN/infinite values or unsupported layouts.
+    Channels map as the module docstring says. Raises TileTooLargeError (an InvalidTileError)
+    for an image over `max_side` or the limits, judged from its header before decoding, and
+    InvalidTileError(name, reason) for corrupt data, NaN/infinite values or unsupported layouts.
     """
-    arr = _read_array(data, name, for_mask=False)
+    arr = read_pixels(data, name, max_side=max_side)
     if arr.ndim == 3 and arr.shape[0] <= _PLANAR_CHANNELS < arr.shape[-1]:
         arr = np.moveaxis(arr, 0, -1)  # planar TIFF (C x H x W)
     if arr.ndim == 2:
@@ -119,17 +177,18 @@ def _three_channels(arr: np.ndarray, name: str) -> np.ndarray:
         return np.concatenate([arr, np.zeros_like(arr[:, :, :1])], axis=2)
     if channels in (3, 4):
         return arr[:, :, :3]
-    raise InvalidTileError(name, f"has {channels} channels; at most {_MAX_CHANNELS} are supported (grey, "
+    raise InvalidTileError(name, f"has {channels} channels; at most {limits.MAX_CHANNELS} are supported (grey, "
                                  "2-channel, RGB, RGBA): select up to 3 channels before uploading")
 
 
-def decode_mask(data: bytes, name: str) -> np.ndarray:
+def decode_mask(data: bytes, name: str, *, max_side: int = limits.MAX_TILE_SIDE) -> np.ndarray:
     """Decode a PNG/TIFF label mask to int64 ``H x W`` class indices.
 
     Accepts 8/16-bit single-channel masks (palette PNGs give their indices) and
-    RGB(A) masks whose three colour channels are equal. Raises InvalidTileError.
+    RGB(A) masks whose three colour channels are equal. Raises InvalidTileError
+    (TileTooLargeError over `max_side` or the limits, before decoding).
     """
-    arr = _read_array(data, name, for_mask=True)
+    arr = read_pixels(data, name, max_side=max_side, pil_array=lambda img: _pil_to_array(img, for_mask=True))
     if arr.ndim == 3:
         if arr.shape[2] == 1:
             arr = arr[:, :, 0]

@@ -16,7 +16,8 @@ lines: severity ``error`` means the training set must be refused, ``warning`` is
 stored with it. Only bytes that cannot be decoded at all (corrupt image, invalid
 JSON, wrong top-level structure) raise ``InvalidTileError`` (per tile) or
 ``InvalidParameterError("annotations", ...)`` (single file). Issue codes:
-UNKNOWN_CLASS, BAD_CLASS_INDEX, BAD_FORMAT, SIZE_MISMATCH (errors); UNCLASSIFIED,
+UNKNOWN_CLASS, BAD_CLASS_INDEX, BAD_FORMAT, SIZE_MISMATCH, TOO_COMPLEX (errors: a shape or tile
+over segcore.limits); UNCLASSIFIED,
 UNSUPPORTED_GEOMETRY, DEGENERATE_POLYGON, OUT_OF_BOUNDS, OVERLAP, NO_ANNOTATIONS,
 NOT_ANNOTATED, UNMATCHED_ANNOTATION (warnings). Repeats of one problem in a tile
 are merged into one issue that lists where it happens.
@@ -56,6 +57,7 @@ __all__ = [
     "COLLECTION_FORMATS",
     "ERROR",
     "FORMATS",
+    "RASTER_FORMATS",
     "TILE_FORMATS",
     "UNLABELLED",
     "WARNING",
@@ -71,6 +73,7 @@ __all__ = [
 
 FORMATS = ("masks", "instance-masks", "coco", "geojson", "labeller")
 TILE_FORMATS = ("masks", "instance-masks", "geojson", "labeller")
+RASTER_FORMATS = ("masks", "instance-masks")  # label images; the others are JSON
 COLLECTION_FORMATS = ("coco", "geojson")
 
 

@@ -15,24 +15,33 @@ even-odd rule.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from segcore import limits
 from segcore.annotations.issues import ERROR, WARNING, Notes, Rendered, Skip, finish
-from segcore.annotations.raster import degenerate, outside, rasterise
+from segcore.annotations.raster import degenerate, outside, rasterise, row_crossings
 
 
 def to_ring(pairs: Iterable[Any]) -> np.ndarray:
-    """An ``N x 2`` float array of (x, y); extra values per point (GeoJSON z) are ignored."""
+    """An ``N x 2`` float array of (x, y); extra values per point (GeoJSON z) are ignored.
+    Refuses a ring over the vertex limit (reading no further) or with coordinates beyond it."""
+    most = limits.MAX_VERTICES_PER_SHAPE
     try:
-        ring = np.array([(float(p[0]), float(p[1])) for p in pairs], dtype=np.float64).reshape(-1, 2)
+        ring = np.array([(float(p[0]), float(p[1])) for p in itertools.islice(pairs, most + 1)],
+                        dtype=np.float64).reshape(-1, 2)
     except (TypeError, ValueError, IndexError, KeyError) as exc:
         raise Skip(ERROR, "BAD_FORMAT", f"coordinates are not (x, y) numbers ({exc})") from exc
+    if len(ring) > most:
+        raise Skip(ERROR, "TOO_COMPLEX", f"has more than {most:,} vertices in one ring; simplify it")
     if not np.isfinite(ring).all():
         raise Skip(ERROR, "BAD_FORMAT", "coordinates contain NaN or infinity")
+    if len(ring) and np.abs(ring).max() > limits.MAX_COORDINATE:
+        raise Skip(ERROR, "BAD_FORMAT", f"coordinates lie beyond ±{limits.MAX_COORDINATE:,.0f} pixels")
     return ring
 
 
@@ -63,10 +72,13 @@ class Canvas:
         # counts, so an overlap with an explicit background shape is reported too.
         self._painted = np.zeros((height, width), bool)
         self._overlap_noted = False
+        # What filling may still cost on this tile (segcore.limits), over all its shapes.
+        self._vertices_left = limits.MAX_VERTICES_PER_TILE
+        self._crossings_left = limits.MAX_ROW_CROSSINGS_PER_PIXEL * width * height
 
     def paint(self, shape: Shape) -> None:
         index = self._resolve(shape.label, shape.where)
-        if index is None:
+        if index is None or not self._affordable(shape):
             return
         if shape.bitmap is not None:
             self._fill(0, 0, shape.bitmap, index, shape.where)
@@ -79,6 +91,28 @@ class Canvas:
             window = rasterise(rings, self.width, self.height) if rings else None
             if window is not None:
                 self._fill(*window, index, shape.where)
+
+    def _affordable(self, shape: Shape) -> bool:
+        """Whether the shape fits what is left of the tile's budgets; if so, they pay for it."""
+        rings = [ring for piece in shape.pieces for ring in piece]
+        vertices = sum(len(ring) for ring in rings)
+        if vertices > limits.MAX_VERTICES_PER_SHAPE:
+            detail = f"has {vertices:,} vertices; at most {limits.MAX_VERTICES_PER_SHAPE:,} per shape: simplify it"
+            self.notes.add(ERROR, "TOO_COMPLEX", detail, shape.where)
+            return False
+        if vertices > self._vertices_left:
+            detail = f"the tile's shapes have more than {limits.MAX_VERTICES_PER_TILE:,} vertices: simplify them"
+            self.notes.add(ERROR, "TOO_COMPLEX", detail, shape.where)
+            return False
+        crossings = sum(row_crossings(piece, self.width, self.height) for piece in shape.pieces if piece)
+        if crossings > self._crossings_left:
+            detail = (f"filling the tile's shapes would cross more than {limits.MAX_ROW_CROSSINGS_PER_PIXEL} "
+                      "pixel rows per pixel (edges zig-zagging across the tile?): simplify them")
+            self.notes.add(ERROR, "TOO_COMPLEX", detail, shape.where)
+            return False
+        self._vertices_left -= vertices
+        self._crossings_left -= crossings
+        return True
 
     def _resolve(self, label: object, where: str) -> int | None:
         if label is None or (isinstance(label, str) and not label.strip()):

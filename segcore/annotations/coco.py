@@ -16,40 +16,53 @@ from typing import Any
 
 import numpy as np
 
+from segcore import limits
 from segcore.annotations.canvas import Shape, to_ring
 from segcore.annotations.collection import AnnotationCollection, Entry, Reader, tile_stem
 from segcore.annotations.issues import ERROR, WARNING, Notes, Skip
 from segcore.errors import InvalidParameterError
 
 
-def decode_rle_string(counts: str) -> list[int]:
+def decode_rle_string(counts: str, most: int = limits.MAX_RLE_RUNS) -> list[int]:
     """Run lengths from COCO's compressed RLE string (pycocotools ``rleFrString``).
 
     Each run is a varint of 5-bit groups, least significant first, each stored as
     ``chr(group + 48)`` so the string stays printable: bit 0x20 says another group
     follows, bit 0x10 of the last group is the sign. From the fourth run on, the
     stored value is the difference to the run two places back (so alternating
-    background/foreground runs of steady length compress well). Raises ValueError.
+    background/foreground runs of steady length compress well). Raises ValueError,
+    also for more than `most` runs or a number longer than any run of a tile can be:
+    the work is linear in the string's length.
     """
+    if len(counts) > _MAX_GROUPS * most:
+        raise ValueError(f"the string is longer than {most:,} runs can be")
     runs: list[int] = []
-    value = shift = 0
+    value = shift = groups = 0
     for pos, char in enumerate(counts):
         group = ord(char) - 48
         if not 0 <= group < 64:
             raise ValueError(f"character {char!r} at position {pos} cannot occur in a COCO RLE string")
         value |= (group & 0x1F) << shift
         shift += 5
+        groups += 1
         if group & 0x20:
+            if groups == _MAX_GROUPS:
+                raise ValueError(f"the number at position {pos} is longer than any run length")
             continue
         if group & 0x10:
             value -= 1 << shift  # sign extension, as the C code's `x |= -1 << 5*k`
         if len(runs) > 2:
             value += runs[-2]
+        if len(runs) == most:
+            raise ValueError(f"more than {most:,} runs")
         runs.append(value)
-        value = shift = 0
+        value = shift = groups = 0
     if shift:
         raise ValueError("the string ends in the middle of a number")
     return runs
+
+
+_MAX_GROUPS = 7  # 5-bit groups of one number: 35 bits hold any run of a tile (at most 2**26 pixels)
 
 
 def rle_to_mask(counts: Sequence[int], height: int, width: int) -> np.ndarray:
@@ -60,9 +73,11 @@ def rle_to_mask(counts: Sequence[int], height: int, width: int) -> np.ndarray:
     column (Fortran order), as pycocotools does. Raises ValueError unless the runs
     are non-negative integers adding up to ``height * width``.
     """
+    if len(counts) > height * width + 1:
+        raise ValueError(f"{len(counts):,} runs for {height * width:,} pixels")
     try:
         runs = np.asarray(counts, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"run lengths must be numbers ({exc})") from exc
     if runs.ndim != 1 or not np.isfinite(runs).all() or (runs < 0).any() or (runs != np.round(runs)).any():
         raise ValueError("run lengths must be a flat list of non-negative integers")
@@ -82,7 +97,7 @@ def _coco_rle(segmentation: Mapping[str, Any], width: int, height: int) -> np.nd
         raise Skip(ERROR, "SIZE_MISMATCH", detail)
     try:
         if isinstance(counts, str):
-            return rle_to_mask(decode_rle_string(counts), height, width)
+            return rle_to_mask(decode_rle_string(counts, most=height * width + 1), height, width)
         if isinstance(counts, list):
             return rle_to_mask(counts, height, width)
         raise ValueError("'counts' must be a list of run lengths or a compressed string")

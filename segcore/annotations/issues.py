@@ -69,23 +69,46 @@ class Notes:
 
     def __init__(self, tile: str) -> None:
         self.tile = tile
-        # Keyed by the whole problem, so only identical problems merge; dicts keep the
-        # order problems were first seen, which is the order they are reported in.
-        self._groups: dict[tuple[str, str, str], list[str]] = {}
+        # Keyed by the whole problem, so only identical problems merge; dicts keep the order
+        # problems were first seen, which is the order they are reported in. Each keeps the
+        # first places it happens (a dict: constant time per repeat) and counts the rest.
+        self._groups: dict[tuple[str, str, str], _Places] = {}
 
     def add(self, severity: str, code: str, detail: str, where: str = "") -> None:
-        places = self._groups.setdefault((severity, code, detail), [])
-        if where and where not in places:
-            places.append(where)
+        places = self._groups.get((severity, code, detail))
+        if places is None:
+            places = self._groups[(severity, code, detail)] = _Places()
+        if where:
+            places.add(where)
 
     def has_errors(self) -> bool:
         return any(severity == ERROR for severity, _, _ in self._groups)
 
     def issues(self) -> list[AnnotationIssue]:
         return [
-            AnnotationIssue(severity, code, self.tile, f"{short_list(places)}: {detail}" if places else detail)
+            AnnotationIssue(severity, code, self.tile, f"{places}: {detail}" if places.named else detail)
             for (severity, code, detail), places in self._groups.items()
         ]
+
+
+class _Places:
+    """Where one problem happens: the first ``_MAX_LISTED`` distinct places, and how many more."""
+
+    def __init__(self) -> None:
+        self.named: dict[str, None] = {}
+        self.more = 0
+
+    def add(self, where: str) -> None:
+        if where in self.named:
+            return
+        if len(self.named) < _MAX_LISTED:
+            self.named[where] = None
+        else:
+            self.more += 1  # places past the listed ones are counted, not told apart
+
+    def __str__(self) -> str:
+        shown = ", ".join(self.named)
+        return f"{shown} and {self.more} more" if self.more else shown
 
 
 class Skip(Exception):

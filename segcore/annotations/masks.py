@@ -10,16 +10,11 @@ reported rather than silently trained on.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-import tifffile
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from segcore import imaging
 from segcore.annotations.issues import ERROR, UNLABELLED, Notes, Rendered, finish, short_list
-from segcore.errors import InvalidTileError
-
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic + BigTIFF
 
 
 def _pil_labels(img: Image.Image) -> np.ndarray:
@@ -32,25 +27,14 @@ def _pil_labels(img: Image.Image) -> np.ndarray:
     return np.asarray(img)  # L, LA, RGB(A), I;16 (uint16), I (int32: 16/32-bit PNG), F
 
 
-def _read_image(data: bytes, tile: str) -> np.ndarray:
-    """Raw pixel array of a PNG/TIFF label image, in the file's own dtype."""
-    if not data:
-        raise InvalidTileError(tile, "file is empty")
-    try:
-        # tifffile for TIFF: Pillow misses many scientific layouts (32-bit, float, BigTIFF).
-        if data[:4] in _TIFF_MAGIC:
-            arr = np.asarray(tifffile.imread(io.BytesIO(data)))
-        else:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()  # a full decode, so truncated files fail here
-                arr = _pil_labels(img)
-    except UnidentifiedImageError as exc:
-        raise InvalidTileError(tile, "not a recognised PNG or TIFF image") from exc
-    except Exception as exc:  # Pillow and tifffile raise assorted types for corrupt data
-        raise InvalidTileError(tile, f"cannot decode image: {exc}") from exc
-    if arr.size == 0:  # tifffile only logs a warning for a TIFF whose first page is missing
-        raise InvalidTileError(tile, "image has no pixels (corrupt or empty file)")
-    return arr
+def _read_image(data: bytes, tile: str, width: int, height: int, notes: Notes) -> np.ndarray | None:
+    """Raw pixel array of a PNG/TIFF label image, in the file's own dtype; None (with a
+    SIZE_MISMATCH error) when its header shows another size than the tile's, decoding nothing."""
+    w, h = imaging.image_size(data, tile)
+    if (w, h) != (width, height):
+        notes.add(ERROR, "SIZE_MISMATCH", f"mask is {w}x{h} pixels but the image is {width}x{height}")
+        return None
+    return imaging.read_pixels(data, tile, max_side=max(width, height), pil_array=_pil_labels)
 
 
 def _labels_2d(arr: np.ndarray, notes: Notes, *, any_colour: bool) -> np.ndarray | None:
@@ -93,7 +77,8 @@ def _size_matches(labels: np.ndarray, width: int, height: int, notes: Notes) -> 
 def render_class_mask(data: bytes, tile: str, width: int, height: int, n_classes: int) -> Rendered:
     """A class-index mask file as the tile's mask; values that are no class become 255 (with an error)."""
     notes = Notes(tile)
-    labels = _labels_2d(_read_image(data, tile), notes, any_colour=False)
+    raw = _read_image(data, tile, width, height, notes)
+    labels = None if raw is None else _labels_2d(raw, notes, any_colour=False)
     if labels is None or not _size_matches(labels, width, height, notes):
         return Rendered(np.full((height, width), UNLABELLED, np.uint8), notes.issues())
     bad = ((labels < 0) | (labels >= n_classes)) & (labels != UNLABELLED)
@@ -111,7 +96,8 @@ def render_class_mask(data: bytes, tile: str, width: int, height: int, n_classes
 def render_instance_mask(data: bytes, tile: str, width: int, height: int, instance_class: int) -> Rendered:
     """An instance-label file as the tile's mask: every object in ``instance_class``, the rest background."""
     notes = Notes(tile)
-    labels = _labels_2d(_read_image(data, tile), notes, any_colour=True)
+    raw = _read_image(data, tile, width, height, notes)
+    labels = None if raw is None else _labels_2d(raw, notes, any_colour=True)
     if labels is None or not _size_matches(labels, width, height, notes):
         return Rendered(np.full((height, width), UNLABELLED, np.uint8), notes.issues())
     # Instance ids only tell objects apart; semantic training needs "object or not".

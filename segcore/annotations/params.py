@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from segcore import limits
 from segcore.annotations.issues import UNLABELLED
 from segcore.errors import InvalidParameterError
 
@@ -38,13 +39,36 @@ def check_size(width: int, height: int) -> None:
 
 
 def parse_json(data: bytes, fail: Callable[[str], Exception]) -> Any:
-    """The JSON document in ``data``; ``fail(reason)`` builds the exception raised otherwise."""
+    """The JSON document in ``data``, within the size and nesting limits (segcore.limits);
+    ``fail(reason)`` builds the exception raised otherwise."""
     if not data:
         raise fail("file is empty")
+    if len(data) > limits.MAX_JSON_BYTES:
+        raise fail(f"the file holds {len(data):,} bytes; at most {limits.MAX_JSON_BYTES:,}")
     try:
         # utf-8-sig: Windows tools often write a byte-order mark that json.loads rejects.
-        return json.loads(data.decode("utf-8-sig"))
+        doc = json.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise fail(f"not UTF-8 text: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise fail(f"not valid JSON: {exc}") from exc
+    except RecursionError:  # deeper than the interpreter's stack allows
+        raise fail(f"arrays and objects are nested more than {limits.MAX_JSON_DEPTH} deep") from None
+    if _depth_over(doc, limits.MAX_JSON_DEPTH):
+        raise fail(f"arrays and objects are nested more than {limits.MAX_JSON_DEPTH} deep")
+    return doc
+
+
+def _depth_over(doc: Any, most: int) -> bool:
+    """Whether containers nest deeper than `most` in `doc`: level by level, each value looked at
+    once, without recursion."""
+    level: list[Any] = [doc]
+    for _ in range(most):
+        deeper: list[Any] = []
+        for node in level:
+            children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+            deeper.extend(c for c in children if isinstance(c, (list, dict)))
+        if not deeper:
+            return False
+        level = deeper
+    return True

@@ -16,7 +16,13 @@ from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error
 
-from services.common.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, UnavailableError
+from services.common.errors import (
+    DomainError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
 from services.common.settings import StorageSettings
 
 log = logging.getLogger(__name__)
@@ -67,6 +73,14 @@ def _is_missing(exc: S3Error | InvalidResponseError) -> bool:
     return getattr(exc, "_code", None) == 404
 
 
+class ObjectTooLargeError(DomainError):
+    """An object larger than what its reader accepts."""
+
+    def __init__(self, key: str, size: int, limit: int, *, at_least: bool = False) -> None:
+        super().__init__(f"holds {'more than ' if at_least else ''}{size - at_least:,} bytes; at most {limit:,}")
+        self.key, self.size, self.limit = key, size, limit
+
+
 class ObjectStore:
     """A bucket on an S3 API server, with the few operations the services need."""
 
@@ -110,7 +124,9 @@ class ObjectStore:
         except urllib3.exceptions.HTTPError as exc:
             raise UnavailableError("object store unreachable") from exc
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; with `max_bytes`, ObjectTooLargeError for a larger object, judged
+        from its length before its body is read."""
         try:
             response = self._client.get_object(self.bucket, key)
         except (S3Error, InvalidResponseError) as exc:
@@ -120,7 +136,15 @@ class ObjectStore:
         except urllib3.exceptions.HTTPError as exc:
             raise UnavailableError("object store unreachable") from exc
         try:
-            return response.read()
+            if max_bytes is None:
+                return response.read()
+            declared = response.headers.get("Content-Length")
+            if declared is not None and int(declared) > max_bytes:
+                raise ObjectTooLargeError(key, int(declared), max_bytes)
+            data = response.read(max_bytes + 1)  # a server that declared no length
+            if len(data) > max_bytes:
+                raise ObjectTooLargeError(key, len(data), max_bytes, at_least=True)
+            return data
         finally:
             response.close()
             response.release_conn()

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from segtrain.trainer.v1 import trainer_pb2
 
-from segcore import checkpoint, imaging, inference
+from segcore import checkpoint, imaging, inference, limits
 from segcore.checkpoint import ModelMeta
 from segcore.config import resolve_device
 from segcore.errors import InvalidTileError
 from segcore.imaging import Normalization
 from services.common import object_keys
 from services.common.errors import CancelledError, InvalidArgumentError, NotFoundError
-from services.common.storage import ObjectStore, verified
+from services.common.storage import ObjectStore, ObjectTooLargeError, verified
 
 CACHED_MODELS = 2
 BATCH = 8  # tiles per forward pass (those that fit one window and share a shape)
@@ -86,9 +86,11 @@ class Analyzer:
     def _read(self, i: int, key: str) -> np.ndarray:
         name = PurePosixPath(key).name
         try:
-            data = self._store.get(key)
+            data = self._store.get(key, max_bytes=limits.MAX_IMAGE_BYTES)
         except NotFoundError:
             raise InvalidArgumentError.of(f"image_keys[{i}]", f"image {name!r} not found") from None
+        except ObjectTooLargeError as exc:
+            raise InvalidArgumentError.of(f"image_keys[{i}]", f"image {name!r} {exc.message}") from None
         try:
             return imaging.decode_image(data, name)
         except InvalidTileError as exc:

@@ -33,12 +33,12 @@ import torch
 from segtrain.common.v1 import common_pb2
 from segtrain.trainer.v1 import trainer_pb2
 
-from segcore import imaging, inference, measure
+from segcore import imaging, inference, limits, measure
 from segcore.errors import InvalidTileError
 from segcore.imaging import Normalization
 from services.common import object_keys
 from services.common.errors import NotFoundError
-from services.common.storage import ObjectStore
+from services.common.storage import ObjectStore, ObjectTooLargeError
 from services.common.timeutil import to_duration
 from services.trainer_svc.analysis import load_analysis_model
 from services.trainer_svc.executor import failure_of
@@ -333,9 +333,11 @@ class AnalysisExecutor:
     def _read(self, tile: TileInput) -> np.ndarray | str:
         """The tile's pixels, or why it cannot be analysed."""
         try:
-            return imaging.decode_image(self._store.get(tile.image), tile.tile)
+            return imaging.decode_image(self._store.get(tile.image, max_bytes=limits.MAX_IMAGE_BYTES), tile.tile)
         except NotFoundError:
             return "image not found"
+        except ObjectTooLargeError as exc:
+            return f"the image {exc.message}"
         except InvalidTileError as exc:
             return exc.reason
 

@@ -50,8 +50,8 @@ class PatientStore:
             self._store = ObjectStore(self._settings)
         return self._store
 
-    def get(self, key: str) -> bytes:
-        return self._retrying(lambda: self._objects.get(key))
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        return self._retrying(lambda: self._objects.get(key, max_bytes=max_bytes))
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         self._retrying(lambda: self._objects.put(key, data, content_type=content_type))

@@ -3,6 +3,7 @@ training sets, jobs, and how bad input is refused without leaving anything behin
 
 from __future__ import annotations
 
+import io
 import math
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import sqlalchemy
+from PIL import Image
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from sqlmodel import Session, select
@@ -149,6 +151,13 @@ def _mask(h: int = 64, w: int = 64, value: int = 1) -> bytes:
     mask = np.zeros((h, w), np.uint8)
     mask[10:20, 10:20] = value
     return png_bytes(mask)
+
+
+def _bomb(fmt: str, **save: object) -> bytes:
+    """12,000² 1-bit pixels in a few KB: 5.5 GB on the pipeline service when it was decoded."""
+    buf = io.BytesIO()
+    Image.new("1", (12_000, 12_000)).save(buf, format=fmt, **save)
+    return buf.getvalue()
 
 
 BAD_REQUESTS: list[Case] = [
@@ -337,6 +346,11 @@ UNUSABLE = [  # (label, the files of a one-tile set, the code of its error, or "
     ("tile larger than the pipeline's tile size", lambda: {"t.png": _image(64, 300), "m.png": _mask(64, 300)},
      "TOO_LARGE"),
     ("mask size mismatch", lambda: {"t.png": _image(), "m.png": _mask(32, 32)}, "SIZE_MISMATCH"),
+    # Judged from the header: nothing is decoded (segcore.limits).
+    ("decompression bomb tile (PNG)", lambda: {"t.png": _bomb("PNG"), "m.png": _mask()}, "TOO_LARGE"),
+    ("decompression bomb tile (TIFF)", lambda: {"t.png": _bomb("TIFF", compression="tiff_deflate"),
+                                                "m.png": _mask()}, "TOO_LARGE"),
+    ("decompression bomb mask", lambda: {"t.png": _image(), "m.png": _bomb("PNG")}, "SIZE_MISMATCH"),
     ("unknown class in mask", lambda: {"t.png": _image(), "m.png": _mask(value=7)}, "BAD_CLASS_INDEX"),
     ("set too small to split", lambda: {"t.png": _image(), "m.png": _mask()}, ""),
 ]

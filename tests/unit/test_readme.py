@@ -1,4 +1,4 @@
-"""The README's copy of the training-parameter contract is the contract itself."""
+"""The README's copies of the training-parameter contract and of the input limits are the code's own."""
 
 from __future__ import annotations
 
@@ -28,3 +28,9 @@ def test_readme_configuration_table_lists_every_variable_the_services_read() -> 
     assert read - documented == set(), "variables the services read that the README does not list"
     assert documented - read <= {"SEGTRAIN_ADDRESS", "SEGTRAIN_TOKEN", "SEGTRAIN_TEST_POSTGRES_URL"}, \
         "the README lists variables nobody reads"
+
+
+def test_readme_tables_the_input_limits_exactly() -> None:
+    from segcore import limits
+
+    assert limits.markdown_table() in README.read_text()

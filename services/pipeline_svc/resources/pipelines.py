@@ -7,6 +7,7 @@ from collections.abc import Collection
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from sqlmodel import Session
 
+from segcore import limits
 from services.common import names
 from services.common.errors import AlreadyExistsError, FieldViolation, check
 from services.pipeline_svc.domain import PipelineSpec
@@ -75,8 +76,8 @@ def check_pipeline_spec(spec: PipelineSpec, *, architectures: Collection[str]) -
     if spec.type not in (TRAINING, ANALYSIS):
         v.append(FieldViolation("pipeline.type", "must be TYPE_TRAINING or TYPE_ANALYSIS"))
     v += class_name_violations(spec.class_names, field="pipeline.class_names")
-    if not 32 <= spec.tile_size <= 8192:
-        v.append(FieldViolation("pipeline.tile_size", f"must be 32..8192, got {spec.tile_size}"))
+    if not 32 <= spec.tile_size <= limits.MAX_TILE_SIDE:
+        v.append(FieldViolation("pipeline.tile_size", f"must be 32..{limits.MAX_TILE_SIDE}, got {spec.tile_size}"))
     check(v)
     hyperparameters.validate(spec.default_hyperparameters, architectures=architectures,
                              prefix="pipeline.default_hyperparameters")

@@ -31,12 +31,12 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col
 
 from segcore import annotations as formats
-from segcore import imaging, intensity, splits
-from segcore.errors import InvalidParameterError, InvalidTileError
+from segcore import imaging, intensity, limits, splits
+from segcore.errors import InvalidParameterError, InvalidTileError, TileTooLargeError
 from services.common import names, object_keys
 from services.common.database import session_scope
 from services.common.errors import NotFoundError
-from services.common.storage import ObjectStore
+from services.common.storage import ObjectStore, ObjectTooLargeError
 from services.common.timeutil import utcnow
 from services.pipeline_svc.domain import TrainingSetSpec
 from services.pipeline_svc.resources import pipelines
@@ -148,6 +148,9 @@ def _check_and_store(engine: Engine, store: ObjectStore, set_id: str, spec: Trai
 
 def _tile_checker(store: ObjectStore, set_id: str, spec: TrainingSetSpec, class_names: list[str], tile_size: int,
                   collection: formats.AnnotationCollection | None) -> Callable[[int], _Tile | list[pb.ValidationIssue]]:
+    raster = spec.format in formats.RASTER_FORMATS
+    annotation_bytes = limits.MAX_IMAGE_BYTES if raster else limits.MAX_JSON_BYTES
+
     def one(i: int) -> _Tile | list[pb.ValidationIssue]:
         tile = spec.tiles[i]
         name = PurePosixPath(tile.image_key).stem
@@ -156,20 +159,23 @@ def _tile_checker(store: ObjectStore, set_id: str, spec: TrainingSetSpec, class_
             return [pb.ValidationIssue(severity=ERROR, code=code, tile=name,
                                        message=f"tile {name!r} (tiles[{i}]): {reason}")]
         try:
-            image_bytes = store.get(tile.image_key)
-            annotation = store.get(tile.annotation_key) if tile.annotation_key else None
+            image_bytes = store.get(tile.image_key, max_bytes=limits.MAX_IMAGE_BYTES)
+            annotation = (store.get(tile.annotation_key, max_bytes=annotation_bytes) if tile.annotation_key
+                          else None)
         except NotFoundError as exc:
             return error(exc.message, "MISSING")
+        except ObjectTooLargeError as exc:
+            which = "annotation file" if exc.key == tile.annotation_key else "image"
+            return error(f"the {which} {exc.message}", "TOO_LARGE")
         try:
-            image = imaging.decode_image(image_bytes, name)
+            image = imaging.decode_image(image_bytes, name, max_side=tile_size)
             height, width = image.shape[:2]
-            if max(height, width) > tile_size:
-                return error(f"{width}x{height} is larger than the pipeline's tile size {tile_size}: cut it into "
-                             f"tiles of at most {tile_size}x{tile_size}, or use a pipeline with a larger tile size",
-                             "TOO_LARGE")
             rendered = (collection.render(tile=name, width=width, height=height) if collection is not None
                         else formats.render_tile(spec.format, annotation, tile=name, width=width, height=height,
                                                  class_names=class_names, instance_class=spec.instance_class or 1))
+        except TileTooLargeError as exc:
+            return error(f"{exc.reason} (the pipeline's tiles are at most {tile_size}x{tile_size}: cut images into "
+                         "tiles of that size, or use a pipeline with a larger tile size)", "TOO_LARGE")
         except InvalidTileError as exc:
             return error(exc.reason, "UNREADABLE")
         if rendered.has_errors:
@@ -232,8 +238,9 @@ def _collection(store: ObjectStore, spec: TrainingSetSpec, class_names: list[str
     if not spec.annotations_key:
         return None
     try:
-        collection = formats.load_collection(spec.format, store.get(spec.annotations_key), class_names)
-    except NotFoundError as exc:
+        data = store.get(spec.annotations_key, max_bytes=limits.MAX_JSON_BYTES)
+        collection = formats.load_collection(spec.format, data, class_names)
+    except (NotFoundError, ObjectTooLargeError) as exc:
         raise _Failed(f"annotations_key: {exc.message}") from None
     except InvalidParameterError as exc:
         raise _Failed(f"annotations_key: {exc.reason}") from None

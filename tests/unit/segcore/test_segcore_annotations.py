@@ -12,6 +12,7 @@ import io
 import json
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,12 @@ from segcore.annotations import (
     Rendered,
     decode_rle_string,
     load_collection,
+    raster,
     render_tile,
     rle_to_mask,
     tile_stem,
 )
+from segcore.annotations.issues import Notes
 from segcore.errors import InvalidParameterError, InvalidTileError
 
 REPO = Path(__file__).resolve().parents[3]
@@ -827,6 +830,48 @@ def test_tile_stem() -> None:
     assert tile_stem("tile_3") == "tile_3"
 
 
+def zigzag(vertices: int, size: int) -> list[list[float]]:
+    """A ring whose every edge crosses the whole tile top to bottom: a few KB of JSON that
+    rasterises to vertices x size crossings."""
+    return [[i * size / vertices, 0.5 if i % 2 else size - 0.5] for i in range(vertices)]
+
+
+@pytest.mark.parametrize(("vertices", "size", "limit"), [
+    (100_000, 1024, "vertices per shape"),  # the reproduced attack: ~20 GB before the limits
+    (40_000, 1024, "pixel rows per pixel"),  # under the vertex limit, over the crossing budget
+])
+def test_a_zigzag_polygon_is_refused_before_rasterising_it(vertices: int, size: int, limit: str) -> None:
+    tracemalloc.start()
+    try:
+        rendered = geojson(feature(polygon(zigzag(vertices, size))), size=size)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    too_complex = [i for i in rendered.issues if i.code == "TOO_COMPLEX"]
+    assert too_complex and too_complex[0].severity == "error", rendered.issues
+    assert limit in too_complex[0].message or "vertices" in too_complex[0].message
+    assert peak < 150 * 2**20, f"refusing it took {peak / 2**20:.0f} MiB"
+
+
+def test_many_shapes_of_one_tile_share_its_crossing_budget() -> None:
+    # Each shape alone is affordable; together they would cost 32 crossings per pixel.
+    shapes = [feature(polygon(zigzag(64, 64))) for _ in range(40)]
+    rendered = geojson(*shapes, size=64)
+    assert [i.code for i in rendered.issues if i.severity == "error"] == ["TOO_COMPLEX"]
+    assert "features[" in rendered.issues[0].message
+
+
+def test_chunked_rasterisation_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    rings = [rng.uniform(-5, 69, size=(n, 2)) for n in (3, 17, 200)]
+    whole = raster.rasterise(rings, 64, 64)
+    monkeypatch.setattr(raster, "_CHUNK", 7)
+    chunked = raster.rasterise(rings, 64, 64)
+    assert whole is not None and chunked is not None
+    assert whole[:2] == chunked[:2] and np.array_equal(whole[2], chunked[2])
+    assert raster.row_crossings(rings, 64, 64) > 7 * 10  # many chunks were used
+
+
 def test_every_issue_code_is_produced_by_some_input() -> None:
     # The codes the module documents; each test above crafts the input for one of them.
     produced: set[str] = set()
@@ -845,7 +890,9 @@ def test_every_issue_code_is_produced_by_some_input() -> None:
         "coco", coco_doc([{"image_id": 1, "category_id": 7, "segmentation": [[0, 0, 1, 0, 1, 1]]}]), CLASSES
     )
     produced |= codes(coco.unmatched([]))
+    produced |= codes(geojson(feature(polygon(zigzag(2_000, 64))), size=64))
     assert produced == {
+        "TOO_COMPLEX",
         "OUT_OF_BOUNDS",
         "OVERLAP",
         "UNKNOWN_CLASS",
@@ -865,3 +912,51 @@ def test_annotations_module_does_not_import_torch() -> None:
     code = "import sys, segcore.annotations; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_compressed_rle_decoding_is_linear_and_bounded() -> None:
+    # One number of a million continuation groups was a quadratic big-integer build, then an
+    # OverflowError surfacing as INTERNAL.
+    with pytest.raises(ValueError, match="longer than any run length"):
+        decode_rle_string("o" * 1_000_000)
+    with pytest.raises(ValueError, match="more than 4 runs"):
+        decode_rle_string("0" * 5, most=4)
+    with pytest.raises(ValueError, match="longer than 4 runs can be"):
+        decode_rle_string("0" * 29, most=4)
+    with pytest.raises(ValueError, match="runs for 4 pixels"):
+        rle_to_mask([0] * 6, 2, 2)
+    with pytest.raises(ValueError, match="must be numbers"):  # was an OverflowError
+        rle_to_mask([10**400, 1], 2, 2)
+
+
+def test_a_huge_rle_in_a_coco_file_is_a_bad_format_issue_not_an_error() -> None:
+    doc = coco_doc([{"image_id": 1, "category_id": 7,
+                     "segmentation": {"size": [8, 8], "counts": "o" * 100_000}}])
+    issues = load_collection("coco", doc, CLASSES).render(tile="tile_a", width=8, height=8).issues
+    assert [i.code for i in issues if i.severity == "error"] == ["BAD_FORMAT"]
+
+
+def test_repeated_problems_merge_in_linear_time() -> None:
+    notes = Notes("t")
+    for i in range(200_000):  # one list scan per repeat was 200k x 200k
+        notes.add("warning", "DEGENERATE_POLYGON", "skipped", f"features[{i}]")
+    (issue,) = notes.issues()
+    assert issue.message.startswith("features[0], features[1]") and "and 199992 more: skipped" in issue.message
+
+
+def test_deep_json_nesting_is_refused_naming_the_tile() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000  # a RecursionError (INTERNAL) before the limit
+    shallow_enough = json.dumps({"type": "FeatureCollection", "features": [[[[[[[[[]]]]]]]]]}).encode()
+    for data in (deep, b"[" * 40 + b"]" * 40):
+        with pytest.raises(InvalidTileError, match="nested more than 32 deep") as info:
+            render_tile("geojson", data, tile="t9", width=4, height=4, class_names=CLASSES)
+        assert info.value.tile == "t9"
+    render_tile("geojson", shallow_enough, tile="t9", width=4, height=4, class_names=CLASSES)
+    with pytest.raises(InvalidParameterError, match="nested more than 32 deep"):
+        load_collection("coco", deep, CLASSES)
+
+
+def test_coordinates_beyond_the_limit_are_refused() -> None:
+    rendered = geojson(feature(polygon([[0, 0], [1e300, 0], [0, 1e300], [0, 0]])))
+    assert [(i.code, i.severity) for i in rendered.issues] == [("BAD_FORMAT", "error")]
+    assert "beyond ±1,000,000 pixels" in rendered.issues[0].message

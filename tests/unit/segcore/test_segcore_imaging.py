@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tracemalloc
 from typing import Any
 
 import numpy as np
@@ -12,13 +13,14 @@ import tifffile
 import torch
 from PIL import Image
 
-from segcore.errors import InvalidTileError
+from segcore.errors import InvalidTileError, TileTooLargeError
 from segcore.imaging import (
     Normalization,
     compute_normalization,
     decode_image,
     decode_mask,
     encode_mask_png,
+    image_size,
 )
 from segcore.inference import normalize
 
@@ -185,3 +187,41 @@ def test_normalization_json_round_trip_and_normalize() -> None:
     tensor = normalize(image, norm)
     assert tensor.shape == (3, 2, 3) and tensor.dtype == torch.float32
     torch.testing.assert_close(tensor[:, 0, 0], torch.tensor([1.0, 2.0, 5.0]))
+
+
+def _bomb(fmt: str, side: int = 12_000, **save: object) -> bytes:
+    """A 1-bit image of side x side pixels that compresses to a few KB."""
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("data", [_bomb("PNG"), _bomb("TIFF", compression="tiff_deflate")], ids=["png", "tiff"])
+@pytest.mark.parametrize("decode", [decode_image, decode_mask])
+def test_a_decompression_bomb_is_refused_from_its_header(data: bytes, decode: Any) -> None:
+    assert len(data) < 200_000  # the reproduced bomb: a few KB that decoded into 5.5 GB
+    tracemalloc.start()
+    try:
+        with pytest.raises(TileTooLargeError, match="12000x12000 is larger than 256x256") as info:
+            decode(data, "bomb", max_side=256)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.tile == "bomb"
+    assert peak < 20 * 2**20, f"refusing it took {peak / 2**20:.0f} MiB"
+    with pytest.raises(TileTooLargeError, match="larger than 8192x8192"):  # over the absolute limit too
+        decode(_bomb("PNG", side=9_000), "bomb")
+
+
+def test_image_size_reads_only_the_header() -> None:
+    assert image_size(_bomb("PNG", side=9_000), "t") == (9_000, 9_000)
+    planar = io.BytesIO()
+    tifffile.imwrite(planar, np.zeros((3, 20, 30), np.uint16), photometric="rgb", planarconfig="separate")
+    assert image_size(planar.getvalue(), "t") == (30, 20)
+
+
+def test_too_many_channels_are_refused_before_decoding() -> None:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((16, 16, 6), np.uint8), photometric="minisblack", planarconfig="contig")
+    with pytest.raises(InvalidTileError, match="6 channels"):
+        decode_image(buf.getvalue(), "t")
