@@ -1,6 +1,7 @@
 """What every call of an asyncio server passes through before its servicer runs, in one place:
-authentication and roles (services.common.auth), admission, and the mapping of errors to status
-codes (services.common.interceptor.to_status).
+authentication and roles (services.common.auth), admission, the size limits of the request's
+fields (services.common.request_limits), and the mapping of errors to status codes
+(services.common.interceptor.to_status).
 
 Admission (limits in ServingSettings) keeps any caller from starving the others, and never queues silently:
 * unary calls: at most ``max_calls`` in flight, plus ``reserved_calls`` that only the *reserved*
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_status import rpc_status
 
+from services.common import request_limits
 from services.common.auth import OPEN_SERVICES, Principal, Role, TokenStore, bearer_token
 from services.common.interceptor import to_status
 from services.common.settings import ServingSettings
@@ -165,7 +167,7 @@ class Gate(grpc.aio.ServerInterceptor):
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                         f"the server is at its limit of {what}; retry with backoff")
                 try:
-                    return await _mapped(behaviour(request, context), context)
+                    return await _mapped(lambda: behaviour(request, context), request, context)
                 finally:
                     leave()  # type: ignore[misc]
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer,
@@ -186,6 +188,7 @@ class Gate(grpc.aio.ServerInterceptor):
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 leave = await stream_admission(context)
                 try:
+                    request_limits.refuse_oversized(request)
                     async for item in streaming(request, context):
                         yield item
                 except grpc.aio.AbortError:
@@ -199,7 +202,7 @@ class Gate(grpc.aio.ServerInterceptor):
             async def writer(request: Any, context: grpc.aio.ServicerContext) -> None:
                 leave = await stream_admission(context)
                 try:
-                    await _mapped(streaming(request, context), context)
+                    await _mapped(lambda: streaming(request, context), request, context)
                 finally:
                     leave()
             wrapped = writer
@@ -207,8 +210,11 @@ class Gate(grpc.aio.ServerInterceptor):
         return make(wrapped, handler.request_deserializer, _bytes_as_is(handler.response_serializer))
 
 
-async def _mapped(result: Any, context: grpc.aio.ServicerContext) -> Any:
+async def _mapped(call: Callable[[], Any], request: Any, context: grpc.aio.ServicerContext) -> Any:
+    """The call's result once the request is within its limits; errors become statuses."""
     try:
+        request_limits.refuse_oversized(request)
+        result = call()
         return await result if asyncio.iscoroutine(result) else result
     except grpc.aio.AbortError:
         raise

@@ -19,7 +19,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from services.common import errors
+from services.common import errors, request_limits
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
 def _wrap_unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
     def handler(request: Any, context: grpc.ServicerContext) -> Any:
         try:
+            request_limits.refuse_oversized(request)
             return behaviour(request, context)
         except Exception as exc:
             if _is_abort(exc, context):
@@ -75,6 +76,7 @@ def _wrap_unary(behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callab
 def _wrap_stream(behaviour: Callable[[Any, grpc.ServicerContext], Iterator[Any]]) -> Callable[..., Any]:
     def handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         try:
+            request_limits.refuse_oversized(request)
             yield from behaviour(request, context)
         except Exception as exc:
             if _is_abort(exc, context):
@@ -89,7 +91,8 @@ def _is_abort(exc: Exception, context: grpc.ServicerContext) -> bool:
 
 
 class ErrorMappingInterceptor(grpc.ServerInterceptor):
-    """Maps exceptions raised by servicers (unary and server-streaming) to status codes."""
+    """Refuses requests over their field limits (services.common.request_limits) and maps
+    exceptions raised by servicers (unary and server-streaming) to status codes."""
 
     def intercept_service(self, continuation: Callable[..., Any], handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)

@@ -184,6 +184,14 @@ MALFORMED = [
     ("metrics", metr("RenderJobCharts", metrics_pb2.RenderJobChartsRequest(jobs=["jobs/j-1"], width=10)), "width"),
     ("metrics", metr("ListJobEvents", metrics_pb2.ListJobEventsRequest(job="jobs/j-1", page_size=10**6)),
      "page_size"),
+    # Field sizes declared in the protos hold for service callers too.
+    ("metrics", metr("AppendJobEvents", metrics_pb2.AppendJobEventsRequest(job="jobs/j-1", events=[
+        common_pb2.JobEvent(job="jobs/j-1", attempt=1, source_seq=1,
+                            finished=common_pb2.JobFinished(reason="r" * 10_000))])), "events[0].finished.reason"),
+    ("metrics", metr("WatchJobEvents", metrics_pb2.WatchJobEventsRequest(job="jobs/" + "j" * 2000), stream=True),
+     "job"),
+    ("trainer", trn("RunJob", trainer_pb2.RunJobRequest(job="jobs/j-1", attempt=1,
+                                                        class_names=[f"c{i}" for i in range(256)])), "class_names"),
 ]
 
 

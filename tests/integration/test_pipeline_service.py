@@ -252,6 +252,39 @@ BAD_REQUESTS: list[Case] = [
      grpc.StatusCode.INVALID_ARGUMENT, "page_token"),
     ("upload with a path", lambda c, ts, _: c.pipeline.CreateUpload(pb.CreateUploadRequest(
         file_names=["../../etc/passwd"])), grpc.StatusCode.INVALID_ARGUMENT, "file_names[0]"),
+    # Field sizes (services.common.request_limits, declared in the protos), refused before any handler.
+    ("request_id over its column", _job(request_id="r" * 129), grpc.StatusCode.INVALID_ARGUMENT,
+     "request_id"),  # was INTERNAL on PostgreSQL
+    ("display name of a megabyte", _job(display_name="d" * 2**20), grpc.StatusCode.INVALID_ARGUMENT, "display_name"),
+    ("pretrained weights of 5,000 characters", _job(pretrained_weights="uploads/" + "w" * 5000),
+     grpc.StatusCode.INVALID_ARGUMENT, "pretrained_weights"),
+    ("architecture of 5,000 characters", _job(hyperparameters=_hp(architecture="a" * 5000)),
+     grpc.StatusCode.INVALID_ARGUMENT, "hyperparameters.architecture"),
+    ("256 classes", lambda c, ts, _: c.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(
+        pipeline="pipelines/segmentation", class_names=[f"c{i}" for i in range(256)],
+        tiles=[pb.TileInput(image_key="uploads/a/b.png", annotation_key="uploads/a/c.png")])),
+     grpc.StatusCode.INVALID_ARGUMENT, "class_names"),
+    ("class name of 200 characters", lambda c, ts, _: c.pipeline.CreatePipeline(pb.CreatePipelineRequest(
+        pipeline_id="long-class", pipeline=pb.Pipeline(tile_size=256, class_names=["background", "c" * 200]))),
+     grpc.StatusCode.INVALID_ARGUMENT, "pipeline.class_names[1]"),
+    ("tile key of 2,000 characters", lambda c, ts, _: c.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(
+        pipeline="pipelines/segmentation",
+        tiles=[pb.TileInput(image_key="uploads/a/b.png", annotation_key="uploads/a/c.png"),
+               pb.TileInput(image_key="uploads/a/" + "k" * 2000, annotation_key="uploads/a/c.png")])),
+     grpc.StatusCode.INVALID_ARGUMENT, "tiles[1].image_key"),
+    ("20,001 tiles", lambda c, ts, _: c.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(
+        pipeline="pipelines/segmentation",
+        tiles=[pb.TileInput(image_key=f"uploads/a/{i}.png") for i in range(20_001)])),
+     grpc.StatusCode.INVALID_ARGUMENT, "tiles"),
+    ("1,001 tiles to analyse at once", lambda c, ts, _: c.pipeline.AnalyzeTiles(pb.AnalyzeTilesRequest(
+        model="models/nope", image_keys=[f"uploads/u/{i}.png" for i in range(1001)])),
+     grpc.StatusCode.INVALID_ARGUMENT, "image_keys"),
+    ("5,001 files to upload", lambda c, ts, _: c.pipeline.CreateUpload(pb.CreateUploadRequest(
+        file_names=[f"{i}.png" for i in range(5001)])), grpc.StatusCode.INVALID_ARGUMENT, "file_names"),
+    ("page token of 5,000 characters", lambda c, ts, _: c.pipeline.ListJobs(pb.ListJobsRequest(page_token="p" * 5000)),
+     grpc.StatusCode.INVALID_ARGUMENT, "page_token"),
+    ("name of 5,000 characters", lambda c, ts, _: c.pipeline.GetJob(pb.GetJobRequest(name="jobs/" + "j" * 5000)),
+     grpc.StatusCode.INVALID_ARGUMENT, "name"),
 ]
 
 
