@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup gen demo test lint check-gen bench bench-atto bench-quality bench-scale bench-parallel bench-watchers bench-sets bench-analysis up clean
+.PHONY: setup gen demo test fuzz lint check-gen bench bench-atto bench-quality bench-scale bench-parallel bench-watchers bench-sets bench-analysis up clean
 
 # The venv is rebuilt when the requirements change. torch/torchvision are pinned in
 # requirements.txt (pip takes them from local disk here); pip never resolves an unpinned torch.
@@ -25,6 +25,10 @@ gen: gen/segtrain/__init__.py
 
 demo: setup gen
 	$(BIN)/python scripts/demo.py
+
+# Property tests of the parsers and decoders with many more examples than `make test` runs.
+fuzz: setup gen
+	SEGTRAIN_FUZZ_EXAMPLES=$${SEGTRAIN_FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/fuzz
 
 test: setup gen
 	$(BIN)/python scripts/gen_protos.py --check

@@ -7,6 +7,7 @@ owners of their configuration contract: the settings classes (rendered to the en
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -38,6 +39,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def port_holder(port: int, host: str = "127.0.0.1") -> str | None:
+    """Who listens on `port` ("pid 123 (rclone serve s3 …)", or "another process" when it cannot be
+    told), or None when it is free."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+            return None
+        except OSError:
+            pass
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # LISTEN
+                    inodes.add(fields[9])
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                if fd.readlink().name.removeprefix("socket:[").removesuffix("]") in inodes:
+                    command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                    return f"pid {proc.name} ({command[:120]})"
+    return "another process"
 
 
 def rclone_binary() -> str:

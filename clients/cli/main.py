@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -357,11 +358,23 @@ def _show_analysis(args: argparse.Namespace, client: Client, job: pb.AnalysisJob
 
 
 def cmd_up(args: argparse.Namespace, client: Client | None) -> int:
-    from clients.stack import LocalStack
+    from clients.stack import LocalStack, port_holder
 
+    for port, what in ((args.port, "--port"), (args.port + 1, "--port + 1 (metrics)"), (args.s3_port, "--s3-port")):
+        holder = port_holder(port) if port else None
+        if holder is not None:
+            print(f"port {port} ({what}) is taken by {holder}: stop it, or choose another port", file=sys.stderr)
+            return 2
     stack = LocalStack(Path(args.data_dir).resolve(), trainers=args.trainers, pipeline_port=args.port,
                        metrics_port=args.port + 1, s3_port=args.s3_port)
-    stack.start()
+    # Stopped by a supervisor (SIGTERM), a closed terminal (SIGHUP) or Ctrl-C, even when started in
+    # the background (where a shell starts it with SIGINT ignored): every child is stopped first.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop_signal, _stopped_by)
+    try:
+        stack.start()
+    except _Stopped:
+        return 0
     info = {"pipeline": stack.pipeline_address, "metrics": stack.metrics_address, "s3": stack.s3_endpoint,
             "trainers": [f"127.0.0.1:{p}" for p in stack.trainer_ports], "logs": str(stack.logs),
             "credentials": str(stack.credentials_file)}
@@ -375,10 +388,20 @@ def cmd_up(args: argparse.Namespace, client: Client | None) -> int:
             time.sleep(0.5)
         print("a process exited; stopping (see the logs)", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Stopped):
         return 0
     finally:
+        for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(stop_signal, signal.SIG_IGN)  # a second signal must not cut the stopping short
         stack.stop()
+
+
+class _Stopped(BaseException):
+    """A stop signal arrived (BaseException: no `except Exception` on the way may swallow it)."""
+
+
+def _stopped_by(signum: int, frame: object) -> None:
+    raise _Stopped(signal.Signals(signum).name)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,9 @@ LAYOUT: tuple[tuple[str, str, str], ...] = (
      "the set's tile images as uploaded; the content hash in the key means a key never names two contents"),
     (f"{SNAPSHOTS}{{training_set}}/masks/{{tile}}-{{sha256[:16]}}.png", "pipeline (set preparation)",
      "the checked class-index masks, re-encoded as PNG"),
+    (f"{JOBS}{{job}}/attempts/{{attempt}}/tiles.pb", "pipeline (scheduler)",
+     "the attempt's tiles with their split (a serialized `TileManifest`), named with its sha256 in `RunJob`: "
+     "requests between the services never grow with the set"),
     (f"{JOBS}{{job}}/attempts/{{attempt}}/checkpoints/state-latest.pt", "trainer",
      "the attempt's rolling full-state checkpoint (weights, optimiser, scheduler, RNG state, best weights so "
      "far, history), overwritten every `checkpoint_every` epochs and after the last; the next attempt resumes "
@@ -91,6 +94,11 @@ def job_prefix(job_id: str) -> str:
 def attempt_prefix(job_id: str, attempt: int) -> str:
     """Everything one attempt of a job writes lies under this prefix."""
     return _attempt(job_prefix(job_id), attempt)
+
+
+def attempt_tile_manifest(prefix: str) -> str:
+    """The tiles of the attempt whose keys start with `prefix` (attempt_prefix)."""
+    return f"{prefix}tiles.pb"
 
 
 def _attempt(owner_prefix: str, attempt: int) -> str:

@@ -170,6 +170,11 @@ class TrainerSettings(BaseSettings):
     # Seconds a data-parallel process waits in a collective (or for the rendezvous) before the
     # attempt fails as a lost process and is retried.
     process_group_timeout_s: float = 300.0
+    # Folders `file:` pretrained weights may be read from, separated by ":" (empty: none; a job
+    # naming any other path fails without saying whether it exists).
+    pretrained_roots: str = ""
+    # Whether `hf:` pretrained weights may be downloaded from the Hugging Face hub.
+    allow_hub: bool = False
 
 
 def given(cls: type[SettingsT], /, **values: Any) -> SettingsT:

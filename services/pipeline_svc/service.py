@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 
 from segcore import catalogue
 from services.common import names
@@ -20,6 +21,7 @@ from services.pipeline_svc.resources import (
     comparison,
     jobs,
     lifecycle,
+    lookup,
     models,
     pipelines,
     set_preparation,
@@ -48,7 +50,7 @@ class PipelineService:
         self._outbox_relay = OutboxRelay(engine, peers, stopping=self._stopping)
         self._preparer = Preparer(engine, store, concurrency=prepare_concurrency, stopping=self._stopping,
                                   tuning=preparation)
-        self.scheduler = Scheduler(engine, peers, interval_s=schedule_interval_s,
+        self.scheduler = Scheduler(engine, peers, store, interval_s=schedule_interval_s,
                                    heartbeat_interval_s=heartbeat_interval_s, max_attempts=max_attempts,
                                    stopping=self._stopping, wake_outbox=self._outbox_relay.wake)
 
@@ -109,8 +111,15 @@ class PipelineService:
 
     # Jobs
     def create_job(self, spec: domain.JobSpec) -> JobRow:
-        with session_scope(self.engine) as session:
-            job = jobs.create_job(session, spec=spec, architectures=catalogue.architecture_names())
+        try:
+            with session_scope(self.engine) as session:
+                job = jobs.create_job(session, spec=spec, architectures=catalogue.architecture_names())
+        except IntegrityError:  # the same request_id, created concurrently: that job is this one's
+            with session_scope(self.engine) as session:
+                previous = lookup.by_request_id(session, table=JobRow, request_id=spec.request_id)
+                if previous is None:
+                    raise
+                return jobs.repeated_job(previous, spec)
         self._outbox_relay.wake()
         return job
 

@@ -30,7 +30,7 @@ def build(settings: TrainerSettings, storage: StorageSettings, security: Securit
     device = None if settings.device == "auto" else settings.device
     # Each attempt's worker reads the same settings the node was built with.
     worker_env = {**os.environ, **environment(storage, settings, ServerSettings())}
-    node = TrainerNode(AnalyzerOnDemand(lambda: _analyzer(store, device, settings.num_threads)),
+    node = TrainerNode(AnalyzerOnDemand(lambda: _analyzer(store, device, settings.num_threads)), store,
                        capacity=settings.capacity, worker_env=worker_env)
     servicer = TrainerServicer(node)
     server, port, health_servicer = create_threaded_server(

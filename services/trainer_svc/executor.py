@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -30,7 +33,8 @@ from segcore.training import TrainConfig, TrainingState, TrainResult, train
 from services.common import hyperparameters as wire
 from services.common import object_keys
 from services.common.errors import DomainError
-from services.common.storage import ObjectStore
+from services.common.settings import TrainerSettings
+from services.common.storage import ObjectStore, ObjectTooLargeError
 from services.common.timeutil import to_duration
 from services.trainer_svc.runs import JobRun
 from services.trainer_svc.tile_source import DiskCache, PatientStore, StoredTiles
@@ -38,6 +42,7 @@ from services.trainer_svc.tile_source import DiskCache, PatientStore, StoredTile
 log = logging.getLogger(__name__)
 S = common_pb2
 T = TypeVar("T")
+MAX_PRETRAINED_BYTES = 4 * 2**30  # an uploaded backbone's weights (ConvNeXt-XL is 1.4 GB in float32)
 
 
 _ADVICE_KINDS = {
@@ -193,11 +198,44 @@ def _out_of_memory(exc: Exception) -> str:
     return ""
 
 
+@dataclass(frozen=True)
+class PretrainedPolicy:
+    """Where pretrained weights may come from besides uploads: `file:` paths under `roots` only
+    (symbolic links resolved first), `hf:` hub ids only when `hub` is allowed."""
+
+    roots: tuple[Path, ...] = ()
+    hub: bool = False
+
+    @classmethod
+    def of(cls, settings: TrainerSettings) -> PretrainedPolicy:
+        roots = tuple(Path(r).resolve() for r in settings.pretrained_roots.split(":") if r.strip())
+        return cls(roots, settings.allow_hub)
+
+    def file(self, source: str) -> Path:
+        """The path of `file:` weights; one reason for every refusal, so that a caller learns
+        nothing of which paths exist or can be read."""
+        path = Path(source.removeprefix("file:")).resolve()
+        if not any(path.is_relative_to(root) for root in self.roots) or not os.access(path, os.R_OK):
+            raise IncompatibleModelError(
+                f"pretrained weights {source!r} cannot be used: not under the folders this node allows "
+                "(SEGTRAIN_TRAINER_PRETRAINED_ROOTS), or not readable there")
+        return path
+
+    def hub_id(self, source: str) -> str:
+        if not self.hub:
+            raise IncompatibleModelError(
+                f"pretrained weights {source!r} come from the Hugging Face hub, which this node does not use "
+                "(SEGTRAIN_TRAINER_ALLOW_HUB); upload the weights and name their key instead")
+        return source.removeprefix("hf:")
+
+
 class JobExecutor:
     def __init__(self, store: ObjectStore, *, device: str | None, num_threads: int | None,
                  progress_interval_s: float, storage_patience_s: float, data_workers: int = 0,
-                 prepared_cache_mb: int = 256, tile_cache: DiskCache | None = None) -> None:
+                 prepared_cache_mb: int = 256, tile_cache: DiskCache | None = None,
+                 pretrained: PretrainedPolicy = PretrainedPolicy()) -> None:
         self._store = PatientStore(store, patience_s=storage_patience_s, cache=tile_cache)
+        self._pretrained = pretrained
         self._device = device
         self._num_threads = num_threads
         self._data_workers = data_workers
@@ -279,14 +317,20 @@ class JobExecutor:
         source = request.pretrained_weights
         try:
             if source.startswith("file:"):
-                weights: str | bytes = source.removeprefix("file:")
+                weights: str | bytes = str(self._pretrained.file(source))
             elif source.startswith("hf:"):
                 from huggingface_hub import snapshot_download
 
-                weights = snapshot_download(source.removeprefix("hf:"))  # honours HF_HUB_OFFLINE
+                # The model's files only, not every file of the repository.
+                weights = snapshot_download(self._pretrained.hub_id(source),  # honours HF_HUB_OFFLINE
+                                            allow_patterns=["*.json", "*.safetensors"])
             else:
-                weights = self._store.get(source)
-        except (OSError, ValueError) as exc:  # hub unreachable/unknown id, missing directory
+                weights = self._store.get(source, max_bytes=MAX_PRETRAINED_BYTES)
+        except IncompatibleModelError:
+            raise  # the policy's own refusal (a ValueError too)
+        except ObjectTooLargeError as exc:
+            raise IncompatibleModelError(f"pretrained weights {source!r}: the object {exc.message}") from None
+        except (OSError, ValueError) as exc:  # hub unreachable/unknown id
             reason = f"could not read pretrained weights {source!r}: {type(exc).__name__}"
             raise IncompatibleModelError(reason) from None
         model = _seeded_model(config, config.architecture)

@@ -4,6 +4,7 @@ hands its jobs back when it shuts down."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import threading
@@ -12,12 +13,20 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
+from google.protobuf.message import DecodeError
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2, pipeline_pb2_grpc
 from segtrain.trainer.v1 import trainer_pb2
 
-from services.common import names, object_keys
-from services.common.errors import FailedPreconditionError, FieldViolation, check
+from services.common import names, object_keys, request_limits
+from services.common.errors import (
+    FailedPreconditionError,
+    FieldViolation,
+    InvalidArgumentError,
+    NotFoundError,
+    check,
+)
+from services.common.storage import ObjectStore, ObjectTooLargeError
 from services.trainer_svc.attempts import AttemptProcess
 from services.trainer_svc.runs import RunRegistry
 
@@ -58,8 +67,9 @@ class NodeOffer:
 
 
 class TrainerNode:
-    def __init__(self, analyzer: Analyses, *, capacity: int, worker_env: dict[str, str]) -> None:
+    def __init__(self, analyzer: Analyses, store: ObjectStore, *, capacity: int, worker_env: dict[str, str]) -> None:
         self.analyzer = analyzer
+        self.store = store
         self.runs = RunRegistry(capacity)
         self.draining = False
         # The host other nodes reach this one's rendezvous stores at (its advertised address's).
@@ -75,6 +85,8 @@ class TrainerNode:
         _validate(request)
         if self.draining:
             raise FailedPreconditionError("this trainer node is shutting down")
+        if not request.HasField("analysis"):
+            request = _with_tiles(request, self.store)
         run = self.runs.add(request.job, request.attempt)
         if run is None:
             current = self._attempts.get(request.job)
@@ -135,23 +147,56 @@ def _validate(request: trainer_pb2.RunJobRequest) -> None:
     v = []
     if request.attempt < 1:
         v.append(FieldViolation("attempt", "must be >= 1"))
-    if not request.tiles:
-        v.append(FieldViolation("tiles", "no tiles"))
+    if request.tiles:
+        v.append(FieldViolation("tiles", "send the tiles in tile_manifest (an object), not in the request"))
+    if not request.tile_manifest.uri:
+        v.append(FieldViolation("tile_manifest", "required: the object holding the attempt's tiles"))
     nodes = request.parallelism.nodes or 1
     if not 0 <= request.node_rank < nodes:
         v.append(FieldViolation("node_rank", f"must be in [0, {nodes})"))
     if nodes > 1 and request.node_rank > 0 and ":" not in request.rendezvous_endpoint:
         v.append(FieldViolation("rendezvous_endpoint", "host:port of node rank 0's rendezvous, required"))
     check(v)
-    for i, tile in enumerate(request.tiles):
-        object_keys.check_training_set_key(tile.image_uri, field=f"tiles[{i}].image_uri")
-        object_keys.check_training_set_key(tile.mask_uri, field=f"tiles[{i}].mask_uri")
     object_keys.check_attempt_prefix(request.output_prefix, job_id=job_id, attempt=request.attempt,
                                      field="output_prefix")
+    if request.tile_manifest.uri != object_keys.attempt_tile_manifest(request.output_prefix):
+        raise InvalidArgumentError.of("tile_manifest.uri", "must be the attempt's own tile manifest "
+                                      f"{object_keys.attempt_tile_manifest(request.output_prefix)!r}")
     if request.resume_checkpoint_uri:
         object_keys.check_job_key(request.resume_checkpoint_uri, job_id=job_id, field="resume_checkpoint_uri")
     if request.HasField("from_model"):
         object_keys.check_model_key(request.from_model.weights_uri, field="from_model.weights_uri")
+
+
+def _with_tiles(request: trainer_pb2.RunJobRequest, store: ObjectStore) -> trainer_pb2.RunJobRequest:
+    """The request with the tiles of its manifest, once the manifest matches its recorded size and
+    sha256 and every tile key lies in the training sets' layout: what the worker is handed."""
+    manifest, field = request.tile_manifest, "tile_manifest"
+    try:
+        data = store.get(manifest.uri, max_bytes=MAX_MANIFEST_BYTES)
+    except NotFoundError:
+        raise InvalidArgumentError.of(field, f"no object {manifest.uri!r}") from None
+    except ObjectTooLargeError as exc:
+        raise InvalidArgumentError.of(field, exc.message) from None
+    if len(data) != manifest.size_bytes or hashlib.sha256(data).hexdigest() != manifest.sha256.lower():
+        raise InvalidArgumentError.of(field, "the object does not match the size and sha256 the request names")
+    try:
+        tiles = trainer_pb2.TileManifest.FromString(data)
+    except DecodeError:
+        raise InvalidArgumentError.of(field, "not a TileManifest") from None
+    check([FieldViolation(f"{field}.{v.field}", v.description) for v in request_limits.violations(tiles)])
+    if not tiles.tiles:
+        raise InvalidArgumentError.of(field, "no tiles")
+    for i, tile in enumerate(tiles.tiles):
+        object_keys.check_training_set_key(tile.image_uri, field=f"{field}.tiles[{i}].image_uri")
+        object_keys.check_training_set_key(tile.mask_uri, field=f"{field}.tiles[{i}].mask_uri")
+    full = trainer_pb2.RunJobRequest()
+    full.CopyFrom(request)
+    full.tiles.extend(tiles.tiles)
+    return full
+
+
+MAX_MANIFEST_BYTES = 64 * 2**20  # 20,000 tiles with keys of 1,024 characters each
 
 
 def _validate_analysis(request: trainer_pb2.RunJobRequest) -> None:

@@ -197,14 +197,14 @@ def _executor(settings: TrainerSettings, device: str | None, num_threads: int) -
     # Imported here, not at the top: every data-loader process (spawned) imports this module, the
     # launcher's `-m` target, as its main module; the training stack (transformers, timm, the
     # architectures) would cost each of them about 240 MB it never uses.
-    from services.trainer_svc.executor import JobExecutor
+    from services.trainer_svc.executor import JobExecutor, PretrainedPolicy
 
     cache_dir = settings.tile_cache_dir or Path(tempfile.gettempdir()) / "segtrain-tiles"
     cache = DiskCache(cache_dir, settings.tile_cache_mb * 2**20) if settings.tile_cache_mb else None
     return JobExecutor(ObjectStore(StorageSettings()), device=device, num_threads=num_threads,
                        progress_interval_s=settings.progress_interval_s, storage_patience_s=settings.storage_patience_s,
                        data_workers=settings.data_workers, prepared_cache_mb=settings.prepared_cache_mb,
-                       tile_cache=cache)
+                       tile_cache=cache, pretrained=PretrainedPolicy.of(settings))
 
 
 def _analyst(settings: TrainerSettings, device: str | None, num_threads: int) -> AnalysisExecutor:

@@ -171,12 +171,14 @@ MALFORMED = [
                                                             mask_uri="training-sets/s/a.png")])), "attempt"),
     ("trainer", trn("RunJob", trainer_pb2.RunJobRequest(job="jobs/j-1", attempt=1, output_prefix="jobs/j-1/attempts/1/",
                                                         tiles=[trainer_pb2.TrainingTile(
-                                                            name="a", image_uri="/etc/passwd",
-                                                            mask_uri="training-sets/s/a.png")])), "tiles[0].image_uri"),
-    ("trainer", trn("RunJob", trainer_pb2.RunJobRequest(job="jobs/j-1", attempt=1, output_prefix="../outside/",
-                                                        tiles=[trainer_pb2.TrainingTile(
                                                             name="a", image_uri="training-sets/s/a.png",
-                                                            mask_uri="training-sets/s/a.png")])), "output_prefix"),
+                                                            mask_uri="training-sets/s/a.png")])), "tiles"),
+    ("trainer", trn("RunJob", trainer_pb2.RunJobRequest(
+        job="jobs/j-1", attempt=1, output_prefix="jobs/j-1/attempts/1/",
+        tile_manifest=common_pb2.Artifact(uri="jobs/j-2/attempts/1/tiles.pb"))), "tile_manifest.uri"),
+    ("trainer", trn("RunJob", trainer_pb2.RunJobRequest(
+        job="jobs/j-1", attempt=1, output_prefix="../outside/",
+        tile_manifest=common_pb2.Artifact(uri="../outside/tiles.pb"))), "output_prefix"),
     ("trainer", trn("AnalyzeTiles", trainer_pb2.AnalyzeTilesRequest(output_prefix="analyses/../../x/")),
      "output_prefix"),
     ("metrics", metr("WatchJobEvents", metrics_pb2.WatchJobEventsRequest(job="jobs/j-1", after_seq=-1),

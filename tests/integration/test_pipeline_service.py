@@ -108,6 +108,47 @@ def test_a_retried_create_returns_the_first_job(client: Client, training_set: pb
     assert again.name == first.name and row_counts(pipeline_server.database_url, ["jobs"]) == rows
 
 
+def test_a_request_id_reused_with_other_parameters_is_refused_naming_it(
+        client: Client, training_set: pb.TrainingSet, pipeline_server: PipelineServer, tmp_path: Path) -> None:
+    params = common_pb2.Hyperparameters(epochs=3, learning_rate=0.003)
+    first = client.create_job(pipeline="segmentation", training_set=training_set.name, hyperparameters=params,
+                              request_id="req-7")
+    rows = row_counts(pipeline_server.database_url, ["jobs"])
+    for changed in (dict(hyperparameters=common_pb2.Hyperparameters(epochs=4, learning_rate=0.003)),
+                    dict(hyperparameters=params, processes=2)):
+        error = error_of(client.create_job, pipeline="segmentation", training_set=training_set.name,
+                         request_id="req-7", **changed)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and violation_fields(error) == {"request_id"}
+        assert first.name in error.details()
+    # The same parameters (the effective ones it recorded named or left out) are the same job.
+    again = client.create_job(pipeline="segmentation", training_set=training_set.name,
+                              hyperparameters=common_pb2.Hyperparameters(epochs=3), request_id="req-7")
+    assert again.name == first.name and row_counts(pipeline_server.database_url, ["jobs"]) == rows
+    tiles, masks = write_sample_set(tmp_path / "other", count=12, seed=5)
+    images, annotations = client.upload(sorted(tiles.iterdir())), client.upload(sorted(masks.iterdir()))
+    tile_inputs = [pb.TileInput(image_key=images[t], annotation_key=annotations[masks / t.name])
+                   for t in sorted(tiles.iterdir())]
+    client.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(
+        pipeline="pipelines/segmentation", class_names=["background", "nucleus", "debris"], tiles=tile_inputs[:6],
+        request_id="set-req"))
+    reused = error_of(client.pipeline.CreateTrainingSet, pb.CreateTrainingSetRequest(
+        pipeline="pipelines/segmentation", class_names=["background", "nucleus", "debris"], tiles=tile_inputs[6:],
+        request_id="set-req"))
+    assert reused.code() == grpc.StatusCode.INVALID_ARGUMENT and violation_fields(reused) == {"request_id"}
+
+
+def test_concurrent_creates_with_one_request_id_make_one_job(
+        client: Client, training_set: pb.TrainingSet, pipeline_server: PipelineServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = row_counts(pipeline_server.database_url, ["jobs"])["jobs"]
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda _: client.create_job(pipeline="segmentation", training_set=training_set.name,
+                                                         request_id="together"), range(16)))
+    assert len({job.name for job in made}) == 1  # no INTERNAL, and one job
+    assert row_counts(pipeline_server.database_url, ["jobs"])["jobs"] == before + 1
+
+
 def test_an_oversized_message_is_refused(client: Client) -> None:
     huge = pb.CreateUploadRequest(file_names=[f"{i:08d}-{'x' * 1000}.png" for i in range(20_000)])  # ~20 MiB
     error = error_of(client.pipeline.CreateUpload, huge)

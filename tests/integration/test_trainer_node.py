@@ -21,7 +21,7 @@ from services.common import object_keys
 from services.common.errors import CancelledError, FailedPreconditionError, UnavailableError
 from services.common.storage import ObjectStore
 from services.trainer_svc.analysis import Analyzer
-from services.trainer_svc.executor import JobExecutor
+from services.trainer_svc.executor import JobExecutor, PretrainedPolicy
 from services.trainer_svc.runs import JobRun
 from tests.helpers import png_bytes
 
@@ -51,14 +51,16 @@ def request(tiles: list[trainer_pb2.TrainingTile], *, epochs: int = 2, classes: 
             weight_decay=0.01, augment=True, loss="ce+dice", checkpoint_every=1), **kw)
 
 
-def executor(store: ObjectStore, *, storage_patience_s: float = 30.0) -> JobExecutor:
+def executor(store: ObjectStore, *, storage_patience_s: float = 30.0,
+             pretrained: PretrainedPolicy | None = None) -> JobExecutor:
     return JobExecutor(store, device="cpu", num_threads=1, progress_interval_s=0.0,
-                       storage_patience_s=storage_patience_s)
+                       storage_patience_s=storage_patience_s, pretrained=pretrained or PretrainedPolicy())
 
 
-def execute(store: ObjectStore, req: trainer_pb2.RunJobRequest) -> JobRun:
+def execute(store: ObjectStore, req: trainer_pb2.RunJobRequest,
+            pretrained: PretrainedPolicy | None = None) -> JobRun:
     run = JobRun(job=req.job, attempt=req.attempt)
-    executor(store).execute(run, req)
+    executor(store, pretrained=pretrained).execute(run, req)
     return run
 
 
@@ -172,15 +174,34 @@ def test_pretrained_backbone_weights_from_storage_and_from_a_directory(store: Ob
     donor = build_model("upernet-convnext-cpu", 5)
     key = f"uploads/{uuid.uuid4().hex}/backbone.safetensors"
     store.put(key, save_safetensors({k: v.contiguous() for k, v in donor.backbone.state_dict().items()}))
-    donor.backbone.save_pretrained(tmp_path / "backbone")
-    for source in (key, f"file:{tmp_path / 'backbone'}"):
-        run = execute(store, request(tiles, epochs=1, pretrained_weights=source))
+    donor.backbone.save_pretrained(tmp_path / "allowed" / "backbone")
+    policy = PretrainedPolicy(roots=((tmp_path / "allowed").resolve(),), hub=True)
+    for source in (key, f"file:{tmp_path / 'allowed' / 'backbone'}"):
+        run = execute(store, request(tiles, epochs=1, pretrained_weights=source), policy)
         warnings = [w for w in kinds(run, "warning") if w.code not in QUALITY_CODES]
         assert [w.code for w in warnings] == ["PRETRAINED_LOADED"], source
         assert run.events[-1].finished.state == S.JOB_STATE_SUCCEEDED
-    missing = execute(store, request(tiles, epochs=1, pretrained_weights="hf:nobody/no-such-model"))
+    missing = execute(store, request(tiles, epochs=1, pretrained_weights="hf:nobody/no-such-model"), policy)
     finished = missing.events[-1].finished
     assert finished.state == S.JOB_STATE_FAILED and "nobody/no-such-model" in finished.reason
+
+
+def test_file_weights_outside_the_allowed_folders_fail_without_telling_what_exists(
+        store: ObjectStore, tiles: list, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    (tmp_path / "allowed").mkdir()
+    (tmp_path / "allowed" / "escape").symlink_to("/etc")  # a link out of the folder does not count
+    policy = PretrainedPolicy(roots=((tmp_path / "allowed").resolve(),))
+    reasons = set()
+    for path in ("/etc/passwd", "/etc/no-such-file", "/root/.ssh/id_rsa", f"{tmp_path}/allowed/../../x",
+                 f"{tmp_path}/allowed/escape/passwd", f"{tmp_path}/allowed/missing"):
+        source = f"file:{path}"
+        finished = execute(store, request(tiles, epochs=1, pretrained_weights=source), policy).events[-1].finished
+        assert finished.state == S.JOB_STATE_FAILED
+        reasons.add(finished.reason.replace(source, "SOURCE"))
+    assert len(reasons) == 1, reasons  # one reason whether the file exists, is readable or not
+    assert "SEGTRAIN_TRAINER_PRETRAINED_ROOTS" in reasons.pop()
+    hub = execute(store, request(tiles, epochs=1, pretrained_weights="hf:org/model")).events[-1].finished
+    assert hub.state == S.JOB_STATE_FAILED and "SEGTRAIN_TRAINER_ALLOW_HUB" in hub.reason
 
 
 def test_resuming_from_a_checkpoint_continues_after_its_epoch(store: ObjectStore, tiles: list) -> None:  # type: ignore[type-arg]

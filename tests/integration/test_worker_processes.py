@@ -15,8 +15,10 @@ from segtrain.trainer.v1 import trainer_pb2
 
 from segcore import synthetic
 from services.common import object_keys
+from services.common.errors import InvalidArgumentError
 from services.common.settings import StorageSettings, TrainerSettings, environment, given
 from services.common.storage import ObjectStore
+from services.pipeline_svc.runtime.scheduler import publish_tiles
 from services.trainer_svc.analysis import Analyzer
 from services.trainer_svc.node import AnalyzerOnDemand, TrainerNode
 from services.trainer_svc.runs import JobRun
@@ -40,22 +42,26 @@ def tiles(store: ObjectStore) -> list[trainer_pb2.TrainingTile]:
 def node(store: ObjectStore, s3_settings: StorageSettings, **settings: object) -> TrainerNode:
     trainer = given(TrainerSettings, device="cpu", num_threads=1, progress_interval_s=0.0, **settings)
     env = {**os.environ, **environment(s3_settings, trainer)}
-    return TrainerNode(AnalyzerOnDemand(lambda: Analyzer(store, "cpu", 1)), capacity=2, worker_env=env)
+    return TrainerNode(AnalyzerOnDemand(lambda: Analyzer(store, "cpu", 1)), store, capacity=2, worker_env=env)
 
 
-def request(tiles: list[trainer_pb2.TrainingTile], *, epochs: int, architecture: str = "upernet-convnext-cpu",
-            processes: int = 1, nodes: int = 1) -> trainer_pb2.RunJobRequest:
+def request(store: ObjectStore, tiles: list[trainer_pb2.TrainingTile], *, epochs: int,
+            architecture: str = "upernet-convnext-cpu", processes: int = 1, nodes: int = 1
+            ) -> trainer_pb2.RunJobRequest:
+    """What the scheduler sends: the tiles in the attempt's manifest object (see publish_tiles)."""
     job = f"j-{uuid.uuid4().hex[:8]}"
-    return trainer_pb2.RunJobRequest(
+    request = trainer_pb2.RunJobRequest(
         job=f"jobs/{job}", attempt=1, class_names=synthetic.CLASS_NAMES, tile_size=64, tiles=tiles,
         output_prefix=object_keys.attempt_prefix(job, 1), hyperparameters=S.Hyperparameters(
             architecture=architecture, epochs=epochs, batch_size=4, learning_rate=0.003, seed=0,
             checkpoint_every=1), parallelism=S.Parallelism(processes=processes, nodes=nodes))
+    publish_tiles(store, request)
+    return request
 
 
 def run_job(trainer: TrainerNode, tiles: list[trainer_pb2.TrainingTile], *, epochs: int,
             architecture: str = "upernet-convnext-cpu", processes: int = 1) -> JobRun:
-    job = request(tiles, epochs=epochs, architecture=architecture, processes=processes)
+    job = request(trainer.store, tiles, epochs=epochs, architecture=architecture, processes=processes)
     assert trainer.run_job(job)[0]
     return trainer.runs.get(job.job, 1)
 
@@ -141,7 +147,7 @@ def test_kill_9_of_one_rank_ends_the_attempt_for_a_retry_and_the_node_runs_on(
 def test_a_two_node_attempt_meets_at_rank_0s_rendezvous_and_trains_once(
         store: ObjectStore, s3_settings: StorageSettings, tiles: list[trainer_pb2.TrainingTile]) -> None:
     first, second = node(store, s3_settings, data_workers=0), node(store, s3_settings, data_workers=0)
-    job = request(tiles, epochs=2, nodes=2)
+    job = request(store, tiles, epochs=2, nodes=2)
     accepted, endpoint = first.run_job(job)
     assert accepted and endpoint.startswith("127.0.0.1:")
     other = trainer_pb2.RunJobRequest()
@@ -155,3 +161,24 @@ def test_a_two_node_attempt_meets_at_rank_0s_rendezvous_and_trains_once(
     assert [e.epoch_metrics.epoch for e in payloads(primary, "epoch_metrics")] == [1, 2]
     assert not payloads(secondary, "checkpoint_saved")  # rank 0 alone writes
     assert not secondary.events[-1].finished.HasField("best_model")
+
+
+def test_the_node_takes_tiles_only_from_its_attempts_manifest_as_recorded(
+        store: ObjectStore, s3_settings: StorageSettings, tiles: list[trainer_pb2.TrainingTile]) -> None:
+    trainer = node(store, s3_settings)
+
+    def refused(job: trainer_pb2.RunJobRequest) -> set[str]:
+        with pytest.raises(InvalidArgumentError) as info:
+            trainer.run_job(job)
+        return {v.field for v in info.value.violations}
+
+    changed = request(store, tiles, epochs=1)  # the object was replaced after its hash was taken
+    store.put(changed.tile_manifest.uri, trainer_pb2.TileManifest(tiles=tiles[:2]).SerializeToString())
+    assert refused(changed) == {"tile_manifest"}
+    outside = request(store, [trainer_pb2.TrainingTile(name="p", image_uri="/etc/passwd",
+                                                       mask_uri=tiles[0].mask_uri)], epochs=1)
+    assert refused(outside) == {"tile_manifest.tiles[0].image_uri"}
+    missing = request(store, tiles, epochs=1)
+    store.delete_many([missing.tile_manifest.uri])
+    assert refused(missing) == {"tile_manifest"}
+    assert trainer.runs.active() == []  # nothing started

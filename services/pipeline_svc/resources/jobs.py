@@ -48,7 +48,7 @@ def create_job(session: Session, *, spec: JobSpec, architectures: Collection[str
     _check_pretrained(spec)
     previous = lookup.by_request_id(session, table=JobRow, request_id=spec.request_id)
     if previous is not None:
-        return previous
+        return repeated_job(previous, spec)
     pipeline = pipelines.get_pipeline(session, name=spec.pipeline, field="pipeline")
     if pipeline.type != pipelines.TRAINING:
         raise FailedPreconditionError(f"{names.pipeline(pipeline.id)} is not a TRAINING pipeline")
@@ -133,6 +133,37 @@ def _normalization(session: Session, requested: str, training_set: TrainingSetRo
         parent_mode = str(parent_params.get("normalization") or "dataset")
     profile = training_sets.image_profile(training_set)
     return intensity.choose_normalization(requested, profile, pretrained=pretrained, parent_mode=parent_mode)
+
+
+def repeated_job(job: JobRow, spec: JobSpec) -> JobRow:
+    """The job an earlier request with the same request_id created, if this request asks for the
+    same job; INVALID_ARGUMENT naming request_id (and what differs) otherwise."""
+    differ = _differences(job, spec)
+    if differ:
+        raise InvalidArgumentError.of("request_id", f"already used for {names.job(job.id)}, created with other "
+                                                    f"parameters ({', '.join(differ)}); use a new request_id")
+    return job
+
+
+def _differences(job: JobRow, spec: JobSpec) -> list[str]:
+    """The fields of `spec` that ask for something else than what `job` recorded: every parameter
+    the request names must match (hyperparameters it leaves unset may have any value)."""
+    def same_id(name: str, recorded: str, collection: str) -> bool:
+        return (name.removeprefix(f"{collection}/") if name else "") == recorded
+
+    differ = [field for field, same in (
+        ("pipeline", same_id(spec.pipeline, job.pipeline, names.PIPELINES)),
+        ("training_set", same_id(spec.training_set, job.training_set, names.TRAINING_SETS)),
+        ("from_model", same_id(spec.from_model, job.from_model, names.MODELS)),
+        ("pretrained_weights", spec.pretrained_weights == job.pretrained_weights),
+        ("display_name", spec.display_name == job.display_name),
+        ("parallelism.processes", (spec.processes or 1) == job.processes),
+        ("parallelism.nodes", (spec.nodes or 1) == job.nodes),
+    ) if not same]
+    recorded = hyperparameters.deserialized(job.hyperparameters)
+    differ += [f"hyperparameters.{key}" for key, value in spec.hyperparameters.items()
+               if recorded.get(key) != value and not (key == "normalization" and value == "auto")]
+    return differ
 
 
 def _check_pretrained(spec: JobSpec) -> None:

@@ -48,14 +48,19 @@ def create_training_set(engine: Engine, *, spec: TrainingSetSpec) -> tuple[Train
     """The set `spec` names, recorded PREPARING if it is new (or FAILED before: prepared again);
     with whether there is preparation to do. ALREADY_EXISTS when its id names another request's set."""
     with session_scope(engine) as session:
-        previous = lookup.by_request_id(session, table=TrainingSetRow, request_id=spec.request_id)
-        if previous is not None:
-            return previous, False
         pipeline = pipelines.get_pipeline(session, name=spec.pipeline, field="pipeline")
     class_names = list(spec.class_names) or list(pipeline.class_names)
     _check_spec(spec, class_names)
     spec = dataclasses.replace(spec, pipeline=pipeline.id, class_names=class_names)
     content = _content_hash(spec)
+    with session_scope(engine) as session:
+        previous = lookup.by_request_id(session, table=TrainingSetRow, request_id=spec.request_id)
+        if previous is not None:
+            if _asked_for(spec_of(previous)) != _asked_for(spec) or spec.training_set_id not in ("", previous.id):
+                raise InvalidArgumentError.of(
+                    "request_id", f"already used for {names.training_set(previous.id)}, created from other "
+                                  "parameters; use a new request_id")
+            return previous, False
     set_id = spec.training_set_id or f"ts-{content.removeprefix('sha256:')[:12]}"
     try:
         with session_scope(engine) as session:
@@ -95,6 +100,19 @@ def spec_of(row: TrainingSetRow) -> TrainingSetSpec:
     fields = json.loads(row.spec)
     fields["tiles"] = [TileSpec(**t) for t in fields["tiles"]]
     return TrainingSetSpec(**fields)
+
+
+def _asked_for(spec: TrainingSetSpec) -> str:
+    """What a request asks for, as far as its request_id vouches: its parameters and its files by
+    name. A retried upload lands under new keys (another upload id) for the same files, so the
+    folders of the keys do not count."""
+    def named(key: str) -> str:
+        return PurePosixPath(key).name if key else ""
+
+    asked = dataclasses.replace(spec, display_name="", request_id="", tiles=[
+        TileSpec(image_key=named(t.image_key), annotation_key=named(t.annotation_key), source_image=t.source_image)
+        for t in spec.tiles], annotations_key=named(spec.annotations_key))
+    return hashlib.sha256(json.dumps(dataclasses.asdict(asked), sort_keys=True).encode()).hexdigest()
 
 
 def _content_hash(spec: TrainingSetSpec) -> str:

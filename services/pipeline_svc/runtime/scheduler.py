@@ -3,10 +3,12 @@ active job, and hands back the jobs of nodes that stopped heartbeating."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from datetime import timedelta
 
 import grpc
@@ -16,8 +18,10 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from segcore import admission
-from services.common import job_states, names
+from services.common import job_states, names, object_keys
 from services.common.database import session_scope
+from services.common.errors import UnavailableError
+from services.common.storage import ObjectStore
 from services.pipeline_svc import converters
 from services.pipeline_svc.resources import analyses, jobs, lifecycle, models, training_sets
 from services.pipeline_svc.runtime import nodes
@@ -30,10 +34,11 @@ S = common_pb2
 
 
 class Scheduler(threading.Thread):
-    def __init__(self, engine: Engine, peers: PeerStubs, *, interval_s: float, heartbeat_interval_s: float,
-                 max_attempts: int, stopping: threading.Event, wake_outbox: Callable[[], None]) -> None:
+    def __init__(self, engine: Engine, peers: PeerStubs, store: ObjectStore, *, interval_s: float,
+                 heartbeat_interval_s: float, max_attempts: int, stopping: threading.Event,
+                 wake_outbox: Callable[[], None]) -> None:
         super().__init__(name="scheduler", daemon=True)
-        self._engine, self._peers = engine, peers
+        self._engine, self._peers, self._store = engine, peers, store
         self._interval_s = interval_s
         self._max_attempts = max_attempts
         self._stopping = stopping
@@ -44,6 +49,9 @@ class Scheduler(threading.Thread):
         # backoff; on a loaded machine its first heartbeats may take a while).
         self._judge_nodes_after = time.monotonic() + 2 * self._lost_after.total_seconds()
         self._pending = threading.Event()
+        # Jobs a node refused, left out of placement until their hold ends (it doubles with each
+        # refusal): a job no node will take never holds back the ones queued behind it.
+        self._held: dict[str, _Hold] = {}
         self._relays: dict[str, JobRelay] = {}
         self._lock = threading.Lock()
 
@@ -79,6 +87,10 @@ class Scheduler(threading.Thread):
             pass
         with session_scope(self._engine) as session:
             active = list(session.exec(select(JobRow.id).where(col(JobRow.state).in_(job_states.ACTIVE))))
+            if self._held:  # holds end with the job's wait (it started, failed or was cancelled)
+                waiting = set(session.exec(select(JobRow.id).where(
+                    col(JobRow.id).in_(list(self._held)), JobRow.state == S.JOB_STATE_QUEUED)))
+                self._held = {j: hold for j, hold in self._held.items() if j in waiting}
         for job_id in active:
             self._ensure_relay(job_id)
 
@@ -96,9 +108,11 @@ class Scheduler(threading.Thread):
             self._interrupt_relay(job.id)
 
     def _assign_one(self) -> bool:
-        """Starts the oldest queued job that fits the free nodes (all its nodes or none)."""
+        """Starts the oldest queued job that fits the free nodes (all its nodes or none), leaving
+        out the jobs on hold; True when it tried one (so the pass goes on with the next)."""
+        now = time.monotonic()
         with session_scope(self._engine) as session:
-            placement = _placement(session)
+            placement = _placement(session, held={j for j, hold in self._held.items() if hold.until > now})
             if placement is None:
                 return False
             job, gang = placement
@@ -110,13 +124,25 @@ class Scheduler(threading.Thread):
             members = [(n.id, n.address) for n in gang]
         self._wake_outbox()
         try:
+            self._publish_tiles(request, node_id=members[0][0])
             self._start_gang(request, members)
         except _Refused as refused:
-            log.warning("trainer node %s refused %s: %s", refused.node_id, lifecycle.log_name(job), refused.code)
+            log.warning("trainer node %s refused %s: %s %s", refused.node_id, lifecycle.log_name(job), refused.code,
+                        refused.details)
             self._undo_assignment(job, refused)
-            return False  # try again on the next pass, not in a tight loop
+            hold = self._held.get(job.id)
+            self._held[job.id] = hold = _Hold.after(hold)
+            log.info("%s held for %.0f s", lifecycle.log_name(job), hold.until - time.monotonic())
+            return True  # the next job in the queue may fit where this one did not
+        self._held.pop(job.id, None)
         self._ensure_relay(job.id)
         return True
+
+    def _publish_tiles(self, request: trainer_pb2.RunJobRequest, *, node_id: str) -> None:
+        try:
+            publish_tiles(self._store, request)
+        except UnavailableError as exc:
+            raise _Refused(node_id, grpc.StatusCode.UNAVAILABLE, f"object store: {exc.message}", store=True) from None
 
     def _start_gang(self, request: trainer_pb2.RunJobRequest, members: list[tuple[str, str]]) -> None:
         """RunJob on every node of the attempt in rank order: rank 0 first, whose answer is the
@@ -129,7 +155,7 @@ class Scheduler(threading.Thread):
             except grpc.RpcError as exc:
                 for other in started:
                     self._peers.stop_job_on(other, job=request.job, stop_early=False)
-                raise _Refused(node_id, exc.code(), started=bool(started)) from None
+                raise _Refused(node_id, exc.code(), exc.details() or "", started=bool(started)) from None
             started.append(address)
             if rank == 0 and len(members) > 1:
                 request.rendezvous_endpoint = response.rendezvous_endpoint
@@ -141,10 +167,17 @@ class Scheduler(threading.Thread):
                 if not refused.started:
                     fresh.attempt -= 1  # the attempt started nowhere: it does not count
                 # (one that some node started keeps its number: a node never sees one reused)
-                lifecycle.requeue(session, job=fresh, reason=f"trainer node {refused.node_id} could not take the job",
-                                  max_attempts=self._max_attempts)
+                if refused.for_good:
+                    # The same request would be refused again by every node: retrying cannot help.
+                    lifecycle.transition(session, job=fresh, to=S.JOB_STATE_FAILED,
+                                         reason=f"trainer node {refused.node_id} refused the job "
+                                                f"({refused.code.name}: {refused.details})")
+                else:
+                    lifecycle.requeue(session, job=fresh,
+                                      reason=f"trainer node {refused.node_id} could not take the job",
+                                      max_attempts=self._max_attempts)
             stale = session.get(TrainerNodeRow, refused.node_id)
-            if stale is not None and refused.code == grpc.StatusCode.UNAVAILABLE:
+            if stale is not None and refused.code == grpc.StatusCode.UNAVAILABLE and not refused.store:
                 stale.state = nodes.LOST
                 session.add(stale)
 
@@ -169,26 +202,64 @@ class Scheduler(threading.Thread):
         self.wake()  # a node may have freed up
 
 
+def publish_tiles(store: ObjectStore, request: trainer_pb2.RunJobRequest) -> None:
+    """Moves the request's tiles to the attempt's manifest object, which the request then names
+    with its size and sha256: RunJob stays small whatever the size of the set."""
+    if not request.tiles:
+        return  # an analysis: its inputs are an object already
+    manifest = trainer_pb2.TileManifest(tiles=request.tiles).SerializeToString()
+    key = object_keys.attempt_tile_manifest(request.output_prefix)
+    store.put(key, manifest, content_type="application/x-protobuf")
+    request.ClearField("tiles")
+    request.tile_manifest.CopyFrom(common_pb2.Artifact(uri=key, size_bytes=len(manifest),
+                                                        sha256=hashlib.sha256(manifest).hexdigest()))
+
+
 class _Refused(Exception):
     """A node of the attempt refused RunJob (`started`: after others had accepted it)."""
 
-    def __init__(self, node_id: str, code: grpc.StatusCode, *, started: bool = False) -> None:
+    def __init__(self, node_id: str, code: grpc.StatusCode, details: str, *, started: bool = False,
+                 store: bool = False) -> None:
         super().__init__(node_id, code)
-        self.node_id, self.code, self.started = node_id, code, started
+        self.node_id, self.code, self.details, self.started = node_id, code, details, started
+        self.store = store  # the object store failed, not the node
+
+    @property
+    def for_good(self) -> bool:
+        """A malformed request (INVALID_ARGUMENT), or one larger than a message may be: no node
+        and no retry would take it. (FAILED_PRECONDITION means a node that is full or draining.)"""
+        too_large = self.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in self.details
+        return self.code == grpc.StatusCode.INVALID_ARGUMENT or too_large
+
+
+@dataclass(frozen=True)
+class _Hold:
+    """A refused job's time out of placement: 1 s after the first refusal, doubling to 60 s."""
+
+    until: float
+    refusals: int
+
+    @classmethod
+    def after(cls, previous: _Hold | None) -> _Hold:
+        refusals = (previous.refusals if previous else 0) + 1
+        return cls(time.monotonic() + min(60.0, 2.0 ** (refusals - 1)), refusals)
 
 
 # Queued jobs looked at per pass: a job that fits no free node does not hold back the ones behind it.
 _LOOKAHEAD = 50
 
 
-def _placement(session: Session) -> tuple[JobRow, list[TrainerNodeRow]] | None:
-    """The oldest queued job that fits, with its nodes in rank order (least loaded first): each
-    free, starting the job's processes, and offering the memory it needs (segcore.admission)."""
+def _placement(session: Session, held: Collection[str] = ()) -> tuple[JobRow, list[TrainerNodeRow]] | None:
+    """The oldest queued job not `held` that fits, with its nodes in rank order (least loaded
+    first): each free, starting the job's processes, and offering the memory it needs
+    (segcore.admission)."""
     free = [node for node, _ in nodes.free_nodes(session)]
     if not free:
         return None
-    queued = session.exec(select(JobRow).where(JobRow.state == S.JOB_STATE_QUEUED)
-                          .order_by(col(JobRow.start_time)).limit(_LOOKAHEAD))
+    query = select(JobRow).where(JobRow.state == S.JOB_STATE_QUEUED)
+    if held:
+        query = query.where(col(JobRow.id).not_in(list(held)))
+    queued = session.exec(query.order_by(col(JobRow.start_time)).limit(_LOOKAHEAD))
     for job in queued:
         shape = _shape(session, job)
         able = [n for n in free if n.max_processes >= job.processes

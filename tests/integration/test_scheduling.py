@@ -1,0 +1,113 @@
+"""The scheduler against a trainer node (a real gRPC server on port 0) that refuses some jobs:
+a job no node will take never holds back the jobs queued behind it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+from segtrain.common.v1 import common_pb2
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
+from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc
+
+from clients.sdk import Client
+from tests.integration.conftest import PipelineServer
+
+S = common_pb2
+
+
+class RefusingNode(trainer_pb2_grpc.TrainerServiceServicer):
+    """Refuses RunJob of the jobs in `refuse` with their code, accepts the others (and then
+    streams nothing until the stream is cancelled); heartbeats what it accepted."""
+
+    def __init__(self) -> None:
+        self.refuse: dict[str, grpc.StatusCode] = {}
+        self.asked: list[str] = []
+        self.accepted: list[str] = []
+
+    def RunJob(self, request: trainer_pb2.RunJobRequest, context: grpc.ServicerContext
+               ) -> trainer_pb2.RunJobResponse:
+        self.asked.append(request.job)
+        code = self.refuse.get(request.job)
+        if code is not None:
+            context.abort(code, "refused by the test")
+        self.accepted.append(request.job)
+        return trainer_pb2.RunJobResponse()
+
+    def WatchJobRun(self, request: trainer_pb2.WatchJobRunRequest, context: grpc.ServicerContext
+                    ) -> Iterator[trainer_pb2.WatchJobRunResponse]:
+        while context.is_active():
+            time.sleep(0.05)
+        return iter(())
+
+
+@pytest.fixture
+def node(pipeline_server: PipelineServer) -> Iterator[RefusingNode]:
+    fake = RefusingNode()
+    server = grpc.server(futures.ThreadPoolExecutor(8))
+    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    stub = pipeline_server.stub
+    stub.RegisterTrainerNode(pb.RegisterTrainerNodeRequest(
+        node_id="refusing", address=f"127.0.0.1:{port}", capacity=1, device="cpu", job_memory_bytes=64 * 2**30,
+        max_processes=1), timeout=10)
+    stopping = threading.Event()
+
+    def heartbeat() -> None:
+        while not stopping.wait(0.3):
+            stub.HeartbeatTrainerNode(pb.HeartbeatTrainerNodeRequest(
+                name="trainerNodes/refusing", jobs=list(fake.accepted)), timeout=10)
+    beating = threading.Thread(target=heartbeat, daemon=True)
+    beating.start()
+    try:
+        yield fake
+    finally:
+        stopping.set()
+        beating.join(5)
+        server.stop(0).wait()
+
+
+def _queued(client: Client, training_set: pb.TrainingSet, count: int) -> list[pb.Job]:
+    params = S.Hyperparameters(architecture="upernet-convnext-cpu", epochs=1, batch_size=2)
+    return [client.create_job(pipeline="segmentation", training_set=training_set.name, hyperparameters=params)
+            for _ in range(count)]
+
+
+def _wait(client: Client, name: str, states: set[int], timeout: float = 20) -> pb.Job:
+    deadline = time.monotonic() + timeout
+    while (job := client.get_job(name)).state not in states:
+        assert time.monotonic() < deadline, f"{name} still {S.JobState.Name(job.state)}"
+        time.sleep(0.1)
+    return job
+
+
+def test_a_job_refused_for_good_fails_naming_why_and_the_next_one_runs(
+        client: Client, training_set: pb.TrainingSet, node: RefusingNode) -> None:
+    first, second = _queued(client, training_set, 2)
+    node.refuse[first.name] = grpc.StatusCode.INVALID_ARGUMENT
+    client.start_job(first.name)
+    client.start_job(second.name)
+    failed = _wait(client, first.name, {S.JOB_STATE_FAILED})
+    assert "refused the job (INVALID_ARGUMENT: refused by the test)" in failed.failure_reason
+    assert failed.attempt == 0  # no attempt ran
+    _wait(client, second.name, {S.JOB_STATE_ASSIGNED, S.JOB_STATE_RUNNING})
+    assert node.asked.count(first.name) == 1 and node.accepted == [second.name]
+
+
+def test_a_job_the_nodes_keep_refusing_is_held_and_does_not_block_the_queue(
+        client: Client, training_set: pb.TrainingSet, node: RefusingNode) -> None:
+    older, newer = _queued(client, training_set, 2)
+    node.refuse[older.name] = grpc.StatusCode.FAILED_PRECONDITION  # full or draining: worth retrying
+    client.start_job(older.name)
+    time.sleep(1.0)  # the older job is refused, and refused again, before the newer one queues
+    client.start_job(newer.name)
+    _wait(client, newer.name, {S.JOB_STATE_ASSIGNED, S.JOB_STATE_RUNNING})
+    waiting = client.get_job(older.name)
+    assert waiting.state == S.JOB_STATE_QUEUED and waiting.attempt == 0  # refusals cost no attempt
+    # Held 1 s, then 2 s, ...: a few tries in these seconds, not one per scheduling pass (0.2 s).
+    assert 1 <= node.asked.count(older.name) <= 4, node.asked
