@@ -1,16 +1,18 @@
-"""The scheduler against a trainer node (a real gRPC server on port 0) that refuses some jobs:
-a job no node will take never holds back the jobs queued behind it."""
+"""The scheduler and the relay against a trainer node (a real gRPC server on port 0) that refuses
+some jobs, or streams events it has no business sending: a job no node will take never holds back
+the jobs queued behind it, and a node speaks only for the attempt it was given."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import grpc
 import pytest
 from segtrain.common.v1 import common_pb2
+from segtrain.metrics.v1 import metrics_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
@@ -26,6 +28,8 @@ class RefusingNode(trainer_pb2_grpc.TrainerServiceServicer):
 
     def __init__(self) -> None:
         self.refuse: dict[str, grpc.StatusCode] = {}
+        # What WatchJobRun streams for a job (given its attempt), before it waits.
+        self.stream: dict[str, Callable[[int], list[common_pb2.JobEvent]]] = {}
         self.asked: list[str] = []
         self.accepted: list[str] = []
 
@@ -40,9 +44,11 @@ class RefusingNode(trainer_pb2_grpc.TrainerServiceServicer):
 
     def WatchJobRun(self, request: trainer_pb2.WatchJobRunRequest, context: grpc.ServicerContext
                     ) -> Iterator[trainer_pb2.WatchJobRunResponse]:
+        events = self.stream.get(request.job, lambda attempt: [])(request.attempt)
+        for event in events[request.after_source_seq:]:
+            yield trainer_pb2.WatchJobRunResponse(event=event)
         while context.is_active():
             time.sleep(0.05)
-        return iter(())
 
 
 @pytest.fixture
@@ -111,3 +117,34 @@ def test_a_job_the_nodes_keep_refusing_is_held_and_does_not_block_the_queue(
     assert waiting.state == S.JOB_STATE_QUEUED and waiting.attempt == 0  # refusals cost no attempt
     # Held 1 s, then 2 s, ...: a few tries in these seconds, not one per scheduling pass (0.2 s).
     assert 1 <= node.asked.count(older.name) <= 4, node.asked
+
+
+@pytest.mark.parametrize("lie", ["another job", "another attempt", "a state change"])
+def test_a_node_speaks_only_for_the_attempt_it_was_given(
+        client: Client, training_set: pb.TrainingSet, node: RefusingNode, pipeline_server: PipelineServer,
+        lie: str) -> None:
+    (job,) = _queued(client, training_set, 1)
+
+    def events(attempt: int) -> list[common_pb2.JobEvent]:
+        honest = common_pb2.JobEvent(job=job.name, attempt=attempt, source_seq=1,
+                                     progress=common_pb2.Progress(percent=1.0),
+                                     phase_change=common_pb2.PhaseChange(phase=S.PHASE_TRAINING))
+        forged = common_pb2.JobEvent(job=job.name, attempt=attempt, source_seq=2,
+                                     progress=common_pb2.Progress(percent=2.0),
+                                     phase_change=common_pb2.PhaseChange(phase=S.PHASE_TRAINING))
+        if lie == "another job":
+            forged.job = "jobs/someone-elses"
+        elif lie == "another attempt":
+            forged.attempt = attempt + 5
+        else:
+            forged.state_change.CopyFrom(common_pb2.StateChange(state=S.JOB_STATE_SUCCEEDED))
+        return [honest, forged]
+    node.stream[job.name] = events
+    client.start_job(job.name)
+    failed = _wait(client, job.name, {S.JOB_STATE_FAILED}, timeout=60)  # every attempt lies: out of attempts
+    reasons = [e.state_change.reason for e in client.watch(job.name) if e.HasField("state_change")]
+    expected = "state change" if lie == "a state change" else "sent an event of"
+    assert any(expected in r for r in reasons), reasons
+    assert failed.latest_metrics.epoch == 0 and failed.progress.percent <= 1.0  # the forged event changed nothing
+    others = client.metrics.ListJobEvents(metrics_pb2.ListJobEventsRequest(job="jobs/someone-elses")).events
+    assert list(others) == []  # nothing was appended to another job's log

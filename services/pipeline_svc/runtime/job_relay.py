@@ -57,7 +57,7 @@ class JobRelay(threading.Thread):
                 try:
                     self._follow(address, attempt, after)
                 except _AppendRefused as refused:
-                    self._requeue(attempt, f"the metrics service refused the attempt's events ({refused})")
+                    self._requeue(attempt, f"the attempt's events were refused ({refused})")
                     return
                 except grpc.RpcError as exc:
                     if not self._handle_stream_error(exc, attempt):
@@ -95,13 +95,24 @@ class JobRelay(threading.Thread):
         if self._interrupted.is_set():  # stop() came between _locate and this call
             call.cancel()
         for events in _batches(call, MAX_BATCH):
+            self._check_from_node(events, attempt)
             self._append(events)
             if self._apply(events):
                 return  # the job is final here (closing the batches ends the stream)
 
+    def _check_from_node(self, events: list[common_pb2.JobEvent], attempt: int) -> None:
+        """A node speaks for the attempt it was given only: an event naming another job or attempt,
+        or changing the job's state (the pipeline's alone to record), gives the attempt up."""
+        for event in events:
+            if event.job != self._name or event.attempt != attempt:
+                raise _AppendRefused(f"the trainer node sent an event of {event.job} attempt {event.attempt} "
+                                     f"on the stream of {self._name} attempt {attempt}")
+            if event.HasField("state_change"):
+                raise _AppendRefused("the trainer node sent a state change, which only the pipeline records")
+
     def _append(self, events: list[common_pb2.JobEvent]) -> None:
         """Appends to the metrics service, retrying while it is unavailable (idempotent)."""
-        request = metrics_pb2.AppendJobEventsRequest(job=events[0].job, events=events)
+        request = metrics_pb2.AppendJobEventsRequest(job=self._name, events=events)
         while True:
             try:
                 self._peers.metrics.AppendJobEvents(request, timeout=10)
@@ -109,7 +120,7 @@ class JobRelay(threading.Thread):
             except grpc.RpcError as exc:
                 if exc.code() in _REFUSALS:
                     # Retrying the same events would be refused forever and stall the job.
-                    raise _AppendRefused(f"{exc.code().name}: {exc.details()}") from None
+                    raise _AppendRefused(f"the metrics service answered {exc.code().name}: {exc.details()}") from None
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
                 if self._stopping.wait(RETRY_S):
@@ -169,7 +180,8 @@ class JobRelay(threading.Thread):
 
 
 class _AppendRefused(Exception):
-    """The metrics service refused a batch of the attempt's events for good."""
+    """A batch of the attempt's events is refused for good: by the metrics service, or here for
+    not being the attempt's own."""
 
 
 # Answers that the same call would get again: the attempt is given up (re-queued, counting attempts).
