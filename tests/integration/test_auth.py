@@ -194,6 +194,21 @@ MALFORMED = [
      "job"),
     ("trainer", trn("RunJob", trainer_pb2.RunJobRequest(job="jobs/j-1", attempt=1,
                                                         class_names=[f"c{i}" for i in range(256)])), "class_names"),
+    ("trainer", trn("RunJob", trainer_pb2.RunJobRequest(job="jobs/j-1", attempt=1, output_prefix="jobs/j-1/attempts/1/",
+                                                        tile_manifest=common_pb2.Artifact(uri="x"),
+                                                        node_rank=3)), "node_rank"),
+    ("trainer", trn("AnalyzeTiles", trainer_pb2.AnalyzeTilesRequest(
+        image_keys=[f"uploads/u/{i}.png" for i in range(1001)])), "image_keys"),
+    ("trainer", trn("WatchJobRun", trainer_pb2.WatchJobRunRequest(job="jobs/../x", attempt=1), stream=True), "job"),
+    ("metrics", metr("AppendJobEvents", metrics_pb2.AppendJobEventsRequest(job="jobs/j-1", events=[
+        common_pb2.JobEvent(job="jobs/j-1", attempt=1, source_seq=i + 1,
+                            phase_change=common_pb2.PhaseChange(phase=common_pb2.PHASE_TRAINING))
+        for i in range(1001)])), "events"),
+    ("metrics", metr("RenderJobCharts", metrics_pb2.RenderJobChartsRequest(jobs=["jobs/j-1"], height=5000)),
+     "height"),
+    ("metrics", metr("RenderJobCharts", metrics_pb2.RenderJobChartsRequest()), "jobs"),
+    ("metrics", metr("ListJobEvents", metrics_pb2.ListJobEventsRequest(job="jobs/j-1", after_seq=-5)), "after_seq"),
+    ("metrics", metr("GetJobHistory", metrics_pb2.GetJobHistoryRequest(job="not a job")), "job"),
 ]
 
 

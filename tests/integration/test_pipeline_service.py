@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import sqlalchemy
+import tifffile
 from PIL import Image
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
@@ -194,6 +195,33 @@ def _mask(h: int = 64, w: int = 64, value: int = 1) -> bytes:
     return png_bytes(mask)
 
 
+def _pipeline(**kw: object) -> Callable[[Client, pb.TrainingSet, Path], object]:
+    fields: dict[str, object] = dict(display_name="p", type=pb.Pipeline.TYPE_TRAINING, tile_size=256,
+                                     class_names=["background", "cell"])
+    fields.update(kw)
+    return lambda c, ts, _: c.pipeline.CreatePipeline(pb.CreatePipelineRequest(
+        pipeline_id="bad-pipeline", pipeline=pb.Pipeline(**fields)))  # type: ignore[arg-type]
+
+
+def _set(**kw: object) -> Callable[[Client, pb.TrainingSet, Path], object]:
+    return lambda c, ts, _: c.pipeline.CreateTrainingSet(pb.CreateTrainingSetRequest(
+        pipeline="pipelines/segmentation", tiles=[pb.TileInput(image_key="uploads/a/b.png",
+                                                               annotation_key="uploads/a/c.png")],
+        **kw))  # type: ignore[arg-type]
+
+
+def _node(**kw: object) -> Callable[[Client, pb.TrainingSet, Path], object]:
+    fields: dict[str, object] = dict(node_id="n-1", address="127.0.0.1:1", capacity=1, device="cpu")
+    fields.update(kw)
+    return lambda c, ts, _: c.pipeline.RegisterTrainerNode(pb.RegisterTrainerNodeRequest(**fields))  # type: ignore[arg-type]
+
+
+def _tiff(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, arr, photometric="minisblack")
+    return buf.getvalue()
+
+
 def _bomb(fmt: str, **save: object) -> bytes:
     """12,000² 1-bit pixels in a few KB: 5.5 GB on the pipeline service when it was decoded."""
     buf = io.BytesIO()
@@ -326,6 +354,40 @@ BAD_REQUESTS: list[Case] = [
      grpc.StatusCode.INVALID_ARGUMENT, "page_token"),
     ("name of 5,000 characters", lambda c, ts, _: c.pipeline.GetJob(pb.GetJobRequest(name="jobs/" + "j" * 5000)),
      grpc.StatusCode.INVALID_ARGUMENT, "name"),
+    ("pipeline tile size 16", _pipeline(tile_size=16), grpc.StatusCode.INVALID_ARGUMENT, "pipeline.tile_size"),
+    ("pipeline tile size 9,000", _pipeline(tile_size=9000), grpc.StatusCode.INVALID_ARGUMENT, "pipeline.tile_size"),
+    ("pipeline of one class", _pipeline(class_names=["background"]), grpc.StatusCode.INVALID_ARGUMENT,
+     "pipeline.class_names"),
+    ("pipeline with a repeated class", _pipeline(class_names=["background", "cell", "cell"]),
+     grpc.StatusCode.INVALID_ARGUMENT, "pipeline.class_names"),
+    ("pipeline id with capitals", lambda c, ts, _: c.pipeline.CreatePipeline(pb.CreatePipelineRequest(
+        pipeline_id="Bad_Id", pipeline=pb.Pipeline(display_name="x", type=pb.Pipeline.TYPE_TRAINING, tile_size=256,
+                                                   class_names=["background", "cell"]))),
+     grpc.StatusCode.INVALID_ARGUMENT, "pipeline_id"),
+    ("pipeline without a type", _pipeline(type=pb.Pipeline.TYPE_UNSPECIFIED), grpc.StatusCode.INVALID_ARGUMENT,
+     "pipeline.type"),
+    ("negative page size", lambda c, ts, _: c.pipeline.ListJobs(pb.ListJobsRequest(page_size=-1)),
+     grpc.StatusCode.INVALID_ARGUMENT, "page_size"),
+    ("validation fraction 1.5", _set(validation_fraction=1.5), grpc.StatusCode.INVALID_ARGUMENT,
+     "validation_fraction"),
+    ("unknown annotation format", _set(format=99), grpc.StatusCode.INVALID_ARGUMENT, "format"),
+    ("instance class 0", _set(format=pb.ANNOTATION_FORMAT_INSTANCE_MASKS, instance_class=0),
+     grpc.StatusCode.INVALID_ARGUMENT, "instance_class"),
+    ("COCO without its file", _set(format=pb.ANNOTATION_FORMAT_COCO), grpc.StatusCode.INVALID_ARGUMENT,
+     "annotations_key"),
+    ("set id with a slash", _set(training_set_id="a/b"), grpc.StatusCode.INVALID_ARGUMENT, "training_set_id"),
+    ("upload of no files", lambda c, ts, _: c.pipeline.CreateUpload(pb.CreateUploadRequest()),
+     grpc.StatusCode.INVALID_ARGUMENT, "file_names"),
+    ("upload of one name twice", lambda c, ts, _: c.pipeline.CreateUpload(pb.CreateUploadRequest(
+        file_names=["a.png", "a.png"])), grpc.StatusCode.INVALID_ARGUMENT, "file_names"),
+    ("compare one job", lambda c, ts, _: c.pipeline.CompareJobs(pb.CompareJobsRequest(jobs=["jobs/j-1"])),
+     grpc.StatusCode.INVALID_ARGUMENT, "jobs"),
+    ("training set named by traversal", lambda c, ts, _: c.pipeline.GetTrainingSet(pb.GetTrainingSetRequest(
+        name="trainingSets/../x")), grpc.StatusCode.INVALID_ARGUMENT, "name"),
+    ("node id with capitals", _node(node_id="Node_1"), grpc.StatusCode.INVALID_ARGUMENT, "node_id"),
+    ("node address without a port", _node(address="localhost"), grpc.StatusCode.INVALID_ARGUMENT, "address"),
+    ("node capacity 65", _node(capacity=65), grpc.StatusCode.INVALID_ARGUMENT, "capacity"),
+    ("node of negative memory", _node(job_memory_bytes=-1), grpc.StatusCode.INVALID_ARGUMENT, "job_memory_bytes"),
 ]
 
 
@@ -420,6 +482,12 @@ UNUSABLE = [  # (label, the files of a one-tile set, the code of its error, or "
     ("tile larger than the pipeline's tile size", lambda: {"t.png": _image(64, 300), "m.png": _mask(64, 300)},
      "TOO_LARGE"),
     ("mask size mismatch", lambda: {"t.png": _image(), "m.png": _mask(32, 32)}, "SIZE_MISMATCH"),
+    ("empty tile", lambda: {"t.png": b"", "m.png": _mask()}, "UNREADABLE"),
+    ("tile of six channels", lambda: {"t.png": _tiff(np.zeros((64, 64, 6), np.uint8)), "m.png": _mask()},
+     "UNREADABLE"),
+    ("tile with NaN", lambda: {"t.png": _tiff(np.full((64, 64), np.nan, np.float32)), "m.png": _mask()},
+     "UNREADABLE"),
+    ("tile that is text", lambda: {"t.png": b"GIF89a not an image at all", "m.png": _mask()}, "UNREADABLE"),
     # Judged from the header: nothing is decoded (segcore.limits).
     ("decompression bomb tile (PNG)", lambda: {"t.png": _bomb("PNG"), "m.png": _mask()}, "TOO_LARGE"),
     ("decompression bomb tile (TIFF)", lambda: {"t.png": _bomb("TIFF", compression="tiff_deflate"),
