@@ -8,6 +8,7 @@ retried on UNAVAILABLE with backoff by the channel's retry policy; nothing else 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -86,20 +87,73 @@ class _Details(grpc.ClientCallDetails):
         self.wait_for_ready, self.compression, self.metadata = base.wait_for_ready, base.compression, metadata
 
 
-class Client:
-    """A connection to a segtrain deployment."""
+@dataclass(frozen=True)
+class Tls:
+    """How the client reaches the services: TLS verified with `ca_file` (None: the system's
+    roots), presenting `cert_file` and `key_file` for mutual TLS when given."""
 
-    def __init__(self, address: str | None = None, *, token: str | None = None, timeout: float = 60.0) -> None:
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @classmethod
+    def from_environment(cls) -> Tls | None:
+        """TLS when SEGTRAIN_TLS is true or SEGTRAIN_TLS_CA_FILE / SEGTRAIN_TLS_CERT_FILE is set."""
+        env = os.environ
+        variables = (("ca_file", "SEGTRAIN_TLS_CA_FILE"), ("cert_file", "SEGTRAIN_TLS_CERT_FILE"),
+                 ("key_file", "SEGTRAIN_TLS_KEY_FILE"))
+        files = {field: Path(env[variable]) for field, variable in variables if env.get(variable)}
+        if files or env.get("SEGTRAIN_TLS", "").lower() in ("1", "true", "yes"):
+            return cls(**files)
+        return None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: Path | None) -> bytes | None:
+            return path.read_bytes() if path is not None else None
+        return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
+
+
+class PlaintextTokenError(ValueError):
+    """A token would travel unencrypted to another machine."""
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another host name: not known to be this machine
+
+
+class Client:
+    """A connection to a segtrain deployment. Over TLS when `tls` (or the environment, see
+    Tls.from_environment) says so; a token is never sent in plaintext beyond this machine unless
+    `allow_plaintext` (or SEGTRAIN_ALLOW_PLAINTEXT=true, for a private network) says so."""
+
+    def __init__(self, address: str | None = None, *, token: str | None = None, timeout: float = 60.0,
+                 tls: Tls | None = None, allow_plaintext: bool | None = None) -> None:
         self.address = address or os.environ.get("SEGTRAIN_ADDRESS", DEFAULT_ADDRESS)
         self.timeout = timeout
         self._token = token if token is not None else os.environ.get("SEGTRAIN_TOKEN", "")
+        self._tls = tls if tls is not None else Tls.from_environment()
+        self._allow_plaintext = (allow_plaintext if allow_plaintext is not None else
+                                 os.environ.get("SEGTRAIN_ALLOW_PLAINTEXT", "").lower() in ("1", "true", "yes"))
         self._raw_channels: list[grpc.Channel] = []
         self._channel = self._connect(self.address)
         self.pipeline = pipeline_pb2_grpc.PipelineServiceStub(self._channel)
         self._metrics: metrics_pb2_grpc.MetricsServiceStub | None = None
 
     def _connect(self, address: str) -> grpc.Channel:
-        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        if self._tls is not None:
+            channel = grpc.secure_channel(address, self._tls.credentials(), options=CHANNEL_OPTIONS)
+        elif self._token and not self._allow_plaintext and not _is_loopback(address):
+            raise PlaintextTokenError(
+                f"refusing to send a token in plaintext to {address}: use TLS (SEGTRAIN_TLS_CA_FILE, or "
+                "SEGTRAIN_TLS=true for the system's roots), or set SEGTRAIN_ALLOW_PLAINTEXT=true on a private network")
+        else:
+            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._raw_channels.append(channel)
         return grpc.intercept_channel(channel, _Bearer(self._token)) if self._token else channel
 

@@ -173,7 +173,8 @@ class LocalStack:
     def _write_tokens(self) -> None:
         """tokens.json (digests, read by the services) and credentials.json (role -> token, for the
         local user), both readable by the owner only."""
-        self.tokens_file.parent.mkdir(parents=True, exist_ok=True)
+        self.tokens_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.tokens_file.parent.chmod(0o700)  # an existing folder is narrowed too
         write_tokens_file(self.tokens_file, {
             token: (f"local-{role}", Role[role.upper()]) for role, token in self.tokens.items()})
         write_credentials_file(self.credentials_file, self.tokens)
@@ -224,10 +225,12 @@ class LocalStack:
         chosen = self.s3_port
         for attempt in range(3):
             self.s3_port = chosen or free_port()
-            cmd = [rclone_binary(), "serve", "s3", str(data), "--addr", self.s3_endpoint,
-                   "--auth-key", f"{self.access_key},{self.secret_key}", "--config", "/dev/null",
+            cmd = [rclone_binary(), "serve", "s3", str(data), "--addr", self.s3_endpoint, "--config", "/dev/null",
                    "--vfs-cache-mode", "off"]
-            process = self._launch("s3", cmd, os.environ.copy())
+            # The key pair goes in the environment (rclone reads every flag from RCLONE_<FLAG>; a
+            # repeatable one as CSV, hence the quotes), never on the command line others can read.
+            env = {**os.environ, "RCLONE_AUTH_KEY": f'"{self.access_key},{self.secret_key}"'}
+            process = self._launch("s3", cmd, env)
             try:
                 _wait_port(self.s3_port, process)
                 return

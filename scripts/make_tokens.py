@@ -18,7 +18,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("folder", type=Path)
     args = parser.parse_args()
-    args.folder.mkdir(parents=True, exist_ok=True)
+    args.folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # credentials.json lives here
     tokens = {role.name.lower(): secrets.token_urlsafe(32) for role in Role}
     write_tokens_file(args.folder / "tokens.json",
                       {token: (f"{role}-1", Role[role.upper()]) for role, token in tokens.items()})

@@ -31,9 +31,8 @@ def s3_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageSet
     access, secret = "segtrain-test", secrets.token_urlsafe(18)
     log = open(root.parent / "rclone.log", "wb")  # noqa: SIM115 - closed in finally
     process = subprocess.Popen(
-        [rclone_binary(), "serve", "s3", str(root / "data"), "--addr", f"127.0.0.1:{port}",
-         "--auth-key", f"{access},{secret}", "--config", "/dev/null"],
-        stdout=log, stderr=subprocess.STDOUT)
+        [rclone_binary(), "serve", "s3", str(root / "data"), "--addr", f"127.0.0.1:{port}", "--config", "/dev/null"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "RCLONE_AUTH_KEY": f'"{access},{secret}"'})
     try:
         _wait_listening(port, process)
         yield StorageSettings(endpoint=f"127.0.0.1:{port}", access_key=access, secret_key=SecretStr(secret),

@@ -29,25 +29,35 @@ def token_digest(token: str) -> str:
 
 
 def write_tokens_file(path: Path, tokens: Mapping[str, tuple[str, Role]]) -> None:
-    """Writes a tokens file for {token: (name, role)}, readable by its owner only; only digests
-    are stored."""
+    """Writes a tokens file for {token: (name, role)}. Only digests are stored (SHA-256 of 256-bit
+    random tokens: nothing to recover a token from), so it is readable by all (0644): a service
+    running as another user, such as a container's, must read it; only its owner may change it."""
     entries = [{"name": name, "role": role.name.lower(), "sha256": token_digest(token)}
                for token, (name, role) in tokens.items()]
-    _write_private(path, json.dumps({"tokens": entries}, indent=2))
+    _write(path, json.dumps({"tokens": entries}, indent=2), 0o644)
 
 
 def write_credentials_file(path: Path, tokens: Mapping[str, str]) -> None:
     """Writes the plaintext tokens ({role: token}) for the people they are for, readable by the
     owner only: `{"viewer": "...", "trainer": "...", ...}`."""
-    _write_private(path, json.dumps(dict(tokens), indent=2))
+    _write(path, json.dumps(dict(tokens), indent=2), 0o600)
 
 
-def _write_private(path: Path, text: str) -> None:
-    # Created 0600 (never readable by others, not even briefly); an existing file is narrowed too.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        os.fchmod(fd, 0o600)
-        file.write(text)
+def _write(path: Path, text: str, mode: int) -> None:
+    """Replaces `path` atomically with a file created with `mode` (never wider, not even
+    briefly: the temporary file has it from its creation), in the same folder."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as file:
+            os.fchmod(fd, mode)
+            file.write(text)
+            file.flush()
+            os.fsync(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def read_tokens_file(path: Path) -> dict[str, tuple[str, Role]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.stack import free_port
+from clients.stack import LocalStack, free_port
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -100,3 +100,14 @@ def test_a_taken_port_is_named_with_what_holds_it(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert f"port {port} (--port) is taken by pid {os.getpid()}" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_no_secret_is_on_a_command_line_and_secret_files_are_private(stack: LocalStack) -> None:
+    for process in stack.processes.values():
+        command = Path(f"/proc/{process.popen.pid}/cmdline").read_bytes()
+        for secret in (stack.secret_key, *stack.tokens.values()):
+            assert secret.encode() not in command, f"a secret is on {process.name}'s command line"
+    assert stack.credentials_file.stat().st_mode & 0o777 == 0o600  # the tokens themselves
+    assert stack.tokens_file.stat().st_mode & 0o777 == 0o644  # digests only: a container's user reads them
+    for path in (stack.tokens_file, stack.credentials_file):
+        assert path.parent.stat().st_mode & 0o777 == 0o700, path.parent

@@ -10,9 +10,12 @@ import grpc
 import pytest
 from segtrain.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 
+from clients.sdk import Client, PlaintextTokenError, Tls
 from services.common.server import connect
-from services.common.settings import MetricsSettings, SecuritySettings
+from services.common.settings import MetricsSettings, PipelineSettings, SecuritySettings, StorageSettings
+from services.common.tokens import Role, write_tokens_file
 from services.metrics_svc import app as metrics_app
+from services.pipeline_svc import app as pipeline_app
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -56,3 +59,30 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_from_the_ca(pki: Path
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(0).wait()
+
+
+def test_the_sdk_speaks_tls_and_mutual_tls_and_keeps_tokens_off_plaintext(
+        pki: Path, tmp_path: Path, s3_settings: StorageSettings) -> None:
+    tokens = tmp_path / "tokens.json"
+    write_tokens_file(tokens, {"viewer-token": ("v", Role.VIEWER)})
+    security = SecuritySettings(tls_cert_file=pki / "server.pem", tls_key_file=pki / "server.key",
+                                tls_ca_file=pki / "ca.pem", tls_client_auth=True, auth_tokens_file=tokens)
+    settings = PipelineSettings(listen="127.0.0.1:0", database_url=f"sqlite:///{tmp_path / 'p.db'}",
+                                metrics_address="127.0.0.1:1")
+    server, port, _, _ = pipeline_app.build(settings, s3_settings, security)
+    server.start()
+    try:
+        mutual = Tls(ca_file=pki / "ca.pem", cert_file=pki / "client.pem", key_file=pki / "client.key")
+        with Client(f"127.0.0.1:{port}", token="viewer-token", tls=mutual) as client:
+            assert client.list_architectures()  # answered over mutual TLS, with the token
+        with Client(f"127.0.0.1:{port}", token="viewer-token", tls=Tls(ca_file=pki / "ca.pem")) as client, \
+                pytest.raises(grpc.RpcError) as info:  # no client certificate: the handshake fails
+            client.list_architectures()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0).wait()
+    # A token never leaves the machine in plaintext unless told to.
+    with pytest.raises(PlaintextTokenError, match=r"refusing to send a token in plaintext to 10\.1\.2\.3:50051"):
+        Client("10.1.2.3:50051", token="t", tls=None, allow_plaintext=False)
+    Client("10.1.2.3:50051", token="t", allow_plaintext=True).close()  # a private network, said so
+    Client("127.0.0.1:50051", token="t", allow_plaintext=False).close()  # loopback

@@ -166,8 +166,11 @@ def test_tokens_are_the_services_format_and_private(stack: LocalStack) -> None:
     stack.credentials_file.parent.mkdir(parents=True)
     stack.credentials_file.write_text("{}")
     stack.credentials_file.chmod(0o644)  # a world-readable leftover is narrowed
+    stack.credentials_file.parent.chmod(0o755)  # and so is a world-readable folder
     stack._write_tokens()
-    assert mode(stack.tokens_file) == 0o600 and mode(stack.credentials_file) == 0o600
+    assert mode(stack.credentials_file) == 0o600 and mode(stack.credentials_file.parent) == 0o700
+    assert mode(stack.tokens_file) == 0o644  # digests only, for services running as other users
+    assert [p.name for p in stack.credentials_file.parent.iterdir() if p.name.endswith(".tmp")] == []
     assert json.loads(stack.credentials_file.read_text()) == stack.tokens
     assert set(stack.tokens) == {role.name.lower() for role in Role}
     store = TokenStore.load(stack.tokens_file)
