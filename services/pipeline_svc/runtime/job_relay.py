@@ -35,7 +35,8 @@ MAX_BATCH = 500  # events relayed in one append (the metrics service takes up to
 
 class JobRelay(threading.Thread):
     def __init__(self, engine: Engine, peers: PeerStubs, *, job_id: str, max_attempts: int,
-                 stopping: threading.Event, wake_outbox: Callable[[], None], on_exit: Callable[[str], None]) -> None:
+                 stopping: threading.Event, wake_outbox: Callable[[], None], on_exit: Callable[[str], None],
+                 starting: Callable[[str], bool] = lambda job_id: False) -> None:
         super().__init__(name=f"relay-{job_id}", daemon=True)
         self._engine, self._peers = engine, peers
         self.job_id = job_id
@@ -43,6 +44,7 @@ class JobRelay(threading.Thread):
         self._stopping = stopping
         self._wake_outbox = wake_outbox
         self._on_exit = on_exit
+        self._starting = starting  # whether the scheduler is still handing the job's attempt to its nodes
         self._call: grpc.Future | None = None
         self._name = names.job(job_id)  # an analysis job's name instead: set by _locate
         self._interrupted = threading.Event()
@@ -169,6 +171,8 @@ class JobRelay(threading.Thread):
         if exc.code() == grpc.StatusCode.CANCELLED and self._stopping.is_set():
             return False
         if exc.code() == grpc.StatusCode.NOT_FOUND:
+            if self._starting(self.job_id):
+                return True  # the attempt is recorded but its RunJob is still on its way: not lost
             self._requeue(attempt, "the trainer node lost the job (restarted?)")
             return False
         if exc.code() in _REFUSALS:

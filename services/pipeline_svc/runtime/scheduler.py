@@ -53,6 +53,7 @@ class Scheduler(threading.Thread):
         # refusal): a job no node will take never holds back the ones queued behind it.
         self._held: dict[str, _Hold] = {}
         self._relays: dict[str, JobRelay] = {}
+        self._starting: set[str] = set()  # jobs whose attempt is being handed to its nodes
         self._lock = threading.Lock()
 
     def wake(self) -> None:
@@ -111,18 +112,30 @@ class Scheduler(threading.Thread):
         """Starts the oldest queued job that fits the free nodes (all its nodes or none), leaving
         out the jobs on hold; True when it tried one (so the pass goes on with the next)."""
         now = time.monotonic()
-        with session_scope(self._engine) as session:
-            placement = _placement(session, held={j for j, hold in self._held.items() if hold.until > now})
-            if placement is None:
-                return False
-            job, gang = placement
-            job.attempt += 1
-            job.trainer_node, job.gang_nodes = gang[0].id, [n.id for n in gang]
-            job.relayed_source_seq = 0
-            lifecycle.transition(session, job=job, to=S.JOB_STATE_ASSIGNED)
-            request = _run_request(session, job)
-            members = [(n.id, n.address) for n in gang]
-        self._wake_outbox()
+        job_id = ""
+        try:
+            with session_scope(self._engine) as session:
+                placement = _placement(session, held={j for j, hold in self._held.items() if hold.until > now})
+                if placement is None:
+                    return False
+                job, gang = placement
+                job_id = job.id
+                with self._lock:  # before the assignment is committed: a relay may read it at once
+                    self._starting.add(job_id)
+                job.attempt += 1
+                job.trainer_node, job.gang_nodes = gang[0].id, [n.id for n in gang]
+                job.relayed_source_seq = 0
+                lifecycle.transition(session, job=job, to=S.JOB_STATE_ASSIGNED)
+                request = _run_request(session, job)
+                members = [(n.id, n.address) for n in gang]
+            self._wake_outbox()
+            return self._start(job, request, members)
+        finally:
+            with self._lock:
+                self._starting.discard(job_id)
+
+    def _start(self, job: JobRow, request: trainer_pb2.RunJobRequest, members: list[tuple[str, str]]) -> bool:
+        """Hands the assigned attempt to its nodes; a refusal undoes the assignment and holds the job."""
         try:
             self._publish_tiles(request, node_id=members[0][0])
             self._start_gang(request, members)
@@ -137,6 +150,12 @@ class Scheduler(threading.Thread):
         self._held.pop(job.id, None)
         self._ensure_relay(job.id)
         return True
+
+    def _is_starting(self, job_id: str) -> bool:
+        """Whether RunJob of the job's current attempt is still on its way to its nodes (a relay
+        that asks that attempt's node for its stream meanwhile is told NOT_FOUND)."""
+        with self._lock:
+            return job_id in self._starting
 
     def _publish_tiles(self, request: trainer_pb2.RunJobRequest, *, node_id: str) -> None:
         try:
@@ -186,6 +205,7 @@ class Scheduler(threading.Thread):
             if job_id in self._relays or self._stopping.is_set():
                 return
             relay = JobRelay(self._engine, self._peers, job_id=job_id, max_attempts=self._max_attempts,
+                             starting=self._is_starting,
                              stopping=self._stopping, wake_outbox=self._wake_outbox, on_exit=self._relay_exited)
             self._relays[job_id] = relay
         relay.start()
