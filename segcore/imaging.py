@@ -82,10 +82,8 @@ def image_size(data: bytes, name: str) -> tuple[int, int]:
     with _decoding(name):
         if _is_tiff(data, name):
             with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                shape = tuple(tif.series[0].shape)
-                if len(shape) == 3 and shape[0] <= _PLANAR_CHANNELS < shape[-1]:
-                    shape = shape[1:]
-                return (int(shape[1]), int(shape[0])) if len(shape) >= 2 else (1, int(shape[0]))
+                height, width = (*_channels_last(tuple(tif.series[0].shape)), 1, 1)[:2]
+                return int(width), int(height)
         with Image.open(io.BytesIO(data)) as img:
             return img.size
 
@@ -108,11 +106,19 @@ def _decoding(name: str) -> Iterator[None]:
         raise InvalidTileError(name, f"cannot decode image: {exc}") from exc
 
 
+def _is_planar(shape: tuple[int, ...]) -> bool:
+    return len(shape) == 3 and shape[0] <= _PLANAR_CHANNELS < shape[-1]
+
+
+def _channels_last(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """H x W (x C) of an array shape, a planar one (C x H x W) included."""
+    return (shape[1], shape[2], shape[0]) if _is_planar(shape) else shape
+
+
 def _check_header(name: str, shape: tuple[int, ...], max_side: int) -> None:
     """Refuses, from the shape the header declares, an image with a side over `max_side` (or the
     limit), or more samples per pixel than any layout this module accepts."""
-    if len(shape) == 3 and shape[0] <= _PLANAR_CHANNELS < shape[-1]:
-        shape = (shape[1], shape[2], shape[0])  # planar (C x H x W)
+    shape = _channels_last(shape)
     height, width = (*shape, 1, 1)[:2]
     side = min(max_side, limits.MAX_TILE_SIDE)
     if max(height, width) > side:
@@ -151,7 +157,7 @@ def decode_image(data: bytes, name: str, *, max_side: int = limits.MAX_TILE_SIDE
     InvalidTileError(name, reason) for corrupt data, NaN/infinite values or unsupported layouts.
     """
     arr = read_pixels(data, name, max_side=max_side)
-    if arr.ndim == 3 and arr.shape[0] <= _PLANAR_CHANNELS < arr.shape[-1]:
+    if _is_planar(arr.shape):
         arr = np.moveaxis(arr, 0, -1)  # planar TIFF (C x H x W)
     if arr.ndim == 2:
         arr = arr[:, :, None]

@@ -62,3 +62,11 @@ def error_of(call, *args, **kwargs) -> grpc.RpcError:  # type: ignore[no-untyped
 
 def violation_fields(error: grpc.RpcError) -> set[str]:
     return set(bad_request_fields(error))
+
+
+def decompression_bomb(fmt: str, side: int = 12_000, **save: object) -> bytes:
+    """A 1-bit image of side x side pixels that compresses to a few KB (12,000²: what took the
+    pipeline service to 5.5 GB when it decoded it)."""
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format=fmt, **save)
+    return buf.getvalue()

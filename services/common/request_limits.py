@@ -14,7 +14,7 @@ large enough to break a limit, and stops after MAX_REPORTED.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -62,15 +62,22 @@ def _smallest_limit(descriptor: Descriptor) -> int:
     that serializes to no more bytes cannot exceed it (a string of n characters takes n bytes or
     more, a list of n elements n bytes or more), so it need not be walked: most messages, such
     as the events of an append, are passed in one C call (ByteSize)."""
-    smallest = min(DEFAULT_MAX_LEN, DEFAULT_MAX_ITEMS)
-    pending, seen = [descriptor], {descriptor.full_name}
-    while pending:  # iterative: message types may nest themselves
-        for field in pending.pop().fields:
-            smallest = min(smallest, *field_limits(field))
+    return min([DEFAULT_MAX_LEN, DEFAULT_MAX_ITEMS,
+                *(limit for d in _reachable([descriptor]) for f in d.fields for limit in field_limits(f))])
+
+
+def _reachable(roots: Iterable[Descriptor]) -> Iterator[Descriptor]:
+    """`roots` and every message type their fields hold, each once (message types may nest
+    themselves)."""
+    pending = list(roots)
+    seen = {d.full_name for d in pending}
+    while pending:
+        descriptor = pending.pop()
+        yield descriptor
+        for field in descriptor.fields:
             if field.type == _MESSAGE and field.message_type.full_name not in seen:
                 seen.add(field.message_type.full_name)
                 pending.append(field.message_type)
-    return smallest
 
 
 def _walk(message: Message, prefix: str, found: list[FieldViolation]) -> None:
@@ -139,10 +146,8 @@ def markdown_table(services: Iterable[str] = SERVICES) -> str:
 
     pool = descriptor_pool.Default()
     rows: dict[str, str] = {}
-    pending = [m.input_type for s in services for m in pool.FindServiceByName(s).methods]
-    seen = {d.full_name for d in pending}
-    while pending:
-        descriptor = pending.pop()
+    requests = [m.input_type for s in services for m in pool.FindServiceByName(s).methods]
+    for descriptor in _reachable(requests):
         for field in descriptor.fields:
             options = field.GetOptions()
             declared = [f"{options.Extensions[limits_pb2.max_len]:,} characters"] * bool(
@@ -151,9 +156,6 @@ def markdown_table(services: Iterable[str] = SERVICES) -> str:
                 options.Extensions[limits_pb2.max_items])
             if declared:
                 rows[f"`{descriptor.full_name.removeprefix('segtrain.')}.{field.name}`"] = ", ".join(declared)
-            if field.type == _MESSAGE and field.message_type.full_name not in seen:
-                seen.add(field.message_type.full_name)
-                pending.append(field.message_type)
     lines = ["| Field | At most |", "|---|---|"]
     lines += [f"| {name} | {limit} |" for name, limit in sorted(rows.items())]
     lines.append(f"| any other string | {DEFAULT_MAX_LEN:,} characters |")

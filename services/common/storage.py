@@ -77,7 +77,8 @@ class ObjectTooLargeError(DomainError):
     """An object larger than what its reader accepts."""
 
     def __init__(self, key: str, size: int, limit: int, *, at_least: bool = False) -> None:
-        super().__init__(f"holds {'more than ' if at_least else ''}{size - at_least:,} bytes; at most {limit:,}")
+        held = f"more than {limit:,}" if at_least else f"{size:,}"
+        super().__init__(f"holds {held} bytes; at most {limit:,}")
         self.key, self.size, self.limit = key, size, limit
 
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import sqlalchemy
 import tifffile
-from PIL import Image
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from sqlmodel import Session, select
@@ -26,7 +25,15 @@ from services.common.storage import ObjectStore
 from services.pipeline_svc import app as pipeline_app
 from services.pipeline_svc.resources import pipelines
 from services.pipeline_svc.tables import OutboxRow
-from tests.helpers import error_of, png_bytes, row_counts, upload_bytes, violation_fields, write_sample_set
+from tests.helpers import (
+    decompression_bomb,
+    error_of,
+    png_bytes,
+    row_counts,
+    upload_bytes,
+    violation_fields,
+    write_sample_set,
+)
 from tests.integration.conftest import MetricsServer, PipelineServer
 
 TABLES = ["pipelines", "training_sets", "tiles", "jobs", "models", "analyses", "event_outbox"]
@@ -222,11 +229,6 @@ def _tiff(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _bomb(fmt: str, **save: object) -> bytes:
-    """12,000² 1-bit pixels in a few KB: 5.5 GB on the pipeline service when it was decoded."""
-    buf = io.BytesIO()
-    Image.new("1", (12_000, 12_000)).save(buf, format=fmt, **save)
-    return buf.getvalue()
 
 
 BAD_REQUESTS: list[Case] = [
@@ -489,10 +491,10 @@ UNUSABLE = [  # (label, the files of a one-tile set, the code of its error, or "
      "UNREADABLE"),
     ("tile that is text", lambda: {"t.png": b"GIF89a not an image at all", "m.png": _mask()}, "UNREADABLE"),
     # Judged from the header: nothing is decoded (segcore.limits).
-    ("decompression bomb tile (PNG)", lambda: {"t.png": _bomb("PNG"), "m.png": _mask()}, "TOO_LARGE"),
-    ("decompression bomb tile (TIFF)", lambda: {"t.png": _bomb("TIFF", compression="tiff_deflate"),
+    ("decompression bomb tile (PNG)", lambda: {"t.png": decompression_bomb("PNG"), "m.png": _mask()}, "TOO_LARGE"),
+    ("decompression bomb tile (TIFF)", lambda: {"t.png": decompression_bomb("TIFF", compression="tiff_deflate"),
                                                 "m.png": _mask()}, "TOO_LARGE"),
-    ("decompression bomb mask", lambda: {"t.png": _image(), "m.png": _bomb("PNG")}, "SIZE_MISMATCH"),
+    ("decompression bomb mask", lambda: {"t.png": _image(), "m.png": decompression_bomb("PNG")}, "SIZE_MISMATCH"),
     ("unknown class in mask", lambda: {"t.png": _image(), "m.png": _mask(value=7)}, "BAD_CLASS_INDEX"),
     ("set too small to split", lambda: {"t.png": _image(), "m.png": _mask()}, ""),
 ]

@@ -23,6 +23,7 @@ from segcore.imaging import (
     image_size,
 )
 from segcore.inference import normalize
+from tests.helpers import decompression_bomb
 
 RNG = np.random.default_rng(0)
 GRAY8 = RNG.integers(0, 256, (9, 11), dtype=np.uint8)
@@ -189,14 +190,10 @@ def test_normalization_json_round_trip_and_normalize() -> None:
     torch.testing.assert_close(tensor[:, 0, 0], torch.tensor([1.0, 2.0, 5.0]))
 
 
-def _bomb(fmt: str, side: int = 12_000, **save: object) -> bytes:
-    """A 1-bit image of side x side pixels that compresses to a few KB."""
-    buf = io.BytesIO()
-    Image.new("1", (side, side)).save(buf, format=fmt, **save)
-    return buf.getvalue()
 
 
-@pytest.mark.parametrize("data", [_bomb("PNG"), _bomb("TIFF", compression="tiff_deflate")], ids=["png", "tiff"])
+@pytest.mark.parametrize("data", [decompression_bomb("PNG"), decompression_bomb("TIFF", compression="tiff_deflate")],
+                         ids=["png", "tiff"])
 @pytest.mark.parametrize("decode", [decode_image, decode_mask])
 def test_a_decompression_bomb_is_refused_from_its_header(data: bytes, decode: Any) -> None:
     assert len(data) < 200_000  # the reproduced bomb: a few KB that decoded into 5.5 GB
@@ -210,11 +207,11 @@ def test_a_decompression_bomb_is_refused_from_its_header(data: bytes, decode: An
     assert info.value.tile == "bomb"
     assert peak < 20 * 2**20, f"refusing it took {peak / 2**20:.0f} MiB"
     with pytest.raises(TileTooLargeError, match="larger than 8192x8192"):  # over the absolute limit too
-        decode(_bomb("PNG", side=9_000), "bomb")
+        decode(decompression_bomb("PNG", side=9_000), "bomb")
 
 
 def test_image_size_reads_only_the_header() -> None:
-    assert image_size(_bomb("PNG", side=9_000), "t") == (9_000, 9_000)
+    assert image_size(decompression_bomb("PNG", side=9_000), "t") == (9_000, 9_000)
     planar = io.BytesIO()
     tifffile.imwrite(planar, np.zeros((3, 20, 30), np.uint16), photometric="rgb", planarconfig="separate")
     assert image_size(planar.getvalue(), "t") == (30, 20)
