@@ -281,14 +281,16 @@ class Client:
             time.sleep(pause)
             pause = min(1.0, pause * 2)
 
-    def list_training_sets(self) -> list[pb.TrainingSet]:
+    def list_training_sets(self, *, owner: str = "") -> list[pb.TrainingSet]:
+        """Every set, newest first; only those `owner` created, when given."""
         return _all_pages(lambda token: self.pipeline.ListTrainingSets(
-            pb.ListTrainingSetsRequest(page_token=token), timeout=self.timeout), "training_sets")
+            pb.ListTrainingSetsRequest(page_token=token, owner=owner), timeout=self.timeout), "training_sets")
 
     # Jobs
-    def list_jobs(self) -> list[pb.Job]:
+    def list_jobs(self, *, owner: str = "") -> list[pb.Job]:
+        """Every job, newest first; only those `owner` created, when given."""
         return _all_pages(lambda token: self.pipeline.ListJobs(
-            pb.ListJobsRequest(page_token=token), timeout=self.timeout), "jobs")
+            pb.ListJobsRequest(page_token=token, owner=owner), timeout=self.timeout), "jobs")
 
     def create_job(self, *, pipeline: str, training_set: str, from_model: str = "",
                    hyperparameters: common_pb2.Hyperparameters | None = None, request_id: str = "",
@@ -355,9 +357,10 @@ class Client:
         return response.loss_png, response.iou_png
 
     # Models and analysis
-    def list_models(self) -> list[pb.Model]:
+    def list_models(self, *, owner: str = "") -> list[pb.Model]:
+        """Every model, newest first; only those of `owner`'s jobs, when given."""
         return _all_pages(lambda token: self.pipeline.ListModels(
-            pb.ListModelsRequest(page_token=token), timeout=self.timeout), "models")
+            pb.ListModelsRequest(page_token=token, owner=owner), timeout=self.timeout), "models")
 
     def create_analysis(self, model: str, *, tiles: Sequence[Path] = (), training_set: str = "",
                         display_name: str = "", request_id: str = "") -> pb.AnalysisJob:
@@ -373,9 +376,10 @@ class Client:
         return self.pipeline.GetAnalysisJob(pb.GetAnalysisJobRequest(name=names.analysis(analysis)),
                                             timeout=self.timeout)
 
-    def list_analyses(self) -> list[pb.AnalysisJob]:
+    def list_analyses(self, *, owner: str = "") -> list[pb.AnalysisJob]:
+        """Every analysis, newest first; only those `owner` created, when given."""
         return _all_pages(lambda token: self.pipeline.ListAnalysisJobs(
-            pb.ListAnalysisJobsRequest(page_token=token), timeout=self.timeout), "analysis_jobs")
+            pb.ListAnalysisJobsRequest(page_token=token, owner=owner), timeout=self.timeout), "analysis_jobs")
 
     def cancel_analysis(self, analysis: str) -> pb.AnalysisJob:
         return self.pipeline.CancelAnalysisJob(pb.CancelAnalysisJobRequest(name=names.analysis(analysis)),

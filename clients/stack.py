@@ -29,7 +29,15 @@ from services.common.settings import (
     environment,
     given,
 )
-from services.common.tokens import Role, write_credentials_file, write_tokens_file
+from services.common.tokens import (
+    LISTED_ROLES,
+    Role,
+    new_node_key,
+    node_token,
+    parse_node_key,
+    write_credentials_file,
+    write_tokens_file,
+)
 
 READY_TIMEOUT_S = 120.0
 SERVICE_COMMANDS = {name: [sys.executable, "-m", f"services.{name}_svc"] for name in ("metrics", "pipeline")}
@@ -101,6 +109,10 @@ class Process:
             self.popen.wait()
 
 
+# What a trainer node never gets: it authenticates with its own token, and with nothing else.
+NOT_FOR_NODES = frozenset({"SEGTRAIN_SERVICE_TOKEN", "SEGTRAIN_NODE_KEY", "SEGTRAIN_AUTH_TOKENS_FILE"})
+
+
 @dataclass
 class LocalStack:
     """The processes of a local deployment, with the addresses they listen on."""
@@ -116,7 +128,9 @@ class LocalStack:
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     # A bearer token per role; the services get only their digests (and the service token).
     tokens: dict[str, str] = field(default_factory=lambda: {
-        role.name.lower(): secrets.token_urlsafe(24) for role in Role})
+        role.name.lower(): secrets.token_urlsafe(24) for role in LISTED_ROLES})
+    # The node key (the pipeline service's): each trainer node gets only its own token from it.
+    node_key: str = field(default_factory=new_node_key)
     processes: dict[str, Process] = field(default_factory=dict)
 
     @property
@@ -155,12 +169,15 @@ class LocalStack:
             given(MetricsSettings, listen=self.metrics_address,
                   database_url=f"sqlite:///{self.root / 'db' / 'metrics.db'}"),
             given(TrainerSettings, pipeline_address=self.pipeline_address),
-            given(SecuritySettings, auth_tokens_file=self.tokens_file, service_token=self.tokens["service"]),
+            given(SecuritySettings, auth_tokens_file=self.tokens_file, service_token=self.tokens["service"],
+                  node_key=self.node_key),
         )
 
     def trainer_settings(self, index: int, port: int) -> TrainerSettings:
-        """What a trainer node gets on top of `settings`: its own address and node id."""
-        return given(TrainerSettings, listen=f"127.0.0.1:{port}", node_id=f"local-{index}")
+        """What a trainer node gets on top of `settings`: its own address, node id and token."""
+        node_id = f"local-{index}"
+        return given(TrainerSettings, listen=f"127.0.0.1:{port}", node_id=node_id,
+                     token=node_token(parse_node_key(self.node_key), node_id))
 
     @property
     def tokens_file(self) -> Path:
@@ -171,8 +188,8 @@ class LocalStack:
         return self.root / "auth" / "credentials.json"
 
     def _write_tokens(self) -> None:
-        """tokens.json (digests, read by the services) and credentials.json (role -> token, for the
-        local user), both readable by the owner only."""
+        """tokens.json (digests, read by the services; 0644) and credentials.json (role -> token,
+        for the local user; 0600)."""
         self.tokens_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tokens_file.parent.chmod(0o700)  # an existing folder is narrowed too
         write_tokens_file(self.tokens_file, {
@@ -207,9 +224,15 @@ class LocalStack:
     def _launch_trainer(self) -> tuple[int, Process]:
         index = len(self.trainer_ports)
         self.trainer_ports.append(0)
-        process = self._start(f"trainer-{index + 1}", [sys.executable, "-m", "services.trainer_svc"],
-                              environment(self.trainer_settings(index + 1, 0)))
+        process = self._launch(f"trainer-{index + 1}", [sys.executable, "-m", "services.trainer_svc"],
+                               self.trainer_env(index + 1))
         return index, process
+
+    def trainer_env(self, index: int, port: int = 0) -> dict[str, str]:
+        """A trainer node's environment: the stack's less what only the other services hold (the
+        service token, the node key, the tokens file), plus its own settings and token."""
+        env = {k: v for k, v in self.env().items() if k not in NOT_FOR_NODES}
+        return {**env, **environment(self.trainer_settings(index, port))}
 
     def restart(self, name: str, *, down_s: float = 0.0) -> None:
         """Stops a service process (SIGTERM) and, `down_s` later, starts it again on the same address."""

@@ -15,6 +15,7 @@ from clients.sdk import Client
 from segcore import synthetic
 from services.common.interceptor import bad_request_fields
 from services.common.storage import ObjectStore
+from services.common.tokens import node_token, parse_node_key
 
 
 def write_sample_set(root: Path, count: int = 12, tile_size: int = 64, seed: int = 0) -> tuple[Path, Path]:
@@ -70,3 +71,11 @@ def decompression_bomb(fmt: str, side: int = 12_000, **save: object) -> bytes:
     buf = io.BytesIO()
     Image.new("1", (side, side)).save(buf, format=fmt, **save)
     return buf.getvalue()
+
+
+# The test deployments' node key (hex, 256 bits) and the token it gives a node id.
+NODE_KEY = "5e" * 32
+
+
+def node_token_of(node_id: str) -> str:
+    return node_token(parse_node_key(NODE_KEY), node_id)

@@ -38,11 +38,12 @@ def _out(args: argparse.Namespace, message: Message | dict[str, Any], text: str)
 state_name = names.state_name
 
 
-def _listing(key: str, fetch: Callable[[Client], Sequence[M]], row: Callable[[M], str]) -> Handler:
+def _listing(key: str, fetch: Callable[[Client, argparse.Namespace], Sequence[M]], row: Callable[[M], str]
+             ) -> Handler:
     """A `list` verb: one line per item, or {key: [...]} with --json."""
 
     def handler(args: argparse.Namespace, client: Client) -> int:
-        items = fetch(client)
+        items = fetch(client, args)
         _out(args, {key: [MessageToDict(i, preserving_proto_field_name=True) for i in items]},
              "\n".join(row(i) for i in items))
         return 0
@@ -66,7 +67,7 @@ def _training_set_row(t: pb.TrainingSet) -> str:
 
 def _job_row(j: pb.Job) -> str:
     return (f"{j.name:24} {state_name(j.state):11} {j.progress.percent:5.0f}%  {j.hyperparameters.architecture:24} "
-            f"{j.training_set}")
+            f"{j.training_set}" + (f"  by {j.owner}" if j.owner else ""))
 
 
 def _model_row(m: pb.Model) -> str:
@@ -74,11 +75,11 @@ def _model_row(m: pb.Model) -> str:
             f"from {m.job}" + "".join(f"  QUALITY WARNING {w.code} ({w.class_name})" for w in m.quality_warnings))
 
 
-cmd_pipelines_list = _listing("pipelines", lambda c: c.list_pipelines(), _pipeline_row)
-cmd_architectures_list = _listing("architectures", lambda c: c.list_architectures(), _architecture_row)
-cmd_sets_list = _listing("training_sets", lambda c: c.list_training_sets(), _training_set_row)
-cmd_jobs_list = _listing("jobs", lambda c: c.list_jobs(), _job_row)
-cmd_models_list = _listing("models", lambda c: c.list_models(), _model_row)
+cmd_pipelines_list = _listing("pipelines", lambda c, a: c.list_pipelines(), _pipeline_row)
+cmd_architectures_list = _listing("architectures", lambda c, a: c.list_architectures(), _architecture_row)
+cmd_sets_list = _listing("training_sets", lambda c, a: c.list_training_sets(owner=a.owner), _training_set_row)
+cmd_jobs_list = _listing("jobs", lambda c, a: c.list_jobs(owner=a.owner), _job_row)
+cmd_models_list = _listing("models", lambda c, a: c.list_models(owner=a.owner), _model_row)
 
 
 def _analysis_row(a: pb.AnalysisJob) -> str:
@@ -86,7 +87,7 @@ def _analysis_row(a: pb.AnalysisJob) -> str:
             f"{a.training_set or 'uploaded tiles'}")
 
 
-cmd_analyses_list = _listing("analysis_jobs", lambda c: c.list_analyses(), _analysis_row)
+cmd_analyses_list = _listing("analysis_jobs", lambda c, a: c.list_analyses(owner=a.owner), _analysis_row)
 
 
 def cmd_sets_create(args: argparse.Namespace, client: Client) -> int:
@@ -414,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     _verb(_group(sub, "architectures"), "list", cmd_architectures_list)
     _add_sets(_group(sub, "sets"))
     _add_jobs(_group(sub, "jobs"))
-    _verb(_group(sub, "models"), "list", cmd_models_list)
+    _owned(_verb(_group(sub, "models"), "list", cmd_models_list))
     _add_analyses(_group(sub, "analyses"))
     _add_analyze(sub)
     return parser
@@ -426,6 +427,10 @@ def _verb(verbs: Verbs, name: str, handler: Handler | Callable[..., int], **kw: 
     child.add_argument("--json", action="store_true", help="print JSON (one object per line)")
     child.set_defaults(handler=handler)
     return child
+
+
+def _owned(verb: argparse.ArgumentParser) -> None:
+    verb.add_argument("--owner", default="", help="only what this principal created (a token's name)")
 
 
 def _group(verbs: Verbs, name: str) -> Verbs:
@@ -442,7 +447,7 @@ def _add_up(verbs: Verbs) -> None:
 
 
 def _add_sets(group: Verbs) -> None:
-    _verb(group, "list", cmd_sets_list, help="list training sets, newest first")
+    _owned(_verb(group, "list", cmd_sets_list, help="list training sets, newest first"))
     create = _verb(group, "create", cmd_sets_create, help="create a training set from local files")
     create.add_argument("name")
     create.add_argument("--tiles", required=True, help="folder of tile images")
@@ -461,7 +466,7 @@ def _add_sets(group: Verbs) -> None:
 
 def _add_jobs(group: Verbs) -> None:
     """The job lifecycle: list, create, start, get, cancel, watch, rerun; then compare and chart."""
-    _verb(group, "list", cmd_jobs_list, help="list jobs, newest first")
+    _owned(_verb(group, "list", cmd_jobs_list, help="list jobs, newest first"))
     create = _verb(group, "create", cmd_jobs_create, help="create a job; prints its name")
     create.add_argument("--pipeline", required=True)
     create.add_argument("--training-set", required=True)
@@ -503,7 +508,7 @@ def _add_analyses(group: Verbs) -> None:
     create.add_argument("--no-wait", action="store_true", help="print its name and return at once, QUEUED")
     for name, handler in (("get", cmd_analyses_get), ("cancel", cmd_analyses_cancel)):
         _verb(group, name, handler).add_argument("analysis")
-    _verb(group, "list", cmd_analyses_list, help="list analysis jobs, newest first")
+    _owned(_verb(group, "list", cmd_analyses_list, help="list analysis jobs, newest first"))
     watch = _verb(group, "watch", cmd_jobs_watch, help="follow an analysis live until it ends")
     watch.add_argument("job", metavar="analysis", type=names.analysis)
     watch.add_argument("--after-seq", type=int, default=0, help="start after event N")

@@ -5,13 +5,18 @@ Callers present `authorization: Bearer <token>` metadata. Tokens are configured 
 SHA-256, each with a principal name and a role.
 Roles are ranked: viewer (read and watch) < trainer (create training sets, create/start/cancel
 jobs, analyse) < admin (pipelines, nodes) < service (the services' own calls to each other).
+Trainer nodes hold node tokens, bound to their node id (services/common/tokens.py): good for
+registering and heartbeating that node only. A trainer node accepts its own token alone: the
+pipeline service calls each node with that node's token.
 Each service declares the minimum role of each of its RPCs; an RPC missing from that table is
 refused (fail closed). Health checking and reflection are open. Tokens never appear in logs or
-errors.
+errors. The caller of the call being served is `CALLER` (the servicer reaches it through
+services.common.gate.CallState).
 """
 
 from __future__ import annotations
 
+import contextvars
 import hmac
 import logging
 from collections.abc import Callable, Mapping
@@ -23,8 +28,9 @@ import grpc
 
 # The tokens file's format and the roles have their own module (plain data, importable by the local
 # stack launcher without this server code); re-exported here for the services and scripts.
+from services.common.tokens import NODE_TOKEN_PREFIX, node_of_token, read_tokens_file
+from services.common.tokens import Principal as Principal
 from services.common.tokens import Role as Role
-from services.common.tokens import read_tokens_file
 from services.common.tokens import token_digest as token_digest
 from services.common.tokens import write_tokens_file as write_tokens_file
 
@@ -33,24 +39,32 @@ log = logging.getLogger(__name__)
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
-@dataclass(frozen=True)
-class Principal:
-    name: str
-    role: Role
+# The principal of the call being served; None without authentication (loopback only).
+CALLER: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("caller", default=None)
 
 
 class TokenStore:
-    """Token digests -> principals, loaded from the tokens file."""
+    """Token digests -> principals, loaded from the tokens file; with a node key, node tokens too."""
 
-    def __init__(self, principals: Mapping[str, Principal]) -> None:
+    def __init__(self, principals: Mapping[str, Principal], node_key: bytes | None = None) -> None:
         self._by_digest = dict(principals)
+        self._node_key = node_key
 
     @classmethod
-    def load(cls, path: Path) -> TokenStore:
-        """Reads a tokens file (services/common/tokens.py)."""
-        return cls({digest: Principal(name, role) for digest, (name, role) in read_tokens_file(path).items()})
+    def load(cls, path: Path, node_key: bytes | None = None) -> TokenStore:
+        """Reads a tokens file; with the node key, node tokens are known too (services/common/tokens.py)."""
+        return cls({digest: Principal(name, role) for digest, (name, role) in read_tokens_file(path).items()},
+                   node_key)
+
+    @classmethod
+    def of_node(cls, token: str, caller: str = "pipeline") -> TokenStore:
+        """What a trainer node accepts: its own token (the pipeline service calls it with it)."""
+        return cls({token_digest(token): Principal(caller, Role.SERVICE)})
 
     def authenticate(self, token: str) -> Principal | None:
+        if self._node_key is not None and token.startswith(f"{NODE_TOKEN_PREFIX}."):
+            node_id = node_of_token(self._node_key, token)
+            return Principal(f"node {node_id}", Role.NODE, node_id) if node_id else None
         digest = token_digest(token)
         for known, principal in self._by_digest.items():
             if hmac.compare_digest(known, digest):  # constant time per entry
@@ -76,12 +90,19 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if principal is None:
             return _deny(continuation(details), grpc.StatusCode.UNAUTHENTICATED,
                          "missing or invalid bearer token")
-        if needed is None or principal.role < needed:
-            role = needed.name.lower() if needed else "an unknown method"
+        if needed is None or not principal.role.grants(needed):
             log.info("%s (%s) denied %s", principal.name, principal.role.name.lower(), method)
-            return _deny(continuation(details), grpc.StatusCode.PERMISSION_DENIED,
-                         f"this call needs the {role} role")
+            return _deny(continuation(details), grpc.StatusCode.PERMISSION_DENIED, needs(needed))
         return continuation(details)
+
+
+def needs(role: Role | None) -> str:
+    """The refusal of a call that needs `role` (None: a method no table lists)."""
+    if role is None:
+        return "no role may make this call"
+    if role is Role.NODE:
+        return "this call needs a trainer node's own token"
+    return f"this call needs the {role.name.lower()} role"
 
 
 def bearer_token(metadata: Any) -> str:

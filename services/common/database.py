@@ -1,8 +1,16 @@
 """SQL engines through sqlmodel: SQLite by default, PostgreSQL by URL. Each service creates its
-own engine over its own tables (its own SQLModel metadata) and owns its schema."""
+own engine over its own tables (its own SQLModel metadata) and owns its schema.
+
+Transactions that read a row and write it back (a job's state changes) run in a *serialized*
+session (`session_scope(engine, serialized=True)`) and read their rows `with_for_update`: on
+PostgreSQL that locks the rows (SELECT … FOR UPDATE) until the commit; on SQLite, whose
+`with_for_update` does nothing, the transaction begins with BEGIN IMMEDIATE, holding the
+database's one write lock from its first read. Either way no other writer changes what such a
+transaction read before it commits: no lost update."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +33,8 @@ def make_engine(url: str, tables: Sequence[type]) -> Engine:
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     engine = create_engine(url, **kwargs)
     if url.startswith("sqlite"):
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
     SQLModel.metadata.create_all(engine, tables=[t.__table__ for t in tables])  # type: ignore[attr-defined]
     _add_missing_columns(engine, tables)
     return engine
@@ -54,7 +63,7 @@ def _add_missing_columns(engine: Engine, tables: Sequence[type]) -> None:
                 connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}{nullness}{default}'))
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # WAL lets watchers read while the relay writes; NORMAL sync is durable across process crashes.
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -63,10 +72,35 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _sqlite_begin(connection: Any) -> None:
+    """A serialized transaction takes the write lock before its first read. (Others keep the
+    driver's way: it begins them at their first write, so their reads never hold a snapshot
+    that a write of theirs could find stale.)"""
+    if connection.get_execution_options().get(_SERIALIZED, False):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+_SERIALIZED = "segtrain_serialized"
+
+
+def lock_name(session: Session, name: str) -> None:
+    """Holds a lock on `name` until the session's transaction ends, for what rows cannot lock
+    (a count that a concurrent insert or update would change): an advisory transaction lock on
+    PostgreSQL; on SQLite the serialized session's write lock already holds every writer off."""
+    if not session.info.get("serialized"):
+        raise RuntimeError("lock_name needs a serialized session")
+    if session.get_bind().dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
 @contextmanager
-def session_scope(engine: Engine) -> Iterator[Session]:
-    """A session whose transaction commits on success and rolls back on any error."""
-    with Session(engine, expire_on_commit=False) as session:
+def session_scope(engine: Engine, *, serialized: bool = False) -> Iterator[Session]:
+    """A session whose transaction commits on success and rolls back on any error. `serialized`:
+    for read-modify-write transactions (see the module doc); `session.info["serialized"]` says so."""
+    bind = engine.execution_options(**{_SERIALIZED: True}) if serialized else engine
+    with Session(bind, expire_on_commit=False) as session:
+        session.info["serialized"] = serialized
         try:
             yield session
             session.commit()

@@ -58,6 +58,18 @@ class ResourceExhaustedError(DomainError):
     """A limit was hit (buffer overflow, too many items)."""
 
 
+class QuotaExceededError(ResourceExhaustedError):
+    """A caller's quota is used up: `quota` names it, `subject` whose it is."""
+
+    def __init__(self, message: str, *, quota: str, subject: str) -> None:
+        super().__init__(message)
+        self.quota, self.subject = quota, subject
+
+
+class PermissionDeniedError(DomainError):
+    """The caller is authenticated but may not act on this resource."""
+
+
 class CancelledError(DomainError):
     """The caller gave up (cancelled, or its deadline passed): the work was stopped."""
 

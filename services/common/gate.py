@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import threading
@@ -36,7 +37,7 @@ import grpc
 from grpc_status import rpc_status
 
 from services.common import request_limits
-from services.common.auth import OPEN_SERVICES, Principal, Role, TokenStore, bearer_token
+from services.common.auth import CALLER, OPEN_SERVICES, Principal, Role, TokenStore, bearer_token, needs
 from services.common.interceptor import to_status
 from services.common.settings import ServingSettings
 
@@ -53,7 +54,8 @@ class Executors:
 
     async def run(self, fn: Callable[..., T], *args: Any, reserved: bool = False) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._reserved if reserved else self._user, lambda: fn(*args))
+        context = contextvars.copy_context()  # the caller (services.common.auth.CALLER) goes along
+        return await loop.run_in_executor(self._reserved if reserved else self._user, lambda: context.run(fn, *args))
 
     def shutdown(self) -> None:
         self._user.shutdown(wait=False, cancel_futures=True)
@@ -140,10 +142,9 @@ class Gate(grpc.aio.ServerInterceptor):
         principal = self._store.authenticate(token) if token else None
         if principal is None:
             return grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token"
-        if needed is None or principal.role < needed:
-            role = needed.name.lower() if needed else "an unknown method"
+        if needed is None or not principal.role.grants(needed):
             log.info("%s (%s) denied %s", principal.name, principal.role.name.lower(), method)
-            return grpc.StatusCode.PERMISSION_DENIED, f"this call needs the {role} role"
+            return grpc.StatusCode.PERMISSION_DENIED, needs(needed)
         return principal
 
     def _admitted(self, handler: Any, method: str, principal: Principal | None, open_method: bool) -> Any:
@@ -166,6 +167,7 @@ class Gate(grpc.aio.ServerInterceptor):
                     what = "long calls of this kind" if long else "concurrent calls"
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                         f"the server is at its limit of {what}; retry with backoff")
+                CALLER.set(principal)  # this call's own task: seen by it and its blocking work
                 try:
                     return await _mapped(lambda: behaviour(request, context), request, context)
                 finally:
@@ -187,6 +189,7 @@ class Gate(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(streaming):
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 leave = await stream_admission(context)
+                CALLER.set(principal)
                 try:
                     request_limits.refuse_oversized(request)
                     async for item in streaming(request, context):
@@ -271,7 +274,7 @@ class BlockingServicer:
         reserved = name in self._reserved
 
         async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            state = CallState(context.time_remaining())
+            state = CallState(context.time_remaining(), CALLER.get())
             work = asyncio.ensure_future(self._executors.run(blocking, request, state, reserved=reserved))
             try:
                 return await asyncio.shield(work)
@@ -286,9 +289,11 @@ class BlockingServicer:
 
 
 class CallState:
-    """What blocking code may ask of its call: whether it is still wanted."""
+    """What blocking code may ask of its call: whether it is still wanted, and who made it
+    (`principal`: None without authentication, loopback only)."""
 
-    def __init__(self, time_remaining: float | None) -> None:
+    def __init__(self, time_remaining: float | None, principal: Principal | None = None) -> None:
+        self.principal = principal
         self._cancelled = threading.Event()
         self._deadline = None if time_remaining is None else time.monotonic() + time_remaining
 

@@ -1,7 +1,8 @@
 """The one place where domain errors become gRPC status codes.
 
 Every server installs `ErrorMappingInterceptor`. Domain errors map to their code with a safe
-message (and google.rpc.BadRequest details naming each bad field); anything else is logged with an
+message (and google.rpc.BadRequest details naming each bad field, QuotaFailure the quota used
+up); anything else is logged with an
 incident id and reaches the client as INTERNAL "internal error (incident ...)": exception text,
 paths and secrets never leave the process.
 """
@@ -16,6 +17,7 @@ from typing import Any
 import grpc
 import sqlalchemy.exc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -30,6 +32,7 @@ _CODES: list[tuple[type[errors.DomainError], grpc.StatusCode]] = [
     (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (errors.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (errors.OutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
     (errors.CancelledError, grpc.StatusCode.CANCELLED),
 ]
@@ -46,11 +49,16 @@ def to_status(exc: BaseException) -> status_pb2.Status:
         log.error("unhandled error (incident %s)", incident, exc_info=exc)
         return status_pb2.Status(code=code_pb2.INTERNAL, message=f"internal error (incident {incident})")
     status = status_pb2.Status(code=code.value[0], message=exc.message)
+    detail: Message | None = None
     if isinstance(exc, errors.InvalidArgumentError):
         detail = error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
             for v in exc.violations
         ])
+    elif isinstance(exc, errors.QuotaExceededError):
+        detail = error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=exc.subject, description=f"{exc.quota}: {exc.message}")])
+    if detail is not None:
         packed = any_pb2.Any()
         packed.Pack(detail)
         status.details.append(packed)

@@ -163,11 +163,13 @@ def create_threaded_server(
     *,
     access: Mapping[str, Role],
     security: SecuritySettings,
+    store: TokenStore | None,
     max_workers: int = 64,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A thread-per-call server (the trainer node's: its callers are the pipeline services, its
-    streams one per running attempt), with the same security as ``create_server``."""
-    store = _token_store(address, security)
+    streams one per running attempt), with the same transport security as ``create_server``;
+    `store` holds the tokens it accepts (None: no authentication, loopback only)."""
+    _check_exposure(address, security, authenticated=store is not None)
     interceptors: list[grpc.ServerInterceptor] = []
     if store is not None:
         interceptors.append(AuthInterceptor(store, access))
@@ -188,16 +190,23 @@ def create_threaded_server(
 
 
 def _token_store(address: str, security: SecuritySettings) -> TokenStore | None:
-    """The tokens callers must present; refuses to serve beyond loopback without them, or in
-    plaintext unless allowed."""
+    """The tokens callers must present (and, with the node key, the node tokens); refuses to
+    serve beyond loopback without them, or in plaintext unless allowed."""
+    _check_exposure(address, security, authenticated=security.auth_tokens_file is not None)
+    if security.auth_tokens_file is None:
+        return None
+    return TokenStore.load(security.auth_tokens_file, security.node_key_bytes())
+
+
+def _check_exposure(address: str, security: SecuritySettings, *, authenticated: bool) -> None:
     loopback = _is_loopback(address)
     tls = security.tls_cert_file is not None and security.tls_key_file is not None
-    if security.auth_tokens_file is None and not loopback:
-        raise RuntimeError(f"refusing to serve {address} without authentication: set SEGTRAIN_AUTH_TOKENS_FILE")
+    if not authenticated and not loopback:
+        raise RuntimeError(f"refusing to serve {address} without authentication: set SEGTRAIN_AUTH_TOKENS_FILE "
+                           "(a trainer node: SEGTRAIN_TRAINER_TOKEN)")
     if not tls and not loopback and not security.allow_plaintext:
         raise RuntimeError(f"refusing to serve {address} in plaintext: set SEGTRAIN_TLS_CERT_FILE and "
                            "SEGTRAIN_TLS_KEY_FILE, or SEGTRAIN_ALLOW_PLAINTEXT=true on a private network")
-    return TokenStore.load(security.auth_tokens_file) if security.auth_tokens_file is not None else None
 
 
 def _bind(server: Any, address: str, security: SecuritySettings) -> int:
@@ -218,6 +227,13 @@ def _bind(server: Any, address: str, security: SecuritySettings) -> int:
 def connect(address: str, security: SecuritySettings) -> grpc.Channel:
     """A channel to another service: TLS when a CA is configured (presenting this service's
     certificate for mutual TLS), carrying this service's token when one is configured."""
+    token = security.service_token.get_secret_value() if security.service_token is not None else None
+    return connect_as(address, security, token)
+
+
+def connect_as(address: str, security: SecuritySettings, token: str | None) -> grpc.Channel:
+    """A channel like ``connect``'s carrying `token` (None: none) instead of the service token:
+    a trainer node's own, between that node and the pipeline service."""
     if security.tls_ca_file is not None:
         client_pair = (_read(security.tls_key_file), _read(security.tls_cert_file)) \
             if security.tls_key_file and security.tls_cert_file else (None, None)
@@ -225,8 +241,8 @@ def connect(address: str, security: SecuritySettings) -> grpc.Channel:
         channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
     else:
         channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-    if security.service_token is not None:
-        channel = grpc.intercept_channel(channel, BearerToken(security.service_token.get_secret_value()))
+    if token is not None:
+        channel = grpc.intercept_channel(channel, BearerToken(token))
     return channel
 
 

@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.tokens import parse_node_key
+
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
 
 DEFAULT_PIPELINE_ADDRESS = "127.0.0.1:50051"
@@ -82,8 +84,15 @@ class SecuritySettings(BaseSettings):
     # JSON file of token digests with names and roles (see services/common/auth.py). Unset disables
     # authentication, which is allowed only on a loopback listen address.
     auth_tokens_file: Path | None = None
-    # Token (role "service") this service presents when it calls the other services.
+    # Token (role "service") the pipeline and metrics services present when they call each other.
     service_token: SecretStr | None = None
+    # The node key, hex (pipeline service only): trainer nodes' tokens are derived from it and their
+    # node ids (services/common/tokens.py; `scripts/make_tokens.py` makes one). Required with
+    # authentication: without it no node could register.
+    node_key: SecretStr | None = None
+
+    def node_key_bytes(self) -> bytes | None:
+        return parse_node_key(self.node_key.get_secret_value()) if self.node_key is not None else None
     # Server certificate and key (PEM) for TLS; unset serves plaintext.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -114,6 +123,12 @@ class PipelineSettings(BaseSettings):
     # Training sets prepared at once, and tiles of each decoded and stored at once.
     prepare_concurrency: int = Field(default=2, ge=1, le=64)
     prepare_threads: int = Field(default=8, ge=1, le=64)
+    # MB the tiles being prepared (all sets together) may hold at once: their files, decoded
+    # pixels and masks, reserved at the most a tile of the pipeline's size can take.
+    prepare_memory_mb: int = Field(default=1024, ge=16)
+    # Jobs and analyses one principal may have queued or running at once (0: no limit); past it,
+    # StartJob and CreateAnalysisJob answer RESOURCE_EXHAUSTED naming the quota.
+    max_active_jobs_per_principal: int = Field(default=64, ge=0)
 
 
 class MetricsSettings(BaseSettings):
@@ -142,6 +157,10 @@ class TrainerSettings(BaseSettings):
     advertise_address: str | None = None
     pipeline_address: str = DEFAULT_PIPELINE_ADDRESS
     node_id: str | None = None
+    # This node's own token (derived from the node key and node_id: `scripts/make_tokens.py
+    # --node ID`): it registers and heartbeats with it, and accepts only calls that carry it.
+    # Unset: no authentication, allowed on a loopback listen address only.
+    token: SecretStr | None = None
     # Jobs this node runs at once.
     capacity: int = 1
     # "auto" picks CUDA when available, else CPU.

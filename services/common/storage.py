@@ -66,6 +66,9 @@ def verified(data: bytes, *, key: str, sha256: str) -> bytes:
     return data
 
 
+_HASH_CHUNK = 1 << 20
+
+
 def _is_missing(exc: S3Error | InvalidResponseError) -> bool:
     # rclone answers some 404s with a body minio cannot parse (InvalidResponseError).
     if isinstance(exc, S3Error):
@@ -149,6 +152,28 @@ class ObjectStore:
         finally:
             response.close()
             response.release_conn()
+
+    def sha256(self, key: str) -> str:
+        """The SHA-256 (hex) of the object's content, read in chunks (memory stays bounded
+        however large the object)."""
+        try:
+            response = self._client.get_object(self.bucket, key)
+        except (S3Error, InvalidResponseError) as exc:
+            if _is_missing(exc):
+                raise NotFoundError(f"object {key!r}") from exc
+            raise UnavailableError("object store error") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise UnavailableError("object store unreachable") from exc
+        digest = hashlib.sha256()
+        try:
+            for chunk in response.stream(_HASH_CHUNK):
+                digest.update(chunk)
+        except urllib3.exceptions.HTTPError as exc:
+            raise UnavailableError("object store unreachable") from exc
+        finally:
+            response.close()
+            response.release_conn()
+        return digest.hexdigest()
 
     def exists(self, key: str) -> bool:
         try:

@@ -24,6 +24,9 @@ def build(settings: PipelineSettings, storage: StorageSettings, security: Securi
           serving: ServingSettings | None = None
           ) -> tuple[AsyncServer, int, health.aio.HealthServicer, PipelineService]:
     security, serving = security or SecuritySettings(), serving or ServingSettings()
+    if security.auth_tokens_file is not None and security.node_key is None:
+        raise RuntimeError("authentication is on but SEGTRAIN_NODE_KEY is unset: no trainer node could "
+                           "register (scripts/make_tokens.py makes a node key)")
     engine = make_engine(settings.database_url, TABLES)
     store = ObjectStore(storage)
     store.ensure_bucket()
@@ -32,7 +35,9 @@ def build(settings: PipelineSettings, storage: StorageSettings, security: Securi
         metrics_public_address=settings.metrics_public_address or settings.metrics_address,
         schedule_interval_s=settings.schedule_interval_s, heartbeat_interval_s=settings.heartbeat_interval_s,
         max_attempts=settings.max_attempts, prepare_concurrency=settings.prepare_concurrency,
-        preparation=Tuning(threads=settings.prepare_threads, window=2 * settings.prepare_threads),
+        preparation=Tuning(threads=settings.prepare_threads, window=2 * settings.prepare_threads,
+                           memory_bytes=settings.prepare_memory_mb * 2**20),
+        max_active_jobs_per_principal=settings.max_active_jobs_per_principal,
     )
     # The service's work is blocking (SQL, object storage): each call runs in the bounded pools.
     executors = Executors(serving)

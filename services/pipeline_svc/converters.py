@@ -38,8 +38,9 @@ def pipeline_spec(request: pb.CreatePipelineRequest) -> domain.PipelineSpec:
         default_hyperparameters=wire.values_of(p.default_hyperparameters), request_id=request.request_id)
 
 
-def training_set_spec(request: pb.CreateTrainingSetRequest) -> domain.TrainingSetSpec:
+def training_set_spec(request: pb.CreateTrainingSetRequest, owner: str = "") -> domain.TrainingSetSpec:
     return domain.TrainingSetSpec(
+        owner=owner,
         pipeline=request.pipeline, training_set_id=request.training_set_id, display_name=request.display_name,
         class_names=list(request.class_names), annotations_key=request.annotations_key,
         # An enum number this build does not know stays visible, and is refused naming the field.
@@ -52,16 +53,17 @@ def training_set_spec(request: pb.CreateTrainingSetRequest) -> domain.TrainingSe
         request_id=request.request_id)
 
 
-def job_spec(request: pb.CreateJobRequest) -> domain.JobSpec:
+def job_spec(request: pb.CreateJobRequest, owner: str = "") -> domain.JobSpec:
     return domain.JobSpec(
+        owner=owner,
         pipeline=request.pipeline, training_set=request.training_set, from_model=request.from_model,
         hyperparameters=wire.values_of(request.hyperparameters), pretrained_weights=request.pretrained_weights,
         display_name=request.display_name, request_id=request.request_id,
         processes=request.parallelism.processes, nodes=request.parallelism.nodes)
 
 
-def analysis_job_spec(request: pb.CreateAnalysisJobRequest) -> domain.AnalysisJobSpec:
-    return domain.AnalysisJobSpec(model=request.model, image_keys=list(request.image_keys),
+def analysis_job_spec(request: pb.CreateAnalysisJobRequest, owner: str = "") -> domain.AnalysisJobSpec:
+    return domain.AnalysisJobSpec(owner=owner, model=request.model, image_keys=list(request.image_keys),
                                   training_set=request.training_set, pipeline=request.pipeline,
                                   display_name=request.display_name, request_id=request.request_id)
 
@@ -101,7 +103,7 @@ def upload_message(grant: domain.UploadGrant) -> pb.Upload:
 def training_set_message(row: TrainingSetRow, tiles: list[TileRow] | None = None) -> pb.TrainingSet:
     return pb.TrainingSet(
         name=names.training_set(row.id), display_name=row.display_name, pipeline=names.pipeline(row.pipeline),
-        class_names=row.class_names, snapshot=row.snapshot, tile_count=row.tile_count,
+        owner=row.owner, class_names=row.class_names, snapshot=row.snapshot, tile_count=row.tile_count,
         train_tile_count=row.train_tile_count, validation_tile_count=row.validation_tile_count,
         tiles=[pb.Tile(name=t.name, image_uri=t.image_uri, mask_uri=t.mask_uri, source_image=t.source_image,
                        width=t.width, height=t.height, validation=t.validation) for t in tiles or []],
@@ -116,6 +118,7 @@ def training_set_message(row: TrainingSetRow, tiles: list[TileRow] | None = None
 def job_message(row: JobRow) -> pb.Job:
     message = pb.Job(
         name=names.job(row.id), display_name=row.display_name, pipeline=names.pipeline(row.pipeline),
+        owner=row.owner,
         training_set=names.training_set(row.training_set), from_model=_optional_model(row.from_model),
         pretrained_weights=row.pretrained_weights,
         hyperparameters=common_pb2.Hyperparameters.FromString(row.hyperparameters),
@@ -140,7 +143,7 @@ def job_message(row: JobRow) -> pb.Job:
 def model_message(row: ModelRow) -> pb.Model:
     finished = common_pb2.JobFinished.FromString(row.finished)
     return pb.Model(
-        name=names.model(row.id), job=names.job(row.job), pipeline=names.pipeline(row.pipeline),
+        name=names.model(row.id), job=names.job(row.job), pipeline=names.pipeline(row.pipeline), owner=row.owner,
         training_set=names.training_set(row.training_set), training_set_snapshot=row.training_set_snapshot,
         architecture=row.architecture, class_names=row.class_names, tile_size=row.tile_size,
         weights=finished.best_model, final_weights=finished.final_model, best_epoch=finished.best_epoch,
@@ -181,6 +184,7 @@ def analysis_job_message(a: domain.AnalysisJob, presign: Callable[[str], str] | 
     job, row = a.job, a.analysis
     message = pb.AnalysisJob(
         name=names.analysis(job.id), pipeline=names.pipeline(job.pipeline), model=names.model(row.model),
+        owner=job.owner,
         training_set=names.training_set(row.training_set) if row.training_set else "", tile_count=row.tile_count,
         state=job.state, failure_reason=job.failure_reason, attempt=job.attempt,  # type: ignore[arg-type]
         progress=common_pb2.Progress.FromString(job.progress),

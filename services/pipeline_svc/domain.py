@@ -57,6 +57,7 @@ class TrainingSetSpec:
     split_seed: int | None = None
     instance_class: int | None = None
     request_id: str = ""
+    owner: str = ""  # the principal making the request (empty without authentication)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class JobSpec:
     request_id: str = ""
     processes: int = 0  # 0: the default, 1
     nodes: int = 0
+    owner: str = ""
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,7 @@ class AnalysisJobSpec:
     pipeline: str = ""
     display_name: str = ""
     request_id: str = ""
+    owner: str = ""
 
 
 @dataclass(frozen=True)

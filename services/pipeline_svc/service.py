@@ -14,7 +14,9 @@ from sqlalchemy.exc import IntegrityError
 from segcore import catalogue
 from services.common import names
 from services.common.database import session_scope
+from services.common.errors import AlreadyExistsError
 from services.common.storage import PRESIGNED_URL_LIFETIME, ObjectStore
+from services.common.tokens import Principal
 from services.pipeline_svc import domain
 from services.pipeline_svc.resources import (
     analyses,
@@ -42,8 +44,10 @@ class PipelineService:
     def __init__(self, engine: Engine, store: ObjectStore, peers: PeerStubs, *, metrics_public_address: str,
                  schedule_interval_s: float, heartbeat_interval_s: float, max_attempts: int,
                  prepare_concurrency: int = 2,
-                 preparation: set_preparation.Tuning = set_preparation.DEFAULT_TUNING) -> None:
+                 preparation: set_preparation.Tuning = set_preparation.DEFAULT_TUNING,
+                 max_active_jobs_per_principal: int = 0) -> None:
         self.engine, self.store, self.peers = engine, store, peers
+        self._active_jobs_quota = max_active_jobs_per_principal
         self.metrics_public_address = metrics_public_address
         self.heartbeat_interval_s = heartbeat_interval_s
         self._stopping = threading.Event()
@@ -80,8 +84,15 @@ class PipelineService:
             return pipelines.get_pipeline(session, name=name)
 
     def create_pipeline(self, spec: domain.PipelineSpec) -> PipelineRow:
-        with session_scope(self.engine) as session:
-            return pipelines.create_pipeline(session, spec=spec, architectures=catalogue.architecture_names())
+        try:
+            with session_scope(self.engine) as session:
+                return pipelines.create_pipeline(session, spec=spec, architectures=catalogue.architecture_names())
+        except IntegrityError:  # created concurrently: the same request_id's winner, or the id taken
+            with session_scope(self.engine) as session:
+                previous = lookup.by_request_id(session, table=PipelineRow, request_id=spec.request_id)
+                if previous is not None:
+                    return pipelines.repeated_pipeline(previous, spec)
+            raise AlreadyExistsError(f"{names.pipeline(spec.pipeline_id)} already exists") from None
 
     def list_architectures(self) -> list[catalogue.ArchitectureInfo]:
         return catalogue.list_architectures()
@@ -103,16 +114,16 @@ class PipelineService:
             row = training_sets.get_training_set(session, name=name)
             return row, training_sets.tiles_of(session, set_id=row.id)
 
-    def list_training_sets(self, *, pipeline: str, page_size: int, page_token: str
+    def list_training_sets(self, *, pipeline: str, owner: str, page_size: int, page_token: str
                            ) -> tuple[list[TrainingSetRow], str]:
         with session_scope(self.engine) as session:
-            return training_sets.list_training_sets(session, pipeline=pipeline, page_size=page_size,
+            return training_sets.list_training_sets(session, pipeline=pipeline, owner=owner, page_size=page_size,
                                                     page_token=page_token)
 
     # Jobs
     def create_job(self, spec: domain.JobSpec) -> JobRow:
         try:
-            with session_scope(self.engine) as session:
+            with session_scope(self.engine, serialized=True) as session:
                 job = jobs.create_job(session, spec=spec, architectures=catalogue.architecture_names())
         except IntegrityError:  # the same request_id, created concurrently: that job is this one's
             with session_scope(self.engine) as session:
@@ -127,26 +138,27 @@ class PipelineService:
         with session_scope(self.engine) as session:
             return jobs.get_job(session, name=name)
 
-    def list_jobs(self, *, pipeline: str, page_size: int, page_token: str) -> tuple[list[JobRow], str]:
+    def list_jobs(self, *, pipeline: str, owner: str, page_size: int, page_token: str) -> tuple[list[JobRow], str]:
         with session_scope(self.engine) as session:
-            return jobs.list_jobs(session, pipeline=pipeline, page_size=page_size, page_token=page_token)
+            return jobs.list_jobs(session, pipeline=pipeline, owner=owner, page_size=page_size, page_token=page_token)
 
-    def start_job(self, name: str) -> JobRow:
-        with session_scope(self.engine) as session:
-            job = jobs.start_job(session, name=name)
+    def start_job(self, name: str, caller: Principal | None) -> JobRow:
+        with session_scope(self.engine, serialized=True) as session:
+            job = jobs.start_job(session, name=name, caller=caller, quota=self._active_jobs_quota)
         self._outbox_relay.wake()
         self.scheduler.wake()
         return job
 
-    def cancel_job(self, name: str, *, stop_early: bool, kind: str = jobs.TRAINING) -> JobRow:
-        with session_scope(self.engine) as session:
-            job, node_id = jobs.request_cancel(session, name=name, stop_early=stop_early, kind=kind)
+    def cancel_job(self, name: str, *, stop_early: bool, caller: Principal | None, kind: str = jobs.TRAINING
+                   ) -> JobRow:
+        with session_scope(self.engine, serialized=True) as session:
+            job, node_id = jobs.request_cancel(session, name=name, stop_early=stop_early, caller=caller, kind=kind)
         self._outbox_relay.wake()
         if node_id:
             with session_scope(self.engine) as session:
                 node = session.get(TrainerNodeRow, node_id)
             if node is not None:
-                self.peers.stop_job_on(node.address, job=lifecycle.log_name(job), stop_early=stop_early)
+                self.peers.stop_job_on(node.id, node.address, job=lifecycle.log_name(job), stop_early=stop_early)
         return job
 
     def compare_jobs(self, job_names: list[str]) -> domain.Comparison:
@@ -162,9 +174,10 @@ class PipelineService:
         with session_scope(self.engine) as session:
             return models.get_model(session, name=name)
 
-    def list_models(self, *, pipeline: str, page_size: int, page_token: str) -> tuple[list[ModelRow], str]:
+    def list_models(self, *, pipeline: str, owner: str, page_size: int, page_token: str) -> tuple[list[ModelRow], str]:
         with session_scope(self.engine) as session:
-            return models.list_models(session, pipeline=pipeline, page_size=page_size, page_token=page_token)
+            return models.list_models(session, pipeline=pipeline, owner=owner, page_size=page_size,
+                                      page_token=page_token)
 
     def analyze_tiles(self, *, model: str, image_keys: list[str],
                       is_active: Callable[[], bool] = lambda: True) -> domain.Analysis:
@@ -173,7 +186,7 @@ class PipelineService:
 
     # Analysis jobs
     def create_analysis(self, spec: domain.AnalysisJobSpec) -> domain.AnalysisJob:
-        created = analyses.create_analysis(self.engine, self.store, spec)
+        created = analyses.create_analysis(self.engine, self.store, spec, quota=self._active_jobs_quota)
         self._outbox_relay.wake()
         self.scheduler.wake()
         return created
@@ -182,13 +195,14 @@ class PipelineService:
         with session_scope(self.engine) as session:
             return analyses.get_analysis(session, name=name)
 
-    def list_analyses(self, *, pipeline: str, page_size: int, page_token: str
+    def list_analyses(self, *, pipeline: str, owner: str, page_size: int, page_token: str
                       ) -> tuple[list[domain.AnalysisJob], str]:
         with session_scope(self.engine) as session:
-            return analyses.list_analyses(session, pipeline=pipeline, page_size=page_size, page_token=page_token)
+            return analyses.list_analyses(session, pipeline=pipeline, owner=owner, page_size=page_size,
+                                          page_token=page_token)
 
-    def cancel_analysis(self, name: str) -> domain.AnalysisJob:
-        job = self.cancel_job(name, stop_early=False, kind=jobs.ANALYSIS)
+    def cancel_analysis(self, name: str, caller: Principal | None) -> domain.AnalysisJob:
+        job = self.cancel_job(name, stop_early=False, caller=caller, kind=jobs.ANALYSIS)
         with session_scope(self.engine) as session:
             return analyses.get_analysis(session, name=names.analysis(job.id))
 
@@ -203,15 +217,15 @@ class PipelineService:
         return self.store.presign_get(key, PRESIGNED_URL_LIFETIME)
 
     # Trainer nodes
-    def register_node(self, registration: domain.NodeRegistration) -> TrainerNodeRow:
+    def register_node(self, registration: domain.NodeRegistration, caller: Principal | None) -> TrainerNodeRow:
         with session_scope(self.engine) as session:
-            row = nodes.register_node(session, registration=registration)
+            row = nodes.register_node(session, registration=registration, caller=caller)
         self.scheduler.wake()
         return row
 
-    def record_heartbeat(self, heartbeat: domain.NodeHeartbeat) -> domain.HeartbeatAnswer:
+    def record_heartbeat(self, heartbeat: domain.NodeHeartbeat, caller: Principal | None) -> domain.HeartbeatAnswer:
         with session_scope(self.engine) as session:
-            return nodes.record_heartbeat(session, heartbeat=heartbeat)
+            return nodes.record_heartbeat(session, heartbeat=heartbeat, caller=caller)
 
     def list_nodes(self) -> list[tuple[TrainerNodeRow, list[str]]]:
         with session_scope(self.engine) as session:

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 from typing import Protocol, TypeAlias, TypedDict
 
-import grpc
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.pipeline.v1 import pipeline_pb2_grpc
 
 from services.common.auth import Role
+from services.common.gate import CallState
 from services.common.timeutil import to_duration
 from services.pipeline_svc import converters
 from services.pipeline_svc.service import PipelineService
 
-Ctx: TypeAlias = grpc.ServicerContext
+# Each call's state (services.common.gate.BlockingServicer): whether it is still wanted, and its caller.
+Ctx: TypeAlias = CallState
 
 # Minimum role of each RPC (services.common.auth); an RPC missing here is refused.
 ACCESS = {f"/segtrain.pipeline.v1.PipelineService/{method}": role for method, role in {
@@ -25,7 +26,7 @@ ACCESS = {f"/segtrain.pipeline.v1.PipelineService/{method}": role for method, ro
     "CompareJobs": Role.VIEWER, "GetModel": Role.VIEWER, "ListModels": Role.VIEWER,
     "AnalyzeTiles": Role.TRAINER, "CreateAnalysisJob": Role.TRAINER, "GetAnalysisJob": Role.VIEWER,
     "ListAnalysisJobs": Role.VIEWER, "CancelAnalysisJob": Role.TRAINER, "ListAnalysisTiles": Role.VIEWER,
-    "RegisterTrainerNode": Role.ADMIN, "HeartbeatTrainerNode": Role.ADMIN,
+    "RegisterTrainerNode": Role.NODE, "HeartbeatTrainerNode": Role.NODE,
     "ListTrainerNodes": Role.ADMIN, "GetServiceInfo": Role.VIEWER,
 }.items()}
 # Capacity user traffic cannot take (services.common.gate): nodes must stay alive under any load.
@@ -57,31 +58,33 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
         return converters.upload_message(self._s.create_upload(list(request.file_names)))
 
     def CreateTrainingSet(self, request: pb.CreateTrainingSetRequest, context: Ctx) -> pb.TrainingSet:
-        return converters.training_set_message(*self._s.create_training_set(converters.training_set_spec(request)))
+        return converters.training_set_message(
+            *self._s.create_training_set(converters.training_set_spec(request, _owner(context))))
 
     def GetTrainingSet(self, request: pb.GetTrainingSetRequest, context: Ctx) -> pb.TrainingSet:
         return converters.training_set_message(*self._s.get_training_set(request.name))
 
     def ListTrainingSets(self, request: pb.ListTrainingSetsRequest, context: Ctx) -> pb.ListTrainingSetsResponse:
-        rows, token = self._s.list_training_sets(**_page_of_pipeline(request))
+        rows, token = self._s.list_training_sets(**_page_of(request))
         return pb.ListTrainingSetsResponse(training_sets=[converters.training_set_message(r) for r in rows],
                                            next_page_token=token)
 
     def CreateJob(self, request: pb.CreateJobRequest, context: Ctx) -> pb.Job:
-        return converters.job_message(self._s.create_job(converters.job_spec(request)))
+        return converters.job_message(self._s.create_job(converters.job_spec(request, _owner(context))))
 
     def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.Job:
         return converters.job_message(self._s.get_job(request.name))
 
     def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
-        rows, token = self._s.list_jobs(**_page_of_pipeline(request))
+        rows, token = self._s.list_jobs(**_page_of(request))
         return pb.ListJobsResponse(jobs=[converters.job_message(r) for r in rows], next_page_token=token)
 
     def StartJob(self, request: pb.StartJobRequest, context: Ctx) -> pb.Job:
-        return converters.job_message(self._s.start_job(request.name))
+        return converters.job_message(self._s.start_job(request.name, context.principal))
 
     def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.Job:
-        return converters.job_message(self._s.cancel_job(request.name, stop_early=request.stop_early))
+        return converters.job_message(self._s.cancel_job(request.name, stop_early=request.stop_early,
+                                                          caller=context.principal))
 
     def CompareJobs(self, request: pb.CompareJobsRequest, context: Ctx) -> pb.JobComparison:
         return converters.comparison_message(self._s.compare_jobs(list(request.jobs)))
@@ -90,28 +93,29 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
         return converters.model_message(self._s.get_model(request.name))
 
     def ListModels(self, request: pb.ListModelsRequest, context: Ctx) -> pb.ListModelsResponse:
-        rows, token = self._s.list_models(**_page_of_pipeline(request))
+        rows, token = self._s.list_models(**_page_of(request))
         return pb.ListModelsResponse(models=[converters.model_message(r) for r in rows], next_page_token=token)
 
     def AnalyzeTiles(self, request: pb.AnalyzeTilesRequest, context: Ctx) -> pb.AnalyzeTilesResponse:
-        # `context` is the call's CallState (services.common.gate): a caller that leaves stops the work.
+        # A caller that leaves stops the work.
         result = self._s.analyze_tiles(model=request.model, image_keys=list(request.image_keys),
                                        is_active=context.is_active)
         return converters.analysis_message(result)
 
     def CreateAnalysisJob(self, request: pb.CreateAnalysisJobRequest, context: Ctx) -> pb.AnalysisJob:
-        return converters.analysis_job_message(self._s.create_analysis(converters.analysis_job_spec(request)))
+        return converters.analysis_job_message(
+            self._s.create_analysis(converters.analysis_job_spec(request, _owner(context))))
 
     def GetAnalysisJob(self, request: pb.GetAnalysisJobRequest, context: Ctx) -> pb.AnalysisJob:
         return converters.analysis_job_message(self._s.get_analysis(request.name), self._s.presign)
 
     def ListAnalysisJobs(self, request: pb.ListAnalysisJobsRequest, context: Ctx) -> pb.ListAnalysisJobsResponse:
-        found, token = self._s.list_analyses(**_page_of_pipeline(request))
+        found, token = self._s.list_analyses(**_page_of(request))
         return pb.ListAnalysisJobsResponse(analysis_jobs=[converters.analysis_job_message(a) for a in found],
                                            next_page_token=token)
 
     def CancelAnalysisJob(self, request: pb.CancelAnalysisJobRequest, context: Ctx) -> pb.AnalysisJob:
-        return converters.analysis_job_message(self._s.cancel_analysis(request.name))
+        return converters.analysis_job_message(self._s.cancel_analysis(request.name, context.principal))
 
     def ListAnalysisTiles(self, request: pb.ListAnalysisTilesRequest, context: Ctx) -> pb.ListAnalysisTilesResponse:
         records, token = self._s.analysis_tiles(request.name, page_token=request.page_token)
@@ -119,11 +123,12 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
             tiles=[converters.analysed_tile_message(r, self._s.presign) for r in records], next_page_token=token)
 
     def RegisterTrainerNode(self, request: pb.RegisterTrainerNodeRequest, context: Ctx) -> pb.TrainerNode:
-        return converters.trainer_node_message(self._s.register_node(converters.node_registration(request)), [])
+        return converters.trainer_node_message(
+            self._s.register_node(converters.node_registration(request), context.principal), [])
 
     def HeartbeatTrainerNode(self, request: pb.HeartbeatTrainerNodeRequest, context: Ctx
                              ) -> pb.HeartbeatTrainerNodeResponse:
-        answer = self._s.record_heartbeat(converters.node_heartbeat(request))
+        answer = self._s.record_heartbeat(converters.node_heartbeat(request), context.principal)
         return pb.HeartbeatTrainerNodeResponse(heartbeat_interval=to_duration(self._s.heartbeat_interval_s),
                                                stop_jobs=answer.stop_jobs, registered=answer.known)
 
@@ -135,18 +140,26 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
         return pb.ServiceInfo(metrics_address=self._s.metrics_public_address, version=self._version)
 
 
-class _PipelinePageRequest(Protocol):
+class _PageRequest(Protocol):
     pipeline: str
+    owner: str
     page_size: int
     page_token: str
 
 
-class _PageOfPipeline(TypedDict):
+class _PageOf(TypedDict):
     pipeline: str
+    owner: str
     page_size: int
     page_token: str
 
 
-def _page_of_pipeline(request: _PipelinePageRequest) -> _PageOfPipeline:
-    """The arguments of a List RPC over one pipeline's resources (typed: mypy checks the call)."""
-    return {"pipeline": request.pipeline, "page_size": request.page_size, "page_token": request.page_token}
+def _page_of(request: _PageRequest) -> _PageOf:
+    """The arguments of a List RPC, filtered by pipeline and owner (typed: mypy checks the call)."""
+    return {"pipeline": request.pipeline, "owner": request.owner, "page_size": request.page_size,
+            "page_token": request.page_token}
+
+
+def _owner(context: Ctx) -> str:
+    """The name of the caller's principal: what resources it creates record as their owner."""
+    return context.principal.name if context.principal is not None else ""

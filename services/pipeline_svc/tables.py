@@ -49,6 +49,8 @@ class TrainingSetRow(SQLModel, table=True):
     split_seed: int
     # Serialized segtrain.pipeline.v1.ValidationReport (empty until READY or FAILED).
     report: bytes = Field(default=b"", sa_column=Column(LargeBinary, nullable=False))
+    # The principal that created it (empty: made without authentication, or before owners were kept).
+    owner: str = Field(default="", max_length=1024, index=True, sa_column_kwargs={"server_default": ""})
     request_id: str | None = Field(default=None, unique=True, max_length=128)
     create_time: datetime = Field(default_factory=utcnow)
     update_time: datetime | None = Field(default_factory=utcnow, nullable=True)
@@ -113,6 +115,8 @@ class JobRow(SQLModel, table=True):
     # segcore.advice quality issues of the registered model, as [{"code", "class_name", "message"}].
     quality_warnings: list[dict[str, str]] = Field(
         default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]"))
+    # The principal that created it (empty: made without authentication, or before owners were kept).
+    owner: str = Field(default="", max_length=1024, index=True, sa_column_kwargs={"server_default": ""})
     request_id: str | None = Field(default=None, unique=True, max_length=128)
     create_time: datetime = Field(default_factory=utcnow)
     start_time: datetime | None = None
@@ -133,6 +137,8 @@ class ModelRow(SQLModel, table=True):
     tile_size: int
     # Serialized segtrain.common.v1.JobFinished the model was registered from.
     finished: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    # The principal that created it (its job's owner).
+    owner: str = Field(default="", max_length=1024, index=True, sa_column_kwargs={"server_default": ""})
     # Hex SHA-256 of the registered weights, checked by a node before it loads them.
     weights_sha256: str = Field(default="", max_length=64, sa_column_kwargs={"server_default": ""})
     parent_model: str = ""

@@ -13,7 +13,8 @@ import grpc
 from grpc_health.v1 import health
 from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
-from services.common.server import connect, create_threaded_server
+from services.common.auth import TokenStore
+from services.common.server import connect_as, create_threaded_server
 from services.common.settings import SecuritySettings, ServerSettings, StorageSettings, TrainerSettings, environment
 from services.common.storage import ObjectStore
 from services.trainer_svc.node import Analyses, AnalyzerOnDemand, NodeOffer, Registration, TrainerNode
@@ -33,9 +34,11 @@ def build(settings: TrainerSettings, storage: StorageSettings, security: Securit
     node = TrainerNode(AnalyzerOnDemand(lambda: _analyzer(store, device, settings.num_threads)), store,
                        capacity=settings.capacity, worker_env=worker_env)
     servicer = TrainerServicer(node)
+    # The node's own token both ways: it registers with it, and accepts only calls carrying it.
+    token = settings.token.get_secret_value() if settings.token is not None else None
     server, port, health_servicer = create_threaded_server(
         settings.listen, [lambda s: trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, s)],
-        [SERVICE_NAME], access=ACCESS, security=security,
+        [SERVICE_NAME], access=ACCESS, security=security, store=TokenStore.of_node(token) if token else None,
     )
     host = settings.listen.rsplit(":", 1)[0]
     address = settings.advertise_address or f"{host}:{port}"
@@ -43,7 +46,7 @@ def build(settings: TrainerSettings, storage: StorageSettings, security: Securit
     node_id = settings.node_id or _default_node_id(port)
     registration = Registration(node, settings.pipeline_address, node_id, address,
                                 lambda: _offer(settings, _device_facts(device)),
-                                connect(settings.pipeline_address, security))
+                                connect_as(settings.pipeline_address, security, token))
     return server, port, health_servicer, node, registration
 
 

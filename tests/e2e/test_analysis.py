@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
@@ -21,7 +22,7 @@ from clients.sdk import Client
 from clients.stack import LocalStack
 from services.common.storage import ObjectStore
 from tests.e2e.conftest import wait_for_state
-from tests.helpers import write_sample_set
+from tests.helpers import error_of, violation_fields, write_sample_set
 
 pytestmark = pytest.mark.e2e
 CLASSES = ["background", "nucleus", "debris"]
@@ -115,6 +116,23 @@ def test_an_analysis_job_can_analyse_a_training_sets_tiles(client: Client, model
     assert done.training_set == model.training_set and done.results.tiles_analysed == 8
     names = {t.name for t in client.get_training_set(model.training_set).tiles}
     assert {t.tile for t in client.analysis_tiles(done.name)} == names
+
+
+def test_an_analysis_request_id_makes_one_analysis_and_is_refused_with_other_parameters(
+        client: Client, model: pb.Model, tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        made = list(pool.map(lambda _: client.create_analysis(model.name, training_set=model.training_set,
+                                                              request_id="analyse-once"), range(8)))
+    assert len({a.name for a in made}) == 1  # no INTERNAL, and one analysis
+    assert made[0].owner == "local-trainer"  # the stack's trainer token made it
+    assert [a.name for a in client.list_analyses(owner="local-trainer")].count(made[0].name) == 1
+    tiles, _ = write_sample_set(tmp_path / "other", count=2, tile_size=64, seed=3)
+    reused = error_of(client.create_analysis, model.name, tiles=sorted(tiles.iterdir()), request_id="analyse-once")
+    assert reused.code() == grpc.StatusCode.INVALID_ARGUMENT and violation_fields(reused) == {"request_id"}
+    assert made[0].name in reused.details()
+    client.cancel_analysis(made[0].name)
 
 
 def test_cancelling_a_running_analysis_stops_its_node_work(client: Client, model: pb.Model, stack: LocalStack,

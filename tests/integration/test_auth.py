@@ -26,12 +26,13 @@ from services.common.settings import (
     StorageSettings,
     TrainerSettings,
 )
+from services.common.tokens import LISTED_ROLES
 from services.metrics_svc import app as metrics_app
 from services.pipeline_svc import app as pipeline_app
 from services.trainer_svc import app as trainer_app
-from tests.helpers import row_counts
+from tests.helpers import NODE_KEY, node_token_of, row_counts
 
-TOKENS = {role: f"token-{role.name.lower()}-0123456789" for role in Role}
+TOKENS = {role: f"token-{role.name.lower()}-0123456789" for role in LISTED_ROLES}
 
 
 @dataclass
@@ -46,7 +47,8 @@ class Secured:
 def secured(tmp_path: Path, s3_settings: StorageSettings) -> Iterator[Secured]:
     tokens_file = tmp_path / "tokens.json"
     write_tokens_file(tokens_file, {token: (f"user-{role.name.lower()}", role) for role, token in TOKENS.items()})
-    security = SecuritySettings(auth_tokens_file=tokens_file, service_token=SecretStr(TOKENS[Role.SERVICE]))
+    security = SecuritySettings(auth_tokens_file=tokens_file, service_token=SecretStr(TOKENS[Role.SERVICE]),
+                                node_key=SecretStr(NODE_KEY))
     metrics, m_port, _, _ = metrics_app.build(
         MetricsSettings(listen="127.0.0.1:0", database_url=f"sqlite:///{tmp_path / 'm.db'}"), security)
     metrics.start()
@@ -55,7 +57,9 @@ def secured(tmp_path: Path, s3_settings: StorageSettings) -> Iterator[Secured]:
         listen="127.0.0.1:0", database_url=db, metrics_address=f"127.0.0.1:{m_port}"), s3_settings, security)
     service.start()
     pipeline.start()
-    trainer, t_port, _, _, _ = trainer_app.build(TrainerSettings(listen="127.0.0.1:0"), s3_settings, security)
+    trainer, t_port, _, _, _ = trainer_app.build(
+        TrainerSettings(listen="127.0.0.1:0", node_id="t-1", token=SecretStr(node_token_of("t-1"))), s3_settings,
+        SecuritySettings())
     trainer.start()
     try:
         yield Secured(f"127.0.0.1:{p_port}", f"127.0.0.1:{m_port}", f"127.0.0.1:{t_port}", db)
@@ -109,10 +113,15 @@ CASES = [
      grpc.StatusCode.UNAUTHENTICATED),
     ("metrics", metr("WatchJobEvents", metrics_pb2.WatchJobEventsRequest(job="jobs/j-1"), stream=True), "bad",
      grpc.StatusCode.UNAUTHENTICATED),
+    ("pipeline", pipe("HeartbeatTrainerNode", pipeline_pb2.HeartbeatTrainerNodeRequest(name="trainerNodes/n")),
+     Role.ADMIN, grpc.StatusCode.PERMISSION_DENIED),
+    # A trainer node accepts its own token only: not an admin's, not even the services' own.
     ("trainer", trn("RunJob", trainer_pb2.RunJobRequest(job="jobs/j-1")), Role.ADMIN,
-     grpc.StatusCode.PERMISSION_DENIED),
+     grpc.StatusCode.UNAUTHENTICATED),
+    ("trainer", trn("RunJob", trainer_pb2.RunJobRequest(job="jobs/j-1")), Role.SERVICE,
+     grpc.StatusCode.UNAUTHENTICATED),
     ("trainer", trn("WatchJobRun", trainer_pb2.WatchJobRunRequest(job="jobs/j-1"), stream=True), Role.TRAINER,
-     grpc.StatusCode.PERMISSION_DENIED),
+     grpc.StatusCode.UNAUTHENTICATED),
     ("trainer", trn("AnalyzeTiles", trainer_pb2.AnalyzeTilesRequest()), None, grpc.StatusCode.UNAUTHENTICATED),
 ]
 
@@ -144,6 +153,10 @@ def test_the_right_roles_pass(secured: Secured) -> None:
     except grpc.RpcError as exc:
         job_error = exc.code()
     assert job_error == grpc.StatusCode.NOT_FOUND  # authorised; the training set does not exist
+    # A trainer node answers calls carrying its own token.
+    cancelled = call(secured.trainer, node_token_of("t-1"),
+                     trn("CancelJobRun", trainer_pb2.CancelJobRunRequest(job="jobs/j-1")))
+    assert cancelled.found is False  # type: ignore[attr-defined]
 
 
 def test_health_checking_needs_no_token(secured: Secured) -> None:
@@ -217,7 +230,8 @@ def test_malformed_requests_with_a_valid_token_name_the_field(secured: Secured, 
                                                               invoke: Callable[..., object], field: str) -> None:
     from tests.helpers import violation_fields
 
+    token = node_token_of("t-1") if service == "trainer" else TOKENS[Role.SERVICE]
     with pytest.raises(grpc.RpcError) as info:
-        call(getattr(secured, service), TOKENS[Role.SERVICE], invoke)
+        call(getattr(secured, service), token, invoke)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert field in violation_fields(info.value)

@@ -157,6 +157,29 @@ def test_concurrent_creates_with_one_request_id_make_one_job(
     assert row_counts(pipeline_server.database_url, ["jobs"])["jobs"] == before + 1
 
 
+def test_pipelines_are_idempotent_by_request_id_even_when_created_at_once(
+        client: Client, pipeline_server: PipelineServer) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def create(request_id: str, tile_size: int = 128) -> pb.Pipeline:
+        return client.pipeline.CreatePipeline(pb.CreatePipelineRequest(
+            pipeline_id="organoids", request_id=request_id, pipeline=pb.Pipeline(
+                display_name="Organoids", type=pb.Pipeline.TYPE_TRAINING, class_names=["background", "organoid"],
+                tile_size=tile_size)), timeout=30)
+
+    before = row_counts(pipeline_server.database_url, ["pipelines"])["pipelines"]
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda _: create("p-together"), range(16)))
+    assert {p.name for p in made} == {"pipelines/organoids"}  # no INTERNAL, and one pipeline
+    assert row_counts(pipeline_server.database_url, ["pipelines"])["pipelines"] == before + 1
+    assert create("p-together").name == "pipelines/organoids"  # a retry gets the first result
+    reused = error_of(create, "p-together", tile_size=256)
+    assert reused.code() == grpc.StatusCode.INVALID_ARGUMENT and violation_fields(reused) == {"request_id"}
+    assert "pipeline.tile_size" in reused.details()
+    taken = error_of(create, "p-other")  # another request for a taken id
+    assert taken.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
 def test_an_oversized_message_is_refused(client: Client) -> None:
     huge = pb.CreateUploadRequest(file_names=[f"{i:08d}-{'x' * 1000}.png" for i in range(20_000)])  # ~20 MiB
     error = error_of(client.pipeline.CreateUpload, huge)
@@ -541,6 +564,27 @@ def test_a_set_is_prepared_off_the_request_and_reports_its_progress(
     # A retried request returns the set as it is, READY, and prepares nothing again.
     again = client.create_training_set("progress", tiles, masks, class_names=["background", "nucleus", "debris"])
     assert again.state == pb.TrainingSet.STATE_READY and again.snapshot == ts.snapshot
+
+
+def test_preparation_holds_to_its_memory_budget(tmp_path: Path, s3_settings: StorageSettings,
+                                               metrics_server: MetricsServer) -> None:
+    """With a budget below what one tile of the pipeline's size may take, each tile first holds
+    all of it (so none runs beside another until its header is read), and the set is prepared."""
+    settings = PipelineSettings(listen="127.0.0.1:0", database_url=f"sqlite:///{tmp_path / 'pipeline.db'}",
+                                metrics_address=metrics_server.address, prepare_memory_mb=16)
+    server, port, _, service = pipeline_app.build(settings, s3_settings)
+    service.start()
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            tiles, masks = write_sample_set(tmp_path / "set", count=12, tile_size=64)
+            ts = client.create_training_set("budgeted", tiles, masks, class_names=["background", "nucleus", "debris"])
+        assert ts.state == pb.TrainingSet.STATE_READY and ts.tile_count == 12
+        budget = service._preparer.budget
+        assert budget.peak == budget.total == 16 * 2**20  # a tile held it all, and never more was held
+    finally:
+        service.stop()
+        server.stop(0).wait()
 
 
 def test_a_preparing_set_takes_no_job_and_a_service_that_starts_prepares_it(

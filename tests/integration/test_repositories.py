@@ -106,14 +106,19 @@ def test_job_state_machine_persists_and_queues_events(database_url: str) -> None
     engine = make_engine(database_url, PIPELINE_TABLES)
     seed(engine)
     add_job(engine, state=common_pb2.JOB_STATE_PENDING)
-    with session_scope(engine) as session:
+    with session_scope(engine, serialized=True) as session:
         job = jobs.get_job(session, name="jobs/j-1", for_update=True)
         lifecycle.transition(session, job=job, to=common_pb2.JOB_STATE_QUEUED)
-    with session_scope(engine) as session:
-        job = jobs.get_job(session, name="jobs/j-1")
+    with session_scope(engine, serialized=True) as session:
+        job = jobs.get_job(session, name="jobs/j-1", for_update=True)
         assert job.state == common_pb2.JOB_STATE_QUEUED and job.control_seq == 1
         with pytest.raises(FailedPreconditionError):
             lifecycle.transition(session, job=job, to=common_pb2.JOB_STATE_SUCCEEDED)
+    # A job read without its lock (or outside a serialized session) cannot be changed at all.
+    with session_scope(engine, serialized=True) as session, pytest.raises(RuntimeError, match=r"lifecycle\.locked"):
+        lifecycle.transition(session, job=jobs.get_job(session, name="jobs/j-1"), to=common_pb2.JOB_STATE_CANCELLED)
+    with session_scope(engine) as session, pytest.raises(RuntimeError, match="serialized"):
+        jobs.get_job(session, name="jobs/j-1", for_update=True)
     with session_scope(engine) as session:
         outbox = list(session.exec(sqlalchemy.select(OutboxRow.payload)).scalars())  # type: ignore[call-overload]
         assert len(outbox) == 1
@@ -130,7 +135,7 @@ def test_a_lost_job_is_requeued_until_its_attempts_are_used_up(database_url: str
     engine = make_engine(database_url, PIPELINE_TABLES)
     seed(engine)
     add_job(engine, state=common_pb2.JOB_STATE_RUNNING, attempt=attempt, trainer_node="n1")
-    with session_scope(engine) as session:
+    with session_scope(engine, serialized=True) as session:
         lifecycle.requeue(session, job=jobs.get_job(session, name="jobs/j-1", for_update=True),
                           reason="node n1 stopped responding", max_attempts=5)
     with session_scope(engine) as session:
@@ -190,7 +195,7 @@ def test_a_model_is_registered_only_from_its_own_attempts_keys_with_its_sha256(d
     what is registered is recorded for every later load to check."""
     engine = make_engine(database_url, PIPELINE_TABLES)
     seed(engine)
-    add_job(engine, state=common_pb2.JOB_STATE_RUNNING, attempt=2, trainer_node="n1")
+    add_job(engine, state=common_pb2.JOB_STATE_RUNNING, attempt=2, trainer_node="n1", owner="alice")
     with session_scope(engine) as session:
         job = jobs.get_job(session, name="jobs/j-1")
         for refused, why in ((_finished("j-1", 1), "attempts/2/models/best"),  # the earlier attempt's file
@@ -202,5 +207,6 @@ def test_a_model_is_registered_only_from_its_own_attempts_keys_with_its_sha256(d
     with session_scope(engine) as session:
         stored = session.get(ModelRow, row.id)
         assert stored is not None and stored.weights_sha256 == "ab" * 32
+        assert stored.owner == "alice" and converters.model_message(stored).owner == "alice"  # its job's owner
         assert converters.model_ref(stored).weights_sha256 == "ab" * 32
     engine.dispose()

@@ -4,6 +4,7 @@ the jobs queued behind it, and a node speaks only for the attempt it was given."
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,9 @@ from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 from clients.sdk import Client
+from services.common import object_keys
+from services.common.settings import StorageSettings
+from services.common.storage import ObjectStore
 from tests.integration.conftest import PipelineServer
 
 S = common_pb2
@@ -148,3 +152,33 @@ def test_a_node_speaks_only_for_the_attempt_it_was_given(
     assert failed.latest_metrics.epoch == 0 and failed.progress.percent <= 1.0  # the forged event changed nothing
     others = client.metrics.ListJobEvents(metrics_pb2.ListJobEventsRequest(job="jobs/someone-elses")).events
     assert list(others) == []  # nothing was appended to another job's log
+
+
+@pytest.mark.parametrize("stored", ["as reported", "replaced", "missing"])
+def test_a_model_is_registered_only_from_weights_that_match_their_sha256(
+        client: Client, training_set: pb.TrainingSet, node: RefusingNode, s3_settings: StorageSettings,
+        stored: str) -> None:
+    (job,) = _queued(client, training_set, 1)
+    store = ObjectStore(s3_settings)
+    weights = b"weights of the attempt" * 100
+
+    def events(attempt: int) -> list[common_pb2.JobEvent]:
+        prefix = object_keys.attempt_prefix(job.name.removeprefix("jobs/"), attempt)
+        artifacts = {}
+        for kind in ("best", "final"):
+            key = object_keys.model_weights(prefix, kind)
+            if stored != "missing":
+                store.put(key, weights if stored == "as reported" else b"something else")
+            artifacts[kind] = common_pb2.Artifact(uri=key, sha256=hashlib.sha256(weights).hexdigest(),
+                                                  size_bytes=len(weights))
+        return [common_pb2.JobEvent(job=job.name, attempt=attempt, source_seq=1, finished=common_pb2.JobFinished(
+            state=S.JOB_STATE_SUCCEEDED, best_model=artifacts["best"], final_model=artifacts["final"]))]
+    node.stream[job.name] = events
+    client.start_job(job.name)
+    final = _wait(client, job.name, {S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED}, timeout=30)
+    if stored == "as reported":
+        assert final.state == S.JOB_STATE_SUCCEEDED and final.model
+    else:
+        assert final.state == S.JOB_STATE_FAILED and not final.model
+        expected = "do not match the sha256" if stored == "replaced" else "are not in storage"
+        assert expected in final.failure_reason, final.failure_reason

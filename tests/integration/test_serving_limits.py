@@ -32,11 +32,13 @@ from services.common.settings import (
     ServingSettings,
     StorageSettings,
 )
+from services.common.tokens import LISTED_ROLES
 from services.metrics_svc import app as metrics_app
 from services.pipeline_svc import app as pipeline_app
 from services.pipeline_svc.servicer import ACCESS, LONG, RESERVED
+from tests.helpers import NODE_KEY, node_token_of
 
-TOKENS = {role: f"token-{role.name.lower()}-0123456789" for role in Role}
+TOKENS = {role: f"token-{role.name.lower()}-0123456789" for role in LISTED_ROLES} | {Role.NODE: node_token_of("n-1")}
 
 
 def bearer(role: Role) -> list[tuple[str, str]]:
@@ -46,9 +48,11 @@ def bearer(role: Role) -> list[tuple[str, str]]:
 @pytest.fixture
 def security(tmp_path: Path) -> SecuritySettings:
     tokens_file = tmp_path / "tokens.json"
-    write_tokens_file(tokens_file, {token: (f"user-{role.name.lower()}", role) for role, token in TOKENS.items()}
+    write_tokens_file(tokens_file, {token: (f"user-{role.name.lower()}", role) for role, token in TOKENS.items()
+                                    if role is not Role.NODE}
                       | {"token-second-viewer-0123456789": ("another-viewer", Role.VIEWER)})
-    return SecuritySettings(auth_tokens_file=tokens_file, service_token=SecretStr(TOKENS[Role.SERVICE]))
+    return SecuritySettings(auth_tokens_file=tokens_file, service_token=SecretStr(TOKENS[Role.SERVICE]),
+                            node_key=SecretStr(NODE_KEY))
 
 
 # ----------------------------------------------------------- the gate, on a servicer we control
@@ -134,7 +138,7 @@ def test_a_full_server_refuses_at_once_and_keeps_the_reserved_capacity(gated: Ga
         assert time.monotonic() - started < 1.0  # at once, not after a queue
         # Node heartbeats have capacity of their own that user calls cannot take.
         beat = stub.HeartbeatTrainerNode(pipeline_pb2.HeartbeatTrainerNodeRequest(name="trainerNodes/n"),
-                                         metadata=bearer(Role.ADMIN), timeout=5)
+                                         metadata=bearer(Role.NODE), timeout=5)
         assert beat.registered
         gated.servicer.release.set()
         assert all(f.result(timeout=10) is not None for f in pending)
@@ -245,7 +249,7 @@ def test_idle_open_streams_and_unknown_watches_starve_no_one(stack: Stack) -> No
     pipeline = pipeline_pb2_grpc.PipelineServiceStub(pipeline_channel)
     metrics = metrics_pb2_grpc.MetricsServiceStub(metrics_channel)
     node = pipeline_pb2.RegisterTrainerNodeRequest(node_id="n-1", address="127.0.0.1:1", capacity=1)
-    pipeline.RegisterTrainerNode(node, metadata=bearer(Role.ADMIN), timeout=10)
+    pipeline.RegisterTrainerNode(node, metadata=bearer(Role.NODE), timeout=10)
     for _ in range(20):  # warm the bounded pools up to their working size before the baseline
         pipeline.ListPipelines(pipeline_pb2.ListPipelinesRequest(), metadata=bearer(Role.VIEWER), timeout=5)
     baseline = other_threads(), tasks(stack.pipeline), tasks(stack.metrics)
@@ -265,14 +269,14 @@ def test_idle_open_streams_and_unknown_watches_starve_no_one(stack: Stack) -> No
             for name, stub, request, role in (
                 ("ListPipelines", pipeline, pipeline_pb2.ListPipelinesRequest(), Role.VIEWER),
                 ("HeartbeatTrainerNode", pipeline, pipeline_pb2.HeartbeatTrainerNodeRequest(name="trainerNodes/n-1"),
-                 Role.ADMIN),
+                 Role.NODE),
                 ("AppendJobEvents", metrics, append, Role.SERVICE),
             ):
                 started = time.monotonic()
                 getattr(stub, name)(request, metadata=bearer(role), timeout=5)
                 assert time.monotonic() - started < 1.0, f"{name} took {time.monotonic() - started:.2f} s"
         assert pipeline.HeartbeatTrainerNode(pipeline_pb2.HeartbeatTrainerNodeRequest(name="trainerNodes/n-1"),
-                                             metadata=bearer(Role.ADMIN), timeout=5).registered
+                                             metadata=bearer(Role.NODE), timeout=5).registered
         with ThreadPoolExecutor(8) as pool:
             outcomes = list(pool.map(_first_or_code, unknown))
         assert outcomes.count(grpc.StatusCode.NOT_FOUND) == 600

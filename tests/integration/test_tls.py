@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from pydantic import SecretStr
 from segtrain.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 
 from clients.sdk import Client, PlaintextTokenError, Tls
@@ -16,6 +17,7 @@ from services.common.settings import MetricsSettings, PipelineSettings, Security
 from services.common.tokens import Role, write_tokens_file
 from services.metrics_svc import app as metrics_app
 from services.pipeline_svc import app as pipeline_app
+from tests.helpers import NODE_KEY
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 
@@ -66,7 +68,8 @@ def test_the_sdk_speaks_tls_and_mutual_tls_and_keeps_tokens_off_plaintext(
     tokens = tmp_path / "tokens.json"
     write_tokens_file(tokens, {"viewer-token": ("v", Role.VIEWER)})
     security = SecuritySettings(tls_cert_file=pki / "server.pem", tls_key_file=pki / "server.key",
-                                tls_ca_file=pki / "ca.pem", tls_client_auth=True, auth_tokens_file=tokens)
+                                tls_ca_file=pki / "ca.pem", tls_client_auth=True, auth_tokens_file=tokens,
+                                node_key=SecretStr(NODE_KEY))
     settings = PipelineSettings(listen="127.0.0.1:0", database_url=f"sqlite:///{tmp_path / 'p.db'}",
                                 metrics_address="127.0.0.1:1")
     server, port, _, _ = pipeline_app.build(settings, s3_settings, security)

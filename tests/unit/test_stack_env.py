@@ -12,7 +12,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import BaseSettings
 
-from clients.stack import LocalStack
+from clients.stack import NOT_FOR_NODES, LocalStack
 from services.common.auth import Role, TokenStore
 from services.common.settings import (
     MetricsSettings,
@@ -24,6 +24,7 @@ from services.common.settings import (
     environment,
     given,
 )
+from services.common.tokens import LISTED_ROLES, Principal, parse_node_key
 
 EVERY_CLASS: tuple[type[BaseSettings], ...] = (
     StorageSettings, ServerSettings, SecuritySettings, PipelineSettings, MetricsSettings, TrainerSettings)
@@ -73,13 +74,21 @@ def test_every_variable_the_stack_sets_is_read_by_the_services_with_its_value(
 
 
 def test_a_trainer_nodes_own_variables_are_read_too(stack: LocalStack, clean_env: pytest.MonkeyPatch) -> None:
-    env = segtrain_vars({**stack.env(), **environment(stack.trainer_settings(2, 15099))})
+    env = segtrain_vars(stack.trainer_env(2, 15099))
     read = read_back(clean_env, env)
     assert rendered_from_what_was_read(read) == env
     trainer = read[TrainerSettings]
     assert isinstance(trainer, TrainerSettings)
     assert (trainer.listen, trainer.node_id, trainer.pipeline_address) == (
         "127.0.0.1:15099", "local-2", stack.pipeline_address)
+    # Its own token, which the pipeline service (holding the node key) knows as node local-2's;
+    # never the service token or the node key.
+    assert not NOT_FOR_NODES & set(env) and stack.tokens["service"] not in env.values()
+    assert trainer.token is not None
+    stack._write_tokens()
+    pipeline_side = TokenStore.load(stack.tokens_file, parse_node_key(stack.node_key))
+    assert pipeline_side.authenticate(trainer.token.get_secret_value()) == Principal("node local-2", Role.NODE,
+                                                                                     "local-2")
 
 
 def test_the_stack_configures_what_it_starts(stack: LocalStack, clean_env: pytest.MonkeyPatch) -> None:
@@ -172,9 +181,9 @@ def test_tokens_are_the_services_format_and_private(stack: LocalStack) -> None:
     assert mode(stack.tokens_file) == 0o644  # digests only, for services running as other users
     assert [p.name for p in stack.credentials_file.parent.iterdir() if p.name.endswith(".tmp")] == []
     assert json.loads(stack.credentials_file.read_text()) == stack.tokens
-    assert set(stack.tokens) == {role.name.lower() for role in Role}
+    assert set(stack.tokens) == {role.name.lower() for role in LISTED_ROLES}
     store = TokenStore.load(stack.tokens_file)
-    for role in Role:
+    for role in LISTED_ROLES:
         principal = store.authenticate(stack.tokens[role.name.lower()])
         assert principal is not None and principal.role is role
     assert store.authenticate("not-a-token") is None

@@ -7,11 +7,13 @@ attempt's own prefix."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import PurePosixPath
 
 from segtrain.common.v1 import common_pb2
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from segcore import admission
@@ -22,12 +24,22 @@ from services.common.errors import (
     FieldViolation,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
     check,
 )
 from services.common.storage import ObjectStore
 from services.common.timeutil import utcnow
 from services.pipeline_svc import domain
-from services.pipeline_svc.resources import hyperparameters, jobs, lifecycle, lookup, models, pipelines, training_sets
+from services.pipeline_svc.resources import (
+    hyperparameters,
+    jobs,
+    lifecycle,
+    lookup,
+    models,
+    ownership,
+    pipelines,
+    training_sets,
+)
 from services.pipeline_svc.tables import AnalysisRow, JobRow, ModelRow
 
 S = common_pb2
@@ -37,14 +49,15 @@ BATCH_SIZE = 8
 MAX_DISPLAY_NAME = 200
 
 
-def create_analysis(engine: Engine, store: ObjectStore, spec: domain.AnalysisJobSpec) -> domain.AnalysisJob:
+def create_analysis(engine: Engine, store: ObjectStore, spec: domain.AnalysisJobSpec, *, quota: int = 0
+                    ) -> domain.AnalysisJob:
     """A QUEUED analysis job. Its inputs object is written before its rows, so a job never names
     inputs that are not there."""
     _check_spec(spec)
     with session_scope(engine) as session:
         previous = lookup.by_request_id(session, table=JobRow, request_id=spec.request_id)
         if previous is not None:
-            return get_analysis(session, name=names.analysis(previous.id))
+            return repeated_analysis(store, get_analysis(session, name=names.analysis(previous.id)), spec)
         pipeline = pipelines.get_pipeline(session, name=spec.pipeline or names.pipeline(pipelines.ANALYSIS_PIPELINE),
                                           field="pipeline")
         if pipeline.type != pipelines.ANALYSIS:
@@ -56,7 +69,7 @@ def create_analysis(engine: Engine, store: ObjectStore, spec: domain.AnalysisJob
             training_set=set_id, from_model=model.id, state=S.JOB_STATE_PENDING,
             hyperparameters=hyperparameters.serialized({"architecture": model.architecture,
                                                         "batch_size": BATCH_SIZE}),
-            request_id=spec.request_id or None,
+            request_id=spec.request_id or None, owner=spec.owner,
         )
         jobs.check_fits(session, shape(job, model))
     inputs_uri = object_keys.analysis_inputs(job.id)
@@ -64,16 +77,57 @@ def create_analysis(engine: Engine, store: ObjectStore, spec: domain.AnalysisJob
               content_type="application/jsonl")
     analysis = AnalysisRow(id=job.id, model=model.id, training_set=set_id, tile_count=len(inputs),
                            inputs_uri=inputs_uri)
-    with session_scope(engine) as session:
-        lifecycle.emit_control_event(session, job=job, event=S.JobEvent(state_change=S.StateChange(
-            state=S.JOB_STATE_PENDING)))
-        lifecycle.transition(session, job=job, to=S.JOB_STATE_QUEUED)
-        job.start_time = utcnow()
-        job.progress = S.Progress(phase=S.PHASE_QUEUED, tiles=len(inputs)).SerializeToString()
-        session.add(job)
-        session.flush()  # the job row first: the analysis row's key refers to it
-        session.add(analysis)
+    try:
+        with session_scope(engine, serialized=True) as session:
+            ownership.check_quota(session, owner=job.owner, limit=quota)  # it is queued at once
+            lifecycle.created(session, job)
+            lifecycle.emit_control_event(session, job=job, event=S.JobEvent(state_change=S.StateChange(
+                state=S.JOB_STATE_PENDING)))
+            lifecycle.transition(session, job=job, to=S.JOB_STATE_QUEUED)
+            job.start_time = utcnow()
+            job.progress = S.Progress(phase=S.PHASE_QUEUED, tiles=len(inputs)).SerializeToString()
+            session.add(job)
+            session.flush()  # the job row first: the analysis row's key refers to it
+            session.add(analysis)
+    except BaseException as exc:
+        with contextlib.suppress(UnavailableError):  # nothing is left behind (the collector's, else)
+            store.delete_many([inputs_uri])
+        if isinstance(exc, IntegrityError) and spec.request_id:  # the same request, made concurrently
+            with session_scope(engine) as session:
+                previous = lookup.by_request_id(session, table=JobRow, request_id=spec.request_id)
+                if previous is not None:
+                    return repeated_analysis(store, get_analysis(session, name=names.analysis(previous.id)), spec)
+        raise
     return domain.AnalysisJob(job, analysis)
+
+
+def repeated_analysis(store: ObjectStore, previous: domain.AnalysisJob, spec: domain.AnalysisJobSpec
+                      ) -> domain.AnalysisJob:
+    """The analysis an earlier request with the same request_id created, if this one asks for the
+    same (its images compared by file name: a retried upload lands under other keys);
+    INVALID_ARGUMENT naming request_id (and what differs) otherwise."""
+    job, row = previous.job, previous.analysis
+
+    def bare(name: str, collection: str) -> str:
+        return name.removeprefix(f"{collection}/") if name else ""
+
+    def image_names() -> list[str]:
+        if row.training_set:
+            return []
+        lines = store.get(row.inputs_uri).decode().splitlines()
+        return [PurePosixPath(json.loads(line)["image"]).name for line in lines]
+
+    differ = [field for field, same in (
+        ("model", bare(spec.model, names.MODELS) == row.model),
+        ("training_set", bare(spec.training_set, names.TRAINING_SETS) == row.training_set),
+        ("pipeline", not spec.pipeline or bare(spec.pipeline, names.PIPELINES) == job.pipeline),
+        ("display_name", spec.display_name == job.display_name),
+        ("image_keys", [PurePosixPath(k).name for k in spec.image_keys] == image_names()),
+    ) if not same]
+    if differ:
+        raise InvalidArgumentError.of("request_id", f"already used for {names.analysis(job.id)}, created with other "
+                                                    f"parameters ({', '.join(differ)}); use a new request_id")
+    return previous
 
 
 def shape(job: JobRow, model: ModelRow) -> admission.JobShape:
@@ -123,10 +177,10 @@ def get_analysis(session: Session, *, name: str, for_update: bool = False) -> do
     return domain.AnalysisJob(job, analysis)
 
 
-def list_analyses(session: Session, *, pipeline: str, page_size: int, page_token: str
+def list_analyses(session: Session, *, pipeline: str, page_size: int, page_token: str, owner: str = ""
                   ) -> tuple[list[domain.AnalysisJob], str]:
     rows, token = jobs.list_jobs(session, pipeline=pipeline, page_size=page_size, page_token=page_token,
-                                 kind=jobs.ANALYSIS)
+                                 owner=owner, kind=jobs.ANALYSIS)
     found = {a.id: a for a in session.exec(select(AnalysisRow).where(col(AnalysisRow.id).in_([r.id for r in rows])))}
     return [domain.AnalysisJob(r, found[r.id]) for r in rows if r.id in found], token
 

@@ -12,8 +12,17 @@ from segcore import admission, intensity
 from services.common import names, object_keys
 from services.common.errors import FailedPreconditionError, FieldViolation, InvalidArgumentError, NotFoundError, check
 from services.common.timeutil import utcnow
+from services.common.tokens import Principal
 from services.pipeline_svc.domain import JobSpec
-from services.pipeline_svc.resources import hyperparameters, lifecycle, lookup, models, pipelines, training_sets
+from services.pipeline_svc.resources import (
+    hyperparameters,
+    lifecycle,
+    lookup,
+    models,
+    ownership,
+    pipelines,
+    training_sets,
+)
 from services.pipeline_svc.tables import JobRow, ModelRow, TrainerNodeRow, TrainingSetRow
 
 S = common_pb2
@@ -28,17 +37,23 @@ def get_job(session: Session, *, name: str, field: str = "name", for_update: boo
             kind: str = TRAINING) -> JobRow:
     """The job of that kind (an analysis job is not a training job's resource, nor the reverse)."""
     collection = names.ANALYSES if kind == ANALYSIS else names.JOBS
-    job = lookup.get_by_name(session, table=JobRow, collection=collection, name=name, field=field,
-                             for_update=for_update)
+    if for_update:  # read to be changed: locked until the transaction ends (lifecycle.locked)
+        job_id = names.parse_name(name, collection, field=field)
+        locked = lifecycle.locked(session, job_id)
+        if locked is None:
+            raise NotFoundError(names.format_name(collection, job_id))
+        job = locked
+    else:
+        job = lookup.get_by_name(session, table=JobRow, collection=collection, name=name, field=field)
     if job.kind != kind:
         raise NotFoundError(names.format_name(collection, job.id))
     return job
 
 
-def list_jobs(session: Session, *, pipeline: str, page_size: int, page_token: str,
+def list_jobs(session: Session, *, pipeline: str, page_size: int, page_token: str, owner: str = "",
               kind: str = TRAINING) -> tuple[list[JobRow], str]:
     return lookup.list_page(session, table=JobRow, pipeline=pipeline, page_size=page_size, page_token=page_token,
-                            where=col(JobRow.kind) == kind)
+                            where=col(JobRow.kind) == kind, owner=owner)
 
 
 def create_job(session: Session, *, spec: JobSpec, architectures: Collection[str]) -> JobRow:
@@ -68,9 +83,10 @@ def create_job(session: Session, *, spec: JobSpec, architectures: Collection[str
         training_set=training_set.id, from_model=parent.id if parent else "",
         pretrained_weights=spec.pretrained_weights, hyperparameters=hyperparameters.serialized(effective),
         state=S.JOB_STATE_PENDING, request_id=spec.request_id or None, normalization_reason=reason,
-        processes=processes, nodes=nodes,
+        processes=processes, nodes=nodes, owner=spec.owner,
     )
     check_fits(session, job_shape(job, tile_size=pipeline.tile_size))
+    lifecycle.created(session, job)
     for event in (S.JobEvent(state_change=S.StateChange(state=S.JOB_STATE_PENDING)),
                   S.JobEvent(warning=S.Warning(code="NORMALIZATION", message=reason))):
         lifecycle.emit_control_event(session, job=job, event=event)
@@ -188,18 +204,25 @@ def _parent(session: Session, name: str, overrides: dict[str, object]) -> ModelR
     return parent
 
 
-def start_job(session: Session, *, name: str) -> JobRow:
+def start_job(session: Session, *, name: str, caller: Principal | None, quota: int) -> JobRow:
+    """Queues a PENDING job of the caller's (or any, for an admin), within its owner's quota."""
     job = get_job(session, name=name, for_update=True)
+    ownership.check_may_act(caller, owner=job.owner, resource=names.job(job.id), action="start")
+    if job.state == S.JOB_STATE_PENDING:  # (any other state is refused by the transition, naming it)
+        ownership.check_quota(session, owner=job.owner, limit=quota)
     lifecycle.transition(session, job=job, to=S.JOB_STATE_QUEUED)
     job.start_time = utcnow()
     job.progress = S.Progress(phase=S.PHASE_QUEUED).SerializeToString()
     return job
 
 
-def request_cancel(session: Session, *, name: str, stop_early: bool, kind: str = TRAINING) -> tuple[JobRow, str]:
+def request_cancel(session: Session, *, name: str, stop_early: bool, caller: Principal | None,
+                   kind: str = TRAINING) -> tuple[JobRow, str]:
     """Cancels a pending/queued job at once; marks an active one CANCELLING and returns the id of
-    the node that must be told (empty when nothing runs)."""
+    the node that must be told (empty when nothing runs). Only its owner or an admin may."""
     job = get_job(session, name=name, for_update=True, kind=kind)
+    ownership.check_may_act(caller, owner=job.owner, resource=lifecycle.log_name(job),
+                            action="stop early" if stop_early else "cancel")
     if job.state in (S.JOB_STATE_PENDING, S.JOB_STATE_QUEUED):
         lifecycle.transition(session, job=job, to=S.JOB_STATE_CANCELLED, reason="cancelled before it ran")
         return job, ""

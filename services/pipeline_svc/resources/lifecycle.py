@@ -1,6 +1,11 @@
 """A job's persisted life: moving it through the state machine (services.common.job_states) and
 the control events (attempt 0) each move puts in the outbox in the same transaction, so a crash
-or a metrics outage never loses one."""
+or a metrics outage never loses one.
+
+Every change starts from the job read with `locked` in a serialized session (services.common.
+database): no two writers ever change one job from the same reading, so no state change is lost
+and no two take the same `control_seq`. `transition` and `emit_control_event` refuse a job that
+was not read so (or created in this transaction: `created`)."""
 
 from __future__ import annotations
 
@@ -21,8 +26,34 @@ def log_name(job: JobRow) -> str:
     return names.analysis(job.id) if job.kind == "analysis" else names.job(job.id)
 
 
+def locked(session: Session, job_id: str) -> JobRow | None:
+    """The job, read afresh for a change: no other writer can change it until this transaction
+    ends (its row is locked on PostgreSQL; the serialized session holds SQLite's write lock)."""
+    if not session.info.get("serialized"):
+        raise RuntimeError("jobs change in serialized sessions only: session_scope(engine, serialized=True)")
+    job = session.get(JobRow, job_id, with_for_update=True, populate_existing=True)
+    if job is not None:
+        session.info.setdefault(_LOCKED, set()).add(job.id)
+    return job
+
+
+def created(session: Session, job: JobRow) -> None:
+    """Marks a job this transaction inserts as its own to change."""
+    session.info.setdefault(_LOCKED, set()).add(job.id)
+
+
+def _check_locked(session: Session, job: JobRow) -> None:
+    if job.id not in session.info.get(_LOCKED, ()):
+        raise RuntimeError(f"{job.id} was not read with lifecycle.locked in this transaction: a change to it "
+                           "could overwrite another writer's")
+
+
+_LOCKED = "locked_jobs"
+
+
 def transition(session: Session, *, job: JobRow, to: int, reason: str = "") -> None:
     """Moves `job` to state `to` and queues the state-change event; the caller commits."""
+    _check_locked(session, job)
     if not job_states.can_move(job.state, to):
         raise FailedPreconditionError(
             f"{log_name(job)} is {job_states.state_name(job.state)}; it cannot become {job_states.state_name(to)}"
@@ -41,6 +72,7 @@ def transition(session: Session, *, job: JobRow, to: int, reason: str = "") -> N
 
 def emit_control_event(session: Session, *, job: JobRow, event: common_pb2.JobEvent) -> None:
     """Queues a control event of the pipeline service (attempt 0) in the outbox."""
+    _check_locked(session, job)
     job.control_seq += 1
     event.job = log_name(job)
     event.attempt = 0

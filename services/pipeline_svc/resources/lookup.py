@@ -34,15 +34,18 @@ def by_request_id(session: Session, *, table: type[Row], request_id: str) -> Row
 
 
 def list_page(session: Session, *, table: type[Row], pipeline: str = "", page_size: int, page_token: str,
-              newest_first: bool = True, where: Any = None) -> tuple[list[Row], str]:
+              newest_first: bool = True, where: Any = None, owner: str = "") -> tuple[list[Row], str]:
     """One page of `table`'s rows ordered by creation (ties by id), of one pipeline when given,
-    matching `where` (a column condition) when given."""
+    created by `owner` when given, matching `where` (a column condition) when given."""
     created: Any = col(table.create_time)  # type: ignore[attr-defined]
     query = select(table).order_by(created.desc() if newest_first else created,
                                    col(table.id))  # type: ignore[attr-defined]
     if pipeline:
-        owner: Any = table.pipeline  # type: ignore[attr-defined]
-        query = query.where(owner == names.parse_name(pipeline, names.PIPELINES, field="pipeline"))
+        of_pipeline: Any = table.pipeline  # type: ignore[attr-defined]
+        query = query.where(of_pipeline == names.parse_name(pipeline, names.PIPELINES, field="pipeline"))
+    if owner:
+        created_by: Any = table.owner  # type: ignore[attr-defined]
+        query = query.where(created_by == owner)
     if where is not None:
         query = query.where(where)
     return page(session, query, page_size, page_token)

@@ -24,8 +24,10 @@ def get_model(session: Session, *, name: str, field: str = "name") -> ModelRow:
     return lookup.get_by_name(session, table=ModelRow, collection=names.MODELS, name=name, field=field)
 
 
-def list_models(session: Session, *, pipeline: str, page_size: int, page_token: str) -> tuple[list[ModelRow], str]:
-    return lookup.list_page(session, table=ModelRow, pipeline=pipeline, page_size=page_size, page_token=page_token)
+def list_models(session: Session, *, pipeline: str, page_size: int, page_token: str, owner: str = ""
+                ) -> tuple[list[ModelRow], str]:
+    return lookup.list_page(session, table=ModelRow, pipeline=pipeline, page_size=page_size, page_token=page_token,
+                            owner=owner)
 
 
 def register_model(session: Session, *, job: JobRow, finished: common_pb2.JobFinished) -> ModelRow:
@@ -46,7 +48,7 @@ def register_model(session: Session, *, job: JobRow, finished: common_pb2.JobFin
         architecture=str(hyperparameters.deserialized(job.hyperparameters).get("architecture", "")),
         class_names=list(training_set.class_names), tile_size=pipeline.tile_size if pipeline else 0,
         finished=finished.SerializeToString(), weights_sha256=finished.best_model.sha256,
-        parent_model=job.from_model,
+        parent_model=job.from_model, owner=job.owner,
     )
     session.add(row)
     job.model = row.id

@@ -9,7 +9,7 @@ from sqlmodel import Session
 
 from segcore import limits
 from services.common import names
-from services.common.errors import AlreadyExistsError, FieldViolation, check
+from services.common.errors import AlreadyExistsError, FieldViolation, InvalidArgumentError, check
 from services.pipeline_svc.domain import PipelineSpec
 from services.pipeline_svc.resources import hyperparameters, lookup
 from services.pipeline_svc.tables import PipelineRow
@@ -53,7 +53,7 @@ def create_pipeline(session: Session, *, spec: PipelineSpec, architectures: Coll
     check_pipeline_spec(spec, architectures=architectures)
     previous = lookup.by_request_id(session, table=PipelineRow, request_id=spec.request_id)
     if previous is not None:
-        return previous
+        return repeated_pipeline(previous, spec)
     if session.get(PipelineRow, spec.pipeline_id) is not None:
         raise AlreadyExistsError(f"{names.pipeline(spec.pipeline_id)} already exists")
     row = PipelineRow(
@@ -64,6 +64,24 @@ def create_pipeline(session: Session, *, spec: PipelineSpec, architectures: Coll
         description=spec.description, request_id=spec.request_id or None,
     )
     session.add(row)
+    return row
+
+
+def repeated_pipeline(row: PipelineRow, spec: PipelineSpec) -> PipelineRow:
+    """The pipeline an earlier request with the same request_id created, if this one asks for the
+    same; INVALID_ARGUMENT naming request_id (and what differs) otherwise."""
+    differ = [field for field, same in (
+        ("pipeline_id", spec.pipeline_id == row.id),
+        ("pipeline.display_name", spec.display_name == row.display_name),
+        ("pipeline.type", spec.type == row.type),
+        ("pipeline.class_names", list(spec.class_names) == list(row.class_names)),
+        ("pipeline.tile_size", spec.tile_size == row.tile_size),
+        ("pipeline.description", spec.description == row.description),
+        ("pipeline.default_hyperparameters", dict(spec.default_hyperparameters) == stored_hyperparameters(row)),
+    ) if not same]
+    if differ:
+        raise InvalidArgumentError.of("request_id", f"already used for {names.pipeline(row.id)}, created with other "
+                                                    f"parameters ({', '.join(differ)}); use a new request_id")
     return row
 
 

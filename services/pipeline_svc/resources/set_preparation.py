@@ -3,9 +3,11 @@ its annotation rendered, and its image and mask stored under the set's own prefi
 
 Memory does not grow with the set: tiles stream through a few threads, a bounded window of them
 at a time, and only small facts about each are kept (names, keys, sizes, class pixel counts,
-value range, digests). Progress is written as it goes. At the end the split, the report, the tile
-rows and the snapshot hash are written in one transaction that also makes the set READY; any
-unusable tile makes it FAILED instead, naming each (up to 50), and removes what it stored.
+value range, digests). What the threads hold at once is bounded too, in bytes, across every set
+being prepared (`MemoryBudget`): a pipeline with large tiles prepares fewer of them at a time.
+Progress is written as it goes. At the end the split, the report, the tile rows and the snapshot
+hash are written in one transaction that also makes the set READY; any unusable tile makes it
+FAILED instead, naming each (up to 50), and removes what it stored.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -59,9 +61,66 @@ R = TypeVar("R")
 class Tuning:
     threads: int = 8  # tiles decoded and stored at once
     window: int = 16  # tiles in flight (submitted, not yet consumed): what bounds memory
+    memory_bytes: int = 1 << 30  # what the tiles being checked may hold at once (MemoryBudget)
 
 
 DEFAULT_TUNING = Tuning()
+# Bytes per pixel a tile may take while it is checked: its decoded image (up to 4 channels of 8
+# bytes), its rendered annotation and mask.
+_BYTES_PER_PIXEL = 48
+# What an image file may hold beyond its pixels (headers, metadata, thumbnails).
+_FILE_SLACK = 16 << 20
+
+
+class MemoryBudget:
+    """Bytes the tiles being checked hold at once. A tile reserves what it may need before its
+    objects are read (the most a tile of the pipeline's size can take) and keeps what it needs
+    once their sizes and its header are known. A tile that needs more than the whole budget
+    waits until it can run alone. `peak` is the most ever reserved at once."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.peak = total, 0
+        self._used = 0
+        self._changed = threading.Condition()
+
+    def reserve(self, wanted: int) -> int:
+        """Waits for `wanted` bytes (at most the whole budget); returns what it reserved."""
+        wanted = min(wanted, self.total)
+        with self._changed:
+            self._changed.wait_for(lambda: self._used + wanted <= self.total)
+            self._used += wanted
+            self.peak = max(self.peak, self._used)
+        return wanted
+
+    def release(self, amount: int) -> None:
+        with self._changed:
+            self._used -= amount
+            self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def reserved(self, wanted: int) -> Iterator[_Held]:
+        held = _Held(self, self.reserve(wanted))
+        try:
+            yield held
+        finally:
+            self.release(held.amount)
+
+
+@dataclass
+class _Held:
+    budget: MemoryBudget
+    amount: int
+
+    def keep(self, needed: int) -> None:
+        """Gives back what is reserved beyond `needed`."""
+        if needed < self.amount:
+            self.budget.release(self.amount - needed)
+            self.amount = needed
+
+
+def image_bytes_limit(tile_size: int) -> int:
+    """The largest image file a tile of at most tile_size² pixels can need."""
+    return min(limits.MAX_IMAGE_BYTES, tile_size * tile_size * 8 * 4 + _FILE_SLACK)
 
 
 @dataclass
@@ -89,9 +148,11 @@ class _Failed(Exception):
 
 
 def prepare(engine: Engine, store: ObjectStore, set_id: str, *, stopping: threading.Event,
-            tuning: Tuning = DEFAULT_TUNING) -> None:
+            tuning: Tuning = DEFAULT_TUNING, budget: MemoryBudget | None = None) -> None:
     """Prepares one PREPARING set to READY or FAILED. Returns early, leaving it PREPARING, if
-    `stopping` is set (a later start prepares it again from the beginning)."""
+    `stopping` is set (a later start prepares it again from the beginning). `budget` is shared by
+    every set being prepared (None: this set's own, of tuning.memory_bytes)."""
+    budget = budget or MemoryBudget(tuning.memory_bytes)
     with session_scope(engine) as session:
         row = session.get(TrainingSetRow, set_id)
         if row is None or row.state != PREPARING:
@@ -101,7 +162,7 @@ def prepare(engine: Engine, store: ObjectStore, set_id: str, *, stopping: thread
         tile_size = pipelines.get_pipeline(session, name=spec.pipeline, field="pipeline").tile_size
     try:
         store.delete_prefix(object_keys.training_set_prefix(set_id))  # an interrupted preparation's
-        checked = _check_and_store(engine, store, set_id, spec, class_names, tile_size, stopping, tuning)
+        checked = _check_and_store(engine, store, set_id, spec, class_names, tile_size, stopping, tuning, budget)
         if checked is None:
             return
         tiles, warnings = checked
@@ -116,7 +177,7 @@ def prepare(engine: Engine, store: ObjectStore, set_id: str, *, stopping: thread
 
 
 def _check_and_store(engine: Engine, store: ObjectStore, set_id: str, spec: TrainingSetSpec, class_names: list[str],
-                     tile_size: int, stopping: threading.Event, tuning: Tuning
+                     tile_size: int, stopping: threading.Event, tuning: Tuning, budget: MemoryBudget
                      ) -> tuple[list[_Tile], list[pb.ValidationIssue]] | None:
     """Every tile checked and stored, with the warnings no one tile has (an annotation collection's);
     None if `stopping` was set. _Failed naming the unusable tiles (at most MAX_REPORTED are read)."""
@@ -124,7 +185,7 @@ def _check_and_store(engine: Engine, store: ObjectStore, set_id: str, spec: Trai
     checked: list[_Tile] = []
     errors: list[pb.ValidationIssue] = []
     progress = _Progress(engine, set_id)
-    one = _tile_checker(store, set_id, spec, class_names, tile_size, collection)
+    one = _tile_checker(store, set_id, spec, class_names, tile_size, collection, budget)
     with contextlib.closing(_bounded_map(one, range(len(spec.tiles)), tuning)) as results:
         for result in results:
             if stopping.is_set():
@@ -147,11 +208,28 @@ def _check_and_store(engine: Engine, store: ObjectStore, set_id: str, spec: Trai
 
 
 def _tile_checker(store: ObjectStore, set_id: str, spec: TrainingSetSpec, class_names: list[str], tile_size: int,
-                  collection: formats.AnnotationCollection | None) -> Callable[[int], _Tile | list[pb.ValidationIssue]]:
+                  collection: formats.AnnotationCollection | None, budget: MemoryBudget
+                  ) -> Callable[[int], _Tile | list[pb.ValidationIssue]]:
     raster = spec.format in formats.RASTER_FORMATS
-    annotation_bytes = limits.MAX_IMAGE_BYTES if raster else limits.MAX_JSON_BYTES
+    image_bytes_at_most = image_bytes_limit(tile_size)
+    annotation_bytes = image_bytes_at_most if raster else limits.MAX_JSON_BYTES
+    pixels_at_most = tile_size * tile_size
 
     def one(i: int) -> _Tile | list[pb.ValidationIssue]:
+        # The most this tile can take, until its files' sizes and its header say what it does.
+        most = (image_bytes_at_most + (annotation_bytes if spec.tiles[i].annotation_key else 0)
+                + pixels_at_most * _BYTES_PER_PIXEL)
+        with budget.reserved(most) as held:
+            return checked(i, held)
+
+    def needed(name: str, image_bytes: bytes, annotation: bytes | None) -> int:
+        try:
+            width, height = imaging.image_size(image_bytes, name)
+        except InvalidTileError:
+            width = height = 0  # unreadable: decoding says why, at once
+        return len(image_bytes) + len(annotation or b"") + min(width * height, pixels_at_most) * _BYTES_PER_PIXEL
+
+    def checked(i: int, held: _Held) -> _Tile | list[pb.ValidationIssue]:
         tile = spec.tiles[i]
         name = PurePosixPath(tile.image_key).stem
 
@@ -159,7 +237,7 @@ def _tile_checker(store: ObjectStore, set_id: str, spec: TrainingSetSpec, class_
             return [pb.ValidationIssue(severity=ERROR, code=code, tile=name,
                                        message=f"tile {name!r} (tiles[{i}]): {reason}")]
         try:
-            image_bytes = store.get(tile.image_key, max_bytes=limits.MAX_IMAGE_BYTES)
+            image_bytes = store.get(tile.image_key, max_bytes=image_bytes_at_most)
             annotation = (store.get(tile.annotation_key, max_bytes=annotation_bytes) if tile.annotation_key
                           else None)
         except NotFoundError as exc:
@@ -167,6 +245,7 @@ def _tile_checker(store: ObjectStore, set_id: str, spec: TrainingSetSpec, class_
         except ObjectTooLargeError as exc:
             which = "annotation file" if exc.key == tile.annotation_key else "image"
             return error(f"the {which} {exc.message}", "TOO_LARGE")
+        held.keep(needed(name, image_bytes, annotation))
         try:
             image = imaging.decode_image(image_bytes, name, max_side=tile_size)
             height, width = image.shape[:2]
@@ -307,7 +386,7 @@ def _snapshot_hash(tiles: list[_Tile], class_names: list[str]) -> str:
 
 def _finish(engine: Engine, set_id: str, tiles: list[_Tile], validation: set[str], report: pb.ValidationReport) -> None:
     """Tile rows, split, report and READY in one transaction (only if the set is still PREPARING)."""
-    with session_scope(engine) as session:
+    with session_scope(engine, serialized=True) as session:
         row = session.get(TrainingSetRow, set_id, with_for_update=True)
         if row is None or row.state != PREPARING:
             return
@@ -324,7 +403,7 @@ def _finish(engine: Engine, set_id: str, tiles: list[_Tile], validation: set[str
 
 def _fail(engine: Engine, store: ObjectStore, set_id: str, reason: str, issues: list[pb.ValidationIssue]) -> None:
     store.delete_prefix(object_keys.training_set_prefix(set_id))
-    with session_scope(engine) as session:
+    with session_scope(engine, serialized=True) as session:
         row = session.get(TrainingSetRow, set_id, with_for_update=True)
         if row is None or row.state != PREPARING:
             return

@@ -41,7 +41,7 @@ MAX_REPORTED = 50
 PREPARING, READY, FAILED = (pb.TrainingSet.STATE_PREPARING, pb.TrainingSet.STATE_READY,
                             pb.TrainingSet.STATE_FAILED)
 # What names a set's content: everything but the labels a caller attaches to the request.
-_NOT_CONTENT = ("display_name", "request_id")
+_NOT_CONTENT = ("display_name", "request_id", "owner")
 
 
 def create_training_set(engine: Engine, *, spec: TrainingSetSpec) -> tuple[TrainingSetRow, bool]:
@@ -73,7 +73,7 @@ def create_training_set(engine: Engine, *, spec: TrainingSetSpec) -> tuple[Train
                 tile_count=len(spec.tiles),
                 validation_fraction=spec.validation_fraction if spec.validation_fraction is not None else 0.2,
                 split_seed=spec.split_seed if spec.split_seed is not None else 0,
-                request_id=spec.request_id or None)
+                request_id=spec.request_id or None, owner=spec.owner)
             session.add(row)
         return row, True
     except IntegrityError:  # created concurrently: the same request, or another one's id
@@ -109,7 +109,7 @@ def _asked_for(spec: TrainingSetSpec) -> str:
     def named(key: str) -> str:
         return PurePosixPath(key).name if key else ""
 
-    asked = dataclasses.replace(spec, display_name="", request_id="", tiles=[
+    asked = dataclasses.replace(spec, display_name="", request_id="", owner="", tiles=[
         TileSpec(image_key=named(t.image_key), annotation_key=named(t.annotation_key), source_image=t.source_image)
         for t in spec.tiles], annotations_key=named(spec.annotations_key))
     return hashlib.sha256(json.dumps(dataclasses.asdict(asked), sort_keys=True).encode()).hexdigest()
@@ -146,10 +146,10 @@ def tiles_of(session: Session, *, set_id: str) -> list[TileRow]:
     return list(session.exec(select(TileRow).where(TileRow.training_set == set_id).order_by(col(TileRow.name))))
 
 
-def list_training_sets(session: Session, *, pipeline: str, page_size: int, page_token: str
+def list_training_sets(session: Session, *, pipeline: str, page_size: int, page_token: str, owner: str = ""
                        ) -> tuple[list[TrainingSetRow], str]:
     return lookup.list_page(session, table=TrainingSetRow, pipeline=pipeline, page_size=page_size,
-                            page_token=page_token)
+                            page_token=page_token, owner=owner)
 
 
 def image_profile(row: TrainingSetRow) -> intensity.ImageProfile | None:

@@ -47,7 +47,7 @@ def analyze_tiles(engine: Engine, store: ObjectStore, peers: PeerStubs, *, model
     node_id, address = candidates[hash(analysis_id) % len(candidates)]
     request = trainer_pb2.AnalyzeTilesRequest(model=ref, image_keys=image_keys,
                                               output_prefix=object_keys.analysis_prefix(analysis_id))
-    call = peers.trainer(address).AnalyzeTiles.future(request, timeout=TIMEOUT_S)
+    call = peers.trainer(node_id, address).AnalyzeTiles.future(request, timeout=TIMEOUT_S)
     try:
         while True:
             try:

@@ -2,8 +2,9 @@
 last relayed source_seq), appends the events to the metrics service (persisted before anyone
 sees them), then updates the job's progress and state here. Events that arrive while one batch
 is being relayed go together in the next: one AppendJobEvents and one transaction however fast
-the node sends. The node's final event finalises the job: the model is registered and the job
-marked SUCCEEDED in one transaction."""
+the node sends. The node's final event finalises the job: the model is registered (its weights
+must lie under the attempt's keys and match the sha256 the node reported, read back from
+storage) and the job marked SUCCEEDED in one transaction."""
 
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from segtrain.trainer.v1 import trainer_pb2
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from services.common import job_states, names
+from services.common import job_states, names, object_keys
 from services.common.database import session_scope
-from services.common.errors import FailedPreconditionError
+from services.common.errors import FailedPreconditionError, NotFoundError, UnavailableError
+from services.common.storage import ObjectStore
 from services.pipeline_svc.resources import analyses, jobs, lifecycle, models
 from services.pipeline_svc.runtime.peers import PeerStubs
 from services.pipeline_svc.tables import JobRow, TrainerNodeRow
@@ -34,11 +36,11 @@ MAX_BATCH = 500  # events relayed in one append (the metrics service takes up to
 
 
 class JobRelay(threading.Thread):
-    def __init__(self, engine: Engine, peers: PeerStubs, *, job_id: str, max_attempts: int,
+    def __init__(self, engine: Engine, peers: PeerStubs, store: ObjectStore, *, job_id: str, max_attempts: int,
                  stopping: threading.Event, wake_outbox: Callable[[], None], on_exit: Callable[[str], None],
                  starting: Callable[[str], bool] = lambda job_id: False) -> None:
         super().__init__(name=f"relay-{job_id}", daemon=True)
-        self._engine, self._peers = engine, peers
+        self._engine, self._peers, self._store = engine, peers, store
         self.job_id = job_id
         self._max_attempts = max_attempts
         self._stopping = stopping
@@ -55,9 +57,9 @@ class JobRelay(threading.Thread):
                 target = self._locate()
                 if target is None:
                     return
-                address, attempt, after = target
+                node, attempt, after = target
                 try:
-                    self._follow(address, attempt, after)
+                    self._follow(node, attempt, after)
                 except _AppendRefused as refused:
                     self._requeue(attempt, f"the attempt's events were refused ({refused})")
                     return
@@ -77,8 +79,8 @@ class JobRelay(threading.Thread):
         if self._call is not None:
             self._call.cancel()
 
-    def _locate(self) -> tuple[str, int, int] | None:
-        """(node address, attempt, last relayed source_seq) while the job is active, else None."""
+    def _locate(self) -> tuple[tuple[str, str], int, int] | None:
+        """((node id, address), attempt, last relayed source_seq) while the job is active, else None."""
         self._interrupted.clear()  # what follows reads the job as it is now
         with session_scope(self._engine) as session:
             job = session.get(JobRow, self.job_id)
@@ -88,11 +90,11 @@ class JobRelay(threading.Thread):
             node = session.get(TrainerNodeRow, job.trainer_node)
             if node is None:
                 return None
-            return node.address, job.attempt, job.relayed_source_seq
+            return (node.id, node.address), job.attempt, job.relayed_source_seq
 
-    def _follow(self, address: str, attempt: int, after: int) -> None:
+    def _follow(self, node: tuple[str, str], attempt: int, after: int) -> None:
         request = trainer_pb2.WatchJobRunRequest(job=self._name, attempt=attempt, after_source_seq=after)
-        call = self._peers.trainer(address).WatchJobRun(request)
+        call = self._peers.trainer(*node).WatchJobRun(request)
         self._call = call  # type: ignore[assignment]
         if self._interrupted.is_set():  # stop() came between _locate and this call
             call.cancel()
@@ -129,11 +131,38 @@ class JobRelay(threading.Thread):
                     raise
                 log.warning("metrics service unavailable; retrying append for %s", self._name)
 
+    def _weights_problem(self, events: list[common_pb2.JobEvent]) -> str | None:
+        """Why the weights a successful final event reports cannot be registered (None: they can,
+        or there is no such event): each must be in storage with the sha256 the node reported.
+        Read before the transaction opens (it may take seconds for large weights)."""
+        final = next((e for e in events if e.HasField("finished")), None)
+        if final is None or final.finished.state != S.JOB_STATE_SUCCEEDED or not final.finished.HasField("best_model"):
+            return None
+        prefix = object_keys.attempt_prefix(self.job_id, final.attempt)
+        for artifact, key in ((final.finished.best_model, object_keys.model_weights(prefix, "best")),
+                              (final.finished.final_model, object_keys.model_weights(prefix, "final"))):
+            if artifact.uri != key:
+                return None  # not this attempt's: register_model refuses it, naming the key it expected
+            while True:
+                try:
+                    actual = self._store.sha256(artifact.uri)
+                    break
+                except NotFoundError:
+                    return f"the weights {artifact.uri!r} the trainer node reported are not in storage"
+                except UnavailableError:
+                    if self._stopping.wait(RETRY_S):
+                        raise
+            if actual != artifact.sha256.lower():
+                return (f"the weights {artifact.uri!r} do not match the sha256 the trainer node reported "
+                        f"({artifact.sha256[:12]}…; stored {actual[:12]}…)")
+        return None
+
     def _apply(self, events: list[common_pb2.JobEvent]) -> bool:
         """Updates the job from relayed events, in one transaction; True once the job is final here."""
         done = False
-        with session_scope(self._engine) as session:
-            job = session.get(JobRow, self.job_id, with_for_update=True)
+        weights_problem = self._weights_problem(events)
+        with session_scope(self._engine, serialized=True) as session:
+            job = lifecycle.locked(session, self.job_id)
             for event in events:
                 if job is None or job.attempt != event.attempt or job.state not in job_states.ACTIVE:
                     done = True
@@ -149,7 +178,7 @@ class JobRelay(threading.Thread):
                 if job.state == S.JOB_STATE_ASSIGNED:
                     lifecycle.transition(session, job=job, to=S.JOB_STATE_RUNNING)
                 if event.HasField("finished"):
-                    _finalise(session, job, event.finished, self._max_attempts)
+                    _finalise(session, job, event.finished, self._max_attempts, weights_problem)
                     done = True
                     break
             if job is not None:
@@ -160,8 +189,8 @@ class JobRelay(threading.Thread):
     def _requeue(self, attempt: int, reason: str) -> None:
         """Gives the attempt up: the job goes back to the queue (or FAILED after its last attempt)."""
         log.warning("%s attempt %d: %s", self._name, attempt, reason)
-        with session_scope(self._engine) as session:
-            job = session.get(JobRow, self.job_id, with_for_update=True)
+        with session_scope(self._engine, serialized=True) as session:
+            job = lifecycle.locked(session, self.job_id)
             if job is not None and job.attempt == attempt and job.state in job_states.ACTIVE:
                 lifecycle.requeue(session, job=job, reason=reason, max_attempts=self._max_attempts)
         self._wake_outbox()
@@ -246,20 +275,21 @@ def _batches(call: Iterator[trainer_pb2.WatchJobRunResponse], most: int) -> Iter
 _MORE = object()  # the queue is empty for now, or the batch is full: wait for the next
 
 
-def _finalise(session: Session, job: JobRow, finished: common_pb2.JobFinished, max_attempts: int) -> None:
+def _finalise(session: Session, job: JobRow, finished: common_pb2.JobFinished, max_attempts: int,
+              weights_problem: str | None) -> None:
     """Ends the attempt as its node reported; the job is RUNNING or CANCELLING here."""
     if finished.state == S.JOB_STATE_QUEUED:  # the node shut down gracefully and handed the job back
         lifecycle.requeue(session, job=job, reason=finished.reason or "handed back by its trainer node",
                           max_attempts=max_attempts)
     elif finished.state == S.JOB_STATE_SUCCEEDED:
-        _succeed(session, job, finished)
+        _succeed(session, job, finished, weights_problem)
     elif finished.state == S.JOB_STATE_CANCELLED:
         lifecycle.transition(session, job=job, to=S.JOB_STATE_CANCELLED, reason=finished.reason or "cancelled")
     else:
         lifecycle.transition(session, job=job, to=S.JOB_STATE_FAILED, reason=finished.reason or "failed")
 
 
-def _succeed(session: Session, job: JobRow, finished: common_pb2.JobFinished) -> None:
+def _succeed(session: Session, job: JobRow, finished: common_pb2.JobFinished, weights_problem: str | None) -> None:
     if job.kind == jobs.ANALYSIS:
         try:
             analyses.record_output(session, job=job, output=finished.analysis)
@@ -269,6 +299,8 @@ def _succeed(session: Session, job: JobRow, finished: common_pb2.JobFinished) ->
         lifecycle.transition(session, job=job, to=S.JOB_STATE_SUCCEEDED)
         return
     try:
+        if weights_problem is not None:
+            raise FailedPreconditionError(weights_problem)
         models.register_model(session, job=job, finished=finished)
     except FailedPreconditionError as exc:
         lifecycle.transition(session, job=job, to=S.JOB_STATE_FAILED, reason=f"model not registered: {exc.message}")

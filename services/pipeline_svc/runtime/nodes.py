@@ -9,8 +9,9 @@ from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from sqlmodel import Session, col, select
 
 from services.common import job_states, names
-from services.common.errors import FieldViolation, check
+from services.common.errors import FieldViolation, PermissionDeniedError, check
 from services.common.timeutil import as_utc, utcnow
+from services.common.tokens import Principal
 from services.pipeline_svc.domain import HeartbeatAnswer, NodeHeartbeat, NodeRegistration
 from services.pipeline_svc.resources import lifecycle
 from services.pipeline_svc.resources.jobs import MAX_PROCESSES
@@ -19,7 +20,15 @@ from services.pipeline_svc.tables import JobRow, TrainerNodeRow
 READY, DRAINING, LOST = pb.TrainerNode.STATE_READY, pb.TrainerNode.STATE_DRAINING, pb.TrainerNode.STATE_LOST
 
 
-def register_node(session: Session, *, registration: NodeRegistration) -> TrainerNodeRow:
+def check_caller(caller: Principal | None, node_id: str) -> None:
+    """A node registers and heartbeats only itself: its token is bound to its node id (caller
+    None: no authentication, loopback only)."""
+    if caller is not None and not caller.is_node(node_id):
+        raise PermissionDeniedError(f"this token is not node {node_id!r}'s: a node token registers and "
+                                    "heartbeats only the node it was made for")
+
+
+def register_node(session: Session, *, registration: NodeRegistration, caller: Principal | None) -> TrainerNodeRow:
     r = registration
     v = []
     if not names.is_valid_id(r.node_id):
@@ -33,6 +42,7 @@ def register_node(session: Session, *, registration: NodeRegistration) -> Traine
     if not 0 <= r.max_processes <= MAX_PROCESSES:
         v.append(FieldViolation("max_processes", f"must be 0..{MAX_PROCESSES} (0 means 1)"))
     check(v)
+    check_caller(caller, r.node_id)
     row = session.get(TrainerNodeRow, r.node_id) or TrainerNodeRow(id=r.node_id, address="", state=READY)
     row.address, row.capacity, row.device = r.address, r.capacity or 1, r.device
     row.job_memory_bytes, row.max_processes = r.job_memory_bytes, r.max_processes or 1
@@ -41,9 +51,10 @@ def register_node(session: Session, *, registration: NodeRegistration) -> Traine
     return row
 
 
-def record_heartbeat(session: Session, *, heartbeat: NodeHeartbeat) -> HeartbeatAnswer:
+def record_heartbeat(session: Session, *, heartbeat: NodeHeartbeat, caller: Principal | None) -> HeartbeatAnswer:
     """Renews the node; answers whether it is known and which of its jobs it should stop."""
     node_id = names.parse_name(heartbeat.name, names.TRAINER_NODES)
+    check_caller(caller, node_id)
     row = session.get(TrainerNodeRow, node_id)
     if row is None:
         return HeartbeatAnswer(known=False, stop_jobs=[])
@@ -83,8 +94,24 @@ def mark_lost_nodes(session: Session, *, timeout: timedelta) -> list[str]:
 
 def free_nodes(session: Session) -> list[tuple[TrainerNodeRow, int]]:
     """READY nodes with free capacity, least loaded first (the active jobs read once)."""
+    load = _load(session)
+    result = [(row, row.capacity - load[row.id]) for row in ready_nodes(session)]
+    return sorted([pair for pair in result if pair[1] > 0], key=lambda pair: -pair[1])
+
+
+def lock_room(session: Session, gang: list[TrainerNodeRow]) -> bool:
+    """Locks the gang's node rows (in id order, so two schedulers never wait on each other) and
+    says whether each is still READY with room, counting what was assigned since it was read."""
+    ids = sorted(n.id for n in gang)
+    rows = list(session.exec(select(TrainerNodeRow).where(col(TrainerNodeRow.id).in_(ids))
+                             .order_by(col(TrainerNodeRow.id)).with_for_update()))
+    load = _load(session)
+    return len(rows) == len(ids) and all(row.state == READY and row.capacity > load[row.id] for row in rows)
+
+
+def _load(session: Session) -> Counter[str]:
+    """Active jobs per node."""
     load: Counter[str] = Counter()
     for job in session.exec(select(JobRow).where(col(JobRow.state).in_(job_states.ACTIVE))):
         load.update(set(job.gang_nodes) | {job.trainer_node})
-    result = [(row, row.capacity - load[row.id]) for row in ready_nodes(session)]
-    return sorted([pair for pair in result if pair[1] > 0], key=lambda pair: -pair[1])
+    return load

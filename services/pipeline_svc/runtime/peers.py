@@ -1,6 +1,10 @@
 """The other services, as the pipeline service calls them: the metrics service and trainer nodes,
 over one cached channel per address. Channels live as long as the process (they are cheap and
-in-flight calls must outlive a shutdown's drain)."""
+in-flight calls must outlive a shutdown's drain).
+
+The metrics service is called with the service token. A trainer node is called with that node's
+own token (services/common/tokens.py), derived from the node key: an address a node registered
+receives nothing its registration did not already hold, and never the service token."""
 
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ from segtrain.common.v1 import common_pb2
 from segtrain.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
-from services.common.server import connect
+from services.common.server import connect, connect_as
 from services.common.settings import SecuritySettings
+from services.common.tokens import node_token
 
 log = logging.getLogger(__name__)
 
@@ -21,24 +26,32 @@ log = logging.getLogger(__name__)
 class PeerStubs:
     def __init__(self, metrics_address: str, security: SecuritySettings) -> None:
         self._security = security
+        self._node_key = security.node_key_bytes()
         self._lock = threading.Lock()
-        self._channels: dict[str, grpc.Channel] = {}
-        self.metrics = metrics_pb2_grpc.MetricsServiceStub(self._channel(metrics_address))
+        self._channels: dict[tuple[str, str | None], grpc.Channel] = {}
+        self.metrics = metrics_pb2_grpc.MetricsServiceStub(self._channel(metrics_address, None))
 
-    def _channel(self, address: str) -> grpc.Channel:
+    def _channel(self, address: str, node_id: str | None) -> grpc.Channel:
+        """The channel to `address`: the service's own (node_id None) or node `node_id`'s."""
         with self._lock:
-            if address not in self._channels:
-                self._channels[address] = connect(address, self._security)
-            return self._channels[address]
+            if (address, node_id) not in self._channels:
+                if node_id is None:
+                    channel = connect(address, self._security)
+                else:
+                    token = node_token(self._node_key, node_id) if self._node_key is not None else None
+                    channel = connect_as(address, self._security, token)
+                self._channels[address, node_id] = channel
+            return self._channels[address, node_id]
 
-    def trainer(self, address: str) -> trainer_pb2_grpc.TrainerServiceStub:
-        return trainer_pb2_grpc.TrainerServiceStub(self._channel(address))
+    def trainer(self, node_id: str, address: str) -> trainer_pb2_grpc.TrainerServiceStub:
+        """Trainer node `node_id`, at the address it registered, called with its own token."""
+        return trainer_pb2_grpc.TrainerServiceStub(self._channel(address, node_id))
 
-    def stop_job_on(self, address: str, *, job: str, stop_early: bool) -> None:
-        """Asks the node at `address` to stop `job` now; if this does not reach it, the node learns
-        it at its next heartbeat (stop_jobs)."""
+    def stop_job_on(self, node_id: str, address: str, *, job: str, stop_early: bool) -> None:
+        """Asks node `node_id` to stop `job` now; if this does not reach it, the node learns it at
+        its next heartbeat (stop_jobs)."""
         try:
-            self.trainer(address).CancelJobRun(trainer_pb2.CancelJobRunRequest(job=job, stop_early=stop_early),
+            self.trainer(node_id, address).CancelJobRun(trainer_pb2.CancelJobRunRequest(job=job, stop_early=stop_early),
                                                timeout=10)
         except grpc.RpcError as exc:
             log.warning("could not tell the node at %s to stop %s: %s", address, job, exc.code())

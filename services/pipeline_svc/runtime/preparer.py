@@ -22,6 +22,8 @@ class Preparer(threading.Thread):
                  tuning: set_preparation.Tuning = set_preparation.DEFAULT_TUNING) -> None:
         super().__init__(name="set-preparer", daemon=True)
         self._engine, self._store, self._stopping, self._tuning = engine, store, stopping, tuning
+        # Shared by every set being prepared: what their tiles hold at once stays within it.
+        self.budget = set_preparation.MemoryBudget(tuning.memory_bytes)
         self._slots = threading.Semaphore(concurrency)
         self._wake = threading.Event()
         self._running: dict[str, threading.Thread] = {}
@@ -62,7 +64,8 @@ class Preparer(threading.Thread):
     def _prepare(self, set_id: str) -> None:
         done = False
         try:
-            set_preparation.prepare(self._engine, self._store, set_id, stopping=self._stopping, tuning=self._tuning)
+            set_preparation.prepare(self._engine, self._store, set_id, stopping=self._stopping, tuning=self._tuning,
+                                    budget=self.budget)
             done = True
         except Exception:  # the database or store failed under it: tried again at the next poll
             log.exception("preparing training set %s failed; retried in %.0f s", set_id, POLL_S)

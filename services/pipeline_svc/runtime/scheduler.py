@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 S = common_pb2
 
 
+@dataclass
+class Claim:
+    """A job just assigned to its nodes (rank order), and the RunJob request each gets."""
+
+    job: JobRow
+    request: trainer_pb2.RunJobRequest
+    members: list[tuple[str, str]]  # (node id, address)
+
+
 class Scheduler(threading.Thread):
     def __init__(self, engine: Engine, peers: PeerStubs, store: ObjectStore, *, interval_s: float,
                  heartbeat_interval_s: float, max_attempts: int, stopping: threading.Event,
@@ -96,9 +105,14 @@ class Scheduler(threading.Thread):
             self._ensure_relay(job_id)
 
     def _hand_back(self, node_id: str) -> None:
-        with session_scope(self._engine) as session:
-            handed_back = nodes.jobs_on_node(session, node_id=node_id)
-            for job in handed_back:
+        with session_scope(self._engine, serialized=True) as session:
+            handed_back = []
+            for seen in nodes.jobs_on_node(session, node_id=node_id):
+                job = lifecycle.locked(session, seen.id)
+                if job is None or job.state not in job_states.ACTIVE or node_id not in (job.trainer_node,
+                                                                                        *job.gang_nodes):
+                    continue  # it ended or moved since it was read
+                handed_back.append(job)
                 log.warning("trainer node %s lost; re-queueing %s", node_id, lifecycle.log_name(job))
                 lifecycle.requeue(session, job=job, reason=f"trainer node {node_id} stopped responding",
                                   max_attempts=self._max_attempts)
@@ -111,28 +125,46 @@ class Scheduler(threading.Thread):
     def _assign_one(self) -> bool:
         """Starts the oldest queued job that fits the free nodes (all its nodes or none), leaving
         out the jobs on hold; True when it tried one (so the pass goes on with the next)."""
-        now = time.monotonic()
-        job_id = ""
+        claimed = self.claim_one()
+        if not isinstance(claimed, Claim):
+            return claimed
         try:
-            with session_scope(self._engine) as session:
+            self._wake_outbox()
+            return self._start(claimed.job, claimed.request, claimed.members)
+        finally:
+            with self._lock:
+                self._starting.discard(claimed.job.id)
+
+    def claim_one(self) -> Claim | bool:
+        """Assigns the oldest queued job that fits (one transaction): the claim, or False when
+        nothing fits, or True when the job chosen was taken or cancelled meanwhile (look again).
+        The job is marked starting (``_is_starting``) until the caller has handed it to its nodes."""
+        now = time.monotonic()
+        marked = ""
+        try:
+            with session_scope(self._engine, serialized=True) as session:
                 placement = _placement(session, held={j for j, hold in self._held.items() if hold.until > now})
                 if placement is None:
                     return False
-                job, gang = placement
-                job_id = job.id
+                chosen, gang = placement
+                # Locked and read again: another scheduler or a cancel may have got there first
+                # (PostgreSQL; on SQLite the serialized session keeps every other writer out).
+                job = lifecycle.locked(session, chosen.id)
+                if job is None or job.state != S.JOB_STATE_QUEUED or not nodes.lock_room(session, gang):
+                    return True
                 with self._lock:  # before the assignment is committed: a relay may read it at once
-                    self._starting.add(job_id)
+                    self._starting.add(job.id)
+                marked = job.id
                 job.attempt += 1
                 job.trainer_node, job.gang_nodes = gang[0].id, [n.id for n in gang]
                 job.relayed_source_seq = 0
                 lifecycle.transition(session, job=job, to=S.JOB_STATE_ASSIGNED)
-                request = _run_request(session, job)
-                members = [(n.id, n.address) for n in gang]
-            self._wake_outbox()
-            return self._start(job, request, members)
-        finally:
+                claim = Claim(job, _run_request(session, job), [(n.id, n.address) for n in gang])
+        except BaseException:
             with self._lock:
-                self._starting.discard(job_id)
+                self._starting.discard(marked)
+            raise
+        return claim
 
     def _start(self, job: JobRow, request: trainer_pb2.RunJobRequest, members: list[tuple[str, str]]) -> bool:
         """Hands the assigned attempt to its nodes; a refusal undoes the assignment and holds the job."""
@@ -166,22 +198,22 @@ class Scheduler(threading.Thread):
     def _start_gang(self, request: trainer_pb2.RunJobRequest, members: list[tuple[str, str]]) -> None:
         """RunJob on every node of the attempt in rank order: rank 0 first, whose answer is the
         rendezvous the others join. When one refuses, those already started are told to stop."""
-        started: list[str] = []
+        started: list[tuple[str, str]] = []
         for rank, (node_id, address) in enumerate(members):
             request.node_rank = rank
             try:
-                response = self._peers.trainer(address).RunJob(request, timeout=30)
+                response = self._peers.trainer(node_id, address).RunJob(request, timeout=30)
             except grpc.RpcError as exc:
                 for other in started:
-                    self._peers.stop_job_on(other, job=request.job, stop_early=False)
+                    self._peers.stop_job_on(*other, job=request.job, stop_early=False)
                 raise _Refused(node_id, exc.code(), exc.details() or "", started=bool(started)) from None
-            started.append(address)
+            started.append((node_id, address))
             if rank == 0 and len(members) > 1:
                 request.rendezvous_endpoint = response.rendezvous_endpoint
 
     def _undo_assignment(self, job: JobRow, refused: _Refused) -> None:
-        with session_scope(self._engine) as session:
-            fresh = session.get(JobRow, job.id, with_for_update=True)
+        with session_scope(self._engine, serialized=True) as session:
+            fresh = lifecycle.locked(session, job.id)
             if fresh is not None and fresh.state == S.JOB_STATE_ASSIGNED and fresh.attempt == job.attempt:
                 if not refused.started:
                     fresh.attempt -= 1  # the attempt started nowhere: it does not count
@@ -204,7 +236,7 @@ class Scheduler(threading.Thread):
         with self._lock:
             if job_id in self._relays or self._stopping.is_set():
                 return
-            relay = JobRelay(self._engine, self._peers, job_id=job_id, max_attempts=self._max_attempts,
+            relay = JobRelay(self._engine, self._peers, self._store, job_id=job_id, max_attempts=self._max_attempts,
                              starting=self._is_starting,
                              stopping=self._stopping, wake_outbox=self._wake_outbox, on_exit=self._relay_exited)
             self._relays[job_id] = relay
