@@ -164,10 +164,11 @@ class LocalStack:
         return (
             given(StorageSettings, endpoint=self.s3_endpoint, access_key=self.access_key,
                   secret_key=self.secret_key),
+            # The local databases are migrated at start: a newer checkout upgrades them in place.
             given(PipelineSettings, listen=self.pipeline_address, metrics_address=self.metrics_address,
-                  database_url=f"sqlite:///{self.root / 'db' / 'pipeline.db'}"),
+                  database_url=f"sqlite:///{self.root / 'db' / 'pipeline.db'}", database_migrate="true"),
             given(MetricsSettings, listen=self.metrics_address,
-                  database_url=f"sqlite:///{self.root / 'db' / 'metrics.db'}"),
+                  database_url=f"sqlite:///{self.root / 'db' / 'metrics.db'}", database_migrate="true"),
             given(TrainerSettings, pipeline_address=self.pipeline_address),
             given(SecuritySettings, auth_tokens_file=self.tokens_file, service_token=self.tokens["service"],
                   node_key=self.node_key),

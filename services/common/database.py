@@ -1,5 +1,5 @@
-"""SQL engines through sqlmodel: SQLite by default, PostgreSQL by URL. Each service creates its
-own engine over its own tables (its own SQLModel metadata) and owns its schema.
+"""SQL engines through sqlmodel: SQLite by default, PostgreSQL by URL. Each service has its own
+database and owns its schema, which its migrations keep (services/common/migrations.py).
 
 Transactions that read a row and write it back (a job's state changes) run in a *serialized*
 session (`session_scope(engine, serialized=True)`) and read their rows `with_for_update`: on
@@ -11,19 +11,22 @@ transaction read before it commits: no lost update."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, inspect, text
+from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, create_engine
+
+from services.common import migrations
+from services.common.migrations import Migrate, Schema
 
 
-def make_engine(url: str, tables: Sequence[type]) -> Engine:
-    """Creates the engine and the given tables (idempotent). Only the calling service's tables are
-    created, although all sqlmodel tables share one metadata object."""
+def make_engine(url: str, schema: Schema, *, migrate: Migrate = "auto") -> Engine:
+    """The engine of a service's database, at the head of its schema's migrations (or
+    SchemaMismatchError saying what to do; services/common/migrations.py)."""
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.startswith("sqlite"):
         path = url.removeprefix("sqlite:///")
@@ -35,32 +38,8 @@ def make_engine(url: str, tables: Sequence[type]) -> Engine:
     if url.startswith("sqlite"):
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
-    SQLModel.metadata.create_all(engine, tables=[t.__table__ for t in tables])  # type: ignore[attr-defined]
-    _add_missing_columns(engine, tables)
+    migrations.prepare(engine, schema, migrate=migrate)
     return engine
-
-
-def _add_missing_columns(engine: Engine, tables: Sequence[type]) -> None:
-    """Adds columns that the models have and an existing database lacks. Only additive changes
-    with a server default are made this way (each new column declares one); anything else needs
-    a migration. Until migrations exist this keeps a database made by an older version usable."""
-    inspector = inspect(engine)
-    for model in tables:
-        table = model.__table__  # type: ignore[attr-defined]
-        if not inspector.has_table(table.name):
-            continue
-        present = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in present:
-                continue
-            if column.server_default is None and not column.nullable:
-                raise RuntimeError(f"database table {table.name} lacks column {column.name}, which has no default: "
-                                   "recreate the database")
-            kind = column.type.compile(dialect=engine.dialect)
-            default = f" DEFAULT '{column.server_default.arg}'" if column.server_default is not None else ""
-            nullness = "" if column.nullable else " NOT NULL"
-            with engine.begin() as connection:
-                connection.execute(text(f'ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}{nullness}{default}'))
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

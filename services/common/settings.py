@@ -111,6 +111,10 @@ class PipelineSettings(BaseSettings):
 
     listen: str = DEFAULT_PIPELINE_ADDRESS
     database_url: str = Field(default_factory=lambda: f"sqlite:///{default_data_dir() / 'pipeline.db'}")
+    # What to do with a database whose schema is behind this version (services/common/migrations.py):
+    # "auto" creates an empty one's schema and refuses one that is behind; "true" migrates any;
+    # "false" changes nothing (only a database at the head is served).
+    database_migrate: Literal["auto", "true", "false"] = "auto"
     # Metrics service, for relaying job events; also advertised to clients by GetServiceInfo.
     metrics_address: str = DEFAULT_METRICS_ADDRESS
     metrics_public_address: str | None = None
@@ -138,6 +142,10 @@ class MetricsSettings(BaseSettings):
 
     listen: str = DEFAULT_METRICS_ADDRESS
     database_url: str = Field(default_factory=lambda: f"sqlite:///{default_data_dir() / 'metrics.db'}")
+    # What to do with a database whose schema is behind this version (services/common/migrations.py):
+    # "auto" creates an empty one's schema and refuses one that is behind; "true" migrates any;
+    # "false" changes nothing (only a database at the head is served).
+    database_migrate: Literal["auto", "true", "false"] = "auto"
     # Seconds of silence after which a watch stream gets a heartbeat.
     heartbeat_interval_s: float = 5.0
     # Events a slow watcher may lag behind before it is cut off (it can resume).

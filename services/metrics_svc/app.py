@@ -11,7 +11,7 @@ from services.common.server import AsyncServer, create_server
 from services.common.settings import MetricsSettings, SecuritySettings, ServingSettings
 from services.metrics_svc.service import MetricsService
 from services.metrics_svc.servicer import ACCESS, RESERVED, MetricsServicer
-from services.metrics_svc.tables import TABLES
+from services.metrics_svc.tables import SCHEMA
 
 SERVICE_NAME = metrics_pb2.DESCRIPTOR.services_by_name["MetricsService"].full_name
 
@@ -19,7 +19,7 @@ SERVICE_NAME = metrics_pb2.DESCRIPTOR.services_by_name["MetricsService"].full_na
 def build(settings: MetricsSettings, security: SecuritySettings | None = None,
           serving: ServingSettings | None = None) -> tuple[AsyncServer, int, health.aio.HealthServicer, MetricsService]:
     security, serving = security or SecuritySettings(), serving or ServingSettings()
-    engine = make_engine(settings.database_url, TABLES)
+    engine = make_engine(settings.database_url, SCHEMA, migrate=settings.database_migrate)
     executors = Executors(serving)
     service = MetricsService(engine, executors, heartbeat_interval_s=settings.heartbeat_interval_s,
                              watcher_buffer=settings.watcher_buffer, unknown_job_grace_s=settings.unknown_job_grace_s)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import Column, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
+
+from services.common.migrations import Schema
 
 
 class JobEventRow(SQLModel, table=True):
@@ -27,3 +30,5 @@ class JobEventRow(SQLModel, table=True):
 
 
 TABLES = [JobEventRow]
+# The tables and their migrations (services/common/migrations.py).
+SCHEMA = Schema("metrics", TABLES, Path(__file__).parent / "migrations")

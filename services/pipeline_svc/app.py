@@ -14,7 +14,7 @@ from services.pipeline_svc.resources.set_preparation import Tuning
 from services.pipeline_svc.runtime.peers import PeerStubs
 from services.pipeline_svc.service import PipelineService
 from services.pipeline_svc.servicer import ACCESS, LONG, RESERVED, PipelineServicer
-from services.pipeline_svc.tables import TABLES
+from services.pipeline_svc.tables import SCHEMA
 
 SERVICE_NAME = pipeline_pb2.DESCRIPTOR.services_by_name["PipelineService"].full_name
 VERSION = "0.1.0"
@@ -27,7 +27,7 @@ def build(settings: PipelineSettings, storage: StorageSettings, security: Securi
     if security.auth_tokens_file is not None and security.node_key is None:
         raise RuntimeError("authentication is on but SEGTRAIN_NODE_KEY is unset: no trainer node could "
                            "register (scripts/make_tokens.py makes a node key)")
-    engine = make_engine(settings.database_url, TABLES)
+    engine = make_engine(settings.database_url, SCHEMA, migrate=settings.database_migrate)
     store = ObjectStore(storage)
     store.ensure_bucket()
     service = PipelineService(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import JSON, BigInteger, Column, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from services.common.migrations import Schema
 from services.common.timeutil import utcnow
 
 
@@ -192,3 +194,5 @@ class OutboxRow(SQLModel, table=True):
 
 
 TABLES = [PipelineRow, TrainingSetRow, TileRow, JobRow, ModelRow, AnalysisRow, TrainerNodeRow, OutboxRow]
+# The tables and their migrations (services/common/migrations.py).
+SCHEMA = Schema("pipeline", TABLES, Path(__file__).parent / "migrations")

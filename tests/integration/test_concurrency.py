@@ -23,7 +23,7 @@ from services.pipeline_svc.resources import hyperparameters, jobs, lifecycle, pi
 from services.pipeline_svc.runtime.job_relay import JobRelay
 from services.pipeline_svc.runtime.scheduler import Claim, Scheduler
 from services.pipeline_svc.tables import (
-    TABLES,
+    SCHEMA,
     JobRow,
     OutboxRow,
     PipelineRow,
@@ -38,7 +38,7 @@ ITERATIONS = 40
 
 @pytest.fixture
 def engine(database_url: str) -> Iterator[sqlalchemy.engine.Engine]:
-    engine = make_engine(database_url, TABLES)
+    engine = make_engine(database_url, SCHEMA)
     with session_scope(engine) as session:
         pipelines.seed_pipelines(session)
         session.add(TrainingSetRow(id="ts", display_name="ts", pipeline="segmentation", class_names=["a", "b"],

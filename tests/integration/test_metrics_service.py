@@ -21,7 +21,7 @@ from services.common.errors import ResourceExhaustedError
 from services.common.gate import Executors
 from services.common.settings import ServingSettings
 from services.metrics_svc.service import MetricsService
-from services.metrics_svc.tables import TABLES
+from services.metrics_svc.tables import SCHEMA
 from tests.integration.conftest import MetricsServer, start_metrics
 
 JOB = "jobs/j-test"
@@ -173,7 +173,7 @@ def test_a_stalled_watcher_is_cut_off_without_slowing_appends(tmp_path: Path) ->
 def test_overflow_logic_cuts_the_lagging_subscription(tmp_path: Path) -> None:
     async def scenario() -> None:
         executors = Executors(ServingSettings())
-        service = MetricsService(make_engine(f"sqlite:///{tmp_path / 'm.db'}", TABLES), executors,
+        service = MetricsService(make_engine(f"sqlite:///{tmp_path / 'm.db'}", SCHEMA), executors,
                                  heartbeat_interval_s=0.2, watcher_buffer=3)
         await service.append(JOB, [batch(1, 1)])
         stream = service.watch(JOB, 0, include_batch_progress=True)

@@ -10,17 +10,16 @@ import sqlalchemy
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import col, select
 
 from services.common import object_keys
 from services.common.database import make_engine, session_scope
 from services.common.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
 from services.metrics_svc import repository as events
-from services.metrics_svc.tables import TABLES as METRICS_TABLES
+from services.metrics_svc.tables import SCHEMA as METRICS_SCHEMA
 from services.pipeline_svc import converters
 from services.pipeline_svc.domain import PipelineSpec
 from services.pipeline_svc.resources import jobs, lifecycle, models, pipelines
-from services.pipeline_svc.tables import TABLES as PIPELINE_TABLES
+from services.pipeline_svc.tables import SCHEMA as PIPELINE_SCHEMA
 from services.pipeline_svc.tables import JobRow, ModelRow, OutboxRow, TrainingSetRow
 
 
@@ -44,13 +43,13 @@ def add_job(engine: sqlalchemy.engine.Engine, **job: object) -> None:
 
 
 def test_each_service_creates_only_its_own_tables(database_url: str) -> None:
-    engine = make_engine(database_url, METRICS_TABLES)
-    assert set(sqlalchemy.inspect(engine).get_table_names()) == {"job_events"}
+    engine = make_engine(database_url, METRICS_SCHEMA)
+    assert set(sqlalchemy.inspect(engine).get_table_names()) == {"job_events", "alembic_version_metrics"}
     engine.dispose()
 
 
 def test_event_log_numbers_gap_free_and_skips_duplicates(database_url: str) -> None:
-    engine = make_engine(database_url, METRICS_TABLES)
+    engine = make_engine(database_url, METRICS_SCHEMA)
     with session_scope(engine) as session:
         stored = events.append(session, job="jobs/a", events=[_event(1, 1), _event(1, 2), _event(0, 1)])
         assert [e.seq for e in stored] == [1, 2, 3]
@@ -67,7 +66,7 @@ def test_event_log_numbers_gap_free_and_skips_duplicates(database_url: str) -> N
 
 def test_the_same_seq_cannot_be_written_twice(database_url: str) -> None:
     """Two writers racing on one job: the primary key rejects the second, nothing is overwritten."""
-    engine = make_engine(database_url, METRICS_TABLES)
+    engine = make_engine(database_url, METRICS_SCHEMA)
     from services.metrics_svc.tables import JobEventRow
 
     row = dict(job="jobs/a", seq=1, attempt=1, kind="x", event_time=datetime.now(UTC),
@@ -80,7 +79,7 @@ def test_the_same_seq_cannot_be_written_twice(database_url: str) -> None:
 
 
 def test_pipelines_seed_create_and_conflict(database_url: str) -> None:
-    engine = make_engine(database_url, PIPELINE_TABLES)
+    engine = make_engine(database_url, PIPELINE_SCHEMA)
     seed(engine)
     seed(engine)  # idempotent
     spec = PipelineSpec(pipeline_id="6panorama", request_id="r-1", display_name="6PanoramaTrainSet20241209",
@@ -103,7 +102,7 @@ def test_pipelines_seed_create_and_conflict(database_url: str) -> None:
 
 
 def test_job_state_machine_persists_and_queues_events(database_url: str) -> None:
-    engine = make_engine(database_url, PIPELINE_TABLES)
+    engine = make_engine(database_url, PIPELINE_SCHEMA)
     seed(engine)
     add_job(engine, state=common_pb2.JOB_STATE_PENDING)
     with session_scope(engine, serialized=True) as session:
@@ -132,7 +131,7 @@ def test_job_state_machine_persists_and_queues_events(database_url: str) -> None
 
 @pytest.mark.parametrize(("attempt", "state"), [(2, common_pb2.JOB_STATE_QUEUED), (5, common_pb2.JOB_STATE_FAILED)])
 def test_a_lost_job_is_requeued_until_its_attempts_are_used_up(database_url: str, attempt: int, state: int) -> None:
-    engine = make_engine(database_url, PIPELINE_TABLES)
+    engine = make_engine(database_url, PIPELINE_SCHEMA)
     seed(engine)
     add_job(engine, state=common_pb2.JOB_STATE_RUNNING, attempt=attempt, trainer_node="n1")
     with session_scope(engine, serialized=True) as session:
@@ -143,42 +142,6 @@ def test_a_lost_job_is_requeued_until_its_attempts_are_used_up(database_url: str
         assert job.state == state and job.trainer_node == ""
         if state == common_pb2.JOB_STATE_FAILED:
             assert "gave up after 5 attempts" in job.failure_reason and "node n1" in job.failure_reason
-    engine.dispose()
-
-
-def test_a_database_from_before_new_columns_gets_them_with_their_defaults(database_url: str) -> None:
-    engine = make_engine(database_url, PIPELINE_TABLES)
-    seed(engine)
-    add_job(engine, state=common_pb2.JOB_STATE_PENDING)
-    with session_scope(engine) as session:
-        session.add(OutboxRow(job="jobs/j-1", payload=b"event"))
-    with engine.begin() as connection:  # the jobs table as the previous version created it
-        connection.execute(sqlalchemy.text("ALTER TABLE jobs DROP COLUMN normalization_reason"))
-        connection.execute(sqlalchemy.text("ALTER TABLE jobs DROP COLUMN quality_warnings"))
-        connection.execute(sqlalchemy.text("ALTER TABLE event_outbox DROP COLUMN parked"))
-        connection.execute(sqlalchemy.text("ALTER TABLE event_outbox DROP COLUMN park_reason"))
-        connection.execute(sqlalchemy.text("ALTER TABLE models DROP COLUMN weights_sha256"))
-        connection.execute(sqlalchemy.text("ALTER TABLE jobs DROP COLUMN checkpoint_epoch"))
-        for column in ("state", "spec", "spec_hash", "tiles_checked", "failure_reason", "update_time"):
-            if column == "state":
-                connection.execute(sqlalchemy.text("DROP INDEX IF EXISTS ix_training_sets_state"))
-            connection.execute(sqlalchemy.text(f"ALTER TABLE training_sets DROP COLUMN {column}"))
-    engine.dispose()
-    engine = make_engine(database_url, PIPELINE_TABLES)
-    columns = {c["name"] for c in sqlalchemy.inspect(engine).get_columns("jobs")}
-    assert {"normalization_reason", "quality_warnings", "checkpoint_epoch"} <= columns
-    assert "weights_sha256" in {c["name"] for c in sqlalchemy.inspect(engine).get_columns("models")}
-    with session_scope(engine) as session:
-        rows = list(session.exec(select(OutboxRow).where(col(OutboxRow.parked).is_(False))))
-        assert [(r.job, r.park_reason) for r in rows] == [("jobs/j-1", "")]
-    with session_scope(engine) as session:
-        old = session.get(JobRow, "j-1")
-        assert old is not None and (old.normalization_reason, old.quality_warnings, old.checkpoint_epoch) == ("", [], 0)
-        old.quality_warnings = [{"code": "CLASS_NOT_LEARNED", "class_name": "b", "message": "m"}]
-    with session_scope(engine) as session:
-        assert session.get(JobRow, "j-1").quality_warnings[0]["code"] == "CLASS_NOT_LEARNED"  # type: ignore[union-attr]
-        made_before = session.get(TrainingSetRow, "ts")
-        assert made_before is not None and made_before.state == pb.TrainingSet.STATE_READY  # was READY when made
     engine.dispose()
 
 
@@ -193,7 +156,7 @@ def _finished(job_id: str, attempt: int, sha: str = "ab" * 32) -> common_pb2.Job
 def test_a_model_is_registered_only_from_its_own_attempts_keys_with_its_sha256(database_url: str) -> None:
     """A stale attempt's weights, or weights without a hash, are never registered; the hash of
     what is registered is recorded for every later load to check."""
-    engine = make_engine(database_url, PIPELINE_TABLES)
+    engine = make_engine(database_url, PIPELINE_SCHEMA)
     seed(engine)
     add_job(engine, state=common_pb2.JOB_STATE_RUNNING, attempt=2, trainer_node="n1", owner="alice")
     with session_scope(engine) as session:

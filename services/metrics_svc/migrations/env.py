@@ -1,0 +1,8 @@
+"""Alembic's entry to the metrics service's migrations (services/common/migrations.py runs them)."""
+
+from alembic import context
+
+from services.common.migrations import run_env
+from services.metrics_svc.tables import SCHEMA
+
+run_env(context, SCHEMA)

@@ -1,0 +1,103 @@
+"""Each service's migrations on SQLite and PostgreSQL: they lead from the first schema that landed
+to the tables the code declares with no difference autogenerate can find, keep the rows they find,
+and a service starts on a database behind its code only when told to migrate it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+
+from services.common import migrations
+from services.common.database import make_engine
+from services.common.migrations import Schema, SchemaMismatchError
+from services.common.settings import PipelineSettings, StorageSettings
+from services.metrics_svc.tables import SCHEMA as METRICS
+from services.pipeline_svc import app as pipeline_app
+from services.pipeline_svc.tables import SCHEMA as PIPELINE
+
+SCHEMAS = pytest.mark.parametrize("schema", [PIPELINE, METRICS], ids=["pipeline", "metrics"])
+
+
+def bare(url: str) -> sqlalchemy.engine.Engine:
+    return sqlalchemy.create_engine(url)
+
+
+@SCHEMAS
+def test_the_migrations_lead_to_the_code_s_tables_with_no_difference(database_url: str, schema: Schema) -> None:
+    engine = make_engine(database_url, schema)
+    assert migrations.current(engine, schema) == migrations.head(schema)
+    assert migrations.differences(engine, schema) == []
+    # Only its own tables (and its own version table): two services may share one database.
+    other = METRICS if schema is PIPELINE else PIPELINE
+    assert not other.table_names & set(sqlalchemy.inspect(engine).get_table_names())
+    engine.dispose()
+
+
+def _a_set_at_the_first_schema(engine: sqlalchemy.engine.Engine) -> None:
+    migrations.upgrade(engine, PIPELINE, migrations.FIRST_REVISION)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text(
+            "INSERT INTO training_sets (id, display_name, pipeline, class_names, snapshot, tile_count, "
+            "train_tile_count, validation_tile_count, validation_fraction, split_seed, report, create_time) "
+            "VALUES ('ts-old', 'Old set', 'segmentation', '[\"a\", \"b\"]', 'sha256:0', 2, 1, 1, 0.5, 0, :report, "
+            ":created)"), {"report": b"", "created": "2026-11-01 00:00:00"})
+
+
+def test_a_database_at_the_first_schema_is_migrated_keeping_its_rows(database_url: str) -> None:
+    engine = bare(database_url)
+    _a_set_at_the_first_schema(engine)
+    assert migrations.differences(engine, PIPELINE) != []  # the owner columns are missing
+    migrations.upgrade(engine, PIPELINE)
+    assert migrations.differences(engine, PIPELINE) == []
+    with engine.connect() as connection:
+        row = connection.execute(sqlalchemy.text(
+            "SELECT display_name, owner, state FROM training_sets WHERE id = 'ts-old'")).one()
+    assert tuple(row) == ("Old set", "", 2)  # kept, with the new column's default
+    engine.dispose()
+
+
+@pytest.mark.parametrize("migrate", ["auto", "false"])
+def test_a_database_behind_the_code_is_refused_saying_what_to_do(database_url: str, migrate: str) -> None:
+    engine = bare(database_url)
+    _a_set_at_the_first_schema(engine)
+    with pytest.raises(SchemaMismatchError, match=r"revision 0001, behind this version's 0002.*"
+                                                  r"SEGTRAIN_DATABASE_MIGRATE=true"):
+        make_engine(database_url, PIPELINE, migrate=migrate)  # type: ignore[arg-type]
+    assert migrations.current(engine, PIPELINE) == "0001"  # untouched
+    engine.dispose()
+
+
+def test_migrate_true_upgrades_a_database_behind_and_one_made_before_migrations(database_url: str) -> None:
+    engine = bare(database_url)
+    _a_set_at_the_first_schema(engine)
+    with engine.begin() as connection:  # as create_all left it: no version table
+        connection.execute(sqlalchemy.text(f"DROP TABLE {PIPELINE.version_table}"))
+    with pytest.raises(SchemaMismatchError, match="made before migrations"):
+        make_engine(database_url, PIPELINE)
+    upgraded = make_engine(database_url, PIPELINE, migrate="true")
+    assert migrations.current(upgraded, PIPELINE) == migrations.head(PIPELINE)
+    assert migrations.differences(upgraded, PIPELINE) == []
+    upgraded.dispose()
+    engine.dispose()
+
+
+def test_a_database_ahead_of_the_code_or_empty_with_migrate_false_is_refused(database_url: str) -> None:
+    with pytest.raises(SchemaMismatchError, match="is empty and SEGTRAIN_DATABASE_MIGRATE=false"):
+        make_engine(database_url, PIPELINE, migrate="false")
+    engine = make_engine(database_url, PIPELINE)
+    with engine.begin() as connection:  # as a newer version would leave it
+        connection.execute(sqlalchemy.text(f"UPDATE {PIPELINE.version_table} SET version_num = '9999'"))
+    for migrate in ("auto", "true", "false"):
+        with pytest.raises(SchemaMismatchError, match="9999, which this version does not know"):
+            make_engine(database_url, PIPELINE, migrate=migrate)  # type: ignore[arg-type]
+    engine.dispose()
+
+
+def test_the_pipeline_service_refuses_to_start_on_a_database_behind_it(tmp_path: Path,
+                                                                       s3_settings: StorageSettings) -> None:
+    url = f"sqlite:///{tmp_path / 'pipeline.db'}"
+    _a_set_at_the_first_schema(bare(url))
+    with pytest.raises(SchemaMismatchError, match="the pipeline database is at schema revision 0001"):
+        pipeline_app.build(PipelineSettings(listen="127.0.0.1:0", database_url=url), s3_settings)
