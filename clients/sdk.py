@@ -357,6 +357,9 @@ class Client:
         return response.loss_png, response.iou_png
 
     # Models and analysis
+    def get_model(self, model: str) -> pb.Model:
+        return self.pipeline.GetModel(pb.GetModelRequest(name=names.model(model)), timeout=self.timeout)
+
     def list_models(self, *, owner: str = "") -> list[pb.Model]:
         """Every model, newest first; only those of `owner`'s jobs, when given."""
         return _all_pages(lambda token: self.pipeline.ListModels(
@@ -380,6 +383,21 @@ class Client:
         """Every analysis, newest first; only those `owner` created, when given."""
         return _all_pages(lambda token: self.pipeline.ListAnalysisJobs(
             pb.ListAnalysisJobsRequest(page_token=token, owner=owner), timeout=self.timeout), "analysis_jobs")
+
+    # Deletion: never of what is still in use (FAILED_PRECONDITION naming what uses it).
+    def delete_training_set(self, training_set: str) -> None:
+        self.pipeline.DeleteTrainingSet(pb.DeleteTrainingSetRequest(name=names.training_set(training_set)),
+                                        timeout=max(self.timeout, 60))
+
+    def delete_job(self, job: str) -> None:
+        self.pipeline.DeleteJob(pb.DeleteJobRequest(name=names.job(job)), timeout=max(self.timeout, 60))
+
+    def delete_model(self, model: str) -> None:
+        self.pipeline.DeleteModel(pb.DeleteModelRequest(name=names.model(model)), timeout=max(self.timeout, 60))
+
+    def delete_analysis(self, analysis: str) -> None:
+        self.pipeline.DeleteAnalysisJob(pb.DeleteAnalysisJobRequest(name=names.analysis(analysis)),
+                                        timeout=max(self.timeout, 60))
 
     def cancel_analysis(self, analysis: str) -> pb.AnalysisJob:
         return self.pipeline.CancelAnalysisJob(pb.CancelAnalysisJobRequest(name=names.analysis(analysis)),

@@ -172,6 +172,23 @@ def cmd_jobs_cancel(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def _deleting(what: str, delete: Callable[[Client, str], None]) -> Handler:
+    """A `delete` verb: deletes the named resource, or says what still uses it."""
+
+    def handler(args: argparse.Namespace, client: Client) -> int:
+        delete(client, args.name)
+        _out(args, {"deleted": args.name}, f"deleted {what} {args.name}")
+        return 0
+
+    return handler
+
+
+cmd_sets_delete = _deleting("training set", Client.delete_training_set)
+cmd_jobs_delete = _deleting("job", Client.delete_job)
+cmd_models_delete = _deleting("model", Client.delete_model)
+cmd_analyses_delete = _deleting("analysis", Client.delete_analysis)
+
+
 def cmd_jobs_get(args: argparse.Namespace, client: Client) -> int:
     job = client.get_job(args.job)
     p, m = job.progress, job.latest_metrics
@@ -415,7 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     _verb(_group(sub, "architectures"), "list", cmd_architectures_list)
     _add_sets(_group(sub, "sets"))
     _add_jobs(_group(sub, "jobs"))
-    _owned(_verb(_group(sub, "models"), "list", cmd_models_list))
+    models = _group(sub, "models")
+    _owned(_verb(models, "list", cmd_models_list))
+    _verb(models, "delete", cmd_models_delete, help="delete a model and its weights (not while a job or analysis "
+                                                    "that has not ended uses it)").add_argument("name")
     _add_analyses(_group(sub, "analyses"))
     _add_analyze(sub)
     return parser
@@ -462,6 +482,8 @@ def _add_sets(group: Verbs) -> None:
     create.add_argument("--group-by", default="", help="regex; its first group on a tile's stem names the source image")
     create.add_argument("--no-wait", action="store_true", help="return at once, the set PREPARING")
     _verb(group, "get", cmd_sets_get, help="a set's state, progress and report").add_argument("training_set")
+    _verb(group, "delete", cmd_sets_delete, help="delete a set, its tiles and objects (not while a job or "
+                                                 "analysis that has not ended uses it)").add_argument("name")
 
 
 def _add_jobs(group: Verbs) -> None:
@@ -484,6 +506,8 @@ def _add_jobs(group: Verbs) -> None:
     watch.add_argument("job")
     watch.add_argument("--after-seq", type=int, default=0, help="start after event N")
     _verb(group, "rerun", cmd_jobs_rerun, help="create and start a copy of a job (same seed)").add_argument("job")
+    _verb(group, "delete", cmd_jobs_delete, help="delete an ended job and what it stored (its model first)"
+          ).add_argument("name")
     _add_job_results(group)
 
 
@@ -508,6 +532,7 @@ def _add_analyses(group: Verbs) -> None:
     create.add_argument("--no-wait", action="store_true", help="print its name and return at once, QUEUED")
     for name, handler in (("get", cmd_analyses_get), ("cancel", cmd_analyses_cancel)):
         _verb(group, name, handler).add_argument("analysis")
+    _verb(group, "delete", cmd_analyses_delete, help="delete an ended analysis and its results").add_argument("name")
     _owned(_verb(group, "list", cmd_analyses_list, help="list analysis jobs, newest first"))
     watch = _verb(group, "watch", cmd_jobs_watch, help="follow an analysis live until it ends")
     watch.add_argument("job", metavar="analysis", type=names.analysis)

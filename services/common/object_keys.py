@@ -37,7 +37,8 @@ LAYOUT: tuple[tuple[str, str, str], ...] = (
     (f"{JOBS}{{job}}/attempts/{{attempt}}/checkpoints/state-latest.pt", "trainer",
      "the attempt's rolling full-state checkpoint (weights, optimiser, scheduler, RNG state, best weights so "
      "far, history), overwritten every `checkpoint_every` epochs and after the last; the next attempt resumes "
-     "from it"),
+     "from it. Deleted (with the tile manifests and other attempts' files) once the job has SUCCEEDED: only "
+     "the model's two weights files stay; a FAILED or CANCELLED job keeps it"),
     (f"{JOBS}{{job}}/attempts/{{attempt}}/models/best.safetensors", "trainer",
      "the registered model: weights of the best epoch by validation IoU, with metadata (architecture, "
      "classes, normalisation, versions); its sha256 is recorded at registration and checked on every load"),

@@ -9,7 +9,7 @@ import io
 import logging
 import re
 from datetime import timedelta
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import urllib3
 from minio import Minio
@@ -128,17 +128,21 @@ class ObjectStore:
         except urllib3.exceptions.HTTPError as exc:
             raise UnavailableError("object store unreachable") from exc
 
-    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
-        """The object's bytes; with `max_bytes`, ObjectTooLargeError for a larger object, judged
-        from its length before its body is read."""
+    def _open(self, key: str) -> Any:
+        """The object's response, its body not read yet: NotFoundError, or UnavailableError."""
         try:
-            response = self._client.get_object(self.bucket, key)
+            return self._client.get_object(self.bucket, key)
         except (S3Error, InvalidResponseError) as exc:
             if _is_missing(exc):
                 raise NotFoundError(f"object {key!r}") from exc
             raise UnavailableError("object store error") from exc
         except urllib3.exceptions.HTTPError as exc:
             raise UnavailableError("object store unreachable") from exc
+
+    def get(self, key: str, *, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; with `max_bytes`, ObjectTooLargeError for a larger object, judged
+        from its length before its body is read."""
+        response = self._open(key)
         try:
             if max_bytes is None:
                 return response.read()
@@ -156,14 +160,7 @@ class ObjectStore:
     def sha256(self, key: str) -> str:
         """The SHA-256 (hex) of the object's content, read in chunks (memory stays bounded
         however large the object)."""
-        try:
-            response = self._client.get_object(self.bucket, key)
-        except (S3Error, InvalidResponseError) as exc:
-            if _is_missing(exc):
-                raise NotFoundError(f"object {key!r}") from exc
-            raise UnavailableError("object store error") from exc
-        except urllib3.exceptions.HTTPError as exc:
-            raise UnavailableError("object store unreachable") from exc
+        response = self._open(key)
         digest = hashlib.sha256()
         try:
             for chunk in response.stream(_HASH_CHUNK):
@@ -185,8 +182,13 @@ class ObjectStore:
             raise UnavailableError("object store error") from exc
 
     def list_keys(self, prefix: str) -> list[str]:
-        return [o.object_name for o in self._client.list_objects(self.bucket, prefix, recursive=True)
-                if o.object_name]
+        try:
+            return [o.object_name for o in self._client.list_objects(self.bucket, prefix, recursive=True)
+                    if o.object_name]
+        except (S3Error, InvalidResponseError) as exc:
+            raise UnavailableError("object store error") from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise UnavailableError("object store unreachable") from exc
 
     def delete_many(self, keys: list[str]) -> None:
         """Best-effort removal (used to undo partial work); failures are logged, not raised."""

@@ -14,13 +14,14 @@ from sqlalchemy.exc import IntegrityError
 from segcore import catalogue
 from services.common import names
 from services.common.database import session_scope
-from services.common.errors import AlreadyExistsError
+from services.common.errors import AlreadyExistsError, UnavailableError
 from services.common.storage import PRESIGNED_URL_LIFETIME, ObjectStore
 from services.common.tokens import Principal
 from services.pipeline_svc import domain
 from services.pipeline_svc.resources import (
     analyses,
     comparison,
+    deletion,
     jobs,
     lifecycle,
     lookup,
@@ -211,6 +212,32 @@ class PipelineService:
         with session_scope(self.engine) as session:
             found = analyses.get_analysis(session, name=name)
         return analyses.tile_page(self.store, found, page_token)
+
+    # Deletion (resources.deletion): rows in one transaction, then the objects they named.
+    def delete_training_set(self, name: str, caller: Principal | None) -> None:
+        self._delete(deletion.delete_training_set, name, caller)
+
+    def delete_job(self, name: str, caller: Principal | None) -> None:
+        self._delete(deletion.delete_job, name, caller)
+
+    def delete_model(self, name: str, caller: Principal | None) -> None:
+        self._delete(deletion.delete_model, name, caller)
+
+    def delete_analysis(self, name: str, caller: Principal | None) -> None:
+        self._delete(deletion.delete_analysis, name, caller)
+
+    def _delete(self, rows: Callable[..., list[str]], name: str, caller: Principal | None) -> None:
+        with session_scope(self.engine, serialized=True) as session:
+            stored = rows(session, name=name, caller=caller)
+        for key in stored:
+            try:
+                if key.endswith("/"):
+                    self.store.delete_prefix(key)
+                else:
+                    self.store.delete_many([key])
+            except UnavailableError:  # the resource is gone; its objects are orphans now
+                log.warning("%s deleted, but its objects under %s could not be: the object store is unavailable",
+                            name, key)
 
     def presign(self, key: str) -> str:
         """A download URL of one of the service's objects."""

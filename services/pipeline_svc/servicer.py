@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Protocol, TypeAlias, TypedDict
 
+from google.protobuf import empty_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.pipeline.v1 import pipeline_pb2_grpc
 
@@ -26,6 +27,9 @@ ACCESS = {f"/segtrain.pipeline.v1.PipelineService/{method}": role for method, ro
     "CompareJobs": Role.VIEWER, "GetModel": Role.VIEWER, "ListModels": Role.VIEWER,
     "AnalyzeTiles": Role.TRAINER, "CreateAnalysisJob": Role.TRAINER, "GetAnalysisJob": Role.VIEWER,
     "ListAnalysisJobs": Role.VIEWER, "CancelAnalysisJob": Role.TRAINER, "ListAnalysisTiles": Role.VIEWER,
+    # A trainer deletes its own only (resources.ownership); an admin any.
+    "DeleteTrainingSet": Role.TRAINER, "DeleteJob": Role.TRAINER, "DeleteModel": Role.TRAINER,
+    "DeleteAnalysisJob": Role.TRAINER,
     "RegisterTrainerNode": Role.NODE, "HeartbeatTrainerNode": Role.NODE,
     "ListTrainerNodes": Role.ADMIN, "GetServiceInfo": Role.VIEWER,
 }.items()}
@@ -121,6 +125,22 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
         records, token = self._s.analysis_tiles(request.name, page_token=request.page_token)
         return pb.ListAnalysisTilesResponse(
             tiles=[converters.analysed_tile_message(r, self._s.presign) for r in records], next_page_token=token)
+
+    def DeleteTrainingSet(self, request: pb.DeleteTrainingSetRequest, context: Ctx) -> empty_pb2.Empty:
+        self._s.delete_training_set(request.name, context.principal)
+        return empty_pb2.Empty()
+
+    def DeleteJob(self, request: pb.DeleteJobRequest, context: Ctx) -> empty_pb2.Empty:
+        self._s.delete_job(request.name, context.principal)
+        return empty_pb2.Empty()
+
+    def DeleteModel(self, request: pb.DeleteModelRequest, context: Ctx) -> empty_pb2.Empty:
+        self._s.delete_model(request.name, context.principal)
+        return empty_pb2.Empty()
+
+    def DeleteAnalysisJob(self, request: pb.DeleteAnalysisJobRequest, context: Ctx) -> empty_pb2.Empty:
+        self._s.delete_analysis(request.name, context.principal)
+        return empty_pb2.Empty()
 
     def RegisterTrainerNode(self, request: pb.RegisterTrainerNodeRequest, context: Ctx) -> pb.TrainerNode:
         return converters.trainer_node_message(

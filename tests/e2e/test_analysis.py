@@ -20,6 +20,7 @@ from segtrain.pipeline.v1 import pipeline_pb2 as pb
 
 from clients.sdk import Client
 from clients.stack import LocalStack
+from services.common import object_keys
 from services.common.storage import ObjectStore
 from tests.e2e.conftest import wait_for_state
 from tests.helpers import error_of, violation_fields, write_sample_set
@@ -27,6 +28,7 @@ from tests.helpers import error_of, violation_fields, write_sample_set
 pytestmark = pytest.mark.e2e
 CLASSES = ["background", "nucleus", "debris"]
 S = common_pb2
+ENDED = {S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED}
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +121,7 @@ def test_an_analysis_job_can_analyse_a_training_sets_tiles(client: Client, model
 
 
 def test_an_analysis_request_id_makes_one_analysis_and_is_refused_with_other_parameters(
-        client: Client, model: pb.Model, tmp_path: Path) -> None:
+        client: Client, model: pb.Model, stack_store: ObjectStore, tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(4) as pool:
@@ -132,7 +134,18 @@ def test_an_analysis_request_id_makes_one_analysis_and_is_refused_with_other_par
     reused = error_of(client.create_analysis, model.name, tiles=sorted(tiles.iterdir()), request_id="analyse-once")
     assert reused.code() == grpc.StatusCode.INVALID_ARGUMENT and violation_fields(reused) == {"request_id"}
     assert made[0].name in reused.details()
-    client.cancel_analysis(made[0].name)
+    # Deleted once it has ended (not before), with everything it stored.
+    if client.get_analysis(made[0].name).state not in ENDED:
+        assert error_of(client.delete_analysis, made[0].name).code() == grpc.StatusCode.FAILED_PRECONDITION
+        try:
+            client.cancel_analysis(made[0].name)
+        except grpc.RpcError as exc:  # it ended meanwhile
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION, exc.details()
+    client.wait_for_analysis(made[0].name)
+    client.delete_analysis(made[0].name)
+    assert error_of(client.get_analysis, made[0].name).code() == grpc.StatusCode.NOT_FOUND
+    prefix = object_keys.analysis_prefix(made[0].name.removeprefix("analyses/"))
+    assert stack_store.list_keys(prefix) == []
 
 
 def test_cancelling_a_running_analysis_stops_its_node_work(client: Client, model: pb.Model, stack: LocalStack,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -13,12 +15,13 @@ from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.pipeline.v1 import pipeline_pb2_grpc
 
 from clients.sdk import Client
-from services.common.settings import MetricsSettings, PipelineSettings, StorageSettings
+from services.common.settings import MetricsSettings, PipelineSettings, SecuritySettings, StorageSettings
 from services.metrics_svc import app as metrics_app
 from services.metrics_svc.service import MetricsService
 from services.pipeline_svc import app as pipeline_app
 from services.pipeline_svc.service import PipelineService
 from tests.helpers import write_sample_set
+from tests.integration.fake_node import RefusingNode, registered_node
 
 
 @dataclass
@@ -75,12 +78,28 @@ def training_set(client: Client, tmp_path: Path) -> pb.TrainingSet:
 
 
 @pytest.fixture
+def node(pipeline_server: PipelineServer) -> Iterator[RefusingNode]:
+    """A trainer node the test controls (tests/integration/fake_node.py), registered."""
+    with registered_node(pipeline_server.stub) as fake:
+        yield fake
+
+
+@pytest.fixture
 def pipeline_server(tmp_path: Path, s3_settings: StorageSettings, metrics_server: MetricsServer
                     ) -> Iterator[PipelineServer]:
+    with serving_pipeline(tmp_path, s3_settings, metrics_server) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def serving_pipeline(tmp_path: Path, s3_settings: StorageSettings, metrics_server: MetricsServer,
+                     security: SecuritySettings | None = None, **settings: Any) -> Iterator[PipelineServer]:
+    """A started pipeline service on port 0 (its scheduler fast), with `security` and `settings`."""
     url = f"sqlite:///{tmp_path / 'pipeline.db'}"
-    settings = PipelineSettings(listen="127.0.0.1:0", database_url=url, metrics_address=metrics_server.address,
-                                schedule_interval_s=0.2, heartbeat_interval_s=1.0)
-    server, port, _, service = pipeline_app.build(settings, s3_settings)
+    settings = {"schedule_interval_s": 0.2, "heartbeat_interval_s": 1.0, **settings}
+    server, port, _, service = pipeline_app.build(
+        PipelineSettings(listen="127.0.0.1:0", database_url=url, metrics_address=metrics_server.address, **settings),
+        s3_settings, security)
     service.start()
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -16,7 +16,6 @@ import pytest
 from pydantic import SecretStr
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
-from segtrain.pipeline.v1 import pipeline_pb2_grpc
 from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
 from clients.sdk import Client
@@ -25,7 +24,7 @@ from services.common.settings import PipelineSettings, SecuritySettings, Storage
 from services.common.tokens import LISTED_ROLES, Role, write_tokens_file
 from services.pipeline_svc import app as pipeline_app
 from tests.helpers import NODE_KEY, error_of, node_token_of, row_counts
-from tests.integration.conftest import MetricsServer, PipelineServer
+from tests.integration.conftest import MetricsServer, PipelineServer, serving_pipeline
 
 S = common_pb2
 TOKENS = {role: f"token-{role.name.lower()}-0123456789" for role in LISTED_ROLES}
@@ -43,19 +42,8 @@ def pipeline_server(tmp_path: Path, s3_settings: StorageSettings, metrics_server
     write_tokens_file(tokens_file, {token: (f"user-{role.name.lower()}", role) for role, token in TOKENS.items()})
     security = SecuritySettings(auth_tokens_file=tokens_file, service_token=SecretStr(TOKENS[Role.SERVICE]),
                                 node_key=SecretStr(NODE_KEY))
-    url = f"sqlite:///{tmp_path / 'pipeline.db'}"
-    settings = PipelineSettings(listen="127.0.0.1:0", database_url=url, metrics_address=metrics_server.address,
-                                schedule_interval_s=0.2, heartbeat_interval_s=1.0)
-    server, port, _, service = pipeline_app.build(settings, s3_settings, security)
-    service.start()
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield PipelineServer(f"127.0.0.1:{port}", channel, service, pipeline_pb2_grpc.PipelineServiceStub(channel), url)
-    finally:
-        channel.close()
-        service.stop()
-        server.stop(0).wait()
+    with serving_pipeline(tmp_path, s3_settings, metrics_server, security) as running:
+        yield running
 
 
 @pytest.fixture

@@ -16,14 +16,12 @@ from grpc_status import rpc_status
 from pydantic import SecretStr
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
-from segtrain.pipeline.v1 import pipeline_pb2_grpc
 
 from clients.sdk import Client
-from services.common.settings import PipelineSettings, SecuritySettings, StorageSettings
+from services.common.settings import SecuritySettings, StorageSettings
 from services.common.tokens import Role, write_tokens_file
-from services.pipeline_svc import app as pipeline_app
 from tests.helpers import NODE_KEY, error_of
-from tests.integration.conftest import MetricsServer, PipelineServer
+from tests.integration.conftest import MetricsServer, PipelineServer, serving_pipeline
 
 S = common_pb2
 QUOTA = 2
@@ -43,19 +41,9 @@ def pipeline_server(tmp_path: Path, s3_settings: StorageSettings, metrics_server
     write_tokens_file(tokens_file, {token(name): (name, role) for name, role in PRINCIPALS.items()})
     security = SecuritySettings(auth_tokens_file=tokens_file, service_token=SecretStr(token("services")),
                                 node_key=SecretStr(NODE_KEY))
-    url = f"sqlite:///{tmp_path / 'pipeline.db'}"
-    settings = PipelineSettings(listen="127.0.0.1:0", database_url=url, metrics_address=metrics_server.address,
-                                schedule_interval_s=0.2, max_active_jobs_per_principal=QUOTA)
-    server, port, _, service = pipeline_app.build(settings, s3_settings, security)
-    service.start()
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield PipelineServer(f"127.0.0.1:{port}", channel, service, pipeline_pb2_grpc.PipelineServiceStub(channel), url)
-    finally:
-        channel.close()
-        service.stop()
-        server.stop(0).wait()
+    with serving_pipeline(tmp_path, s3_settings, metrics_server, security,
+                          max_active_jobs_per_principal=QUOTA) as running:
+        yield running
 
 
 @pytest.fixture
@@ -92,6 +80,13 @@ def test_a_trainer_acts_on_its_own_jobs_only_and_an_admin_on_any(
     assert error_of(as_["eve"].cancel_job, job.name).code() == grpc.StatusCode.PERMISSION_DENIED  # role first
     assert as_["alice"].start_job(job.name).state == S.JOB_STATE_QUEUED
     assert as_["root"].cancel_job(job.name).state == S.JOB_STATE_CANCELLED  # an admin may
+    # Deleting (now that it has ended) is the owner's or an admin's too.
+    refused = error_of(as_["bob"].delete_job, job.name)
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED and "belongs to alice" in refused.details()
+    assert error_of(as_["bob"].delete_training_set, training_set.name).code() == grpc.StatusCode.PERMISSION_DENIED
+    as_["alice"].delete_job(job.name)
+    assert error_of(as_["eve"].get_job, job.name).code() == grpc.StatusCode.NOT_FOUND
+    as_["root"].delete_training_set(training_set.name)
 
 
 def test_lists_filter_by_owner(training_set: pb.TrainingSet, as_: dict[str, Client]) -> None:

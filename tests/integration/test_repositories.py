@@ -10,6 +10,7 @@ import sqlalchemy
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from sqlalchemy.exc import IntegrityError
+from sqlmodel import select
 
 from services.common import object_keys
 from services.common.database import make_engine, session_scope
@@ -172,4 +173,36 @@ def test_a_model_is_registered_only_from_its_own_attempts_keys_with_its_sha256(d
         assert stored is not None and stored.weights_sha256 == "ab" * 32
         assert stored.owner == "alice" and converters.model_message(stored).owner == "alice"  # its job's owner
         assert converters.model_ref(stored).weights_sha256 == "ab" * 32
+    engine.dispose()
+
+
+def test_deletes_remove_rows_in_an_order_both_databases_accept(database_url: str) -> None:
+    """Tiles before their set, the analysis record before its job, the model before its job."""
+    from services.pipeline_svc.resources import deletion
+    from services.pipeline_svc.tables import AnalysisRow, TileRow
+
+    engine = make_engine(database_url, PIPELINE_SCHEMA)
+    seed(engine)
+    add_job(engine, state=common_pb2.JOB_STATE_SUCCEEDED, attempt=2)
+    with session_scope(engine) as session:
+        session.add(TileRow(training_set="ts", name="t", image_uri="training-sets/ts/images/t.png",
+                            mask_uri="training-sets/ts/masks/t.png", source_image="t", width=8, height=8,
+                            validation=False))
+        models.register_model(session, job=session.get(JobRow, "j-1"), finished=_finished("j-1", 2))  # type: ignore[arg-type]
+        session.add(JobRow(id="a-1", kind="analysis", pipeline="analysis", training_set="ts", from_model="m-1",
+                           hyperparameters=b"", state=common_pb2.JOB_STATE_CANCELLED))
+        session.flush()
+        session.add(AnalysisRow(id="a-1", model="m-1", training_set="ts", tile_count=1, inputs_uri="x", output=b""))
+    with session_scope(engine, serialized=True) as session:
+        assert deletion.delete_analysis(session, name="analyses/a-1", caller=None) == ["analyses/a-1/"]
+    with session_scope(engine, serialized=True) as session:
+        assert deletion.delete_model(session, name="models/m-1", caller=None) == [
+            object_keys.model_weights(object_keys.attempt_prefix("j-1", 2), kind) for kind in ("best", "final")]
+    with session_scope(engine, serialized=True) as session:
+        assert deletion.delete_job(session, name="jobs/j-1", caller=None) == ["jobs/j-1/"]
+    with session_scope(engine, serialized=True) as session:
+        assert deletion.delete_training_set(session, name="trainingSets/ts", caller=None) == ["training-sets/ts/"]
+    with session_scope(engine) as session:
+        for table in (JobRow, ModelRow, TrainingSetRow, TileRow, AnalysisRow):
+            assert list(session.exec(select(table))) == [], table.__name__
     engine.dispose()

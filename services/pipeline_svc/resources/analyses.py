@@ -79,6 +79,7 @@ def create_analysis(engine: Engine, store: ObjectStore, spec: domain.AnalysisJob
                            inputs_uri=inputs_uri)
     try:
         with session_scope(engine, serialized=True) as session:
+            _still_there(session, model_id=model.id, set_id=set_id)
             ownership.check_quota(session, owner=job.owner, limit=quota)  # it is queued at once
             lifecycle.created(session, job)
             lifecycle.emit_control_event(session, job=job, event=S.JobEvent(state_change=S.StateChange(
@@ -99,6 +100,15 @@ def create_analysis(engine: Engine, store: ObjectStore, spec: domain.AnalysisJob
                     return repeated_analysis(store, get_analysis(session, name=names.analysis(previous.id)), spec)
         raise
     return domain.AnalysisJob(job, analysis)
+
+
+def _still_there(session: Session, *, model_id: str, set_id: str) -> None:
+    """The model and set the analysis uses, locked: neither was deleted since they were read, and
+    neither can be before the analysis is recorded."""
+    models.get_model(session, name=names.model(model_id), field="model", for_update=True)
+    if set_id:
+        training_sets.ready_training_set(session, name=names.training_set(set_id), field="training_set",
+                                         for_update=True)
 
 
 def repeated_analysis(store: ObjectStore, previous: domain.AnalysisJob, spec: domain.AnalysisJobSpec

@@ -67,7 +67,9 @@ def create_job(session: Session, *, spec: JobSpec, architectures: Collection[str
     pipeline = pipelines.get_pipeline(session, name=spec.pipeline, field="pipeline")
     if pipeline.type != pipelines.TRAINING:
         raise FailedPreconditionError(f"{names.pipeline(pipeline.id)} is not a TRAINING pipeline")
-    training_set = training_sets.ready_training_set(session, name=spec.training_set, field="training_set")
+    # Locked, like the parent model: neither can be deleted before this job is recorded.
+    training_set = training_sets.ready_training_set(session, name=spec.training_set, field="training_set",
+                                                    for_update=True)
     overrides = dict(spec.hyperparameters)
     parent = None
     if spec.from_model:
@@ -195,7 +197,7 @@ def _check_pretrained(spec: JobSpec) -> None:
 
 
 def _parent(session: Session, name: str, overrides: dict[str, object]) -> ModelRow:
-    parent = models.get_model(session, name=name, field="from_model")
+    parent = models.get_model(session, name=name, field="from_model", for_update=True)
     if "architecture" in overrides and overrides["architecture"] != parent.architecture:
         raise FailedPreconditionError(
             f"from_model {names.model(parent.id)} is a {parent.architecture!r} model; it cannot initialise "

@@ -20,8 +20,15 @@ def model_id_for(job_id: str) -> str:
     return f"m-{job_id.removeprefix('j-')}"
 
 
-def get_model(session: Session, *, name: str, field: str = "name") -> ModelRow:
-    return lookup.get_by_name(session, table=ModelRow, collection=names.MODELS, name=name, field=field)
+def get_model(session: Session, *, name: str, field: str = "name", for_update: bool = False) -> ModelRow:
+    return lookup.get_by_name(session, table=ModelRow, collection=names.MODELS, name=name, field=field,
+                              for_update=for_update)
+
+
+def weights_keys(model: ModelRow) -> list[str]:
+    """The keys of the model's weights (the best epoch's and the last's)."""
+    finished = common_pb2.JobFinished.FromString(model.finished)
+    return [a.uri for a in (finished.best_model, finished.final_model) if a.uri]
 
 
 def list_models(session: Session, *, pipeline: str, page_size: int, page_token: str, owner: str = ""

@@ -1,10 +1,10 @@
 """Who may act on what, and how much one principal may run at once.
 
-Jobs, analyses, training sets and models record the principal that created them (`owner`).
-A trainer may start and cancel only its own jobs and analyses; admins (and the services) may act
-on any. Without authentication (loopback only) there is no caller and no check. A principal has
-at most `limit` jobs and analyses queued or running at once
-(SEGTRAIN_PIPELINE_MAX_ACTIVE_JOBS_PER_PRINCIPAL)."""
+Jobs, analyses, training sets and models record the principal that created them (`owner`). A
+trainer may start, cancel and delete only its own jobs and analyses, and delete only its own sets
+and models; admins (and the services) may act on any. Without authentication (loopback only)
+there is no caller and no check. A principal has at most `limit` jobs and analyses queued or
+running at once (SEGTRAIN_PIPELINE_MAX_ACTIVE_JOBS_PER_PRINCIPAL)."""
 
 from __future__ import annotations
 

@@ -54,7 +54,10 @@ def create_pipeline(session: Session, *, spec: PipelineSpec, architectures: Coll
     previous = lookup.by_request_id(session, table=PipelineRow, request_id=spec.request_id)
     if previous is not None:
         return repeated_pipeline(previous, spec)
-    if session.get(PipelineRow, spec.pipeline_id) is not None:
+    existing = session.get(PipelineRow, spec.pipeline_id)
+    if existing is not None:
+        if spec.request_id and existing.request_id == spec.request_id:  # committed meanwhile by the same request
+            return repeated_pipeline(existing, spec)
         raise AlreadyExistsError(f"{names.pipeline(spec.pipeline_id)} already exists")
     row = PipelineRow(
         id=spec.pipeline_id, display_name=spec.display_name, type=spec.type, class_names=list(spec.class_names),

@@ -130,9 +130,11 @@ def get_training_set(session: Session, *, name: str, field: str = "name") -> Tra
     return lookup.get_by_name(session, table=TrainingSetRow, collection=names.TRAINING_SETS, name=name, field=field)
 
 
-def ready_training_set(session: Session, *, name: str, field: str) -> TrainingSetRow:
-    """The set, if it is READY: FAILED_PRECONDITION naming `field` while it prepares or if it failed."""
-    row = get_training_set(session, name=name, field=field)
+def ready_training_set(session: Session, *, name: str, field: str, for_update: bool = False) -> TrainingSetRow:
+    """The set, if it is READY: FAILED_PRECONDITION naming `field` while it prepares or if it failed.
+    `for_update`: locked until the transaction ends (a job about to use it: no delete meanwhile)."""
+    row = lookup.get_by_name(session, table=TrainingSetRow, collection=names.TRAINING_SETS, name=name, field=field,
+                             for_update=for_update)
     if row.state == PREPARING:
         raise FailedPreconditionError(
             f"{field}: {names.training_set(row.id)} is still being prepared ({row.tiles_checked} of "

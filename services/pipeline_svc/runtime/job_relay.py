@@ -27,7 +27,7 @@ from services.common.errors import FailedPreconditionError, NotFoundError, Unava
 from services.common.storage import ObjectStore
 from services.pipeline_svc.resources import analyses, jobs, lifecycle, models
 from services.pipeline_svc.runtime.peers import PeerStubs
-from services.pipeline_svc.tables import JobRow, TrainerNodeRow
+from services.pipeline_svc.tables import JobRow, ModelRow, TrainerNodeRow
 
 log = logging.getLogger(__name__)
 S = common_pb2
@@ -102,6 +102,7 @@ class JobRelay(threading.Thread):
             self._check_from_node(events, attempt)
             self._append(events)
             if self._apply(events):
+                self._keep_only_the_model()
                 return  # the job is final here (closing the batches ends the stream)
 
     def _check_from_node(self, events: list[common_pb2.JobEvent], attempt: int) -> None:
@@ -185,6 +186,23 @@ class JobRelay(threading.Thread):
                 session.add(job)
         self._wake_outbox()
         return done
+
+    def _keep_only_the_model(self) -> None:
+        """After a training job's success only its model's weights are kept: the rolling
+        checkpoints, tile manifests and other attempts' files are deleted (a failed or cancelled
+        job keeps its last checkpoint, to resume or debug from)."""
+        with session_scope(self._engine) as session:
+            job = session.get(JobRow, self.job_id)
+            model = session.get(ModelRow, job.model) if job is not None and job.model else None
+        if job is None or job.state != S.JOB_STATE_SUCCEEDED or job.kind != jobs.TRAINING or model is None:
+            return
+        keep = set(models.weights_keys(model))
+        try:
+            self._store.delete_many([k for k in self._store.list_keys(object_keys.job_prefix(self.job_id))
+                                     if k not in keep])
+        except UnavailableError:
+            log.warning("%s succeeded, but its checkpoints could not be deleted: the object store is unavailable",
+                        self._name)
 
     def _requeue(self, attempt: int, reason: str) -> None:
         """Gives the attempt up: the job goes back to the queue (or FAILED after its last attempt)."""

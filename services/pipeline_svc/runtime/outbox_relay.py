@@ -12,6 +12,7 @@ import threading
 import grpc
 from segtrain.common.v1 import common_pb2
 from segtrain.metrics.v1 import metrics_pb2
+from sqlalchemy import delete
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
@@ -73,11 +74,8 @@ class OutboxRelay(threading.Thread):
     def _append(self, job: str, rows: list[OutboxRow]) -> None:
         events = [common_pb2.JobEvent.FromString(r.payload) for r in rows]
         self._peers.metrics.AppendJobEvents(metrics_pb2.AppendJobEventsRequest(job=job, events=events), timeout=10)
-        with session_scope(self._engine) as session:
-            for r in rows:
-                stored = session.get(OutboxRow, r.id)
-                if stored is not None:
-                    session.delete(stored)
+        with session_scope(self._engine) as session:  # (rows a deleted job took along are gone already)
+            session.execute(delete(OutboxRow).where(col(OutboxRow.id).in_([r.id for r in rows])))
 
     def _append_or_park(self, job: str, row: OutboxRow) -> None:
         try:
