@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from segtrain.common.v1 import common_pb2
 from segtrain.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
@@ -63,6 +65,18 @@ class TrainingSetFailedError(Exception):
     def __init__(self, training_set: pb.TrainingSet) -> None:
         super().__init__(f"{training_set.name} FAILED: {training_set.failure_reason}")
         self.training_set = training_set
+
+
+def first_held_seq(error: grpc.RpcError) -> int | None:
+    """The first seq the metrics service still holds, from an OUT_OF_RANGE of expired events."""
+    if error.code() != grpc.StatusCode.OUT_OF_RANGE:
+        return None
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.reason == "EVENTS_EXPIRED":
+            return int(info.metadata["first_held_seq"])
+    return None
 
 
 class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
@@ -328,7 +342,9 @@ class Client:
               include_batch_progress: bool = True) -> Iterator[common_pb2.JobEvent]:
         """The events of a job (or of an analysis job, by its name) from after `after_seq` to
         its final event. On a dropped stream it reconnects after the last seq it yielded, so
-        nothing is missed or repeated."""
+        nothing is missed or repeated. Events the service no longer holds (event-log retention)
+        are skipped with a warning, from the first it holds; with `reconnect=False` that is
+        OUT_OF_RANGE."""
         last, delay = after_seq, 0.2
         while True:
             request = metrics_pb2.WatchJobEventsRequest(job=names.run(job), after_seq=last,
@@ -341,6 +357,12 @@ class Client:
                         yield item.event
                 return
             except grpc.RpcError as exc:
+                first_held = first_held_seq(exc)
+                if reconnect and first_held is not None and first_held > last + 1:
+                    log.warning("events %d..%d of %s are no longer held; watching from %d", last + 1, first_held - 1,
+                                job, first_held)
+                    last = first_held - 1
+                    continue
                 resumable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
                 if not (reconnect and resumable):
                     raise

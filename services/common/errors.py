@@ -75,7 +75,12 @@ class CancelledError(DomainError):
 
 
 class OutOfRangeError(DomainError):
-    """A position (e.g. a sequence number) is outside what the server holds."""
+    """A position (e.g. a sequence number) is outside what the server holds; `first_held`, when
+    set, is the first one it still holds (the rest were let go)."""
+
+    def __init__(self, message: str, *, first_held: int | None = None) -> None:
+        super().__init__(message)
+        self.first_held = first_held
 
 
 def check(violations: list[FieldViolation]) -> None:

@@ -55,6 +55,9 @@ def to_status(exc: BaseException) -> status_pb2.Status:
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
             for v in exc.violations
         ])
+    elif isinstance(exc, errors.OutOfRangeError) and exc.first_held is not None:
+        detail = error_details_pb2.ErrorInfo(reason="EVENTS_EXPIRED", domain="segtrain",
+                                             metadata={"first_held_seq": str(exc.first_held)})
     elif isinstance(exc, errors.QuotaExceededError):
         detail = error_details_pb2.QuotaFailure(violations=[
             error_details_pb2.QuotaFailure.Violation(subject=exc.subject, description=f"{exc.quota}: {exc.message}")])

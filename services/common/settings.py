@@ -133,6 +133,11 @@ class PipelineSettings(BaseSettings):
     # Jobs and analyses one principal may have queued or running at once (0: no limit); past it,
     # StartJob and CreateAnalysisJob answer RESOURCE_EXHAUSTED naming the quota.
     max_active_jobs_per_principal: int = Field(default=64, ge=0)
+    # The storage collector: seconds between its passes; uploads nothing will read are deleted once
+    # this old (0: never); objects no row owns once this old (a grace for work in progress).
+    collect_interval_s: float = Field(default=3600.0, gt=0)
+    upload_ttl_s: float = Field(default=7 * 86400.0, ge=0)
+    orphan_grace_s: float = Field(default=86400.0, ge=60)
 
 
 class MetricsSettings(BaseSettings):
@@ -153,6 +158,15 @@ class MetricsSettings(BaseSettings):
     # Seconds a watch of a job with no events waits for its first one before NOT_FOUND (a job just
     # created has its first event on the way from the pipeline's outbox).
     unknown_job_grace_s: float = Field(default=2.0, ge=0.0)
+    # Event-log retention (services/metrics_svc/retention.py): logs whose newest event is older
+    # than this many days go whole (0: kept for ever); no log keeps more than this many events,
+    # its oldest going first (0: no cap); seconds between passes.
+    # With more than one replica: seconds between the reads that bring other replicas' new events
+    # to this one's watchers (one read per watched job; 0: one replica, no reads).
+    poll_interval_s: float = Field(default=0.0, ge=0.0)
+    retention_days: float = Field(default=90.0, ge=0.0)
+    max_events_per_job: int = Field(default=100_000, ge=0)
+    retention_interval_s: float = Field(default=600.0, gt=0)
 
 
 class TrainerSettings(BaseSettings):

@@ -8,7 +8,8 @@ import hashlib
 import io
 import logging
 import re
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO
 
 import urllib3
@@ -74,6 +75,12 @@ def _is_missing(exc: S3Error | InvalidResponseError) -> bool:
     if isinstance(exc, S3Error):
         return exc.code in ("NoSuchKey", "NoSuchObject", "NotFound")
     return getattr(exc, "_code", None) == 404
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    modified: datetime
 
 
 class ObjectTooLargeError(DomainError):
@@ -182,9 +189,20 @@ class ObjectStore:
             raise UnavailableError("object store error") from exc
 
     def list_keys(self, prefix: str) -> list[str]:
+        return [o.key for o in self.list_objects(prefix)]
+
+    def list_objects(self, prefix: str) -> list[StoredObject]:
+        """Every object under `prefix`, with when it was last written."""
+        return [StoredObject(o.object_name, o.last_modified or datetime.min.replace(tzinfo=UTC))
+                for o in self._listing(prefix, recursive=True) if o.object_name]
+
+    def list_folders(self, prefix: str) -> list[str]:
+        """The `prefix`-level folders (`jobs/j-1/`, ...) under `prefix`."""
+        return [o.object_name for o in self._listing(prefix, recursive=False) if o.is_dir and o.object_name]
+
+    def _listing(self, prefix: str, *, recursive: bool) -> list[Any]:
         try:
-            return [o.object_name for o in self._client.list_objects(self.bucket, prefix, recursive=True)
-                    if o.object_name]
+            return list(self._client.list_objects(self.bucket, prefix, recursive=recursive))
         except (S3Error, InvalidResponseError) as exc:
             raise UnavailableError("object store error") from exc
         except urllib3.exceptions.HTTPError as exc:

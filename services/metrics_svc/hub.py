@@ -72,6 +72,10 @@ class EventHub:
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
         self._subs: dict[str, set[Subscription]] = {}
+        self.published: dict[str, int] = {}  # the highest seq published per watched job
+
+    def watched(self, job: str) -> bool:
+        return job in self._subs
 
     def subscribe(self, job: str) -> Subscription:
         sub = Subscription(job, self._capacity)
@@ -84,10 +88,12 @@ class EventHub:
             subs.discard(sub)
             if not subs:
                 del self._subs[sub.job]
+                self.published.pop(sub.job, None)
 
     def publish(self, job: str, events: Sequence[common_pb2.JobEvent]) -> None:
         subs = list(self._subs.get(job, ())) if events else []
         if subs:
+            self.published[job] = max(self.published.get(job, 0), events[-1].seq)
             published = [Published(e) for e in events]
             for sub in subs:
                 sub.push(published)

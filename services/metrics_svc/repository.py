@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC
+from datetime import UTC, datetime
 
 from segtrain.common.v1 import common_pb2
-from sqlalchemy import func
+from sqlalchemy import delete, func
 from sqlmodel import Session, col, select
 
 from services.common.timeutil import utcnow
@@ -16,6 +16,26 @@ from services.metrics_svc.tables import JobEventRow
 def last_seq(session: Session, *, job: str) -> int:
     value = session.exec(select(func.max(JobEventRow.seq)).where(JobEventRow.job == job)).one()
     return int(value or 0)
+
+
+def expire_logs(session: Session, *, written_before: datetime, limit: int) -> int:
+    """Deletes the whole logs (at most `limit` jobs) whose newest event is older than
+    `written_before`; returns how many."""
+    stale = list(session.exec(select(JobEventRow.job).group_by(col(JobEventRow.job))
+                              .having(func.max(JobEventRow.event_time) < written_before).limit(limit)))
+    if stale:
+        session.execute(delete(JobEventRow).where(col(JobEventRow.job).in_(stale)))
+    return len(stale)
+
+
+def truncate_logs(session: Session, *, keep: int, limit: int) -> int:
+    """Keeps the newest `keep` events of every log (at most `limit` jobs a call): an oldest prefix
+    goes, so what is held stays one run of seqs. Returns how many logs were cut."""
+    long = list(session.exec(select(JobEventRow.job, func.max(JobEventRow.seq)).group_by(col(JobEventRow.job))
+                             .having(func.count() > keep).limit(limit)))
+    for job, last in long:
+        session.execute(delete(JobEventRow).where(col(JobEventRow.job) == job, col(JobEventRow.seq) <= last - keep))
+    return len(long)
 
 
 def last_source_seq(session: Session, *, job: str, attempt: int) -> int:

@@ -9,6 +9,7 @@ watchers or readers can delay the events that move jobs along.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import zlib
 from collections.abc import AsyncIterator, Sequence
@@ -18,7 +19,7 @@ from segtrain.common.v1 import common_pb2
 from sqlalchemy.engine import Engine
 
 from services.common import job_states, names
-from services.common.database import session_scope
+from services.common.database import lock_name, session_scope
 from services.common.errors import (
     FieldViolation,
     InvalidArgumentError,
@@ -31,6 +32,8 @@ from services.common.errors import (
 from services.common.gate import Executors
 from services.metrics_svc import charts, repository
 from services.metrics_svc.hub import EventHub, Published
+
+log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 500
 MAX_APPEND = 1000
@@ -48,8 +51,12 @@ class Heartbeat:
 
 class MetricsService:
     def __init__(self, engine: Engine, executors: Executors, *, heartbeat_interval_s: float, watcher_buffer: int,
-                 unknown_job_grace_s: float = 2.0) -> None:
+                 unknown_job_grace_s: float = 2.0, poll_interval_s: float = 0.0) -> None:
         self._engine = engine
+        # Replicas: events another replica appended reach this one's watchers through one poller
+        # per watched job, reading the database every poll_interval_s (0: one replica, no poll).
+        self._poll_s = poll_interval_s
+        self._pollers: dict[str, asyncio.Task[None]] = {}
         self._executors = executors
         self._heartbeat_s = heartbeat_interval_s
         self._unknown_job_grace_s = unknown_job_grace_s
@@ -67,7 +74,10 @@ class MetricsService:
     def _append(self, job: str, events: Sequence[common_pb2.JobEvent], loop: asyncio.AbstractEventLoop
                 ) -> tuple[int, int]:
         with self._job_locks[zlib.crc32(job.encode()) % len(self._job_locks)]:
-            with session_scope(self._engine) as session:
+            # The lock above orders this replica's appends; the database's orders every
+            # replica's (a per-job advisory lock on PostgreSQL, the write lock on SQLite).
+            with session_scope(self._engine, serialized=True) as session:
+                lock_name(session, f"job-events:{job}")
                 stored = repository.append(session, job=job, events=events)
                 last = repository.last_seq(session, job=job)
                 last_source = (
@@ -86,6 +96,8 @@ class MetricsService:
     def _list_events(self, job: str, after_seq: int, limit: int) -> tuple[list[common_pb2.JobEvent], int]:
         with session_scope(self._engine) as session:
             events = repository.read(session, job=job, after_seq=after_seq, limit=limit)
+            if events and events[0].seq > after_seq + 1:
+                raise _expired(job, events[0].seq)
             return events, repository.last_seq(session, job=job)
 
     async def history(self, job: str) -> tuple[list[common_pb2.EpochMetrics], int]:
@@ -120,6 +132,10 @@ class MetricsService:
                 held, tail = await self._executors.run(self._log_end, job)
                 if not held:
                     raise NotFoundError(job)  # no events: no such job
+            if self._poll_s:  # other replicas' events after what this watch replays from the store
+                self.hub.published.setdefault(job, held)
+                if job not in self._pollers:
+                    self._pollers[job] = asyncio.get_running_loop().create_task(self._poll(job))
             if tail and is_terminal(tail[0]) and after_seq >= held:
                 return  # the client has seen the whole, finished log
             if after_seq > held:
@@ -131,10 +147,13 @@ class MetricsService:
             while True:  # a client that leaves cancels this coroutine at its next await
                 batch: Sequence[common_pb2.JobEvent | Published]
                 if replaying:
-                    batch = await self._executors.run(self._replay, job, last)
-                    replaying = len(batch) == REPLAY_PAGE  # caught up once a page comes back short
-                    if not batch:
+                    stored = await self._executors.run(self._replay, job, last)
+                    replaying = len(stored) == REPLAY_PAGE  # caught up once a page comes back short
+                    if not stored:
                         continue
+                    if stored[0].seq > last + 1:  # what comes next was let go (retention)
+                        raise _expired(job, stored[0].seq)
+                    batch = stored
                 else:
                     batch = await sub.take(self._heartbeat_s)
                 if sub.closed:
@@ -160,6 +179,19 @@ class MetricsService:
                         return
         finally:
             self.hub.unsubscribe(sub)
+
+    async def _poll(self, job: str) -> None:
+        """Publishes what other replicas appended to `job`, while anyone here watches it."""
+        try:
+            while self.hub.watched(job) and not self._closing:
+                await asyncio.sleep(self._poll_s)
+                events = await self._executors.run(self._replay, job, self.hub.published.get(job, 0))
+                if events and self.hub.watched(job):
+                    self.hub.publish(job, events)
+        except Exception:
+            log.exception("polling %s for other replicas' events failed; its watchers resume from the store", job)
+        finally:
+            self._pollers.pop(job, None)
 
     def close_watches(self) -> None:
         """Ends every open watch with UNAVAILABLE (clients resume from their last seq elsewhere),
@@ -201,6 +233,12 @@ class MetricsService:
         }
         return (charts.render_loss_chart(series, width=width, height=height),
                 charts.render_iou_chart(series, width=width, height=height))
+
+
+def _expired(job: str, first_held: int) -> OutOfRangeError:
+    return OutOfRangeError(f"events up to seq {first_held - 1} of {job} are no longer held (event-log retention); "
+                           f"the first seq still held is {first_held}: read or watch from after_seq={first_held - 1}",
+                           first_held=first_held)
 
 
 def effective_epochs(events: Sequence[common_pb2.JobEvent]) -> list[common_pb2.EpochMetrics]:

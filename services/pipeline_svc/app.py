@@ -11,6 +11,7 @@ from services.common.server import AsyncServer, create_server
 from services.common.settings import PipelineSettings, SecuritySettings, ServingSettings, StorageSettings
 from services.common.storage import ObjectStore
 from services.pipeline_svc.resources.set_preparation import Tuning
+from services.pipeline_svc.runtime.collector import Collection
 from services.pipeline_svc.runtime.peers import PeerStubs
 from services.pipeline_svc.service import PipelineService
 from services.pipeline_svc.servicer import ACCESS, LONG, RESERVED, PipelineServicer
@@ -38,6 +39,8 @@ def build(settings: PipelineSettings, storage: StorageSettings, security: Securi
         preparation=Tuning(threads=settings.prepare_threads, window=2 * settings.prepare_threads,
                            memory_bytes=settings.prepare_memory_mb * 2**20),
         max_active_jobs_per_principal=settings.max_active_jobs_per_principal,
+        collection=Collection(interval_s=settings.collect_interval_s, upload_ttl_s=settings.upload_ttl_s,
+                              orphan_grace_s=settings.orphan_grace_s),
     )
     # The service's work is blocking (SQL, object storage): each call runs in the bounded pools.
     executors = Executors(serving)

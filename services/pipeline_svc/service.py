@@ -32,6 +32,7 @@ from services.pipeline_svc.resources import (
     uploads,
 )
 from services.pipeline_svc.runtime import analysis, nodes
+from services.pipeline_svc.runtime.collector import DEFAULT_COLLECTION, Collection, Collector
 from services.pipeline_svc.runtime.outbox_relay import OutboxRelay
 from services.pipeline_svc.runtime.peers import PeerStubs
 from services.pipeline_svc.runtime.preparer import Preparer
@@ -46,13 +47,16 @@ class PipelineService:
                  schedule_interval_s: float, heartbeat_interval_s: float, max_attempts: int,
                  prepare_concurrency: int = 2,
                  preparation: set_preparation.Tuning = set_preparation.DEFAULT_TUNING,
-                 max_active_jobs_per_principal: int = 0) -> None:
+                 max_active_jobs_per_principal: int = 0, collection: Collection = DEFAULT_COLLECTION) -> None:
         self.engine, self.store, self.peers = engine, store, peers
         self._active_jobs_quota = max_active_jobs_per_principal
         self.metrics_public_address = metrics_public_address
         self.heartbeat_interval_s = heartbeat_interval_s
         self._stopping = threading.Event()
         self._outbox_relay = OutboxRelay(engine, peers, stopping=self._stopping)
+        self.collector = Collector(engine, store, interval_s=collection.interval_s,
+                                   upload_ttl_s=collection.upload_ttl_s, orphan_grace_s=collection.orphan_grace_s,
+                                   stopping=self._stopping)
         self._preparer = Preparer(engine, store, concurrency=prepare_concurrency, stopping=self._stopping,
                                   tuning=preparation)
         self.scheduler = Scheduler(engine, peers, store, interval_s=schedule_interval_s,
@@ -64,6 +68,7 @@ class PipelineService:
             pipelines.seed_pipelines(session)
         self._outbox_relay.start()
         self._preparer.start()
+        self.collector.start()
         self.scheduler.start()
 
     def stop(self) -> None:
@@ -71,7 +76,7 @@ class PipelineService:
         self._outbox_relay.wake()
         self._preparer.wake()
         self.scheduler.stop_relays()
-        for thread in (self.scheduler, self._outbox_relay, self._preparer):
+        for thread in (self.scheduler, self._outbox_relay, self._preparer, self.collector):
             thread.join(timeout=5)
         self._preparer.join_running(timeout=5)
 
