@@ -124,6 +124,9 @@ class PipelineSettings(BaseSettings):
     heartbeat_interval_s: float = 5.0
     # Attempts a job gets (re-queues after lost nodes included) before it fails.
     max_attempts: int = 5
+    # Seconds a replica holds a job's relay lease without renewing it (each scheduler pass renews);
+    # when its replica dies, another takes the job's relay over after at most this long.
+    relay_lease_s: float = Field(default=10.0, gt=0)
     # Training sets prepared at once, and tiles of each decoded and stored at once.
     prepare_concurrency: int = Field(default=2, ge=1, le=64)
     prepare_threads: int = Field(default=8, ge=1, le=64)

@@ -41,6 +41,7 @@ def build(settings: PipelineSettings, storage: StorageSettings, security: Securi
         max_active_jobs_per_principal=settings.max_active_jobs_per_principal,
         collection=Collection(interval_s=settings.collect_interval_s, upload_ttl_s=settings.upload_ttl_s,
                               orphan_grace_s=settings.orphan_grace_s),
+        relay_lease_s=settings.relay_lease_s,
     )
     # The service's work is blocking (SQL, object storage): each call runs in the bounded pools.
     executors = Executors(serving)

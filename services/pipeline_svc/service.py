@@ -47,7 +47,8 @@ class PipelineService:
                  schedule_interval_s: float, heartbeat_interval_s: float, max_attempts: int,
                  prepare_concurrency: int = 2,
                  preparation: set_preparation.Tuning = set_preparation.DEFAULT_TUNING,
-                 max_active_jobs_per_principal: int = 0, collection: Collection = DEFAULT_COLLECTION) -> None:
+                 max_active_jobs_per_principal: int = 0, collection: Collection = DEFAULT_COLLECTION,
+                 relay_lease_s: float = 10.0) -> None:
         self.engine, self.store, self.peers = engine, store, peers
         self._active_jobs_quota = max_active_jobs_per_principal
         self.metrics_public_address = metrics_public_address
@@ -61,7 +62,8 @@ class PipelineService:
                                   tuning=preparation)
         self.scheduler = Scheduler(engine, peers, store, interval_s=schedule_interval_s,
                                    heartbeat_interval_s=heartbeat_interval_s, max_attempts=max_attempts,
-                                   stopping=self._stopping, wake_outbox=self._outbox_relay.wake)
+                                   stopping=self._stopping, wake_outbox=self._outbox_relay.wake,
+                                   relay_lease_s=relay_lease_s)
 
     def start(self) -> None:
         with session_scope(self.engine) as session:
@@ -78,6 +80,10 @@ class PipelineService:
         self.scheduler.stop_relays()
         for thread in (self.scheduler, self._outbox_relay, self._preparer, self.collector):
             thread.join(timeout=5)
+        try:  # another replica takes this one's relays at its next pass, not when their leases lapse
+            self.scheduler.release_leases()
+        except Exception:
+            log.warning("could not give the relay leases up; they lapse on their own")
         self._preparer.join_running(timeout=5)
 
     # Pipelines and architectures

@@ -103,6 +103,10 @@ class JobRow(SQLModel, table=True):
     gang_nodes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]"))
     # Highest trainer source_seq of the current attempt already relayed to the metrics service.
     relayed_source_seq: int = 0
+    # The pipeline replica whose relay follows the job, and until when (runtime/scheduler.py):
+    # renewed by the owner, taken over by another replica once it has lapsed.
+    relay_owner: str = Field(default="", max_length=64, sa_column_kwargs={"server_default": ""})
+    relay_lease_until: datetime | None = None
     # Counter of the pipeline service's own events (attempt 0) for this job.
     control_seq: int = 0
     # Latest full-state checkpoint of any attempt; a re-queued job resumes from it.

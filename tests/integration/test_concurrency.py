@@ -7,8 +7,10 @@ terminal state, no job assigned twice, no node given more jobs than its capacity
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from functools import partial
 
 import pytest
@@ -196,3 +198,18 @@ def test_two_schedulers_never_assign_a_job_twice_or_a_node_beyond_its_capacity(
                 job.state, job.trainer_node = S.JOB_STATE_SUCCEEDED, ""
                 session.add(job)
     control_seqs_are_whole(engine)
+
+
+def test_a_relay_lease_has_one_holder_and_passes_on_only_when_it_lapses(engine: sqlalchemy.engine.Engine) -> None:
+    add_nodes(engine, 1, capacity=4)
+    add_job(engine, "j-1", state=S.JOB_STATE_QUEUED)
+    a, b = scheduler(engine), scheduler(engine)
+    a._lease = b._lease = timedelta(seconds=0.5)
+    assert isinstance(a.claim_one(), Claim)  # the replica that assigns the job holds its lease
+    assert a.renew_leases() == {"j-1"} and b.renew_leases() == set()
+    time.sleep(0.7)  # a renews nothing (it died): its lease lapses
+    assert b.renew_leases() == {"j-1"} and a.renew_leases() == set()
+    for _ in range(4):  # replicas renewing at once after a lapse: exactly one holds the job
+        time.sleep(0.6)
+        first, second = race(a.renew_leases, b.renew_leases)
+        assert sorted((first, second), key=len) == [set(), {"j-1"}], (first, second)  # type: ignore[arg-type]

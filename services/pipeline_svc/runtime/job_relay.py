@@ -38,10 +38,13 @@ MAX_BATCH = 500  # events relayed in one append (the metrics service takes up to
 class JobRelay(threading.Thread):
     def __init__(self, engine: Engine, peers: PeerStubs, store: ObjectStore, *, job_id: str, max_attempts: int,
                  stopping: threading.Event, wake_outbox: Callable[[], None], on_exit: Callable[[str], None],
-                 starting: Callable[[str], bool] = lambda job_id: False) -> None:
+                 starting: Callable[[str], bool] = lambda job_id: False, owner: str = "") -> None:
         super().__init__(name=f"relay-{job_id}", daemon=True)
         self._engine, self._peers, self._store = engine, peers, store
         self.job_id = job_id
+        # The replica this relay runs on: it changes the job only while that replica holds the
+        # job's relay lease (runtime/scheduler.py; "" for a relay outside a scheduler).
+        self._owner = owner
         self._max_attempts = max_attempts
         self._stopping = stopping
         self._wake_outbox = wake_outbox
@@ -84,7 +87,7 @@ class JobRelay(threading.Thread):
         self._interrupted.clear()  # what follows reads the job as it is now
         with session_scope(self._engine) as session:
             job = session.get(JobRow, self.job_id)
-            if job is None or job.state not in job_states.ACTIVE:
+            if job is None or job.state not in job_states.ACTIVE or not self._holds(job):
                 return None
             self._name = lifecycle.log_name(job)
             node = session.get(TrainerNodeRow, job.trainer_node)
@@ -132,6 +135,10 @@ class JobRelay(threading.Thread):
                     raise
                 log.warning("metrics service unavailable; retrying append for %s", self._name)
 
+    def _holds(self, job: JobRow) -> bool:
+        """Whether this relay's replica holds the job's relay lease."""
+        return not self._owner or job.relay_owner == self._owner
+
     def _weights_problem(self, events: list[common_pb2.JobEvent]) -> str | None:
         """Why the weights a successful final event reports cannot be registered (None: they can,
         or there is no such event): each must be in storage with the sha256 the node reported.
@@ -165,8 +172,9 @@ class JobRelay(threading.Thread):
         with session_scope(self._engine, serialized=True) as session:
             job = lifecycle.locked(session, self.job_id)
             for event in events:
-                if job is None or job.attempt != event.attempt or job.state not in job_states.ACTIVE:
-                    done = True
+                if (job is None or job.attempt != event.attempt or job.state not in job_states.ACTIVE
+                        or not self._holds(job)):
+                    done = True  # (another replica follows the job now: it applies these events)
                     break
                 job.relayed_source_seq = event.source_seq
                 if event.HasField("progress"):
@@ -209,7 +217,7 @@ class JobRelay(threading.Thread):
         log.warning("%s attempt %d: %s", self._name, attempt, reason)
         with session_scope(self._engine, serialized=True) as session:
             job = lifecycle.locked(session, self.job_id)
-            if job is not None and job.attempt == attempt and job.state in job_states.ACTIVE:
+            if job is not None and job.attempt == attempt and job.state in job_states.ACTIVE and self._holds(job):
                 lifecycle.requeue(session, job=job, reason=reason, max_attempts=self._max_attempts)
         self._wake_outbox()
 

@@ -1,5 +1,12 @@
 """The scheduler: assigns queued jobs to trainer nodes with free capacity, keeps one relay per
-active job, and hands back the jobs of nodes that stopped heartbeating."""
+active job, and hands back the jobs of nodes that stopped heartbeating.
+
+Replicas share the work over one database: claims lock the job and its nodes, and each active
+job's relay runs on exactly one replica, the holder of the job's relay lease (`relay_owner`,
+`relay_lease_until`). The replica that assigns a job takes its lease; every pass renews the
+leases a replica holds and takes those that have lapsed (their holder died), so another replica
+resumes a dead one's relays within the lease period, from the last relayed event. A relay that
+finds its lease taken stops (`JobRelay` checks it in each transaction that changes the job)."""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ import hashlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import timedelta
@@ -14,6 +22,7 @@ from datetime import timedelta
 import grpc
 from segtrain.common.v1 import common_pb2
 from segtrain.trainer.v1 import trainer_pb2
+from sqlalchemy import or_, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
@@ -22,6 +31,7 @@ from services.common import job_states, names, object_keys
 from services.common.database import session_scope
 from services.common.errors import UnavailableError
 from services.common.storage import ObjectStore
+from services.common.timeutil import utcnow
 from services.pipeline_svc import converters
 from services.pipeline_svc.resources import analyses, jobs, lifecycle, models, training_sets
 from services.pipeline_svc.runtime import nodes
@@ -45,9 +55,11 @@ class Claim:
 class Scheduler(threading.Thread):
     def __init__(self, engine: Engine, peers: PeerStubs, store: ObjectStore, *, interval_s: float,
                  heartbeat_interval_s: float, max_attempts: int, stopping: threading.Event,
-                 wake_outbox: Callable[[], None]) -> None:
+                 wake_outbox: Callable[[], None], relay_lease_s: float = 10.0, replica: str | None = None) -> None:
         super().__init__(name="scheduler", daemon=True)
         self._engine, self._peers, self._store = engine, peers, store
+        self.replica = replica or f"replica-{uuid.uuid4().hex[:12]}"
+        self._lease = timedelta(seconds=relay_lease_s)
         self._interval_s = interval_s
         self._max_attempts = max_attempts
         self._stopping = stopping
@@ -96,13 +108,36 @@ class Scheduler(threading.Thread):
         while self._assign_one():
             pass
         with session_scope(self._engine) as session:
-            active = list(session.exec(select(JobRow.id).where(col(JobRow.state).in_(job_states.ACTIVE))))
             if self._held:  # holds end with the job's wait (it started, failed or was cancelled)
                 waiting = set(session.exec(select(JobRow.id).where(
                     col(JobRow.id).in_(list(self._held)), JobRow.state == S.JOB_STATE_QUEUED)))
                 self._held = {j: hold for j, hold in self._held.items() if j in waiting}
-        for job_id in active:
+        owned = self.renew_leases()
+        for job_id in owned:
             self._ensure_relay(job_id)
+        with self._lock:
+            taken = [relay for job_id, relay in self._relays.items() if job_id not in owned]
+        for relay in taken:  # another replica holds the job now: this one lets go at once
+            relay.stop()
+
+    def renew_leases(self) -> set[str]:
+        """Renews this replica's relay leases and takes the lapsed ones; the active jobs it holds."""
+        now = utcnow()
+        with session_scope(self._engine, serialized=True) as session:
+            session.execute(update(JobRow).where(
+                col(JobRow.state).in_(job_states.ACTIVE),
+                or_(col(JobRow.relay_owner).in_((self.replica, "")), col(JobRow.relay_lease_until).is_(None),
+                    col(JobRow.relay_lease_until) < now),
+            ).values(relay_owner=self.replica, relay_lease_until=now + self._lease))
+            return set(session.exec(select(JobRow.id).where(
+                col(JobRow.state).in_(job_states.ACTIVE), JobRow.relay_owner == self.replica)))
+
+    def release_leases(self) -> None:
+        """Gives this replica's relay leases up (a graceful stop): another replica takes them at
+        its next pass rather than when they lapse."""
+        with session_scope(self._engine, serialized=True) as session:
+            session.execute(update(JobRow).where(col(JobRow.relay_owner) == self.replica)
+                            .values(relay_owner="", relay_lease_until=None))
 
     def _hand_back(self, node_id: str) -> None:
         with session_scope(self._engine, serialized=True) as session:
@@ -158,6 +193,8 @@ class Scheduler(threading.Thread):
                 job.attempt += 1
                 job.trainer_node, job.gang_nodes = gang[0].id, [n.id for n in gang]
                 job.relayed_source_seq = 0
+                # This replica follows what it starts (its relay may read the job at once).
+                job.relay_owner, job.relay_lease_until = self.replica, utcnow() + self._lease
                 lifecycle.transition(session, job=job, to=S.JOB_STATE_ASSIGNED)
                 claim = Claim(job, _run_request(session, job), [(n.id, n.address) for n in gang])
         except BaseException:
@@ -236,7 +273,8 @@ class Scheduler(threading.Thread):
         with self._lock:
             if job_id in self._relays or self._stopping.is_set():
                 return
-            relay = JobRelay(self._engine, self._peers, self._store, job_id=job_id, max_attempts=self._max_attempts,
+            relay = JobRelay(self._engine, self._peers, self._store, job_id=job_id, owner=self.replica,
+                             max_attempts=self._max_attempts,
                              starting=self._is_starting,
                              stopping=self._stopping, wake_outbox=self._wake_outbox, on_exit=self._relay_exited)
             self._relays[job_id] = relay
