@@ -389,19 +389,16 @@ def cmd_up(args: argparse.Namespace, client: Client | None) -> int:
     # the background (where a shell starts it with SIGINT ignored): every child is stopped first.
     for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop_signal, _stopped_by)
-    try:
+    try:  # whenever a signal comes, starting or running, the finally stops every child
         stack.start()
-    except _Stopped:
-        return 0
-    info = {"pipeline": stack.pipeline_address, "metrics": stack.metrics_address, "s3": stack.s3_endpoint,
-            "trainers": [f"127.0.0.1:{p}" for p in stack.trainer_ports], "logs": str(stack.logs),
-            "credentials": str(stack.credentials_file)}
-    _out(args, info, "\n".join([f"{k:11} {v}" for k, v in info.items()] + [
-        "Tokens per role (admin, trainer, viewer) are in the credentials file. In another shell:",
-        f"  export SEGTRAIN_ADDRESS={stack.pipeline_address} SEGTRAIN_TOKEN=$(python3 -c "
-        f"\"import json; print(json.load(open('{stack.credentials_file}'))['admin'])\")",
-        "Ctrl-C stops everything."]))
-    try:
+        info = {"pipeline": stack.pipeline_address, "metrics": stack.metrics_address, "s3": stack.s3_endpoint,
+                "trainers": [f"127.0.0.1:{p}" for p in stack.trainer_ports], "logs": str(stack.logs),
+                "credentials": str(stack.credentials_file)}
+        _out(args, info, "\n".join([f"{k:11} {v}" for k, v in info.items()] + [
+            "Tokens per role (admin, trainer, viewer) are in the credentials file. In another shell:",
+            f"  export SEGTRAIN_ADDRESS={stack.pipeline_address} SEGTRAIN_TOKEN=$(python3 -c "
+            f"\"import json; print(json.load(open('{stack.credentials_file}'))['admin'])\")",
+            "Ctrl-C stops everything."]))
         while all(p.popen.poll() is None for p in stack.processes.values()):
             time.sleep(0.5)
         print("a process exited; stopping (see the logs)", file=sys.stderr)
