@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import inspect
 import logging
 import threading
@@ -54,8 +53,7 @@ class Executors:
 
     async def run(self, fn: Callable[..., T], *args: Any, reserved: bool = False) -> T:
         loop = asyncio.get_running_loop()
-        context = contextvars.copy_context()  # the caller (services.common.auth.CALLER) goes along
-        return await loop.run_in_executor(self._reserved if reserved else self._user, lambda: context.run(fn, *args))
+        return await loop.run_in_executor(self._reserved if reserved else self._user, lambda: fn(*args))
 
     def shutdown(self) -> None:
         self._user.shutdown(wait=False, cancel_futures=True)

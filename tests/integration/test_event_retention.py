@@ -12,10 +12,8 @@ from segtrain.metrics.v1 import metrics_pb2 as pb
 from segtrain.metrics.v1 import metrics_pb2_grpc
 
 from clients.sdk import Client, first_held_seq
-from services.common.database import make_engine
 from services.common.timeutil import utcnow
 from services.metrics_svc import retention
-from services.metrics_svc.tables import SCHEMA
 from tests.integration.conftest import MetricsServer
 from tests.integration.test_metrics_service import append, batch, final
 
@@ -28,11 +26,7 @@ def cut() -> retention.Retention:
 
 
 def apply(metrics_server: MetricsServer, policy: retention.Retention) -> tuple[int, int]:
-    engine = make_engine(metrics_server.service._engine.url.render_as_string(hide_password=False), SCHEMA)
-    try:
-        return retention.apply(engine, policy)
-    finally:
-        engine.dispose()
+    return retention.apply(metrics_server.service._engine, policy)
 
 
 def test_a_long_log_keeps_its_newest_events_and_says_where_it_starts(metrics_server: MetricsServer,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -64,12 +64,13 @@ class Collector(threading.Thread):
         return +removed
 
     def _expire_uploads(self, written_before: datetime) -> int:
-        by_upload: dict[str, list[StoredObject]] = defaultdict(list)
-        for stored in self._store.list_objects(object_keys.UPLOADS):
-            by_upload[retention.upload_of(stored.key)].append(stored)
         with session_scope(self._engine) as session:
             keep = retention.uploads_in_use(session, self._store)
-        return self._remove({u: objects for u, objects in by_upload.items() if u not in keep}, written_before)
+        removed = 0
+        for folder in self._store.list_folders(object_keys.UPLOADS):  # one upload's objects at a time
+            if retention.upload_of(folder) not in keep:
+                removed += self._remove({folder: self._store.list_objects(folder)}, written_before)
+        return removed
 
     def _collect_orphans(self, prefix: str, table: type, written_before: datetime) -> int:
         ids = {folder.removeprefix(prefix).rstrip("/") for folder in self._store.list_folders(prefix)}
