@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup gen demo test fuzz lint check-gen bench bench-atto bench-quality bench-scale bench-parallel bench-watchers bench-sets bench-analysis up clean
+.PHONY: setup gen demo test fuzz lint check-gen bench bench-atto bench-quality bench-scale bench-parallel bench-watchers bench-replicas bench-sets bench-analysis up clean
 
 # The venv is rebuilt when the requirements change. torch/torchvision are pinned in
 # requirements.txt (pip takes them from local disk here); pip never resolves an unpinned torch.
@@ -30,9 +30,14 @@ demo: setup gen
 fuzz: setup gen
 	SEGTRAIN_FUZZ_EXAMPLES=$${SEGTRAIN_FUZZ_EXAMPLES:-20000} $(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/fuzz
 
+# The last released API: `buf breaking` refuses a change to the protos that would break its
+# clients (a field renumbered or removed, a type changed...). Move it forward when releasing.
+API_RELEASE := 50b01091e29857c3c6d4a7026e957081cf81fa25
+
 test: setup gen
 	$(BIN)/python scripts/gen_protos.py --check
 	$(BIN)/buf lint
+	$(BIN)/buf breaking --against '.git#ref=$(API_RELEASE)'
 	$(BIN)/ruff check .
 	$(BIN)/mypy segcore services clients scripts
 	$(BIN)/lint-imports
@@ -62,6 +67,10 @@ bench-parallel: setup gen
 # Fan-out of one metrics process to 2,000, 5,000 and 10,000 live watchers (~4 min).
 bench-watchers: setup gen
 	$(BIN)/python bench/watchers.py
+
+# Scheduling and relay rates with 1 and 2 pipeline/metrics replicas on PostgreSQL, side by side (~3 min).
+bench-replicas: setup gen
+	$(BIN)/python bench/replicas.py
 
 # What creating a training set costs the pipeline service at 1,000, 4,000 and 10,000 tiles of 512² (~15 min).
 bench-sets: setup gen

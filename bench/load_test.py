@@ -1,20 +1,30 @@
-"""Load test (bounded, loopback only): 20 jobs queued on 2 trainer nodes with 200 watchers.
+"""Load test (bounded, loopback only): jobs queued on trainer nodes while many clients watch them,
+optionally across replicas of the pipeline and metrics services.
 
 Every job must reach a terminal state, every watcher must receive its job's whole log (gap-free,
-no duplicate), and no RPC may fail unexpectedly. Prints a summary and writes
-bench-output/load.json.
+no duplicate), and no RPC may fail unexpectedly. Watchers run in `--watcher-processes` client
+processes (threads there, a client each), so one Python process is not the bottleneck. Prints a
+summary and writes bench-output/load.json.
 
     .venv/bin/python bench/load_test.py [--jobs 20] [--watchers 200] [--nodes 2]
+    .venv/bin/python bench/load_test.py --jobs 50 --nodes 4 --watchers 1000 \
+        --pipeline-replicas 2 --metrics-replicas 2 --database-url postgresql+psycopg://postgres@127.0.0.1:5432/postgres
+
+With --database-url, a fresh database is created from it for the run (and dropped after).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,14 +44,39 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--watchers", type=int, default=200)
+    parser.add_argument("--watcher-processes", type=int, default=4)
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--pipeline-replicas", type=int, default=1)
+    parser.add_argument("--metrics-replicas", type=int, default=1)
+    parser.add_argument("--database-url", default=None,
+                        help="PostgreSQL to create a fresh database from (default: SQLite files)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before the test gives up")
     args = parser.parse_args()
     env = environment(given(TrainerSettings, num_threads=1), given(PipelineSettings, heartbeat_interval_s=2))
-    with tempfile.TemporaryDirectory() as tmp, LocalStack(Path(tmp) / "stack", trainers=args.nodes,
-                                                          env_overrides=env) as stack:
+    with tempfile.TemporaryDirectory() as tmp, _database(args.database_url) as url, LocalStack(
+            Path(tmp) / "stack", trainers=args.nodes, env_overrides=env, pipeline_replicas=args.pipeline_replicas,
+            metrics_replicas=args.metrics_replicas, database_url=url) as stack:
         return run(stack, Path(tmp), args)
+
+
+@contextmanager
+def _database(admin_url: str | None) -> Iterator[str | None]:
+    if admin_url is None:
+        yield None
+        return
+    import sqlalchemy
+
+    name = f"segtrain_load_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def run(stack: LocalStack, tmp: Path, args: argparse.Namespace) -> int:
@@ -50,28 +85,64 @@ def run(stack: LocalStack, tmp: Path, args: argparse.Namespace) -> int:
     started = time.monotonic()
     jobs = _queue_jobs(driver, training_set, args.jobs, args.epochs)
     errors: list[str] = []
-    received: dict[int, list[int]] = {}
-    watchers = _start_watchers(stack, jobs, args.watchers, received, errors)
-    states = poll_until_terminal(driver, jobs, started + args.timeout, errors)
-    for w in watchers:
-        w.join(max(1.0, started + args.timeout - time.monotonic()))
+    # Watcher i watches jobs[i % len(jobs)]; process p runs watchers p, p + P, p + 2P...
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(args.watcher_processes) as pool:
+        pending = pool.starmap_async(watch_many, [
+            (stack.pipeline_address, stack.tokens["viewer"], [(i, jobs[i % len(jobs)]) for i in
+                                                                  range(p, args.watchers, args.watcher_processes)])
+            for p in range(args.watcher_processes)])
+        states = poll_until_terminal(driver, jobs, started + args.timeout, errors)
+        results = pending.get(max(1.0, started + args.timeout - time.monotonic()))
     wall = time.monotonic() - started
+    received: dict[int, list[int]] = {}
+    for part in results:
+        for index, outcome in part.items():
+            if isinstance(outcome, str):
+                errors.append(f"watcher {index}: {outcome}")
+            else:
+                received[index] = outcome
     logs = {name: [e.seq for e in driver.watch(name)] for name in jobs}
     complete = {name: seqs == list(range(1, len(seqs) + 1)) for name, seqs in logs.items()}
     broken = [i for i in range(args.watchers)
               if received.get(i) != logs[jobs[i % len(jobs)]] or not complete[jobs[i % len(jobs)]]]
     summary = {
-        "jobs": args.jobs, "nodes": args.nodes, "watchers": args.watchers, "epochs_per_job": args.epochs,
+        "jobs": args.jobs, "nodes": args.nodes, "watchers": args.watchers,
+        "watcher_processes": args.watcher_processes, "epochs_per_job": args.epochs,
+        "pipeline_replicas": args.pipeline_replicas, "metrics_replicas": args.metrics_replicas,
+        "database": "postgresql" if args.database_url else "sqlite",
         "wall_s": round(wall, 1), "jobs_per_min": round(60 * args.jobs / wall, 1),
         "final_states": {common_pb2.JobState.Name(s): list(states.values()).count(s) for s in set(states.values())},
         "watchers_complete": args.watchers - len(broken), "events_per_job": sorted({len(v) for v in logs.values()}),
         "unexpected_errors": errors[:10], "error_count": len(errors),
     }
     ok = (not errors and not broken and len(states) == args.jobs
-          and all(s in TERMINAL for s in states.values()))
+          and all(s == common_pb2.JOB_STATE_SUCCEEDED for s in states.values()))
     summary["pass"] = ok
     _report(summary)
     return 0 if ok else 1
+
+
+def watch_many(address: str, token: str, assignments: list[tuple[int, str]]) -> dict[int, list[int] | str]:
+    """In a client process: one thread and one client per (watcher index, job); each watcher's
+    received seqs, or what went wrong."""
+    outcome: dict[int, list[int] | str] = {}
+
+    def watch(index: int, job: str) -> None:
+        client = Client(address, token=token)
+        try:
+            outcome[index] = [e.seq for e in client.watch(job)]
+        except Exception as exc:  # recorded, reported as a failure
+            outcome[index] = f"{type(exc).__name__}: {exc}"
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=watch, args=pair, daemon=True) for pair in assignments]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcome
 
 
 def _create_training_set(driver: Client, tmp: Path) -> pb.TrainingSet:
@@ -90,26 +161,6 @@ def _queue_jobs(driver: Client, training_set: pb.TrainingSet, count: int, epochs
         driver.start_job(job.name)
         jobs.append(job.name)
     return jobs
-
-
-def _start_watchers(stack: LocalStack, jobs: list[str], count: int, received: dict[int, list[int]],
-                    errors: list[str]) -> list[threading.Thread]:
-    """`count` watcher threads, each its own viewer client on one of the jobs (round robin); each
-    puts the seqs it received in `received` and any failure in `errors`."""
-
-    def watch(index: int) -> None:
-        client = Client(stack.pipeline_address, token=stack.tokens["viewer"])
-        try:
-            received[index] = [e.seq for e in client.watch(jobs[index % len(jobs)])]
-        except Exception as exc:  # recorded, reported as a failure
-            errors.append(f"watcher {index}: {type(exc).__name__}: {exc}")
-        finally:
-            client.close()
-
-    watchers = [threading.Thread(target=watch, args=(i,), daemon=True) for i in range(count)]
-    for w in watchers:
-        w.start()
-    return watchers
 
 
 def _report(summary: dict[str, object]) -> None:

@@ -8,7 +8,6 @@ retried on UNAVAILABLE with backoff by the channel's retry policy; nothing else 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from segtrain.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from segtrain.pipeline.v1 import pipeline_pb2_grpc
 
-from clients import names
+from clients import addresses, names, profiles
 from clients.names import TERMINAL as TERMINAL  # public since the first SDK: the states that end a job
 
 log = logging.getLogger(__name__)
@@ -111,6 +110,13 @@ class Tls:
     key_file: Path | None = None
 
     @classmethod
+    def from_profile(cls, profile: profiles.Profile) -> Tls | None:
+        files = {field: Path(value) for field, value in (
+            ("ca_file", profile.tls_ca_file), ("cert_file", profile.tls_cert_file),
+            ("key_file", profile.tls_key_file)) if value}
+        return cls(**files) if files or profile.tls else None
+
+    @classmethod
     def from_environment(cls) -> Tls | None:
         """TLS when SEGTRAIN_TLS is true or SEGTRAIN_TLS_CA_FILE / SEGTRAIN_TLS_CERT_FILE is set."""
         env = os.environ
@@ -131,27 +137,27 @@ class PlaintextTokenError(ValueError):
     """A token would travel unencrypted to another machine."""
 
 
-def _is_loopback(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]") if ":" in address else address
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # another host name: not known to be this machine
-
-
 class Client:
-    """A connection to a segtrain deployment. Over TLS when `tls` (or the environment, see
-    Tls.from_environment) says so; a token is never sent in plaintext beyond this machine unless
-    `allow_plaintext` (or SEGTRAIN_ALLOW_PLAINTEXT=true, for a private network) says so."""
+    """A connection to a segtrain deployment. Each of the address, token and TLS comes from the
+    argument, else the environment (SEGTRAIN_ADDRESS, SEGTRAIN_TOKEN, Tls.from_environment), else
+    the profile (clients/profiles.py: `profile`, $SEGTRAIN_PROFILE or the current one, as `segtrain
+    up` or `segtrain login` wrote it), else the default. A profile's token and TLS files go only to
+    its own address: given another address, the profile is used only when named. A token is never
+    sent in plaintext beyond this machine unless `allow_plaintext` (or
+    SEGTRAIN_ALLOW_PLAINTEXT=true, for a private network) says so."""
 
     def __init__(self, address: str | None = None, *, token: str | None = None, timeout: float = 60.0,
-                 tls: Tls | None = None, allow_plaintext: bool | None = None) -> None:
-        self.address = address or os.environ.get("SEGTRAIN_ADDRESS", DEFAULT_ADDRESS)
+                 tls: Tls | None = None, allow_plaintext: bool | None = None, profile: str | None = None) -> None:
+        given = address or os.environ.get("SEGTRAIN_ADDRESS") or None
+        chosen = profiles.load(profile)
+        if chosen is not None and given is not None and given != chosen.address and not profile:
+            chosen = None  # another deployment than the profile's
+        self.address = given or (chosen.address if chosen else DEFAULT_ADDRESS)
         self.timeout = timeout
-        self._token = token if token is not None else os.environ.get("SEGTRAIN_TOKEN", "")
-        self._tls = tls if tls is not None else Tls.from_environment()
+        self._token = token if token is not None else (
+            os.environ.get("SEGTRAIN_TOKEN") or (chosen.token if chosen else ""))
+        self._tls = tls if tls is not None else (
+            Tls.from_environment() or (Tls.from_profile(chosen) if chosen else None))
         self._allow_plaintext = (allow_plaintext if allow_plaintext is not None else
                                  os.environ.get("SEGTRAIN_ALLOW_PLAINTEXT", "").lower() in ("1", "true", "yes"))
         self._raw_channels: list[grpc.Channel] = []
@@ -160,14 +166,17 @@ class Client:
         self._metrics: metrics_pb2_grpc.MetricsServiceStub | None = None
 
     def _connect(self, address: str) -> grpc.Channel:
+        """A channel to `address`, which may list replicas (clients/addresses.py)."""
+        target = addresses.parse(address)
+        options = CHANNEL_OPTIONS + target.options
         if self._tls is not None:
-            channel = grpc.secure_channel(address, self._tls.credentials(), options=CHANNEL_OPTIONS)
-        elif self._token and not self._allow_plaintext and not _is_loopback(address):
+            channel = grpc.secure_channel(target.target, self._tls.credentials(), options=options)
+        elif self._token and not self._allow_plaintext and not target.is_loopback:
             raise PlaintextTokenError(
                 f"refusing to send a token in plaintext to {address}: use TLS (SEGTRAIN_TLS_CA_FILE, or "
                 "SEGTRAIN_TLS=true for the system's roots), or set SEGTRAIN_ALLOW_PLAINTEXT=true on a private network")
         else:
-            channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = grpc.insecure_channel(target.target, options=options)
         self._raw_channels.append(channel)
         return grpc.intercept_channel(channel, _Bearer(self._token)) if self._token else channel
 

@@ -24,6 +24,7 @@ from services.common.settings import (
     MetricsSettings,
     PipelineSettings,
     SecuritySettings,
+    ServerSettings,
     StorageSettings,
     TrainerSettings,
     environment,
@@ -113,9 +114,24 @@ class Process:
 NOT_FOR_NODES = frozenset({"SEGTRAIN_SERVICE_TOKEN", "SEGTRAIN_NODE_KEY", "SEGTRAIN_AUTH_TOKENS_FILE"})
 
 
+def replica_name(service: str, index: int) -> str:
+    """A service process's name: "pipeline" for the first replica, "pipeline-2" for the second..."""
+    return service if index == 0 else f"{service}-{index + 1}"
+
+
+# With several metrics replicas, each brings the others' new events to its watchers this often.
+REPLICA_POLL_INTERVAL_S = 0.25
+
+
 @dataclass
 class LocalStack:
-    """The processes of a local deployment, with the addresses they listen on."""
+    """The processes of a local deployment, with the addresses they listen on.
+
+    `pipeline_replicas`/`metrics_replicas` start that many processes of each service over one
+    database each (`database_url`: one database, e.g. PostgreSQL, for both services' tables;
+    unset: a SQLite file per service under `root`, which replicas on this machine share). The
+    first replica of each listens on `pipeline_port`/`metrics_port` (0: a port the kernel picks),
+    the others on ports the kernel picks; the addresses are comma-separated lists of them all."""
 
     root: Path
     trainers: int = 1
@@ -123,7 +139,14 @@ class LocalStack:
     s3_port: int = 0
     metrics_port: int = 0
     pipeline_port: int = 0
+    pipeline_replicas: int = 1
+    metrics_replicas: int = 1
+    database_url: str | None = None
+    pipeline_ports: list[int] = field(default_factory=list)
+    metrics_ports: list[int] = field(default_factory=list)
     trainer_ports: list[int] = field(default_factory=list)
+    # Each process's Prometheus /metrics port, by process name ("pipeline", "trainer-1"...).
+    prometheus_ports: dict[str, int] = field(default_factory=dict)
     access_key: str = "segtrain"
     secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     # A bearer token per role; the services get only their digests (and the service token).
@@ -132,14 +155,16 @@ class LocalStack:
     # The node key (the pipeline service's): each trainer node gets only its own token from it.
     node_key: str = field(default_factory=new_node_key)
     processes: dict[str, Process] = field(default_factory=dict)
+    _reported: set[str] = field(default_factory=set, repr=False)
 
     @property
     def pipeline_address(self) -> str:
-        return f"127.0.0.1:{self.pipeline_port}"
+        """Every pipeline replica's address, comma-separated (clients/addresses.py)."""
+        return ",".join(f"127.0.0.1:{port}" for port in self.pipeline_ports or [self.pipeline_port])
 
     @property
     def metrics_address(self) -> str:
-        return f"127.0.0.1:{self.metrics_port}"
+        return ",".join(f"127.0.0.1:{port}" for port in self.metrics_ports or [self.metrics_port])
 
     @property
     def s3_endpoint(self) -> str:
@@ -159,20 +184,38 @@ class LocalStack:
         return env
 
     def settings(self) -> tuple[StorageSettings, PipelineSettings, MetricsSettings, TrainerSettings,
-                                SecuritySettings]:
-        """What the stack sets for every service process; every other field keeps its default."""
+                                SecuritySettings, ServerSettings]:
+        """What the stack sets for every service process (the first replica's listen address);
+        every other field keeps its default."""
+        database = {service: self.database_url or f"sqlite:///{self.root / 'db' / f'{service}.db'}"
+                    for service in ("pipeline", "metrics")}
+        poll = {"poll_interval_s": REPLICA_POLL_INTERVAL_S} if self.metrics_replicas > 1 else {}
         return (
             given(StorageSettings, endpoint=self.s3_endpoint, access_key=self.access_key,
                   secret_key=self.secret_key),
-            # The local databases are migrated at start: a newer checkout upgrades them in place.
-            given(PipelineSettings, listen=self.pipeline_address, metrics_address=self.metrics_address,
-                  database_url=f"sqlite:///{self.root / 'db' / 'pipeline.db'}", database_migrate="true"),
-            given(MetricsSettings, listen=self.metrics_address,
-                  database_url=f"sqlite:///{self.root / 'db' / 'metrics.db'}", database_migrate="true"),
+            # The databases are migrated at start: a newer checkout upgrades them in place.
+            given(PipelineSettings, listen=self._listen("pipeline", 0), metrics_address=self.metrics_address,
+                  database_url=database["pipeline"], database_migrate="true"),
+            given(MetricsSettings, listen=self._listen("metrics", 0), database_url=database["metrics"],
+                  database_migrate="true", **poll),
             given(TrainerSettings, pipeline_address=self.pipeline_address),
             given(SecuritySettings, auth_tokens_file=self.tokens_file, service_token=self.tokens["service"],
                   node_key=self.node_key),
+            # Every process serves its Prometheus metrics on a port of its own (prometheus_ports).
+            given(ServerSettings, prometheus_listen="127.0.0.1:0"),
         )
+
+    def _listen(self, service: str, index: int) -> str:
+        ports = self.pipeline_ports if service == "pipeline" else self.metrics_ports
+        first = self.pipeline_port if service == "pipeline" else self.metrics_port
+        return f"127.0.0.1:{ports[index] if index < len(ports) else (first if index == 0 else 0)}"
+
+    def service_env(self, service: str, index: int) -> dict[str, str]:
+        """The environment of replica `index` of `service` ("pipeline" or "metrics"): the stack's,
+        listening on that replica's own address."""
+        own = (given(PipelineSettings, listen=self._listen(service, index), replica_id=replica_name(service, index))
+               if service == "pipeline" else given(MetricsSettings, listen=self._listen(service, index)))
+        return {**self.env(), **environment(own), **self.env_overrides}
 
     def trainer_settings(self, index: int, port: int) -> TrainerSettings:
         """What a trainer node gets on top of `settings`: its own address, node id and token."""
@@ -206,8 +249,11 @@ class LocalStack:
         (self.root / "db").mkdir(parents=True, exist_ok=True)
         try:
             self._start_s3()
-            self.metrics_port = self._ready_port(self._start("metrics", SERVICE_COMMANDS["metrics"]))
-            self.pipeline_port = self._ready_port(self._start("pipeline", SERVICE_COMMANDS["pipeline"]))
+            # Each service's replicas start together (their migrations take turns, see
+            # services/common/migrations.py); the pipeline's need the metrics addresses.
+            self.metrics_ports = self._start_replicas("metrics", self.metrics_replicas)
+            self.pipeline_ports = self._start_replicas("pipeline", self.pipeline_replicas)
+            self.metrics_port, self.pipeline_port = self.metrics_ports[0], self.pipeline_ports[0]
             launched = [self._launch_trainer() for _ in range(self.trainers)]
             for index, process in launched:
                 self.trainer_ports[index] = self._ready_port(process)
@@ -235,12 +281,46 @@ class LocalStack:
         env = {k: v for k, v in self.env().items() if k not in NOT_FOR_NODES}
         return {**env, **environment(self.trainer_settings(index, port))}
 
+    def _start_replicas(self, service: str, count: int) -> list[int]:
+        launched = [self._launch(replica_name(service, index), SERVICE_COMMANDS[service],
+                                 self.service_env(service, index)) for index in range(count)]
+        return [self._ready_port(process) for process in launched]
+
+    def _replica(self, name: str) -> tuple[str, int]:
+        """("pipeline", 1) for "pipeline-2"."""
+        service, _, number = name.partition("-")
+        if service not in SERVICE_COMMANDS:
+            raise ValueError(f"{name} is not a pipeline or metrics replica")
+        return service, int(number or 1) - 1
+
     def restart(self, name: str, *, down_s: float = 0.0) -> None:
         """Stops a service process (SIGTERM) and, `down_s` later, starts it again on the same address."""
-        process = self.processes.pop(name)
-        process.stop()
+        service, index = self._replica(name)
+        self.processes.pop(name).stop()
         time.sleep(down_s)
-        self._ready_port(self._start(name, SERVICE_COMMANDS[name]))
+        self._ready_port(self._launch(name, SERVICE_COMMANDS[service], self.service_env(service, index)))
+
+    def lost_service(self) -> str | None:
+        """The name of a process that exited and that nothing else stands in for: the object store,
+        a trainer node, or the last live replica of a service; None while the stack serves. (A
+        replica that exits while another of its service runs is reported once, on stderr.)"""
+        for name, process in self.processes.items():
+            if process.popen.poll() is None:
+                continue
+            service = name.partition("-")[0]
+            siblings = [other for other_name, other in self.processes.items()
+                        if other_name.partition("-")[0] == service and other_name != name]
+            if service not in SERVICE_COMMANDS or not any(other.popen.poll() is None for other in siblings):
+                return name
+            if name not in self._reported:
+                self._reported.add(name)
+                print(f"{name} exited ({process.popen.returncode}); the other {service} replicas serve on "
+                      f"(see {process.log_path})", file=sys.stderr)
+        return None
+
+    def kill(self, name: str) -> None:
+        """SIGKILL of one process (a crash: nothing of it runs its shutdown)."""
+        self.processes[name].kill()
 
     def _start_s3(self) -> None:
         """rclone takes no port 0, so a free port is picked; picked again if it was taken meanwhile."""
@@ -263,9 +343,6 @@ class LocalStack:
                     raise
                 process.stop()
 
-    def _start(self, name: str, cmd: list[str], extra: dict[str, str] | None = None) -> Process:
-        return self._launch(name, cmd, {**self.env(), **(extra or {})})
-
     def _launch(self, name: str, cmd: list[str], env: dict[str, str]) -> Process:
         log_path = self.logs / f"{name}.log"
         log_file = open(log_path, "wb")  # noqa: SIM115 - closed in Process.stop
@@ -275,10 +352,13 @@ class LocalStack:
         return self.processes[name]
 
     def _ready_port(self, process: Process) -> int:
-        """The port from the process's `READY <service> <port>` line, once it is printed."""
+        """The port from the process's `READY <service> <port>` line, once it is printed (and its
+        Prometheus port from the `METRICS` line before it, into `prometheus_ports`)."""
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             for line in process.log_path.read_bytes().splitlines():
+                if line.startswith(b"METRICS "):
+                    self.prometheus_ports[process.name] = int(line.split()[-1])
                 if line.startswith(b"READY "):
                     return int(line.split()[-1])
             if process.popen.poll() is not None:

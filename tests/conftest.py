@@ -7,8 +7,10 @@ import os
 import secrets
 import socket
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,11 @@ from services.common.settings import StorageSettings
 from services.common.storage import ObjectStore
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite never reads or writes the user's connection profiles (clients/profiles.py): every
+# process it starts, `segtrain up` included, keeps them in a file of its own.
+os.environ["SEGTRAIN_CONFIG"] = str(Path(tempfile.mkdtemp(prefix="segtrain-test-config-")) / "config.json")
+for _variable in ("SEGTRAIN_PROFILE", "SEGTRAIN_ADDRESS", "SEGTRAIN_TOKEN"):
+    os.environ.pop(_variable, None)
 
 POSTGRES_URL = os.environ.get("SEGTRAIN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -86,6 +93,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     reason = postgres_reachable()
     if reason:
         pytest.skip(reason)
+    with fresh_postgres_database() as url:
+        yield url
+
+
+@contextmanager
+def fresh_postgres_database() -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database, dropped afterwards (its connections too)."""
     import sqlalchemy
 
     name = f"segtrain_test_{uuid.uuid4().hex[:10]}"

@@ -17,9 +17,9 @@ from google.protobuf.message import Message
 from segtrain.common.v1 import common_pb2
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 
-from clients import names
+from clients import names, profiles
 from clients.names import TERMINAL
-from clients.sdk import IMAGE_SUFFIXES, Client, TrainingSetFailedError
+from clients.sdk import IMAGE_SUFFIXES, Client, Tls, TrainingSetFailedError
 from segcore import hyperparameters as contract
 
 Handler = Callable[[argparse.Namespace, Client], int]
@@ -375,6 +375,32 @@ def _show_analysis(args: argparse.Namespace, client: Client, job: pb.AnalysisJob
     return 0 if job.state == common_pb2.JOB_STATE_SUCCEEDED else 1
 
 
+def cmd_login(args: argparse.Namespace, client: Client | None) -> int:
+    """Reads the token, checks that it answers at the address, and saves both as a profile."""
+    token = ""
+    if args.token_file is not None:
+        text = args.token_file.read_text().strip()
+        if text.startswith("{"):  # a credentials file: role -> token
+            tokens = json.loads(text)
+            if args.role not in tokens:
+                raise ValueError(f"{args.token_file} has no {args.role!r} token (it has {sorted(tokens)})")
+            token = tokens[args.role]
+        else:
+            token = text
+    profile = profiles.Profile(
+        address=args.login_address, token=token or (args.token or ""), tls=args.tls,
+        **{f"tls_{kind}_file": str(getattr(args, f"tls_{kind}_file").resolve()) if getattr(args, f"tls_{kind}_file")
+           else None for kind in ("ca", "cert", "key")})
+    tls = Tls.from_profile(profile)
+    with Client(profile.address, token=profile.token, tls=tls, profile=None) as checked:
+        checked.list_pipelines()  # the address answers and the token is accepted
+    name = args.name or args.profile or args.login_address
+    path = profiles.save(name, profile)
+    _out(args, {"profile": name, "address": profile.address, "config": str(path)},
+         f"logged in to {profile.address}; profile {name!r} (current) in {path}")
+    return 0
+
+
 def cmd_up(args: argparse.Namespace, client: Client | None) -> int:
     from clients.stack import LocalStack, port_holder
 
@@ -384,24 +410,33 @@ def cmd_up(args: argparse.Namespace, client: Client | None) -> int:
             print(f"port {port} ({what}) is taken by {holder}: stop it, or choose another port", file=sys.stderr)
             return 2
     stack = LocalStack(Path(args.data_dir).resolve(), trainers=args.trainers, pipeline_port=args.port,
-                       metrics_port=args.port + 1, s3_port=args.s3_port)
+                       metrics_port=args.port + 1, s3_port=args.s3_port, pipeline_replicas=args.pipeline_replicas,
+                       metrics_replicas=args.metrics_replicas, database_url=args.database_url)
     # Stopped by a supervisor (SIGTERM), a closed terminal (SIGHUP) or Ctrl-C, even when started in
     # the background (where a shell starts it with SIGINT ignored): every child is stopped first.
     for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop_signal, _stopped_by)
     try:  # whenever a signal comes, starting or running, the finally stops every child
         stack.start()
+        # The local user is the stack's admin: the profile lets any shell use it with no exports.
+        try:
+            config: Path | str = profiles.save(profiles.LOCAL, profiles.Profile(address=stack.pipeline_address,
+                                                                                token=stack.tokens["admin"]))
+        except (OSError, profiles.ProfileError) as exc:  # the stack serves anyway
+            config = f"not written ({exc})"
         info = {"pipeline": stack.pipeline_address, "metrics": stack.metrics_address, "s3": stack.s3_endpoint,
                 "trainers": [f"127.0.0.1:{p}" for p in stack.trainer_ports], "logs": str(stack.logs),
-                "credentials": str(stack.credentials_file)}
+                "prometheus": " ".join(f"{name}=http://127.0.0.1:{port}/metrics"
+                                       for name, port in sorted(stack.prometheus_ports.items())),
+                "profile": f"{profiles.LOCAL} (current) in {config}", "credentials": str(stack.credentials_file)}
         _out(args, info, "\n".join([f"{k:11} {v}" for k, v in info.items()] + [
-            "Tokens per role (admin, trainer, viewer) are in the credentials file. In another shell:",
-            f"  export SEGTRAIN_ADDRESS={stack.pipeline_address} SEGTRAIN_TOKEN=$(python3 -c "
-            f"\"import json; print(json.load(open('{stack.credentials_file}'))['admin'])\")",
+            "In another shell, `segtrain pipelines list` uses the profile (admin). Tokens per role (admin, trainer,",
+            f"viewer) are in the credentials file: `segtrain login --address {stack.pipeline_address} --token-file "
+            f"{stack.credentials_file} --role viewer --name local-viewer`.",
             "Ctrl-C stops everything."]))
-        while all(p.popen.poll() is None for p in stack.processes.values()):
+        while (lost := stack.lost_service()) is None:
             time.sleep(0.5)
-        print("a process exited; stopping (see the logs)", file=sys.stderr)
+        print(f"{lost} exited; stopping (see the logs in {stack.logs})", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, _Stopped):
         return 0
@@ -409,6 +444,13 @@ def cmd_up(args: argparse.Namespace, client: Client | None) -> int:
         for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(stop_signal, signal.SIG_IGN)  # a second signal must not cut the stopping short
         stack.stop()
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
 
 
 class _Stopped(BaseException):
@@ -421,10 +463,14 @@ def _stopped_by(signum: int, frame: object) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segtrain", description=__doc__)
-    parser.add_argument("--address", help="pipeline service (default: $SEGTRAIN_ADDRESS or 127.0.0.1:50051)")
-    parser.add_argument("--token", help="bearer token (default: $SEGTRAIN_TOKEN)")
+    parser.add_argument("--address", help="pipeline service, or a comma-separated list of its replicas (default: "
+                                           "$SEGTRAIN_ADDRESS, else the profile's, else 127.0.0.1:50051)")
+    parser.add_argument("--token", help="bearer token (default: $SEGTRAIN_TOKEN, else the profile's)")
+    parser.add_argument("--profile", help="connection profile (default: $SEGTRAIN_PROFILE, else the current one: "
+                                           "what `segtrain up` or `segtrain login` wrote last)")
     sub = parser.add_subparsers(dest="verb", required=True)
     _add_up(sub)
+    _add_login(sub)
     _verb(_group(sub, "pipelines"), "list", cmd_pipelines_list)
     _verb(_group(sub, "architectures"), "list", cmd_architectures_list)
     _add_sets(_group(sub, "sets"))
@@ -461,6 +507,30 @@ def _add_up(verbs: Verbs) -> None:
     up.add_argument("--port", type=int, default=50051, help="pipeline port; metrics uses port+1")
     up.add_argument("--s3-port", type=int, default=9000)
     up.add_argument("--trainers", type=int, default=1)
+    up.add_argument("--pipeline-replicas", type=_positive, default=1, metavar="N",
+                    help="pipeline service processes sharing the work (the first on --port, the others on free "
+                         "ports; the address printed lists them all)")
+    up.add_argument("--metrics-replicas", type=_positive, default=1, metavar="M",
+                    help="metrics service processes serving one event log (the first on --port + 1)")
+    up.add_argument("--database-url", default=None, metavar="URL",
+                    help="one database for both services (e.g. postgresql+psycopg://user@host/db); default: a "
+                         "SQLite file per service in --data-dir, which replicas on this machine share")
+
+
+def _add_login(verbs: Verbs) -> None:
+    login = _verb(verbs, "login", cmd_login, help="check a deployment's address and token, then keep them as a "
+                                                  "profile in the config file (0600) for every later command")
+    login.add_argument("--address", dest="login_address", required=True, metavar="ADDRESS",
+                       help="the pipeline service (or a comma-separated list of its replicas)")
+    login.add_argument("--token-file", type=Path, metavar="FILE",
+                       help="a file holding the bearer token (a credentials.json: --role picks the token)")
+    login.add_argument("--role", default="admin", help="with a credentials.json: whose token (default admin)")
+    login.add_argument("--tls", action="store_true", help="TLS verified with the system's roots")
+    login.add_argument("--tls-ca-file", type=Path, help="TLS verified with this CA")
+    login.add_argument("--tls-cert-file", type=Path, help="client certificate, for mutual TLS")
+    login.add_argument("--tls-key-file", type=Path, help="its key")
+    login.add_argument("--name", default=None, metavar="PROFILE",
+                       help="the profile's name (default: --profile, else the address)")
 
 
 def _add_sets(group: Verbs) -> None:
@@ -548,7 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.handler is cmd_up:
         return cmd_up(args, None)
     try:
-        with Client(args.address, token=args.token) as client:
+        if args.handler is cmd_login:
+            return cmd_login(args, None)
+        with Client(args.address, token=args.token, profile=args.profile) as client:
             return int(args.handler(args, client))
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)

@@ -10,7 +10,6 @@ transaction read before it commits: no lost update."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, create_engine
 
 from services.common import migrations
+from services.common.locks import lock_key
 from services.common.migrations import Migrate, Schema
 
 
@@ -69,8 +69,7 @@ def lock_name(session: Session, name: str) -> None:
     if not session.info.get("serialized"):
         raise RuntimeError("lock_name needs a serialized session")
     if session.get_bind().dialect.name == "postgresql":
-        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key(name)})
 
 
 @contextmanager

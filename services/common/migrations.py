@@ -30,6 +30,8 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import SQLModel
 
+from services.common.locks import exclusive
+
 Migrate = Literal["auto", "true", "false"]
 FIRST_REVISION = "0001"
 
@@ -121,7 +123,13 @@ def _known(schema: Schema, revision: str) -> bool:
 
 def prepare(engine: Engine, schema: Schema, *, migrate: Migrate) -> None:
     """Brings the database to the head revision, or raises SchemaMismatchError saying what to do
-    (see the module doc)."""
+    (see the module doc). Replicas starting together on one database take turns: the first
+    migrates it, the others then find it at the head."""
+    with exclusive(engine, f"migrate {schema.service}", wait=True):
+        _prepare(engine, schema, migrate=migrate)
+
+
+def _prepare(engine: Engine, schema: Schema, *, migrate: Migrate) -> None:
     wanted, found = head(schema), current(engine, schema)
     if found == wanted:
         return

@@ -21,9 +21,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from clients import addresses
 from services.common.auth import AuthInterceptor, BearerToken, Role, TokenStore
 from services.common.gate import Executors, Gate
 from services.common.interceptor import ErrorMappingInterceptor
+from services.common.observability import RpcMetrics, ThreadedRpcMetrics
 from services.common.settings import SecuritySettings, ServingSettings
 
 log = logging.getLogger(__name__)
@@ -135,7 +137,7 @@ def create_server(
     handle.gate = gate = Gate(store, access, reserved, serving, long)
 
     async def build() -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-        server = grpc.aio.server(interceptors=[gate], options=SERVER_OPTIONS)
+        server = grpc.aio.server(interceptors=[RpcMetrics(), gate], options=SERVER_OPTIONS)
         for register in registrars:
             register(server)
         health_servicer = health.aio.HealthServicer()
@@ -143,7 +145,7 @@ def create_server(
         for name in [*service_names, ""]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         if serving.reflection == "on" or (serving.reflection == "auto" and loopback):
-            reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME], server)
+            reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
         return server, _bind(server, address, security), health_servicer
 
     try:
@@ -170,7 +172,7 @@ def create_threaded_server(
     streams one per running attempt), with the same transport security as ``create_server``;
     `store` holds the tokens it accepts (None: no authentication, loopback only)."""
     _check_exposure(address, security, authenticated=store is not None)
-    interceptors: list[grpc.ServerInterceptor] = []
+    interceptors: list[grpc.ServerInterceptor] = [ThreadedRpcMetrics()]
     if store is not None:
         interceptors.append(AuthInterceptor(store, access))
     interceptors.append(ErrorMappingInterceptor())
@@ -185,7 +187,7 @@ def create_threaded_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in [*service_names, ""]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME], server)
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     return server, _bind(server, address, security), health_servicer
 
 
@@ -233,14 +235,17 @@ def connect(address: str, security: SecuritySettings) -> grpc.Channel:
 
 def connect_as(address: str, security: SecuritySettings, token: str | None) -> grpc.Channel:
     """A channel like ``connect``'s carrying `token` (None: none) instead of the service token:
-    a trainer node's own, between that node and the pipeline service."""
+    a trainer node's own, between that node and the pipeline service. `address` may list
+    replicas (clients/addresses.py): calls go to any of them that is up."""
+    target = addresses.parse(address)
+    options = CHANNEL_OPTIONS + target.options
     if security.tls_ca_file is not None:
         client_pair = (_read(security.tls_key_file), _read(security.tls_cert_file)) \
             if security.tls_key_file and security.tls_cert_file else (None, None)
         credentials = grpc.ssl_channel_credentials(_read(security.tls_ca_file), *client_pair)
-        channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+        channel = grpc.secure_channel(target.target, credentials, options=options)
     else:
-        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = grpc.insecure_channel(target.target, options=options)
     if token is not None:
         channel = grpc.intercept_channel(channel, BearerToken(token))
     return channel

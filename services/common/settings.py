@@ -51,6 +51,9 @@ class ServerSettings(BaseSettings):
     log_level: str = "INFO"
     # Seconds to let in-flight RPCs finish on SIGTERM.
     shutdown_grace_s: float = 10.0
+    # host:port of this process's Prometheus /metrics over HTTP (port 0: one the kernel picks);
+    # unset: not served (services/common/observability.py).
+    prometheus_listen: str | None = None
 
 
 class ServingSettings(BaseSettings):
@@ -127,6 +130,9 @@ class PipelineSettings(BaseSettings):
     # Seconds a replica holds a job's relay lease without renewing it (each scheduler pass renews);
     # when its replica dies, another takes the job's relay over after at most this long.
     relay_lease_s: float = Field(default=10.0, gt=0)
+    # This replica's name in the relay leases it holds (`jobs.relay_owner`) and its logs, e.g. a
+    # pod's name; unset: a random one per process. Two live replicas must never share one.
+    replica_id: str | None = Field(default=None, min_length=1, max_length=64)
     # Training sets prepared at once, and tiles of each decoded and stored at once.
     prepare_concurrency: int = Field(default=2, ge=1, le=64)
     prepare_threads: int = Field(default=8, ge=1, le=64)

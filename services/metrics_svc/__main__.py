@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from services.common import observability
 from services.common.server import configure_logging, serve_until_signalled
 from services.common.settings import MetricsSettings, SecuritySettings, ServerSettings
 from services.metrics_svc.app import build
@@ -16,6 +17,7 @@ def main() -> None:
     server, port, health_servicer, service = build(settings, SecuritySettings())
     logging.getLogger("segtrain.metrics").info("metrics service listening on port %d", port)
     server.start()
+    observability.serve(common.prometheus_listen, "metrics")
     print(f"READY metrics {port}", flush=True)
 
     def end_watches() -> None:  # watchers resume elsewhere at once, not after the grace period

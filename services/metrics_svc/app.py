@@ -7,10 +7,12 @@ import threading
 from grpc_health.v1 import health
 from segtrain.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 
+from services.common import observability
 from services.common.database import make_engine
 from services.common.gate import Executors
 from services.common.server import AsyncServer, create_server
 from services.common.settings import MetricsSettings, SecuritySettings, ServingSettings
+from services.metrics_svc.observed import WatchCollector
 from services.metrics_svc.retention import Retention, RetentionThread
 from services.metrics_svc.service import MetricsService
 from services.metrics_svc.servicer import ACCESS, RESERVED, MetricsServicer
@@ -28,6 +30,7 @@ def build(settings: MetricsSettings, security: SecuritySettings | None = None,
                              watcher_buffer=settings.watcher_buffer, unknown_job_grace_s=settings.unknown_job_grace_s,
                              poll_interval_s=settings.poll_interval_s)
     servicer = MetricsServicer(service)
+    observability.register(WatchCollector(service.hub))
     server, port, health_servicer = create_server(
         settings.listen,
         [lambda s: metrics_pb2_grpc.add_MetricsServiceServicer_to_server(servicer, s)],

@@ -77,6 +77,10 @@ class EventHub:
     def watched(self, job: str) -> bool:
         return job in self._subs
 
+    def counts(self) -> tuple[int, int]:
+        """(open watches, jobs they watch)."""
+        return sum(len(subs) for subs in list(self._subs.values())), len(self._subs)
+
     def subscribe(self, job: str) -> Subscription:
         sub = Subscription(job, self._capacity)
         self._subs.setdefault(job, set()).add(sub)

@@ -28,6 +28,11 @@ def expire_logs(session: Session, *, written_before: datetime, limit: int) -> in
     return len(stale)
 
 
+def delete_log(session: Session, *, job: str) -> int:
+    """Deletes the job's whole log; how many events it held."""
+    return int(session.execute(delete(JobEventRow).where(col(JobEventRow.job) == job)).rowcount or 0)  # type: ignore[attr-defined]
+
+
 def truncate_logs(session: Session, *, keep: int, limit: int) -> int:
     """Keeps the newest `keep` events of every log (at most `limit` jobs a call): an oldest prefix
     goes, so what is held stays one run of seqs. Returns how many logs were cut."""

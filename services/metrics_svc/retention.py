@@ -14,6 +14,7 @@ from datetime import timedelta
 from sqlalchemy.engine import Engine
 
 from services.common.database import session_scope
+from services.common.locks import exclusive
 from services.common.timeutil import utcnow
 from services.metrics_svc import repository
 
@@ -36,7 +37,8 @@ class RetentionThread(threading.Thread):
     def run(self) -> None:
         while not self._stopping.wait(self._retention.interval_s):
             try:
-                expired, cut = apply(self._engine, self._retention)
+                with exclusive(self._engine, "event-log retention") as mine:  # one replica's pass at a time
+                    expired, cut = apply(self._engine, self._retention) if mine else (0, 0)
                 if expired or cut:
                     log.info("event-log retention: %d logs expired, %d cut to their newest %d events", expired, cut,
                              self._retention.max_events_per_job)

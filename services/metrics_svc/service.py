@@ -30,7 +30,7 @@ from services.common.errors import (
     check,
 )
 from services.common.gate import Executors
-from services.metrics_svc import charts, repository
+from services.metrics_svc import charts, observed, repository
 from services.metrics_svc.hub import EventHub, Published
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,17 @@ class MetricsService:
             # Published only after the commit (an event is persisted before anyone sees it), and
             # queued to the loop under the job's lock: publish order is seq order.
             loop.call_soon_threadsafe(self.hub.publish, job, stored)
+            observed.stored(stored)
         return last, last_source
+
+    async def delete_log(self, job: str) -> int:
+        job = names.canonical_run(job, field="job")
+        return await self._executors.run(self._delete_log, job, reserved=True)
+
+    def _delete_log(self, job: str) -> int:
+        with session_scope(self._engine, serialized=True) as session:
+            lock_name(session, f"job-events:{job}")  # after any append in progress
+            return repository.delete_log(session, job=job)
 
     async def list_events(self, job: str, after_seq: int, page_size: int) -> tuple[list[common_pb2.JobEvent], int]:
         job = names.canonical_run(job, field="job")

@@ -15,10 +15,10 @@ from services.metrics_svc.service import Heartbeat, MetricsService
 # Minimum role of each RPC (services.common.auth); an RPC missing here is refused.
 ACCESS = {f"/segtrain.metrics.v1.MetricsService/{method}": role for method, role in {
     "AppendJobEvents": Role.SERVICE, "ListJobEvents": Role.VIEWER, "GetJobHistory": Role.VIEWER,
-    "WatchJobEvents": Role.VIEWER, "RenderJobCharts": Role.VIEWER,
+    "WatchJobEvents": Role.VIEWER, "RenderJobCharts": Role.VIEWER, "DeleteJobEvents": Role.SERVICE,
 }.items()}
 # Capacity user traffic cannot take (services.common.gate): what keeps jobs' state moving.
-RESERVED = {"/segtrain.metrics.v1.MetricsService/AppendJobEvents"}
+RESERVED = {f"/segtrain.metrics.v1.MetricsService/{method}" for method in ("AppendJobEvents", "DeleteJobEvents")}
 
 
 class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
@@ -51,6 +51,10 @@ class MetricsServicer(metrics_pb2_grpc.MetricsServiceServicer):
                 yield pb.WatchJobEventsResponse(heartbeat=pb.Heartbeat(last_seq=item.last_seq))
             else:
                 yield pb.WatchJobEventsResponse(event=item)
+
+    async def DeleteJobEvents(self, request: pb.DeleteJobEventsRequest, context: grpc.aio.ServicerContext
+                              ) -> pb.DeleteJobEventsResponse:
+        return pb.DeleteJobEventsResponse(deleted=await self._service.delete_log(request.job))
 
     async def RenderJobCharts(self, request: pb.RenderJobChartsRequest, context: grpc.aio.ServicerContext
                               ) -> pb.RenderJobChartsResponse:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from services.common import observability
 from services.common.server import configure_logging, serve_until_signalled
 from services.common.settings import PipelineSettings, SecuritySettings, ServerSettings, StorageSettings
 from services.pipeline_svc.app import build
@@ -18,6 +19,7 @@ def main() -> None:
     service.start()
     logging.getLogger("segtrain.pipeline").info("pipeline service listening on port %d", port)
     server.start()
+    observability.serve(common.prometheus_listen, "pipeline")
     print(f"READY pipeline {port}", flush=True)
     serve_until_signalled(server, health_servicer, common.shutdown_grace_s, on_stop=service.stop)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from grpc_health.v1 import health
 from segtrain.pipeline.v1 import pipeline_pb2, pipeline_pb2_grpc
 
+from services.common import observability
 from services.common.database import make_engine
 from services.common.gate import BlockingServicer, Executors
 from services.common.server import AsyncServer, create_server
@@ -12,6 +13,7 @@ from services.common.settings import PipelineSettings, SecuritySettings, Serving
 from services.common.storage import ObjectStore
 from services.pipeline_svc.resources.set_preparation import Tuning
 from services.pipeline_svc.runtime.collector import Collection
+from services.pipeline_svc.runtime.observed import PipelineCollector
 from services.pipeline_svc.runtime.peers import PeerStubs
 from services.pipeline_svc.service import PipelineService
 from services.pipeline_svc.servicer import ACCESS, LONG, RESERVED, PipelineServicer
@@ -41,8 +43,9 @@ def build(settings: PipelineSettings, storage: StorageSettings, security: Securi
         max_active_jobs_per_principal=settings.max_active_jobs_per_principal,
         collection=Collection(interval_s=settings.collect_interval_s, upload_ttl_s=settings.upload_ttl_s,
                               orphan_grace_s=settings.orphan_grace_s),
-        relay_lease_s=settings.relay_lease_s,
+        relay_lease_s=settings.relay_lease_s, replica=settings.replica_id,
     )
+    observability.register(PipelineCollector(engine))
     # The service's work is blocking (SQL, object storage): each call runs in the bounded pools.
     executors = Executors(serving)
     servicer = BlockingServicer(PipelineServicer(service, VERSION), executors,

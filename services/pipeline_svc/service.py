@@ -48,7 +48,7 @@ class PipelineService:
                  prepare_concurrency: int = 2,
                  preparation: set_preparation.Tuning = set_preparation.DEFAULT_TUNING,
                  max_active_jobs_per_principal: int = 0, collection: Collection = DEFAULT_COLLECTION,
-                 relay_lease_s: float = 10.0) -> None:
+                 relay_lease_s: float = 10.0, replica: str | None = None) -> None:
         self.engine, self.store, self.peers = engine, store, peers
         self._active_jobs_quota = max_active_jobs_per_principal
         self.metrics_public_address = metrics_public_address
@@ -63,7 +63,7 @@ class PipelineService:
         self.scheduler = Scheduler(engine, peers, store, interval_s=schedule_interval_s,
                                    heartbeat_interval_s=heartbeat_interval_s, max_attempts=max_attempts,
                                    stopping=self._stopping, wake_outbox=self._outbox_relay.wake,
-                                   relay_lease_s=relay_lease_s)
+                                   relay_lease_s=relay_lease_s, replica=replica)
 
     def start(self) -> None:
         with session_scope(self.engine) as session:
@@ -240,6 +240,7 @@ class PipelineService:
     def _delete(self, rows: Callable[..., list[str]], name: str, caller: Principal | None) -> None:
         with session_scope(self.engine, serialized=True) as session:
             stored = rows(session, name=name, caller=caller)
+        self._outbox_relay.wake()  # a deleted job's log is to go too
         for key in stored:
             try:
                 if key.endswith("/"):

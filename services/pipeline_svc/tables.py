@@ -195,6 +195,9 @@ class OutboxRow(SQLModel, table=True):
     # Set when the metrics service refused the row for good: it is kept for a person, not retried.
     parked: bool = Field(default=False, sa_column_kwargs={"server_default": "0"})
     park_reason: str = Field(default="", sa_column_kwargs={"server_default": ""})
+    # Not an event: the job was deleted, and the metrics service is to delete its whole log
+    # (DeleteJobEvents; the payload is empty).
+    forget_log: bool = Field(default=False, sa_column_kwargs={"server_default": "0"})
 
 
 TABLES = [PipelineRow, TrainingSetRow, TileRow, JobRow, ModelRow, AnalysisRow, TrainerNodeRow, OutboxRow]

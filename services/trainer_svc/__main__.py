@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from services.common import observability
 from services.common.server import configure_logging, serve_until_signalled
 from services.common.settings import SecuritySettings, ServerSettings, StorageSettings, TrainerSettings
 from services.trainer_svc.app import build
@@ -19,6 +20,7 @@ def main() -> None:
     server.start()
     registration.start()
     logging.getLogger("segtrain.trainer").info("trainer node listening on port %d", port)
+    observability.serve(common.prometheus_listen, "trainer")
     print(f"READY trainer {port}", flush=True)
 
     serve_until_signalled(server, health_servicer, common.shutdown_grace_s,

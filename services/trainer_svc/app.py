@@ -13,11 +13,13 @@ import grpc
 from grpc_health.v1 import health
 from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
+from services.common import observability
 from services.common.auth import TokenStore
 from services.common.server import connect_as, create_threaded_server
 from services.common.settings import SecuritySettings, ServerSettings, StorageSettings, TrainerSettings, environment
 from services.common.storage import ObjectStore
 from services.trainer_svc.node import Analyses, AnalyzerOnDemand, NodeOffer, Registration, TrainerNode
+from services.trainer_svc.observed import TrainerCollector
 from services.trainer_svc.servicer import ACCESS, TrainerServicer
 
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
@@ -34,6 +36,7 @@ def build(settings: TrainerSettings, storage: StorageSettings, security: Securit
     node = TrainerNode(AnalyzerOnDemand(lambda: _analyzer(store, device, settings.num_threads)), store,
                        capacity=settings.capacity, worker_env=worker_env)
     servicer = TrainerServicer(node)
+    observability.register(TrainerCollector(node.runs))
     # The node's own token both ways: it registers with it, and accepts only calls carrying it.
     token = settings.token.get_secret_value() if settings.token is not None else None
     server, port, health_servicer = create_threaded_server(

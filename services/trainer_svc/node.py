@@ -91,6 +91,7 @@ class TrainerNode:
         if run is None:
             current = self._attempts.get(request.job)
             return False, current.rendezvous if current is not None and request.node_rank == 0 else ""
+        run.batch_size = request.hyperparameters.batch_size
         endpoint = request.rendezvous_endpoint
         if request.parallelism.nodes > 1 and request.node_rank == 0:
             endpoint = f"{self.rendezvous_host}:{_free_port(self.rendezvous_host)}"

@@ -34,6 +34,11 @@ class JobRun:
     handing_back: bool = False
     # Called after each cancel or hand-back request: forwards it to the attempt's worker process.
     on_control: Callable[[], None] | None = None
+    # Tiles per batch (all ranks together), and the training rate measured between the last two
+    # progress events (0 until there are two), for /metrics.
+    batch_size: int = 0
+    images_per_second: float = 0.0
+    _last_progress: tuple[int, float] = (0, 0.0)
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     def emit(self, event: common_pb2.JobEvent) -> None:
@@ -45,7 +50,19 @@ class JobRun:
             self.events.append(event)
             if event.HasField("finished"):
                 self.finished, self.finished_at = True, time.monotonic()
+            elif event.HasField("batch_progress"):
+                self._measure(event.batch_progress)
             self._cond.notify_all()
+
+    def _measure(self, progress: common_pb2.BatchProgress) -> None:
+        """Images per second between this progress event and the one before (across an epoch's
+        end too, validation included then)."""
+        now = time.monotonic()
+        done = (progress.epoch - 1) * progress.batches + progress.batch  # batches since the attempt began
+        before, at = self._last_progress
+        if before and done > before and now > at:
+            self.images_per_second = (done - before) * self.batch_size / (now - at)
+        self._last_progress = (done, now)
 
     def request_cancel(self, stop_early: bool) -> None:
         with self._cond:

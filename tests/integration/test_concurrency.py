@@ -213,3 +213,51 @@ def test_a_relay_lease_has_one_holder_and_passes_on_only_when_it_lapses(engine: 
         time.sleep(0.6)
         first, second = race(a.renew_leases, b.renew_leases)
         assert sorted((first, second), key=len) == [set(), {"j-1"}], (first, second)  # type: ignore[arg-type]
+
+
+class CountingMetrics:
+    """A metrics service's AppendJobEvents that records every event it is sent (a slow one: each
+    call takes a few ms, so two relays would overlap if nothing kept them apart)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int]] = []
+        self._lock = threading.Lock()
+
+    def AppendJobEvents(self, request: object, timeout: float) -> None:  # the gRPC method's name
+        time.sleep(0.005)
+        with self._lock:
+            self.sent.extend((request.job, event.source_seq) for event in request.events)  # type: ignore[attr-defined]
+
+
+def test_two_replicas_outbox_relays_send_each_row_once_in_order(engine: sqlalchemy.engine.Engine) -> None:
+    from types import SimpleNamespace
+
+    from services.pipeline_svc.runtime.outbox_relay import BATCH, OutboxRelay
+
+    jobs_rows = {f"jobs/j{j}": range(1, BATCH + 51) for j in range(3)}
+    with session_scope(engine) as session:
+        for job, seqs in jobs_rows.items():
+            for seq in seqs:
+                event = S.JobEvent(job=job, attempt=0, source_seq=seq)
+                session.add(OutboxRow(job=job, payload=event.SerializeToString()))
+    metrics = CountingMetrics()
+    stopping = threading.Event()
+    relays = [OutboxRelay(engine, SimpleNamespace(metrics=metrics), stopping=stopping) for _ in range(2)]  # type: ignore[arg-type]
+    for relay in relays:
+        relay.start()
+        relay.wake()
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            with session_scope(engine) as session:
+                if not session.exec(select(OutboxRow)).first():
+                    break
+            time.sleep(0.05)
+    finally:
+        stopping.set()
+        for relay in relays:
+            relay.join(10)
+    assert Counter(metrics.sent) == Counter((job, seq) for job, seqs in jobs_rows.items() for seq in seqs), \
+        "every row sent exactly once"
+    for job, seqs in jobs_rows.items():
+        assert [seq for sent_job, seq in metrics.sent if sent_job == job] == list(seqs), f"{job} in order"

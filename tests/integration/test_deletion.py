@@ -98,3 +98,22 @@ def test_nothing_in_use_is_deleted_and_a_deleted_resource_takes_its_objects(
     assert error_of(client.delete_training_set, training_set.name).code() == grpc.StatusCode.NOT_FOUND
     gone = error_of(client.create_job, pipeline="segmentation", training_set=training_set.name)
     assert gone.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_deleted_jobs_event_log_goes_from_the_metrics_service_too(
+        client: Client, training_set: pb.TrainingSet, node: RefusingNode, store: ObjectStore) -> None:
+    from segtrain.metrics.v1 import metrics_pb2
+
+    def log(job: pb.Job) -> list[int]:
+        return [e.seq for e in client.metrics.ListJobEvents(metrics_pb2.ListJobEventsRequest(job=job.name)).events]
+
+    kept, deleted = (succeeded_job(client, training_set, node, store) for _ in range(2))
+    held = log(kept)
+    assert held and log(deleted), "both jobs have logs"
+    client.delete_model(deleted.model)
+    client.delete_job(deleted.name)
+    deadline = time.monotonic() + 10  # the outbox relay asks the metrics service right after the delete
+    while log(deleted):
+        assert time.monotonic() < deadline, "the deleted job's log is still held"
+        time.sleep(0.1)
+    assert log(kept) == held, "another job's log is untouched"

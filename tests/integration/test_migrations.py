@@ -4,6 +4,8 @@ and a service starts on a database behind its code only when told to migrate it.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +103,28 @@ def test_the_pipeline_service_refuses_to_start_on_a_database_behind_it(tmp_path:
     _a_set_at_the_first_schema(bare(url))
     with pytest.raises(SchemaMismatchError, match="the pipeline database is at schema revision 0001"):
         pipeline_app.build(PipelineSettings(listen="127.0.0.1:0", database_url=url), s3_settings)
+
+
+
+START_REPLICA = """
+import sys
+from services.common import migrations
+from services.common.database import make_engine
+from services.metrics_svc.tables import SCHEMA as METRICS
+from services.pipeline_svc.tables import SCHEMA as PIPELINE
+schema = PIPELINE if sys.argv[2] == "pipeline" else METRICS
+engine = make_engine(sys.argv[1], schema, migrate="true")
+print(migrations.current(engine, schema))
+"""
+
+
+def test_replicas_starting_together_migrate_the_database_once_between_them(database_url: str) -> None:
+    """Three replicas of each service start at once on one empty database (the local stack and
+    compose start replicas together): they take turns, so every one finds the schema at the head."""
+    services = ["pipeline", "metrics"] * 3
+    replicas = [subprocess.Popen([sys.executable, "-c", START_REPLICA, database_url, service], text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for service in services]
+    results = [replica.communicate(timeout=120) for replica in replicas]
+    assert [replica.returncode for replica in replicas] == [0] * len(services), [err[-2000:] for _, err in results]
+    heads = {"pipeline": migrations.head(PIPELINE), "metrics": migrations.head(METRICS)}
+    assert [out.strip() for out, _ in results] == [heads[service] for service in services]

@@ -26,7 +26,8 @@ def test_readme_configuration_table_lists_every_variable_the_services_read() -> 
     table = README.read_text().split("| Variable | Default | Used by | Meaning |", 1)[1].split("\n\n", 1)[0]
     documented = set(re.findall(r"`(SEGTRAIN_[A-Z0-9_]+)`", table))
     assert read - documented == set(), "variables the services read that the README does not list"
-    assert documented - read <= {"SEGTRAIN_ADDRESS", "SEGTRAIN_TOKEN", "SEGTRAIN_TLS", "SEGTRAIN_TEST_POSTGRES_URL"}, \
+    assert documented - read <= {"SEGTRAIN_ADDRESS", "SEGTRAIN_TOKEN", "SEGTRAIN_TLS", "SEGTRAIN_TEST_POSTGRES_URL",
+                                 "SEGTRAIN_PROFILE", "SEGTRAIN_CONFIG"}, \
         "the README lists variables nobody reads"
 
 

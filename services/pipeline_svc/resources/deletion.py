@@ -89,8 +89,11 @@ def _check_ended(job: JobRow, caller: Principal | None) -> None:
 
 
 def _delete_job_rows(session: Session, job: JobRow) -> None:
-    # Its control events not yet relayed go too: the job they describe is gone.
-    session.execute(delete(OutboxRow).where(col(OutboxRow.job) == lifecycle.log_name(job)))
+    # Its control events not yet relayed go too: the job they describe is gone. In their place,
+    # in the same transaction, the request that the metrics service delete the job's log.
+    log = lifecycle.log_name(job)
+    session.execute(delete(OutboxRow).where(col(OutboxRow.job) == log))
+    session.add(OutboxRow(job=log, payload=b"", forget_log=True))
     session.delete(job)
 
 

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 
 from services.common import object_keys
 from services.common.database import session_scope
+from services.common.locks import exclusive
 from services.common.storage import ObjectStore, StoredObject
 from services.common.timeutil import utcnow
 from services.pipeline_svc.resources import retention
@@ -46,7 +47,8 @@ class Collector(threading.Thread):
     def run(self) -> None:
         while not self._stopping.wait(self._interval_s):
             try:
-                removed = self.collect_once()
+                with exclusive(self._engine, "storage collector") as mine:  # one replica's pass at a time
+                    removed = self.collect_once() if mine else Counter()
                 if removed:
                     log.info("storage collector removed %s", dict(removed))
             except Exception:

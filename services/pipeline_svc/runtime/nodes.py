@@ -94,7 +94,7 @@ def mark_lost_nodes(session: Session, *, timeout: timedelta) -> list[str]:
 
 def free_nodes(session: Session) -> list[tuple[TrainerNodeRow, int]]:
     """READY nodes with free capacity, least loaded first (the active jobs read once)."""
-    load = _load(session)
+    load = load_by_node(session)
     result = [(row, row.capacity - load[row.id]) for row in ready_nodes(session)]
     return sorted([pair for pair in result if pair[1] > 0], key=lambda pair: -pair[1])
 
@@ -105,11 +105,11 @@ def lock_room(session: Session, gang: list[TrainerNodeRow]) -> bool:
     ids = sorted(n.id for n in gang)
     rows = list(session.exec(select(TrainerNodeRow).where(col(TrainerNodeRow.id).in_(ids))
                              .order_by(col(TrainerNodeRow.id)).with_for_update()))
-    load = _load(session)
+    load = load_by_node(session)
     return len(rows) == len(ids) and all(row.state == READY and row.capacity > load[row.id] for row in rows)
 
 
-def _load(session: Session) -> Counter[str]:
+def load_by_node(session: Session) -> Counter[str]:
     """Active jobs per node."""
     load: Counter[str] = Counter()
     for job in session.exec(select(JobRow).where(col(JobRow.state).in_(job_states.ACTIVE))):

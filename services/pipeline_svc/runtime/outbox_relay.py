@@ -1,8 +1,14 @@
 """Forwarding the pipeline service's own events (state changes, attempt 0) from the outbox table
-to the metrics service, in order, deleting each row once it is stored.
+to the metrics service, in order, deleting each row once it is stored; and, for a deleted job or
+analysis, the request to delete its event log (a `forget_log` row, its last).
 
 Only transient errors are retried. A row the metrics service refuses for good is parked with its
-reason (kept for a person, logged) and no longer blocks the rows behind it."""
+reason (kept for a person, logged) and no longer blocks the rows behind it.
+
+With several replicas, one drains the outbox at a time (services/common/locks.py; the others skip
+and look again shortly), so each row normally goes out once. Should two ever send one row (a
+holder that died after the append, before the delete), the metrics service skips what it already
+stored ((attempt, source_seq) per job)."""
 
 from __future__ import annotations
 
@@ -17,12 +23,15 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from services.common.database import session_scope
+from services.common.locks import exclusive
 from services.pipeline_svc.runtime.peers import PeerStubs
 from services.pipeline_svc.tables import OutboxRow
 
 log = logging.getLogger(__name__)
 RETRY_S = 0.5
 BATCH = 200
+OUTBOX_LOCK = "outbox relay"
+BUSY_RETRY_S = 0.25
 # Answers that retrying the same rows can never change: the rows are at fault, not the service.
 REFUSED_FOR_GOOD = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
                     grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS}
@@ -53,6 +62,15 @@ class OutboxRelay(threading.Thread):
                 self._stopping.wait(RETRY_S)
 
     def _drain_once(self) -> bool:
+        """Forwards one batch; False when the outbox is empty or another replica is draining it."""
+        with exclusive(self._engine, OUTBOX_LOCK) as held:
+            if not held:
+                self._stopping.wait(BUSY_RETRY_S)  # it may finish before it sees this replica's rows
+                self._pending.set()
+                return False
+            return self._drain_batch()
+
+    def _drain_batch(self) -> bool:
         with session_scope(self._engine) as session:
             rows = list(session.exec(select(OutboxRow).where(col(OutboxRow.parked).is_(False))
                                      .order_by(col(OutboxRow.id)).limit(BATCH)))
@@ -72,8 +90,14 @@ class OutboxRelay(threading.Thread):
         return True
 
     def _append(self, job: str, rows: list[OutboxRow]) -> None:
-        events = [common_pb2.JobEvent.FromString(r.payload) for r in rows]
-        self._peers.metrics.AppendJobEvents(metrics_pb2.AppendJobEventsRequest(job=job, events=events), timeout=10)
+        """Sends the job's rows in order: its events, then (a deleted job's last row) the request
+        to delete its log."""
+        events = [common_pb2.JobEvent.FromString(r.payload) for r in rows if not r.forget_log]
+        if events:
+            self._peers.metrics.AppendJobEvents(metrics_pb2.AppendJobEventsRequest(job=job, events=events),
+                                                timeout=10)
+        if any(r.forget_log for r in rows):
+            self._peers.metrics.DeleteJobEvents(metrics_pb2.DeleteJobEventsRequest(job=job), timeout=30)
         with session_scope(self._engine) as session:  # (rows a deleted job took along are gone already)
             session.execute(delete(OutboxRow).where(col(OutboxRow.id).in_([r.id for r in rows])))
 

@@ -1,6 +1,8 @@
 """Runs training-set preparation off the request path: a few sets at a time, oldest first, each
 on its own thread (resources.set_preparation streams its tiles). Sets still PREPARING when the
-service starts (it stopped mid-way) are prepared again; a stopping service leaves them so."""
+service starts (it stopped mid-way) are prepared again; a stopping service leaves them so. With
+several replicas, one prepares each set (services/common/locks.py); another takes it over at its
+next poll should that one die."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import threading
 from sqlalchemy.engine import Engine
 
 from services.common.database import session_scope
+from services.common.locks import exclusive
 from services.common.storage import ObjectStore
 from services.pipeline_svc.resources import set_preparation, training_sets
 
@@ -64,9 +67,11 @@ class Preparer(threading.Thread):
     def _prepare(self, set_id: str) -> None:
         done = False
         try:
-            set_preparation.prepare(self._engine, self._store, set_id, stopping=self._stopping, tuning=self._tuning,
-                                    budget=self.budget)
-            done = True
+            with exclusive(self._engine, f"prepare {set_id}") as mine:
+                if mine:  # else another replica prepares it (and this one takes over if that one dies)
+                    set_preparation.prepare(self._engine, self._store, set_id, stopping=self._stopping,
+                                            tuning=self._tuning, budget=self.budget)
+                    done = True
         except Exception:  # the database or store failed under it: tried again at the next poll
             log.exception("preparing training set %s failed; retried in %.0f s", set_id, POLL_S)
         finally:
