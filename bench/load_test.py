@@ -81,6 +81,7 @@ def _database(admin_url: str | None) -> Iterator[str | None]:
 
 def run(stack: LocalStack, tmp: Path, args: argparse.Namespace) -> int:
     driver = Client(stack.pipeline_address, token=stack.tokens["trainer"])
+    _wait_for_nodes(Client(stack.pipeline_address, token=stack.tokens["admin"]), args.nodes)
     training_set = _create_training_set(driver, tmp)
     started = time.monotonic()
     jobs = _queue_jobs(driver, training_set, args.jobs, args.epochs)
@@ -124,25 +125,40 @@ def run(stack: LocalStack, tmp: Path, args: argparse.Namespace) -> int:
 
 
 def watch_many(address: str, token: str, assignments: list[tuple[int, str]]) -> dict[int, list[int] | str]:
-    """In a client process: one thread and one client per (watcher index, job); each watcher's
-    received seqs, or what went wrong."""
+    """In a client process (a web app's backend, say): one client, one thread per (watcher index,
+    job); each watcher's received seqs, or what went wrong."""
     outcome: dict[int, list[int] | str] = {}
+    client = Client(address, token=token)
 
     def watch(index: int, job: str) -> None:
-        client = Client(address, token=token)
         try:
             outcome[index] = [e.seq for e in client.watch(job)]
         except Exception as exc:  # recorded, reported as a failure
             outcome[index] = f"{type(exc).__name__}: {exc}"
-        finally:
-            client.close()
 
     threads = [threading.Thread(target=watch, args=pair, daemon=True) for pair in assignments]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        client.close()
     return outcome
+
+
+def _wait_for_nodes(admin: Client, count: int, timeout_s: float = 600) -> None:
+    """Until `count` trainer nodes are READY (the load starts on a deployment already up: on these
+    2 cores, a node starting under 1,000 watchers takes minutes to probe its device)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = admin.pipeline.ListTrainerNodes(pb.ListTrainerNodesRequest(), timeout=30).trainer_nodes
+        if sum(n.state == pb.TrainerNode.STATE_READY for n in nodes) >= count:
+            admin.close()
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {count} trainer nodes registered in {timeout_s:.0f} s")
+        time.sleep(0.5)
 
 
 def _create_training_set(driver: Client, tmp: Path) -> pb.TrainingSet:

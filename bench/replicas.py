@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import threading
@@ -205,9 +206,9 @@ def main() -> int:
     ok = all(r["jobs_assigned"] == args.jobs and r["events_stored"] == args.jobs * args.events for r in rows)
     summary: dict[str, object] = {"rows": rows, "complete": ok}
     for key in ("jobs_assigned_per_s", "events_relayed_per_s"):
-        by = {n: sorted(float(r[key]) for r in rows if r["replicas"] == n) for n in (1, 2)}  # type: ignore[arg-type]
-        median = {n: values[len(values) // 2] for n, values in by.items()}
-        summary[f"{key}_median"] = median
+        median = {n: statistics.median(float(r[key]) for r in rows if r["replicas"] == n)  # type: ignore[arg-type]
+                  for n in (1, 2)}
+        summary[f"{key}_median"] = {n: round(v, 1) for n, v in median.items()}
         summary[f"{key}_ratio_2_vs_1"] = round(median[2] / median[1], 2)
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=2))
     out = ROOT / "bench-output"

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from segcore import catalogue
 from services.common import names
-from services.common.database import session_scope
+from services.common.database import lock_name, session_scope
 from services.common.errors import AlreadyExistsError, UnavailableError
 from services.common.storage import PRESIGNED_URL_LIFETIME, ObjectStore
 from services.common.tokens import Principal
@@ -66,7 +66,9 @@ class PipelineService:
                                    relay_lease_s=relay_lease_s, replica=replica)
 
     def start(self) -> None:
-        with session_scope(self.engine) as session:
+        # Replicas starting together seed in turn: the second finds the pipelines there.
+        with session_scope(self.engine, serialized=True) as session:
+            lock_name(session, "seed pipelines")
             pipelines.seed_pipelines(session)
         self._outbox_relay.start()
         self._preparer.start()

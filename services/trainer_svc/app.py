@@ -73,8 +73,10 @@ def _device_facts(device: str | None) -> dict[str, Any]:
              "print(json.dumps({'device': environment_info(d)['device'], "
              "'gpus': torch.cuda.device_count() if cuda else 0, "
              "'gpu_memory': torch.cuda.get_device_properties(0).total_memory if cuda else 0}))")
+    # Importing torch takes seconds, or minutes on a busy machine (4 probes beside 1,000 watchers on
+    # 2 cores took over 120 s): a generous limit, and the registration retries after it.
     result = subprocess.run([sys.executable, "-c", probe, *([device] if device else [])], capture_output=True,
-                            text=True, timeout=120, check=False)
+                            text=True, timeout=600, check=False)
     try:
         return dict(json.loads(result.stdout.strip().splitlines()[-1]))
     except (ValueError, IndexError):

@@ -217,6 +217,11 @@ def _validate_analysis(request: trainer_pb2.RunJobRequest) -> None:
                                               attempt=request.attempt, field="output_prefix")
 
 
+# Seconds before a node whose offer could not be worked out tries again (it never gives up: a
+# node that serves but is not registered would sit idle, unseen).
+OFFER_RETRY_S = 5.0
+
+
 class Registration(threading.Thread):
     """Registers the node with the pipeline service and heartbeats until stopped."""
 
@@ -247,6 +252,10 @@ class Registration(threading.Thread):
             except grpc.RpcError as exc:
                 log.warning("pipeline service unreachable (%s); retrying", exc.code())
                 interval = 1.0
+            except Exception:  # e.g. the device probe timed out on a machine too busy to start torch
+                log.exception("could not tell the pipeline service what this node offers; retrying in %.0f s",
+                              OFFER_RETRY_S)
+                interval = OFFER_RETRY_S
             self.stopping.wait(interval)
 
     def _what_it_offers(self) -> NodeOffer:

@@ -128,3 +128,33 @@ def test_replicas_starting_together_migrate_the_database_once_between_them(datab
     assert [replica.returncode for replica in replicas] == [0] * len(services), [err[-2000:] for _, err in results]
     heads = {"pipeline": migrations.head(PIPELINE), "metrics": migrations.head(METRICS)}
     assert [out.strip() for out, _ in results] == [heads[service] for service in services]
+
+
+START_PIPELINE = """
+import sys
+from services.common.settings import PipelineSettings, StorageSettings
+from services.pipeline_svc import app
+storage = StorageSettings(endpoint=sys.argv[2], access_key=sys.argv[3], secret_key=sys.argv[4])
+_, _, _, service = app.build(PipelineSettings(listen="127.0.0.1:0", database_url=sys.argv[1],
+                                              database_migrate="true"), storage)
+service.start()
+service.stop()
+print("started")
+"""
+
+
+def test_pipeline_replicas_starting_together_seed_the_default_pipelines_once(
+        database_url: str, s3_settings: StorageSettings) -> None:
+    """Seen under the 1,000-watcher load test: the second replica crashed on a duplicate key."""
+    replicas = [subprocess.Popen([sys.executable, "-c", START_PIPELINE, database_url, s3_settings.endpoint,
+                                  s3_settings.access_key, s3_settings.secret_key.get_secret_value()],
+                                 text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    results = [replica.communicate(timeout=120) for replica in replicas]
+    assert [r.returncode for r in replicas] == [0] * 4, [err[-1500:] for _, err in results]
+    engine = sqlalchemy.create_engine(database_url)
+    with engine.connect() as connection:
+        ids = [row[0] for row in connection.execute(sqlalchemy.text("SELECT id FROM pipelines ORDER BY id"))]
+    engine.dispose()
+    from services.pipeline_svc.resources.pipelines import ANALYSIS_PIPELINE, DEFAULT_PIPELINE
+
+    assert ids == sorted([ANALYSIS_PIPELINE, DEFAULT_PIPELINE])
