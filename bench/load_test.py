@@ -22,7 +22,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from segtrain.common.v1 import common_pb2  # noqa: E402
 from segtrain.pipeline.v1 import pipeline_pb2 as pb  # noqa: E402
 
+from bench.databases import fresh_postgres  # noqa: E402
 from clients.names import DEFAULT_PIPELINE, TERMINAL  # noqa: E402
 from clients.sdk import Client  # noqa: E402
 from clients.stack import LocalStack  # noqa: E402
@@ -65,18 +65,8 @@ def _database(admin_url: str | None) -> Iterator[str | None]:
     if admin_url is None:
         yield None
         return
-    import sqlalchemy
-
-    name = f"segtrain_load_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with fresh_postgres(admin_url, "segtrain_load") as url:
+        yield url
 
 
 def run(stack: LocalStack, tmp: Path, args: argparse.Namespace) -> int:

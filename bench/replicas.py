@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager, suppress
@@ -41,6 +40,7 @@ from segtrain.pipeline.v1 import pipeline_pb2 as pb  # noqa: E402
 from segtrain.pipeline.v1 import pipeline_pb2_grpc  # noqa: E402
 from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc  # noqa: E402
 
+from bench.databases import fresh_postgres  # noqa: E402
 from clients import addresses, names  # noqa: E402
 from clients.names import DEFAULT_PIPELINE  # noqa: E402
 from clients.sdk import Client  # noqa: E402
@@ -121,24 +121,10 @@ def fake_nodes(stack: LocalStack, count: int, capacity: int, events: int) -> Ite
             server.stop(0).wait()
 
 
-@contextmanager
-def fresh_database(admin_url: str) -> Iterator[str]:
-    name = f"segtrain_bench_{uuid.uuid4().hex[:10]}"
-    admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 def measure(replicas: int, args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     env = {"SEGTRAIN_PIPELINE_SCHEDULE_INTERVAL_S": "0.2", "SEGTRAIN_PIPELINE_HEARTBEAT_INTERVAL_S": "2",
            "SEGTRAIN_LOG_LEVEL": "WARNING", "SEGTRAIN_PIPELINE_MAX_ACTIVE_JOBS_PER_PRINCIPAL": "100000"}
-    with fresh_database(args.database_url) as url, LocalStack(
+    with fresh_postgres(args.database_url) as url, LocalStack(
             tmp / f"stack-{replicas}", trainers=0, pipeline_replicas=replicas, metrics_replicas=replicas,
             database_url=url, env_overrides=env) as stack:
         client = Client(stack.pipeline_address, token=stack.tokens["trainer"])

@@ -81,6 +81,23 @@ def _code(context: Any, default: grpc.StatusCode) -> str:
     return default.name
 
 
+class _Timed:
+    """Counts one call started, then ended with its status (the context's, else OK when the
+    handler returned and `failed` when it raised), and times it."""
+
+    def __init__(self, labels: tuple[str, str, str], context: Any, failed: grpc.StatusCode) -> None:
+        self._labels, self._context, self._failed = labels, context, failed
+
+    def __enter__(self) -> None:
+        STARTED.labels(*self._labels).inc()
+        self._started = time.perf_counter()
+
+    def __exit__(self, error: type[BaseException] | None, *_: object) -> None:
+        code = _code(self._context, grpc.StatusCode.OK if error is None else self._failed)
+        HANDLED.labels(*self._labels, code).inc()
+        HANDLING.labels(*self._labels).observe(time.perf_counter() - self._started)
+
+
 class RpcMetrics(grpc.aio.ServerInterceptor):
     """Counts and times every call of a grpc.aio server. Placed first, so that what the gate
     refuses (unauthenticated, over a limit) is counted too."""
@@ -94,33 +111,19 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
             behaviour = handler.unary_unary
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                STARTED.labels(*labels).inc()
-                started, code = time.perf_counter(), grpc.StatusCode.UNKNOWN
-                try:
-                    response = await behaviour(request, context)
-                    code = grpc.StatusCode.OK
-                    return response
-                finally:
-                    _done(labels, started, _code(context, code))
+                with _Timed(labels, context, grpc.StatusCode.UNKNOWN):
+                    return await behaviour(request, context)
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
         streaming = handler.unary_stream
 
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            STARTED.labels(*labels).inc()
-            started, code = time.perf_counter(), grpc.StatusCode.UNKNOWN
-            try:
+            with _Timed(labels, context, grpc.StatusCode.CANCELLED):
                 result = streaming(request, context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
                         yield item
                 else:  # a servicer that writes through context.write()
                     await result
-                code = grpc.StatusCode.OK
-            except BaseException:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                _done(labels, started, _code(context, code))
         return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
 
 
@@ -136,31 +139,12 @@ class ThreadedRpcMetrics(grpc.ServerInterceptor):
             behaviour = handler.unary_unary
 
             def unary(request: Any, context: grpc.ServicerContext) -> Any:
-                STARTED.labels(*labels).inc()
-                started, code = time.perf_counter(), grpc.StatusCode.UNKNOWN
-                try:
-                    response = behaviour(request, context)
-                    code = grpc.StatusCode.OK
-                    return response
-                finally:
-                    _done(labels, started, _code(context, code))
+                with _Timed(labels, context, grpc.StatusCode.UNKNOWN):
+                    return behaviour(request, context)
             return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
         streaming = handler.unary_stream
 
         def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            STARTED.labels(*labels).inc()
-            started, code = time.perf_counter(), grpc.StatusCode.UNKNOWN
-            try:
+            with _Timed(labels, context, grpc.StatusCode.CANCELLED):
                 yield from streaming(request, context)
-                code = grpc.StatusCode.OK
-            except BaseException:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            finally:
-                _done(labels, started, _code(context, code))
         return grpc.unary_stream_rpc_method_handler(stream, handler.request_deserializer, handler.response_serializer)
-
-
-def _done(labels: tuple[str, str, str], started: float, code: str) -> None:
-    HANDLED.labels(*labels, code).inc()
-    HANDLING.labels(*labels).observe(time.perf_counter() - started)
