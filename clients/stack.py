@@ -206,9 +206,13 @@ class LocalStack:
         )
 
     def _listen(self, service: str, index: int) -> str:
+        """Replica `index`'s address: its port once started; before, the first one's requested
+        port (0: the kernel's pick) and 0 for the others."""
         ports = self.pipeline_ports if service == "pipeline" else self.metrics_ports
-        first = self.pipeline_port if service == "pipeline" else self.metrics_port
-        return f"127.0.0.1:{ports[index] if index < len(ports) else (first if index == 0 else 0)}"
+        if index < len(ports):
+            return f"127.0.0.1:{ports[index]}"
+        requested = self.pipeline_port if service == "pipeline" else self.metrics_port
+        return f"127.0.0.1:{requested if index == 0 else 0}"
 
     def service_env(self, service: str, index: int) -> dict[str, str]:
         """The environment of replica `index` of `service` ("pipeline" or "metrics"): the stack's,
