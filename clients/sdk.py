@@ -58,6 +58,11 @@ CHANNEL_OPTIONS = [
 ]
 
 
+# The formats of Client.export_model, by their CLI names.
+EXPORT_FORMATS = {"hf": common_pb2.EXPORT_FORMAT_HF, "onnx": common_pb2.EXPORT_FORMAT_ONNX,
+                  "torchscript": common_pb2.EXPORT_FORMAT_TORCHSCRIPT}
+
+
 class TrainingSetFailedError(Exception):
     """A training set ended FAILED; `training_set` says why (failure_reason, report.issues)."""
 
@@ -395,6 +400,41 @@ class Client:
         """Every model, newest first; only those of `owner`'s jobs, when given."""
         return _all_pages(lambda token: self.pipeline.ListModels(
             pb.ListModelsRequest(page_token=token, owner=owner), timeout=self.timeout), "models")
+
+    def export_model(self, model: str, format: str, out_dir: Path | None = None, *, timeout: float = 1800.0
+                     ) -> pb.ModelExport:
+        """The model's export to `format` ("hf", "onnx" or "torchscript"; see EXPORT_FORMATS),
+        made on a trainer node the first time (up to `timeout` seconds for a large model's ONNX).
+        With `out_dir`, its files are downloaded there, each checked against its sha256."""
+        try:
+            value = EXPORT_FORMATS[format]
+        except KeyError:
+            raise ValueError(f"unknown export format {format!r}; valid: {', '.join(EXPORT_FORMATS)}") from None
+        export: pb.ModelExport = self.pipeline.ExportModel(
+            pb.ExportModelRequest(name=names.model(model), format=value), timeout=timeout)
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="download") as pool:
+                list(pool.map(lambda f: self._download(f, out_dir), export.files))
+        return export
+
+    def _download(self, file: common_pb2.ExportedFile, out_dir: Path) -> None:
+        """Streams one export file to `out_dir` (a part file renamed once its sha256 matches)."""
+        path = (out_dir / file.name).resolve()
+        if not path.is_relative_to(out_dir.resolve()):  # a name from the server never writes outside out_dir
+            raise ValueError(f"export file name {file.name!r} leaves {out_dir}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(path.name + ".part")
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(file.url, timeout=self.timeout) as response, part.open("wb") as out:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != file.sha256:
+            part.unlink()
+            raise OSError(f"{file.name}: the download does not match its sha256 (got {digest.hexdigest()[:12]}…, "
+                          f"expected {file.sha256[:12]}…)")
+        part.replace(path)
 
     def create_analysis(self, model: str, *, tiles: Sequence[Path] = (), training_set: str = "",
                         display_name: str = "", request_id: str = "") -> pb.AnalysisJob:

@@ -19,7 +19,7 @@ from segtrain.pipeline.v1 import pipeline_pb2 as pb
 
 from clients import names, profiles
 from clients.names import TERMINAL
-from clients.sdk import IMAGE_SUFFIXES, Client, Tls, TrainingSetFailedError
+from clients.sdk import EXPORT_FORMATS, IMAGE_SUFFIXES, Client, Tls, TrainingSetFailedError
 from segcore import hyperparameters as contract
 
 Handler = Callable[[argparse.Namespace, Client], int]
@@ -186,6 +186,17 @@ def _deleting(what: str, delete: Callable[[Client, str], None]) -> Handler:
 cmd_sets_delete = _deleting("training set", Client.delete_training_set)
 cmd_jobs_delete = _deleting("job", Client.delete_job)
 cmd_models_delete = _deleting("model", Client.delete_model)
+
+
+def cmd_models_export(args: argparse.Namespace, client: Client) -> int:
+    """Exports a model (made on a trainer node the first time) and downloads its files to --out."""
+    out = Path(args.out)
+    export = client.export_model(args.name, args.format, out)
+    check = (f"; checked against torch on {', '.join(export.checked_shapes)}: largest logit difference "
+             f"{export.max_abs_difference:.2g}") if export.checked_shapes else ""
+    _out(args, export, f"{export.model} as {args.format}: {len(export.files)} files in {out} "
+                       f"({sum(f.size_bytes for f in export.files) / 2**20:.1f} MiB){check}")
+    return 0
 cmd_analyses_delete = _deleting("analysis", Client.delete_analysis)
 
 
@@ -479,6 +490,13 @@ def build_parser() -> argparse.ArgumentParser:
     _owned(_verb(models, "list", cmd_models_list))
     _verb(models, "delete", cmd_models_delete, help="delete a model and its weights (not while a job or analysis "
                                                     "that has not ended uses it)").add_argument("name")
+    export = _verb(models, "export", cmd_models_export,
+                   help="export a model to a format other tools load without segtrain, and download it")
+    export.add_argument("name")
+    export.add_argument("--format", choices=list(EXPORT_FORMATS), required=True,
+                        help="hf: a transformers save_pretrained directory; onnx: model.onnx (dynamic batch and "
+                             "size); torchscript: model.pt")
+    export.add_argument("--out", required=True, help="directory to write the files to")
     _add_analyses(_group(sub, "analyses"))
     _add_analyze(sub)
     return parser

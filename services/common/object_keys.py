@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 from typing import Literal
 
+from segtrain.common.v1 import common_pb2
+
 from services.common.errors import InvalidArgumentError
 from services.common.storage import safe_key
 
@@ -43,6 +45,10 @@ LAYOUT: tuple[tuple[str, str, str], ...] = (
      "the registered model: weights of the best epoch by validation IoU, with metadata (architecture, "
      "classes, normalisation, versions); its sha256 is recorded at registration and checked on every load"),
     (f"{JOBS}{{job}}/attempts/{{attempt}}/models/final.safetensors", "trainer", "weights after the last epoch"),
+    (f"{JOBS}{{job}}/exports/{{format}}/{{file}}", "trainer (`ExportModel`)",
+     "the model's export to a format other tools load (`hf`, `onnx`, `torchscript`), made at its first "
+     "`ExportModel`: its files, then `manifest.json` (each file's size and sha256, the parity check), written "
+     "last; deleted with the model"),
     (f"{ANALYSES}{{analysis_id}}/masks/{{stem}}.png", "trainer (`AnalyzeTiles`)", "predicted class-index masks"),
     (f"{ANALYSES}{{analysis}}/inputs.jsonl", "pipeline (`CreateAnalysisJob`)",
      "an analysis job's tiles in order, one JSON line each: `{\"tile\": name, \"image\": key}`"),
@@ -130,6 +136,38 @@ def check_attempt_prefix(prefix: str, *, job_id: str, attempt: int, field: str) 
 def check_job_key(key: str, *, job_id: str, field: str) -> str:
     """`key` if it lies under the job's own keys (any attempt, or the layout before attempts)."""
     return safe_key(key, field=field, prefix=job_prefix(job_id))
+
+
+def export_format_name(value: int) -> str:
+    """"hf", "onnx" or "torchscript" for an ExportFormat; INVALID_ARGUMENT naming `format` otherwise."""
+    if value == common_pb2.EXPORT_FORMAT_UNSPECIFIED or value not in common_pb2.ExportFormat.values():
+        names = ", ".join(n.removeprefix("EXPORT_FORMAT_") for n in common_pb2.ExportFormat.keys()[1:])
+        raise InvalidArgumentError.of("format", f"name an export format: {names}")
+    return common_pb2.ExportFormat.Name(value).removeprefix("EXPORT_FORMAT_").lower()  # type: ignore[arg-type]
+
+
+def model_exports_prefix(job_id: str) -> str:
+    """Every export of the model that job `job_id` trained lies under this prefix."""
+    return f"{job_prefix(job_id)}exports/"
+
+
+def model_export_prefix(job_id: str, fmt: str) -> str:
+    """One format's export of the model that job `job_id` trained."""
+    return f"{model_exports_prefix(job_id)}{fmt}/"
+
+
+def export_manifest(prefix: str) -> str:
+    """Written last: an export is complete once it exists."""
+    return f"{prefix}manifest.json"
+
+
+def check_model_export_prefix(prefix: str, *, fmt: str, field: str) -> str:
+    """`prefix` if it is an export prefix of format `fmt` (model_export_prefix); INVALID_ARGUMENT otherwise."""
+    safe_key(prefix.removesuffix("/"), field=field, prefix=JOBS)
+    parts = prefix.split("/")
+    if len(parts) != 5 or parts[2:] != ["exports", fmt, ""] or not parts[1]:
+        raise InvalidArgumentError.of(field, f"must be '{JOBS}{{job}}/exports/{fmt}/', got {prefix!r}")
+    return prefix
 
 
 def check_model_key(key: str, *, field: str) -> str:

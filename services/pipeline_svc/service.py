@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -31,7 +32,7 @@ from services.pipeline_svc.resources import (
     training_sets,
     uploads,
 )
-from services.pipeline_svc.runtime import analysis, nodes
+from services.pipeline_svc.runtime import analysis, exports, nodes
 from services.pipeline_svc.runtime.collector import DEFAULT_COLLECTION, Collection, Collector
 from services.pipeline_svc.runtime.outbox_relay import OutboxRelay
 from services.pipeline_svc.runtime.peers import PeerStubs
@@ -192,6 +193,9 @@ class PipelineService:
         with session_scope(self.engine) as session:
             return models.list_models(session, pipeline=pipeline, owner=owner, page_size=page_size,
                                       page_token=page_token)
+
+    def export_model(self, name: str, fmt: int, *, is_active: Callable[[], bool] = lambda: True) -> pb.ModelExport:
+        return exports.export_model(self.engine, self.store, self.peers, name=name, fmt=fmt, is_active=is_active)
 
     def analyze_tiles(self, *, model: str, image_keys: list[str],
                       is_active: Callable[[], bool] = lambda: True) -> domain.Analysis:

@@ -25,6 +25,8 @@ ACCESS = {f"/segtrain.pipeline.v1.PipelineService/{method}": role for method, ro
     "GetTrainingSet": Role.VIEWER, "ListTrainingSets": Role.VIEWER, "CreateJob": Role.TRAINER,
     "GetJob": Role.VIEWER, "ListJobs": Role.VIEWER, "StartJob": Role.TRAINER, "CancelJob": Role.TRAINER,
     "CompareJobs": Role.VIEWER, "GetModel": Role.VIEWER, "ListModels": Role.VIEWER,
+    # Making an export takes a node's time: a trainer's to ask for.
+    "ExportModel": Role.TRAINER,
     "AnalyzeTiles": Role.TRAINER, "CreateAnalysisJob": Role.TRAINER, "GetAnalysisJob": Role.VIEWER,
     "ListAnalysisJobs": Role.VIEWER, "CancelAnalysisJob": Role.TRAINER, "ListAnalysisTiles": Role.VIEWER,
     # A trainer deletes its own only (resources.ownership); an admin any.
@@ -36,7 +38,7 @@ ACCESS = {f"/segtrain.pipeline.v1.PipelineService/{method}": role for method, ro
 # Capacity user traffic cannot take (services.common.gate): nodes must stay alive under any load.
 RESERVED = {f"/segtrain.pipeline.v1.PipelineService/{m}" for m in ("RegisterTrainerNode", "HeartbeatTrainerNode")}
 # Calls that may take minutes, held to SEGTRAIN_MAX_LONG_CALLS of the user capacity.
-LONG = {"/segtrain.pipeline.v1.PipelineService/AnalyzeTiles"}
+LONG = {f"/segtrain.pipeline.v1.PipelineService/{m}" for m in ("AnalyzeTiles", "ExportModel")}
 
 
 class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
@@ -99,6 +101,10 @@ class PipelineServicer(pipeline_pb2_grpc.PipelineServiceServicer):
     def ListModels(self, request: pb.ListModelsRequest, context: Ctx) -> pb.ListModelsResponse:
         rows, token = self._s.list_models(**_page_of(request))
         return pb.ListModelsResponse(models=[converters.model_message(r) for r in rows], next_page_token=token)
+
+    def ExportModel(self, request: pb.ExportModelRequest, context: Ctx) -> pb.ModelExport:
+        # A caller that leaves stops the node's work.
+        return self._s.export_model(request.name, request.format, is_active=context.is_active)
 
     def AnalyzeTiles(self, request: pb.AnalyzeTilesRequest, context: Ctx) -> pb.AnalyzeTilesResponse:
         # A caller that leaves stops the work.

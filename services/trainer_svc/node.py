@@ -28,6 +28,7 @@ from services.common.errors import (
 )
 from services.common.storage import ObjectStore, ObjectTooLargeError
 from services.trainer_svc.attempts import AttemptProcess
+from services.trainer_svc.exports import Exporter
 from services.trainer_svc.runs import RunRegistry
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class NodeOffer:
 class TrainerNode:
     def __init__(self, analyzer: Analyses, store: ObjectStore, *, capacity: int, worker_env: dict[str, str]) -> None:
         self.analyzer = analyzer
+        self.exporter = Exporter(worker_env)
         self.store = store
         self.runs = RunRegistry(capacity)
         self.draining = False

@@ -15,7 +15,7 @@ from services.trainer_svc.node import TrainerNode
 # Minimum role of each RPC (services.common.auth); an RPC missing here is refused.
 ACCESS = {f"/segtrain.trainer.v1.TrainerService/{method}": role for method, role in {
     "RunJob": Role.SERVICE, "WatchJobRun": Role.SERVICE, "CancelJobRun": Role.SERVICE,
-    "AnalyzeTiles": Role.SERVICE,
+    "AnalyzeTiles": Role.SERVICE, "ExportModel": Role.SERVICE,
 }.items()}
 
 
@@ -41,6 +41,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def AnalyzeTiles(self, request: pb.AnalyzeTilesRequest, context: grpc.ServicerContext
                      ) -> pb.AnalyzeTilesResponse:
         return self._node.analyzer.analyze(request, context.is_active)
+
+    def ExportModel(self, request: pb.ExportModelRequest, context: grpc.ServicerContext) -> pb.ExportModelResponse:
+        return self._node.exporter.export(request, context.is_active)
 
 
 def _check_run_name(name: str) -> None:

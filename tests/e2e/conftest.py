@@ -14,6 +14,7 @@ from clients.sdk import Client
 from clients.stack import LocalStack
 from services.common.settings import StorageSettings
 from services.common.storage import ObjectStore
+from tests.helpers import write_sample_set
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +36,26 @@ def client(stack: LocalStack) -> Iterator[Client]:
 def stack_store(stack: LocalStack) -> ObjectStore:
     return ObjectStore(StorageSettings(endpoint=stack.s3_endpoint, access_key=stack.access_key,
                                        secret_key=SecretStr(stack.secret_key)))
+
+
+# The classes of `trained_model`, whose set is write_sample_set's tiles.
+CLASSES = ["background", "nucleus", "debris"]
+
+
+@pytest.fixture(scope="session")
+def trained_model(client: Client, tmp_path_factory: pytest.TempPathFactory) -> pb.Model:
+    """A model of the CPU architecture trained for an epoch on 8 tiles of 64² (shared: analysis and
+    export tests only read it)."""
+    root = tmp_path_factory.mktemp("trained-model")
+    tiles, masks = write_sample_set(root / "set", count=8, tile_size=64, seed=5)
+    training_set = client.create_training_set("e2e-trained", tiles, masks, class_names=CLASSES)
+    job = client.create_job(pipeline="segmentation", training_set=training_set.name,
+                            hyperparameters=common_pb2.Hyperparameters(architecture="upernet-convnext-cpu", epochs=1,
+                                                                       batch_size=4))
+    client.start_job(job.name)
+    done = wait_for_state(client, job.name, {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED}, 300)
+    assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.failure_reason
+    return client.pipeline.GetModel(pb.GetModelRequest(name=done.model))
 
 
 def wait_for_state(client: Client, job: str, states: set[int], timeout: float = 240) -> pb.Job:

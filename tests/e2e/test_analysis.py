@@ -22,7 +22,6 @@ from clients.sdk import Client
 from clients.stack import LocalStack
 from services.common import object_keys
 from services.common.storage import ObjectStore
-from tests.e2e.conftest import wait_for_state
 from tests.helpers import error_of, violation_fields, write_sample_set
 
 pytestmark = pytest.mark.e2e
@@ -31,17 +30,9 @@ S = common_pb2
 ENDED = {S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED, S.JOB_STATE_CANCELLED}
 
 
-@pytest.fixture(scope="module")
-def model(client: Client, tmp_path_factory: pytest.TempPathFactory) -> pb.Model:
-    root = tmp_path_factory.mktemp("analysis-model")
-    tiles, masks = write_sample_set(root / "set", count=8, tile_size=64, seed=5)
-    training_set = client.create_training_set("e2e-analysis", tiles, masks, class_names=CLASSES)
-    job = client.create_job(pipeline="segmentation", training_set=training_set.name, hyperparameters=S.Hyperparameters(
-        architecture="upernet-convnext-cpu", epochs=1, batch_size=4))
-    client.start_job(job.name)
-    done = wait_for_state(client, job.name, {S.JOB_STATE_SUCCEEDED, S.JOB_STATE_FAILED}, 300)
-    assert done.state == S.JOB_STATE_SUCCEEDED, done.failure_reason
-    return client.pipeline.GetModel(pb.GetModelRequest(name=done.model))
+@pytest.fixture()
+def model(trained_model: pb.Model) -> pb.Model:
+    return trained_model
 
 
 def test_an_analysis_job_measures_every_tile_and_its_results_download(

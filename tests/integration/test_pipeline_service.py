@@ -19,11 +19,14 @@ from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from sqlmodel import Session, select
 
 from clients.sdk import Client, TrainingSetFailedError
+from services.common import object_keys
 from services.common.database import session_scope
+from services.common.errors import UnavailableError
 from services.common.settings import PipelineSettings, StorageSettings
 from services.common.storage import ObjectStore
 from services.pipeline_svc import app as pipeline_app
 from services.pipeline_svc.resources import pipelines
+from services.pipeline_svc.runtime import preparer
 from services.pipeline_svc.tables import OutboxRow
 from tests.helpers import (
     decompression_bomb,
@@ -610,6 +613,57 @@ def test_a_preparing_set_takes_no_job_and_a_service_that_starts_prepares_it(
             ready = client.wait_for_training_set(ts.name, timeout_s=60)
             assert ready.tile_count == 6 and ready.snapshot.startswith("sha256:")
             assert client.create_job(pipeline="segmentation", training_set=ts.name).name
+    finally:
+        service.stop()
+        server.stop(0).wait()
+
+
+class _FlakyStore:
+    """The service's store, whose next `outages` reads of uploaded files fail as in an outage."""
+
+    def __init__(self, store: ObjectStore, outages: int) -> None:
+        self._store, self.outages, self.failed = store, outages, 0
+
+    def get(self, key: str, **kwargs: object) -> bytes:
+        if key.startswith(object_keys.UPLOADS) and self.failed < self.outages:
+            self.failed += 1
+            raise UnavailableError("object store unreachable")
+        return self._store.get(key, **kwargs)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+@pytest.mark.parametrize("outages", [2, 10**6])
+def test_an_outage_under_preparation_is_retried_and_a_lasting_one_fails_the_set(
+        outages: int, tmp_path: Path, s3_settings: StorageSettings, metrics_server: MetricsServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An object store that fails under a preparation leaves the set PREPARING and it is prepared
+    again from the start (nothing is wrong with the set); one that keeps failing ends it FAILED
+    after MAX_TRIES, saying why and naming no tile."""
+    monkeypatch.setattr(preparer, "POLL_S", 0.1)
+    settings = PipelineSettings(listen="127.0.0.1:0", database_url=f"sqlite:///{tmp_path / 'pipeline.db'}",
+                                metrics_address=metrics_server.address)
+    server, port, _, service = pipeline_app.build(settings, s3_settings)
+    flaky = _FlakyStore(service.store, outages)
+    service._preparer._store = flaky  # type: ignore[assignment]
+    service.start()
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            tiles, masks = write_sample_set(tmp_path / "set", count=6, tile_size=64)
+            classes = ["background", "nucleus", "debris"]
+            if outages == 2:
+                ts = client.create_training_set("flaky", tiles, masks, class_names=classes)
+                assert ts.state == pb.TrainingSet.STATE_READY and ts.tile_count == 6 and flaky.failed == 2
+                return
+            with pytest.raises(TrainingSetFailedError) as info:
+                client.create_training_set("down", tiles, masks, class_names=classes)
+        failed = info.value.training_set
+        assert "could not reach its object store" in failed.failure_reason
+        assert f"for {preparer.MAX_TRIES} tries" in failed.failure_reason and not failed.report.issues
+        assert flaky.failed >= preparer.MAX_TRIES
+        assert not service.store.list_keys(object_keys.training_set_prefix(failed.name.split("/")[-1]))
     finally:
         service.stop()
         server.stop(0).wait()

@@ -55,7 +55,7 @@ def delete_job(session: Session, *, name: str, caller: Principal | None) -> list
 
 
 def delete_model(session: Session, *, name: str, caller: Principal | None) -> list[str]:
-    """Deletes a model's row; returns the keys of its weights."""
+    """Deletes a model's row; returns the keys of its weights and the prefix of its exports."""
     model_id = names.parse_name(name, names.MODELS)
     model = session.get(ModelRow, model_id, with_for_update=True)
     if model is None:
@@ -66,9 +66,9 @@ def delete_model(session: Session, *, name: str, caller: Principal | None) -> li
     if job is not None:
         job.model = ""
         session.add(job)
-    weights = models.weights_keys(model)
+    stored = [*models.weights_keys(model), object_keys.model_exports_prefix(model.job)]
     session.delete(model)
-    return weights
+    return stored
 
 
 def delete_analysis(session: Session, *, name: str, caller: Principal | None) -> list[str]:

@@ -30,6 +30,7 @@ import numpy as np
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
 from sqlalchemy import insert, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import col
 
 from segcore import annotations as formats
@@ -37,7 +38,7 @@ from segcore import imaging, intensity, limits, splits
 from segcore.errors import InvalidParameterError, InvalidTileError, TileTooLargeError
 from services.common import names, object_keys
 from services.common.database import session_scope
-from services.common.errors import NotFoundError
+from services.common.errors import NotFoundError, UnavailableError
 from services.common.storage import ObjectStore, ObjectTooLargeError
 from services.common.timeutil import utcnow
 from services.pipeline_svc.domain import TrainingSetSpec
@@ -151,7 +152,9 @@ def prepare(engine: Engine, store: ObjectStore, set_id: str, *, stopping: thread
             tuning: Tuning = DEFAULT_TUNING, budget: MemoryBudget | None = None) -> None:
     """Prepares one PREPARING set to READY or FAILED. Returns early, leaving it PREPARING, if
     `stopping` is set (a later start prepares it again from the beginning). `budget` is shared by
-    every set being prepared (None: this set's own, of tuning.memory_bytes)."""
+    every set being prepared (None: this set's own, of tuning.memory_bytes). An outage of the
+    object store or the database (TRANSIENT) is raised, leaving the set PREPARING: the caller
+    tries again (`fail` ends it if the outage lasts); nothing is wrong with the set."""
     budget = budget or MemoryBudget(tuning.memory_bytes)
     with session_scope(engine) as session:
         row = session.get(TrainingSetRow, set_id)
@@ -170,10 +173,20 @@ def prepare(engine: Engine, store: ObjectStore, set_id: str, *, stopping: thread
         _finish(engine, set_id, tiles, validation, _report(tiles, validation, class_names, warnings))
     except _Failed as failed:
         _fail(engine, store, set_id, failed.reason, failed.issues)
+    except TRANSIENT:
+        raise
     except Exception:
         log.exception("preparing %s failed", names.training_set(set_id))
         _fail(engine, store, set_id, "the pipeline service could not prepare the set (an internal error, logged); "
               "create it again with the same request to retry", [])
+
+
+TRANSIENT = (UnavailableError, OperationalError)
+
+
+def fail(engine: Engine, store: ObjectStore, set_id: str, reason: str) -> None:
+    """Ends a PREPARING set FAILED for `reason` (no tile is at fault), removing what it stored."""
+    _fail(engine, store, set_id, reason, [])
 
 
 def _check_and_store(engine: Engine, store: ObjectStore, set_id: str, spec: TrainingSetSpec, class_names: list[str],

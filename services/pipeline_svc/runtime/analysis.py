@@ -13,7 +13,6 @@ from sqlalchemy.engine import Engine
 from services.common import object_keys
 from services.common.database import session_scope
 from services.common.errors import (
-    CancelledError,
     FailedPreconditionError,
     FieldViolation,
     InvalidArgumentError,
@@ -25,7 +24,7 @@ from services.pipeline_svc import converters
 from services.pipeline_svc.domain import AnalysedTile, Analysis
 from services.pipeline_svc.resources import models
 from services.pipeline_svc.runtime import nodes
-from services.pipeline_svc.runtime.peers import PeerStubs
+from services.pipeline_svc.runtime.peers import PeerStubs, result_unless_abandoned
 
 MAX_IMAGES = 1000
 TIMEOUT_S = 600
@@ -49,14 +48,8 @@ def analyze_tiles(engine: Engine, store: ObjectStore, peers: PeerStubs, *, model
                                               output_prefix=object_keys.analysis_prefix(analysis_id))
     call = peers.trainer(node_id, address).AnalyzeTiles.future(request, timeout=TIMEOUT_S)
     try:
-        while True:
-            try:
-                result = call.result(timeout=0.25)
-                break
-            except grpc.FutureTimeoutError:
-                if not is_active():
-                    call.cancel()
-                    raise CancelledError("the caller gave up: the analysis was stopped") from None
+        result: trainer_pb2.AnalyzeTilesResponse = result_unless_abandoned(call, is_active,
+                                                                           stopped="the analysis was stopped")
     except grpc.RpcError as exc:
         if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND):
             raise InvalidArgumentError.of("image_keys", exc.details() or "bad image") from None

@@ -205,9 +205,10 @@ class JobRelay(threading.Thread):
         if job is None or job.state != S.JOB_STATE_SUCCEEDED or job.kind != jobs.TRAINING or model is None:
             return
         keep = set(models.weights_keys(model))
+        exports = object_keys.model_exports_prefix(self.job_id)  # an export may already have been asked for
         try:
             self._store.delete_many([k for k in self._store.list_keys(object_keys.job_prefix(self.job_id))
-                                     if k not in keep])
+                                     if k not in keep and not k.startswith(exports)])
         except UnavailableError:
             log.warning("%s succeeded, but its checkpoints could not be deleted: the object store is unavailable",
                         self._name)

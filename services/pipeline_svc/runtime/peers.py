@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from segtrain.common.v1 import common_pb2
 from segtrain.metrics.v1 import metrics_pb2, metrics_pb2_grpc
 from segtrain.trainer.v1 import trainer_pb2, trainer_pb2_grpc
 
+from services.common.errors import CancelledError
 from services.common.server import connect, connect_as
 from services.common.settings import SecuritySettings
 from services.common.tokens import node_token
@@ -60,3 +63,15 @@ class PeerStubs:
         """The job's effective epochs, from the metrics service."""
         request = metrics_pb2.GetJobHistoryRequest(job=job)
         return list(self.metrics.GetJobHistory(request, timeout=30).epochs)
+
+
+def result_unless_abandoned(call: grpc.Future, is_active: Callable[[], bool], *, stopped: str) -> Any:  # type: ignore[type-arg]
+    """The result of a call to a node; if the caller gives up first (`is_active` false), the
+    node's call is cancelled, which stops its work, and CANCELLED says `stopped`."""
+    while True:
+        try:
+            return call.result(timeout=0.25)
+        except grpc.FutureTimeoutError:
+            if not is_active():
+                call.cancel()
+                raise CancelledError(f"the caller gave up: {stopped}") from None

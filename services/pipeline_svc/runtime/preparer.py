@@ -2,7 +2,8 @@
 on its own thread (resources.set_preparation streams its tiles). Sets still PREPARING when the
 service starts (it stopped mid-way) are prepared again; a stopping service leaves them so. With
 several replicas, one prepares each set (services/common/locks.py); another takes it over at its
-next poll should that one die."""
+next poll should that one die. An outage of the object store or the database under a preparation
+leaves the set PREPARING and it starts again at the next poll, up to MAX_TRIES times."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from services.pipeline_svc.resources import set_preparation, training_sets
 
 log = logging.getLogger(__name__)
 POLL_S = 5.0  # also picks up sets another path recorded without waking this one
+MAX_TRIES = 5  # preparations of one set an outage may interrupt before the set is FAILED
 
 
 class Preparer(threading.Thread):
@@ -30,6 +32,7 @@ class Preparer(threading.Thread):
         self._slots = threading.Semaphore(concurrency)
         self._wake = threading.Event()
         self._running: dict[str, threading.Thread] = {}
+        self._interrupted: dict[str, int] = {}  # set -> preparations an outage ended
         self._lock = threading.Lock()
 
     def wake(self) -> None:
@@ -72,11 +75,32 @@ class Preparer(threading.Thread):
                     set_preparation.prepare(self._engine, self._store, set_id, stopping=self._stopping,
                                             tuning=self._tuning, budget=self.budget)
                     done = True
-        except Exception:  # the database or store failed under it: tried again at the next poll
-            log.exception("preparing training set %s failed; retried in %.0f s", set_id, POLL_S)
+                    with self._lock:
+                        self._interrupted.pop(set_id, None)
+        except Exception as exc:  # the database or store failed under it: tried again at the next poll
+            self._interrupted_by(set_id, exc)
         finally:
             with self._lock:
                 self._running.pop(set_id, None)
             self._slots.release()
             if done:
                 self._wake.set()  # a slot is free
+
+    def _interrupted_by(self, set_id: str, exc: Exception) -> None:
+        with self._lock:
+            tries = self._interrupted[set_id] = self._interrupted.get(set_id, 0) + 1
+        if tries < MAX_TRIES:
+            log.warning("preparing training set %s was interrupted (%s: %s); try %d of %d in %.0f s",
+                        set_id, type(exc).__name__, exc, tries + 1, MAX_TRIES, POLL_S)
+            return
+        log.error("preparing training set %s was interrupted %d times; giving up", set_id, tries, exc_info=exc)
+        try:
+            set_preparation.fail(self._engine, self._store, set_id,
+                                 f"the pipeline service could not reach its object store or database for "
+                                 f"{tries} tries ({type(exc).__name__}: {exc}); create the set again with the "
+                                 "same request to retry")
+        except Exception:
+            log.exception("could not record training set %s FAILED; tried again at the next poll", set_id)
+            return
+        with self._lock:
+            self._interrupted.pop(set_id, None)
