@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup gen demo test fuzz lint check-gen bench bench-atto bench-quality bench-scale bench-parallel bench-watchers bench-replicas bench-sets bench-analysis up clean
+.PHONY: setup gen demo test fuzz lint check-gen bench bench-atto bench-quality bench-scale bench-parallel bench-watchers bench-replicas bench-export bench-sets bench-analysis up clean
 
 # The venv is rebuilt when the requirements change. torch/torchvision are pinned in
 # requirements.txt (pip takes them from local disk here); pip never resolves an unpinned torch.
@@ -71,6 +71,10 @@ bench-watchers: setup gen
 # Scheduling and relay rates with 1 and 2 pipeline/metrics replicas on PostgreSQL, side by side (~3 min).
 bench-replicas: setup gen
 	$(BIN)/python bench/replicas.py
+
+# What exporting a model costs a node: seconds and peak memory per architecture and format (~5 min).
+bench-export: setup gen
+	$(BIN)/python bench/export.py
 
 # What creating a training set costs the pipeline service at 1,000, 4,000 and 10,000 tiles of 512² (~15 min).
 bench-sets: setup gen

@@ -22,11 +22,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clients import addresses
+from services.common import logs
 from services.common.auth import AuthInterceptor, BearerToken, Role, TokenStore
 from services.common.gate import Executors, Gate
 from services.common.interceptor import ErrorMappingInterceptor
 from services.common.observability import RpcMetrics, ThreadedRpcMetrics
-from services.common.settings import SecuritySettings, ServingSettings
+from services.common.settings import SecuritySettings, ServerSettings, ServingSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -283,5 +284,6 @@ def serve_until_signalled(
     server.stop(grace_s).wait()
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(settings: ServerSettings) -> None:
+    """Logging as SEGTRAIN_LOG_LEVEL and SEGTRAIN_LOG_FORMAT say (services/common/logs.py)."""
+    logs.configure(settings.log_level, settings.log_format)

@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.common.logs import LogFormat
 from services.common.tokens import parse_node_key
 
 SettingsT = TypeVar("SettingsT", bound=BaseSettings)
@@ -49,6 +50,8 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEGTRAIN_")
 
     log_level: str = "INFO"
+    # "text" lines, or "json": one object per line with the job and attempt (services/common/logs.py).
+    log_format: LogFormat = "text"
     # Seconds to let in-flight RPCs finish on SIGTERM.
     shutdown_grace_s: float = 10.0
     # host:port of this process's Prometheus /metrics over HTTP (port 0: one the kernel picks);

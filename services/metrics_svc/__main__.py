@@ -12,7 +12,7 @@ from services.metrics_svc.app import build
 
 def main() -> None:
     common = ServerSettings()
-    configure_logging(common.log_level)
+    configure_logging(common)
     settings = MetricsSettings()
     server, port, health_servicer, service = build(settings, SecuritySettings())
     logging.getLogger("segtrain.metrics").info("metrics service listening on port %d", port)

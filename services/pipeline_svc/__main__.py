@@ -14,7 +14,7 @@ from services.pipeline_svc.app import build
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     common = ServerSettings()
-    configure_logging(common.log_level)
+    configure_logging(common)
     server, port, health_servicer, service = build(PipelineSettings(), StorageSettings(), SecuritySettings())
     service.start()
     logging.getLogger("segtrain.pipeline").info("pipeline service listening on port %d", port)

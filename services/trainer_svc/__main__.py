@@ -15,7 +15,7 @@ from services.trainer_svc.node import shut_down
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub is ever contacted
     common = ServerSettings()
-    configure_logging(common.log_level)
+    configure_logging(common)
     server, port, health_servicer, node, registration = build(TrainerSettings(), StorageSettings(), SecuritySettings())
     server.start()
     registration.start()

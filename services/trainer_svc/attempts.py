@@ -35,6 +35,7 @@ from pathlib import Path
 from segtrain.common.v1 import common_pb2
 from segtrain.trainer.v1 import trainer_pb2
 
+from services.common import logs
 from services.trainer_svc.runs import JobRun
 
 log = logging.getLogger(__name__)
@@ -90,12 +91,13 @@ class AttemptProcess:
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
             env={**self._env, AUTHKEY_VARIABLE: self._authkey.hex()})
         self.run.on_control = self._send_control
-        output = threading.Thread(target=self._forward_output, name=f"output-{self.run.job}", daemon=True)
-        events = threading.Thread(target=self._accept, name=f"events-{self.run.job}", daemon=True)
+        job, attempt = self.run.job, self.run.attempt
+        output = threading.Thread(target=self._forward_output, name=f"output-{job}", daemon=True)
+        events = threading.Thread(target=logs.in_job(job, attempt, self._accept), name=f"events-{job}", daemon=True)
         for thread in (output, events):
             thread.start()
-        threading.Thread(target=self._supervise, args=(output, events), name=f"attempt-{self.run.job}",
-                         daemon=True).start()
+        threading.Thread(target=logs.in_job(job, attempt, self._supervise), args=(output, events),
+                         name=f"attempt-{job}", daemon=True).start()
 
     def worker_pids(self) -> list[int]:
         """The launcher's children: the attempt's worker processes (Linux /proc)."""
@@ -123,7 +125,8 @@ class AttemptProcess:
                 break
             with self._lock:
                 self._connections.append(connection)
-            reader = threading.Thread(target=self._receive_events, args=(connection,), daemon=True,
+            reader = threading.Thread(target=logs.in_job(self.run.job, self.run.attempt, self._receive_events),
+                                      args=(connection,), daemon=True,
                                       name=f"events-{self.run.job}-{len(readers)}")
             reader.start()
             readers.append(reader)

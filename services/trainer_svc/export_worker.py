@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--response", type=Path, required=True, help="where to write the ExportModelResponse")
     parser.add_argument("--folder", type=Path, default=None, help="scratch folder for the files")
     args = parser.parse_args()
-    configure_logging(ServerSettings().log_level)
+    configure_logging(ServerSettings())
     request = trainer_pb2.ExportModelRequest.FromString(args.request.read_bytes())
     store = ObjectStore(StorageSettings())
     try:

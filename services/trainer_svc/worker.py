@@ -31,6 +31,7 @@ import torch.distributed as dist
 from segtrain.common.v1 import common_pb2
 from segtrain.trainer.v1 import trainer_pb2
 
+from services.common import logs
 from services.common.server import configure_logging
 from services.common.settings import ServerSettings, StorageSettings, TrainerSettings
 from services.common.storage import ObjectStore
@@ -167,8 +168,9 @@ def main() -> None:
     parser.add_argument("--node-socket", required=True, help="the node's socket for this attempt")
     args = parser.parse_args()
     settings, common = TrainerSettings(), ServerSettings()
-    configure_logging(common.log_level)
+    configure_logging(common)
     request = trainer_pb2.RunJobRequest.FromString(args.request.read_bytes())
+    logs.for_this_process(request.job, request.attempt)
     place = Place.from_environment()
     # CPU convolutions give depthwise weights' gradients strides that differ from DDP's buckets
     # only in a size-1 dimension: the same layout, reported once per process as a "may impair
@@ -182,6 +184,8 @@ def main() -> None:
         watch.start()
     try:
         device = place.join(None if settings.device == "auto" else settings.device, settings.process_group_timeout_s)
+        log.info("%s attempt %d: rank %d of %d on %s", request.job, request.attempt, place.rank, place.world_size,
+                 device or "the default device")
         executor = (_analyst if request.HasField("analysis") else _executor)(
             settings, device, place.threads(settings.num_threads))
         executor.execute(run, request)  # type: ignore[arg-type]

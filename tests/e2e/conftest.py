@@ -21,7 +21,7 @@ from tests.helpers import write_sample_set
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     with LocalStack(tmp_path_factory.mktemp("stack"), env_overrides={
         "SEGTRAIN_TRAINER_NUM_THREADS": "1", "SEGTRAIN_PIPELINE_HEARTBEAT_INTERVAL_S": "1",
-        "SEGTRAIN_METRICS_HEARTBEAT_INTERVAL_S": "0.5",
+        "SEGTRAIN_METRICS_HEARTBEAT_INTERVAL_S": "0.5", "SEGTRAIN_LOG_FORMAT": "json",
     }) as running:
         yield running
 

@@ -197,7 +197,8 @@ def test_deletes_remove_rows_in_an_order_both_databases_accept(database_url: str
         assert deletion.delete_analysis(session, name="analyses/a-1", caller=None) == ["analyses/a-1/"]
     with session_scope(engine, serialized=True) as session:
         assert deletion.delete_model(session, name="models/m-1", caller=None) == [
-            object_keys.model_weights(object_keys.attempt_prefix("j-1", 2), kind) for kind in ("best", "final")]
+            *(object_keys.model_weights(object_keys.attempt_prefix("j-1", 2), kind) for kind in ("best", "final")),
+            object_keys.model_exports_prefix("j-1")]
     with session_scope(engine, serialized=True) as session:
         assert deletion.delete_job(session, name="jobs/j-1", caller=None) == ["jobs/j-1/"]
     with session_scope(engine, serialized=True) as session:

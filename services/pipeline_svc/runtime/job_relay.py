@@ -21,7 +21,7 @@ from segtrain.trainer.v1 import trainer_pb2
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from services.common import job_states, names, object_keys
+from services.common import job_states, logs, names, object_keys
 from services.common.database import session_scope
 from services.common.errors import FailedPreconditionError, NotFoundError, UnavailableError
 from services.common.storage import ObjectStore
@@ -61,15 +61,16 @@ class JobRelay(threading.Thread):
                 if target is None:
                     return
                 node, attempt, after = target
-                try:
-                    self._follow(node, attempt, after)
-                except _AppendRefused as refused:
-                    self._requeue(attempt, f"the attempt's events were refused ({refused})")
-                    return
-                except grpc.RpcError as exc:
-                    if not self._handle_stream_error(exc, attempt):
+                with logs.about_job(self._name, attempt):
+                    try:
+                        self._follow(node, attempt, after)
+                    except _AppendRefused as refused:
+                        self._requeue(attempt, f"the attempt's events were refused ({refused})")
                         return
-                    self._stopping.wait(RETRY_S)
+                    except grpc.RpcError as exc:
+                        if not self._handle_stream_error(exc, attempt):
+                            return
+                        self._stopping.wait(RETRY_S)
         except Exception:
             log.exception("relay of %s failed", self._name)
         finally:
@@ -97,6 +98,7 @@ class JobRelay(threading.Thread):
 
     def _follow(self, node: tuple[str, str], attempt: int, after: int) -> None:
         request = trainer_pb2.WatchJobRunRequest(job=self._name, attempt=attempt, after_source_seq=after)
+        log.info("following %s attempt %d on trainer node %s after source_seq %d", self._name, attempt, node[0], after)
         call = self._peers.trainer(*node).WatchJobRun(request)
         self._call = call  # type: ignore[assignment]
         if self._interrupted.is_set():  # stop() came between _locate and this call
@@ -105,6 +107,7 @@ class JobRelay(threading.Thread):
             self._check_from_node(events, attempt)
             self._append(events)
             if self._apply(events):
+                log.info("%s attempt %d has ended; its log is relayed", self._name, attempt)
                 self._keep_only_the_model()
                 return  # the job is final here (closing the batches ends the stream)
 
