@@ -28,7 +28,7 @@ _JOB: ContextVar[tuple[str, int] | None] = ContextVar("segtrain_log_job", defaul
 
 @contextmanager
 def about_job(job: str, attempt: int = 0) -> Iterator[None]:
-    """Records logged inside carry `job` (a name: "jobs/j-…", "analyses/a-…") and `attempt`."""
+    """Records logged inside carry `job` (a job's or an analysis's resource name) and `attempt`."""
     token = _JOB.set((job, attempt))
     try:
         yield
