@@ -13,7 +13,10 @@ producer with no watchers, measured first), and the metrics process's CPU (cores
 Targets (issue 11): at 2,000 watchers every log whole, latency p99 <= 250 ms, append p99 <= 2x
 idle. All processes share this machine's cores, the clients included.
 
+With --open-per-second N the clients open the streams at N a second instead of all at once.
+
     .venv/bin/python bench/watchers.py [--sizes 2000,5000,10000] [--clients 4] [--jobs 10]
+        [--open-per-second 400]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,30 +75,44 @@ def percentile(values: list[float], q: float) -> float:
 # ------------------------------------------------------------------ client processes
 
 
+class WatchEnded(Exception):
+    """A watch that ended with an error before its job's end: its code, when, and whether events came."""
+
+
 async def _watch(stub: metrics_pb2_grpc.MetricsServiceStub, job: str) -> tuple[bool, list[float]]:
     """Follows `job` to its end: (gap-free and whole, latencies in ms)."""
     seqs, latencies = [], []
     call = stub.WatchJobEvents(metrics_pb2.WatchJobEventsRequest(job=job, include_batch_progress=True))
-    async for item in call:
-        if item.HasField("event"):
-            seqs.append(item.event.seq)
-            if item.event.HasField("batch_progress"):  # the producer's live events
-                sent = item.event.event_time.seconds + item.event.event_time.nanos / 1e9
-                latencies.append((time.time() - sent) * 1000)
+    started = time.monotonic()
+    try:
+        async for item in call:
+            if item.HasField("event"):
+                seqs.append(item.event.seq)
+                if item.event.HasField("batch_progress"):  # the producer's live events
+                    sent = item.event.event_time.seconds + item.event.event_time.nanos / 1e9
+                    latencies.append((time.time() - sent) * 1000)
+    except grpc.aio.AioRpcError as exc:  # how it ended, in a form that counts (not one repr per stream)
+        after = "under 1 s" if time.monotonic() - started < 1 else "after 1 s or more"
+        raise WatchEnded(f"{exc.code().name} {after}, {'with' if seqs else 'before any'} events") from None
     return seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 0, latencies
 
 
-async def _client(address: str, watchers: int, jobs: list[str], first: int) -> dict[str, object]:
+async def _client(address: str, watchers: int, jobs: list[str], first: int, open_per_second: float
+                  ) -> dict[str, object]:
     channels = [grpc.aio.insecure_channel(address) for _ in range(max(1, watchers // STREAMS_PER_CHANNEL))]
     stubs = [metrics_pb2_grpc.MetricsServiceStub(c) for c in channels]
-    tasks = [asyncio.create_task(_watch(stubs[i % len(stubs)], jobs[(first + i) % len(jobs)]))
-             for i in range(watchers)]
+    tasks = []
+    for i in range(watchers):  # all at once, or open_per_second of them each second
+        tasks.append(asyncio.create_task(_watch(stubs[i % len(stubs)], jobs[(first + i) % len(jobs)])))
+        if open_per_second and i % 10 == 9:
+            await asyncio.sleep(10 / open_per_second)
     print("READY", flush=True)
     results = await asyncio.gather(*tasks, return_exceptions=True)
     for channel in channels:
         await channel.close()
     ok = [r for r in results if isinstance(r, tuple) and r[0]]
-    errors = [repr(r)[:200] for r in results if not isinstance(r, tuple)][:3]
+    errors = Counter(str(r) if isinstance(r, WatchEnded) else repr(r)[:200]
+                     for r in results if not isinstance(r, tuple))
     latencies = [lat for r in ok for lat in r[1]]
     # A sample keeps the pipe small; percentiles over 20k samples per client are stable enough.
     step = max(1, len(latencies) // 20000)
@@ -103,7 +121,8 @@ async def _client(address: str, watchers: int, jobs: list[str], first: int) -> d
 
 def client_main() -> None:
     spec = json.loads(sys.stdin.readline())
-    result = asyncio.run(_client(spec["address"], spec["watchers"], spec["jobs"], spec["first"]))
+    result = asyncio.run(_client(spec["address"], spec["watchers"], spec["jobs"], spec["first"],
+                                 spec["open_per_second"]))
     print(json.dumps(result), flush=True)
 
 
@@ -182,7 +201,8 @@ def run_size(address: str, pid: int, size: int, args: argparse.Namespace, round_
         proc = subprocess.Popen([sys.executable, __file__, "--client"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 text=True)
         assert proc.stdin is not None and proc.stdout is not None
-        spec = {"address": address, "watchers": count, "jobs": jobs, "first": sum(share[:i])}
+        spec = {"address": address, "watchers": count, "jobs": jobs, "first": sum(share[:i]),
+                "open_per_second": args.open_per_second / args.clients}
         proc.stdin.write(json.dumps(spec) + "\n")
         proc.stdin.flush()
         clients.append(proc)
@@ -190,7 +210,8 @@ def run_size(address: str, pid: int, size: int, args: argparse.Namespace, round_
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != "READY":
             raise RuntimeError("a watcher client did not start")
-    time.sleep(min(10.0, 1.0 + size / 1000))  # the streams open and replay
+    opening = size / args.open_per_second if args.open_per_second else 0.0
+    time.sleep(opening + min(10.0, 1.0 + size / 1000))  # the streams open and replay
     cpu_before, wall_before = process_cpu_s(pid), time.monotonic()
     appends = produce(stub, jobs, args.rate, args.seconds, finish=True)
     outcomes = []
@@ -200,9 +221,11 @@ def run_size(address: str, pid: int, size: int, args: argparse.Namespace, round_
         proc.wait(60)
     cores = (process_cpu_s(pid) - cpu_before) / (time.monotonic() - wall_before)
     latencies = [lat for o in outcomes for lat in o["latencies"]]
+    ended: Counter[str] = Counter()
     for o in outcomes:
-        for error in o["errors"]:
-            print(f"  watcher error: {error}", flush=True)
+        ended.update(o["errors"])
+    for how, count in ended.most_common():
+        print(f"  {count} watchers ended {how}", flush=True)
     return SizeResult(size, sum(o["complete"] for o in outcomes), percentile(latencies, 50), percentile(latencies, 99),
                       percentile(appends, 99), idle_p99, cores, peak_rss_mb(pid))
 
@@ -214,6 +237,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=10)
     parser.add_argument("--rate", type=float, default=2.0, help="events per second per job")
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--open-per-second", type=float, default=0.0,
+                        help="watch streams opened per second, all clients together (0: every one at once)")
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:

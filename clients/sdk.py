@@ -377,7 +377,11 @@ class Client:
                                 job, first_held)
                     last = first_held - 1
                     continue
-                resumable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                # CANCELLED is never this loop's own doing (a consumer that stops closes the generator,
+                # which raises no RpcError): the transport cancels some of a burst of new streams
+                # before the service sees them (README, Benchmarks: Watchers).
+                resumable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                           grpc.StatusCode.CANCELLED)
                 if not (reconnect and resumable):
                     raise
                 log.info("watch interrupted (%s); resuming after seq %d", exc.code(), last)

@@ -138,7 +138,9 @@ def create_server(
     handle.gate = gate = Gate(store, access, reserved, serving, long)
 
     async def build() -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-        server = grpc.aio.server(interceptors=[RpcMetrics(), gate], options=SERVER_OPTIONS)
+        pending = [("grpc.server.max_pending_requests", serving.max_pending_calls),
+                   ("grpc.server.max_pending_requests_hard_limit", 2 * serving.max_pending_calls)]
+        server = grpc.aio.server(interceptors=[RpcMetrics(), gate], options=[*SERVER_OPTIONS, *pending])
         for register in registrars:
             register(server)
         health_servicer = health.aio.HealthServicer()

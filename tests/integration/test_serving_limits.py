@@ -342,3 +342,47 @@ def test_reflection_is_served_on_loopback_and_off_elsewhere_by_default(tmp_path:
             assert served == expected, listen
         finally:
             server.stop(0).wait()
+
+
+BURST = 1500
+
+
+@pytest.mark.parametrize("max_pending_calls", [8, ServingSettings().max_pending_calls])
+def test_a_burst_of_watches_reaches_the_service_unless_it_outruns_the_pending_call_cap(
+        tmp_path: Path, security: SecuritySettings, max_pending_calls: int) -> None:
+    """BURST watches opened at once: gRPC holds the ones the event loop has not taken yet up to
+    SEGTRAIN_MAX_PENDING_CALLS and cancels the rest before the service sees them; the default
+    holds them all. (gRPC's own cap, 1000, cancelled some of this burst in a trial run, and a tenth
+    of a burst of 2,000 in bench/watchers.py.)"""
+    metrics, port, _, _ = metrics_app.build(
+        MetricsSettings(listen="127.0.0.1:0", database_url=f"sqlite:///{tmp_path / 'm.db'}"), security,
+        ServingSettings(max_streams_per_principal=1000, max_pending_calls=max_pending_calls))
+    metrics.start()
+    job = "jobs/j-burst"
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        metrics_pb2_grpc.MetricsServiceStub(channel).AppendJobEvents(metrics_pb2.AppendJobEventsRequest(
+            job=job, events=[common_pb2.JobEvent(attempt=0, source_seq=1, state_change=common_pb2.StateChange(
+                state=common_pb2.JOB_STATE_SUCCEEDED))]), metadata=bearer(Role.SERVICE), timeout=10)
+
+    async def burst() -> list[str]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as aio_channel:
+            stub = metrics_pb2_grpc.MetricsServiceStub(aio_channel)
+
+            async def watch() -> str:
+                try:
+                    events = [r async for r in stub.WatchJobEvents(
+                        metrics_pb2.WatchJobEventsRequest(job=job), metadata=bearer(Role.VIEWER), timeout=60)
+                        if r.HasField("event")]
+                    return "whole" if [r.event.seq for r in events] == [1] else "partial"
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name
+            return await asyncio.gather(*(watch() for _ in range(BURST)))
+
+    try:
+        outcomes = asyncio.run(burst())
+    finally:
+        metrics.stop(0).wait()
+    if max_pending_calls == 8:
+        assert outcomes.count("CANCELLED") > 0 and set(outcomes) <= {"whole", "CANCELLED"}, set(outcomes)
+    else:
+        assert outcomes == ["whole"] * BURST, sorted(set(outcomes))
