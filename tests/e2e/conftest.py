@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -46,16 +47,21 @@ CLASSES = ["background", "nucleus", "debris"]
 def trained_model(client: Client, tmp_path_factory: pytest.TempPathFactory) -> pb.Model:
     """A model of the CPU architecture trained for an epoch on 8 tiles of 64² (shared: analysis and
     export tests only read it)."""
-    root = tmp_path_factory.mktemp("trained-model")
-    tiles, masks = write_sample_set(root / "set", count=8, tile_size=64, seed=5)
-    training_set = client.create_training_set("e2e-trained", tiles, masks, class_names=CLASSES)
+    done = train(client, tmp_path_factory.mktemp("trained-model"), "e2e-trained", tiles=8, seed=5)
+    return client.pipeline.GetModel(pb.GetModelRequest(name=done.model))
+
+
+def train(client: Client, root: Path, name: str, *, tiles: int, seed: int) -> pb.Job:
+    """A SUCCEEDED one-epoch job of the CPU architecture on a new set of `tiles` tiles of 64²."""
+    images, masks = write_sample_set(root / "set", count=tiles, tile_size=64, seed=seed)
+    training_set = client.create_training_set(name, images, masks, class_names=CLASSES)
     job = client.create_job(pipeline="segmentation", training_set=training_set.name,
                             hyperparameters=common_pb2.Hyperparameters(architecture="upernet-convnext-cpu", epochs=1,
                                                                        batch_size=4))
     client.start_job(job.name)
     done = wait_for_state(client, job.name, {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED}, 300)
     assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.failure_reason
-    return client.pipeline.GetModel(pb.GetModelRequest(name=done.model))
+    return done
 
 
 def wait_for_state(client: Client, job: str, states: set[int], timeout: float = 240) -> pb.Job:

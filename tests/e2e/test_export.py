@@ -25,7 +25,7 @@ from clients.sdk import Client
 from clients.stack import LocalStack
 from services.common import object_keys
 from services.common.storage import ObjectStore
-from tests.e2e.conftest import CLASSES, wait_for_state
+from tests.e2e.conftest import CLASSES, train
 from tests.helpers import error_of, write_sample_set
 
 pytestmark = pytest.mark.e2e
@@ -112,14 +112,7 @@ def test_exports_are_checked_stored_once_and_bad_requests_refused(
 
 def test_concurrent_exports_make_one_and_a_deleted_models_exports_go_with_it(
         client: Client, stack_store: ObjectStore, tmp_path: Path) -> None:
-    tiles, masks = write_sample_set(tmp_path / "set", count=4, tile_size=64, seed=9)
-    training_set = client.create_training_set("e2e-export-delete", tiles, masks, class_names=CLASSES)
-    job = client.create_job(pipeline="segmentation", training_set=training_set.name,
-                            hyperparameters=common_pb2.Hyperparameters(architecture="upernet-convnext-cpu", epochs=1,
-                                                                       batch_size=4))
-    client.start_job(job.name)
-    done = wait_for_state(client, job.name, {common_pb2.JOB_STATE_SUCCEEDED, common_pb2.JOB_STATE_FAILED}, 300)
-    assert done.state == common_pb2.JOB_STATE_SUCCEEDED, done.failure_reason
+    done = train(client, tmp_path, "e2e-export-delete", tiles=4, seed=9)
     with ThreadPoolExecutor(max_workers=3) as pool:  # concurrent calls: one makes it, the others wait for it
         made = list(pool.map(lambda _: client.export_model(done.model, "hf"), range(3)))
     assert len({m.create_time.ToNanoseconds() for m in made}) == 1, "the export was made more than once"
