@@ -3,7 +3,8 @@
 Generates a realistic sample set, starts the local stack (S3 server, three services, one trainer
 node) as processes, then runs the seven steps of the workflow: list pipelines, create a job on a
 training set, configure it, start it, watch it live, find the registered model, analyse held-back
-tiles. Writes the loss/IoU graphs and the masks to demo-output/.
+tiles; then exports the model for transformers. Writes the loss/IoU graphs, the masks and the
+export to demo-output/.
 """
 
 from __future__ import annotations
@@ -81,8 +82,10 @@ def main() -> int:
         run("models", "list")                                                # 6. the completed model
         model = capture("jobs", "get", job)["model"]
         run("analyze", "--model", model, "--tiles", str(data / "new-tiles"), "--out", str(out / "masks"))  # 7.
+        run("models", "export", model, "--format", "hf", "--out", str(out / "model-hf"))  # for other tools
     print(f"\nDone in {time.monotonic() - started:.0f} s. Everything is in {out}:")
     print(f"  charts:   {out / 'charts'}\n  masks:    {out / 'masks'} (truth: {data / 'new-tiles-truth'})")
+    print(f"  model:    {out / 'model-hf'} (transformers' from_pretrained loads it; see the README's Model export)")
     print(f"  logs:     {out / 'stack' / 'logs'}")
     return 0
 
