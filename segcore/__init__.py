@@ -33,6 +33,8 @@ file stays empty so ``import segcore.errors`` does not pull in torch):
 * ``checkpoint``    - export_model / load_model (safetensors + ModelMeta),
                       save_training_state / load_training_state, environment_info
 * ``inference``     - predict_mask (sliding window), class_pixel_counts
+* ``export``        - the model in formats other tools load: a transformers directory, ONNX,
+                      TorchScript, each checked against the model
 * ``synthetic``     - synthetic labelled tiles for demos and tests
 * ``regimes``       - synthetic tiles of five imaging regimes (8-bit brightfield, dim 16-bit and
                       12-bit fluorescence, float with an offset, H&E-like RGB)
