@@ -75,7 +75,8 @@ def preprocessing(meta: ModelMeta) -> dict[str, Any]:
 
 def _steps(norm: Normalization) -> list[str]:
     if norm.mode == PERCENTILE:
-        first = (f"per image, over all channels (per channel for two-channel images), map the "
+        first = (f"per image, over all channels (over one for grey images, whose channels are equal; per "
+                 f"channel for two-channel images, whose third is empty), map the "
                  f"{norm.percentile_low:g}th percentile of its values to 0 and the {norm.percentile_high:g}th to 1 "
                  "(not clipped; a constant image maps to 0)")
     else:

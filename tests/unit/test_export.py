@@ -13,7 +13,7 @@ import onnxruntime
 import pytest
 import torch
 
-from segcore import export
+from segcore import export, inference
 from segcore.architectures import build_model
 from segcore.checkpoint import ModelMeta
 from segcore.intensity import IMAGENET_NORMALIZATION, PERCENTILE, Normalization
@@ -92,3 +92,32 @@ def test_an_export_that_does_not_compute_what_the_model_does_is_refused(tmp_path
 def test_an_unknown_format_is_refused(model: torch.nn.Module, tmp_path: Path) -> None:
     with pytest.raises(export.ExportError, match="valid: hf, onnx, torchscript"):
         export.export(model, meta(), tmp_path, "tflite")
+
+
+def readme_preprocessing() -> str:
+    """The lines of the README's export example that turn `image` into `pixels`."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("## Model export\n", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    lines = block.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("if norm["))
+    end = next(i for i, line in enumerate(lines) if line.startswith("pixels = "))
+    return "\n".join(lines[start:end + 1])
+
+
+@pytest.mark.parametrize("mode", ["dataset", "imagenet", PERCENTILE])
+@pytest.mark.parametrize("kind", ["rgb8", "rgb16", "grey16"])
+def test_the_readmes_preprocessing_gives_the_input_segtrain_gives_the_network(mode: str, kind: str) -> None:
+    """What the README tells a user without segtrain to do is what the model saw in training."""
+    rng = np.random.default_rng(3)
+    if kind == "rgb8":
+        image = rng.integers(0, 256, size=(40, 56, 3)).astype(np.uint8)
+    else:
+        values = rng.gamma(2.0, 300.0, size=(40, 56, 3 if kind == "rgb16" else 1)).astype(np.uint16)
+        image = np.repeat(values, 3, axis=2) if kind == "grey16" else values
+    norm = IMAGENET_NORMALIZATION if mode == "imagenet" else Normalization(
+        mean=(0.3, 0.25, 0.2), std=(0.2, 0.15, 0.1), mode=mode, percentile_low=2.0, percentile_high=99.5)
+    namespace = {"np": np, "image": image, "norm": export.preprocessing(meta(norm))["normalization"]}
+    exec(readme_preprocessing(), namespace)
+    expected = inference.normalize(image, norm).numpy()[None]
+    assert namespace["pixels"].shape == expected.shape
+    assert float(np.abs(namespace["pixels"] - expected).max()) <= 1e-5
