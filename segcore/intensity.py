@@ -24,6 +24,7 @@ dataset for other 8-bit RGB; a fine-tuned model keeps its parent's normalization
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -190,6 +191,24 @@ def measure(image: np.ndarray, mode: str, low: float = 1.0, high: float = 99.8, 
     if grey:
         sums[1:], squares[1:] = sums[0], squares[0]
     return ImageMeasures(scale, offset, image.shape[0] * image.shape[1], sums, squares)
+
+
+ScalingKey = tuple[str, float, float]
+
+
+def scaling_key(mode: str, low: float = 1.0, high: float = 99.8) -> ScalingKey:
+    """Which measures a normalization `mode` needs: percentile ones depend on its two
+    percentiles; ``dataset`` and ``imagenet`` both scale by the type's range."""
+    return (PERCENTILE, float(low), float(high)) if mode == PERCENTILE else (DATASET, 0.0, 0.0)
+
+
+def measure_scalings(image: np.ndarray, low: float, high: float) -> dict[ScalingKey, ImageMeasures]:
+    """`image` under every per-image scaling a job may use (percentile with `low` and `high`, and
+    the type's range), from one pass over its values."""
+    measured = measure(image, PERCENTILE, low, high)
+    scale, offset = _unit_scaling(image)
+    return {scaling_key(PERCENTILE, low, high): measured,
+            scaling_key(DATASET): dataclasses.replace(measured, scale=scale, offset=offset)}
 
 
 def _applied(image: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:

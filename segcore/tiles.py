@@ -4,7 +4,8 @@ A training run reads its tiles through a ``TileSource``: anything with ``len()``
 ``source[i] -> Sample`` (a plain list of samples is one; a trainer node's source reads each tile
 from object storage when asked). Two passes use it:
 * ``scan`` once before training: every tile is checked (shape, values, mask classes), the
-  class pixel counts and the normalization statistics are accumulated, one tile at a time;
+  class pixel counts and the normalization statistics are accumulated, one tile at a time
+  (unless the set's preparation measured the tiles already: ``KnownMeasures``, no tile read);
 * ``BatchStream`` every epoch: a torch ``DataLoader`` (worker processes when asked) prepares the
   tiles of each planned batch (decode, check, measure the normalization over the whole tile) and
   cuts each training tile's random crop there, so only the crop travels to the training process,
@@ -25,7 +26,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.forkserver
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,7 +38,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from segcore.data import PreparedSample, Sample, check_sample, prepare_sample, random_crop
 from segcore.errors import InvalidParameterError
 from segcore.imaging import Normalization
-from segcore.intensity import ImageMeasures, ImageProfile, measure, normalization_of, profile_image, profile_images
+from segcore.intensity import (
+    ImageMeasures,
+    ImageProfile,
+    ScalingKey,
+    measure,
+    normalization_of,
+    profile_image,
+    profile_images,
+    scaling_key,
+)
 
 
 class TileSource(Protocol):
@@ -52,21 +62,48 @@ class ScanResult:
 
     normalization: Normalization | None
     class_pixels: torch.Tensor  # labelled pixels per class index (int64)
-    profile: ImageProfile
+    profile: ImageProfile | None  # None when no tile was read (KnownMeasures)
     prepared_bytes: int  # what the prepared tiles of the split hold (native image and mask)
     # Each tile's normalization measures (segcore.intensity.ImageMeasures.row), N x 13, when the
     # scan was asked to measure: loaders then neither check nor measure a tile again.
     measures: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class KnownMeasures:
+    """What preparing a training set found of each tile of one split, in the split's order (the
+    pipeline service checked every tile then): with them ``scan`` reads no tile."""
+
+    class_pixels: np.ndarray  # N x classes, int64
+    decoded_bytes: int  # of every tile's image and mask, decoded
+    rows: Mapping[ScalingKey, np.ndarray]  # each scaling measured: N x 13 (ImageMeasures.row)
+
+    def scan(self, mode: str, low: float, high: float, compute_normalization: bool) -> ScanResult | None:
+        """The ScanResult a pass under `mode` would give; None if this scaling was not measured."""
+        rows = self.rows.get(scaling_key(mode, low, high))
+        if rows is None:
+            return None
+        norm = None
+        if compute_normalization:
+            norm = normalization_of((ImageMeasures.from_row(r) for r in rows), mode, percentile_low=low,
+                                    percentile_high=high)
+        return ScanResult(normalization=norm, class_pixels=torch.from_numpy(self.class_pixels.sum(axis=0)),
+                          profile=None, prepared_bytes=self.decoded_bytes, measures=rows)
+
+
 def scan(source: TileSource, *, num_classes: int, ignore_index: int, field: str, mode: str | None = None,
          percentile_low: float = 1.0, percentile_high: float = 99.8, threads: int = 0,
-         compute_normalization: bool = True) -> ScanResult:
+         compute_normalization: bool = True, known: KnownMeasures | None = None) -> ScanResult:
     """Checks every tile of `source` and accumulates its statistics in one pass; with a `mode`,
     each tile's normalization measures under it too (and the set's normalization, unless
-    `compute_normalization` is false). Raises InvalidTileError naming the first bad tile."""
+    `compute_normalization` is false). Raises InvalidTileError naming the first bad tile. With
+    `known` measures of this mode's scaling, no tile is read: they are the result."""
     if len(source) == 0:
         raise InvalidParameterError(field, "need at least one sample")
+    if known is not None and mode is not None:
+        found = known.scan(mode, percentile_low, percentile_high, compute_normalization)
+        if found is not None:
+            return found
     counts = np.zeros(num_classes, dtype=np.int64)
     profile = profile_images([])
     prepared_bytes = 0

@@ -56,6 +56,7 @@ from segcore.state import TrainingState, capture_rng, cpu_copy, restore_rng
 from segcore.tiles import (
     BatchStream,
     Joined,
+    KnownMeasures,
     PreparedTiles,
     ScanResult,
     TileRequest,
@@ -177,6 +178,7 @@ def train(
     normalization: Normalization | None = None,
     checkpoint: Callable[[TrainingState], None] | None = None,
     group: Group | None = None,
+    known: tuple[KnownMeasures, KnownMeasures] | None = None,
 ) -> TrainResult:
     """Train ``config.architecture`` (or ``model``) and return weights and history.
 
@@ -184,13 +186,15 @@ def train(
     tiles are streamed, never held all at once. ``normalization`` defaults to statistics of
     the training images (or the one stored in ``init_state``). ``init_state`` resumes a run;
     ``checkpoint`` receives a full TrainingState every ``config.checkpoint_every`` epochs (on
-    rank 0 only). ``group`` defaults to the initialised process group, if any.
+    rank 0 only). ``group`` defaults to the initialised process group, if any. ``known``: what
+    preparing the set measured of the (training, validation) tiles; with it, no tile is read
+    before the first batch (unless the job's normalization uses a scaling it did not measure).
     """
     config.validate()
     observer = observer or NullObserver()
     group = group or Group.current()
     with _thread_limit(config.num_threads):
-        run = _setup(config, train_samples, val_samples, init_state, model, normalization, group)
+        run = _setup(config, train_samples, val_samples, init_state, model, normalization, group, known)
         try:
             return _train_run(run, config, observer, checkpoint)
         finally:
@@ -254,6 +258,7 @@ def _setup(
     model: torch.nn.Module | None,
     normalization: Normalization | None,
     group: Group,
+    known: tuple[KnownMeasures, KnownMeasures] | None,
 ) -> _Run:
     device = resolve_device(config.device)
     if init_state is not None:
@@ -266,19 +271,21 @@ def _setup(
     # One pass over every tile before training (on rank 0 for the whole group): each is checked (a
     # bad tile fails the run now, naming it, not hours in) while the class counts and
     # normalization statistics accumulate. Each tile's normalization measures are kept from this
-    # pass too: the loaders then only decode and cut.
+    # pass too: the loaders then only decode and cut. A set prepared by the pipeline service was
+    # checked and measured then (`known`): no pass at all.
     def check_and_measure() -> tuple[ScanResult, ScanResult]:
         if normalization is not None:  # a resumed run's or a parent model's: measured as it scales
             mode, low, high = normalization.mode, normalization.percentile_low, normalization.percentile_high
         else:
             mode, low, high = _mode_for(config, train_samples), config.percentile_low, config.percentile_high
 
-        def checked(samples: TileSource, field: str, compute: bool) -> ScanResult:
+        def checked(samples: TileSource, field: str, compute: bool, measured: KnownMeasures | None) -> ScanResult:
             return scan(samples, num_classes=n, ignore_index=IGNORE_INDEX, field=field, mode=mode,
                         percentile_low=low, percentile_high=high, threads=_SCAN_THREADS,
-                        compute_normalization=compute)
-        return (checked(train_samples, "train_samples", normalization is None),
-                checked(val_samples, "val_samples", False))
+                        compute_normalization=compute, known=measured)
+        train_known, val_known = known or (None, None)
+        return (checked(train_samples, "train_samples", normalization is None, train_known),
+                checked(val_samples, "val_samples", False, val_known))
 
     found, val_found = group.from_primary(check_and_measure)
     norm = normalization or found.normalization

@@ -262,8 +262,10 @@ def run_job_request(job: JobRow, *, training_set: TrainingSetRow, tile_size: int
         training_set=names.training_set(training_set.id), training_set_snapshot=training_set.snapshot,
         output_prefix=object_keys.attempt_prefix(job.id, job.attempt), resume_checkpoint_uri=job.checkpoint_uri,
         resume_checkpoint_epoch=job.checkpoint_epoch, pretrained_weights=job.pretrained_weights,
-        tiles=[trainer_pb2.TrainingTile(name=t.name, image_uri=t.image_uri, mask_uri=t.mask_uri,
-                                        validation=t.validation) for t in tiles],
+        tiles=[trainer_pb2.TrainingTile(
+            name=t.name, image_uri=t.image_uri, mask_uri=t.mask_uri, validation=t.validation,
+            measures=trainer_pb2.TileMeasures.FromString(t.measures) if t.measures is not None else None)
+            for t in tiles],
         parallelism=common_pb2.Parallelism(processes=job.processes, nodes=job.nodes),
     )
     if parent is not None:

@@ -71,6 +71,9 @@ class TileRow(SQLModel, table=True):
     width: int
     height: int
     validation: bool
+    # A serialized segtrain.trainer.v1.TileMeasures, from the set's preparation (None for tiles
+    # prepared before measures were recorded).
+    measures: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
 
 
 class JobRow(SQLModel, table=True):

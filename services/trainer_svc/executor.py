@@ -29,6 +29,7 @@ from segcore.distributed import Group, PrimaryFailed
 from segcore.errors import IncompatibleModelError, SegcoreError
 from segcore.intensity import Normalization
 from segcore.progress import EpochResult
+from segcore.tiles import KnownMeasures
 from segcore.training import TrainConfig, TrainingState, TrainResult, train
 from services.common import hyperparameters as wire
 from services.common import object_keys
@@ -37,7 +38,7 @@ from services.common.settings import TrainerSettings
 from services.common.storage import ObjectStore, ObjectTooLargeError
 from services.common.timeutil import to_duration
 from services.trainer_svc.runs import JobRun
-from services.trainer_svc.tile_source import DiskCache, PatientStore, StoredTiles
+from services.trainer_svc.tile_source import DiskCache, PatientStore, StoredTiles, known_measures
 
 log = logging.getLogger(__name__)
 S = common_pb2
@@ -263,9 +264,11 @@ class JobExecutor:
         if resume is not None:
             reporter.resume_history(resume.history, relayed_up_to=request.resume_checkpoint_epoch)
         model, normalization = self._initial_model(run, request, config) if resume is None else (None, None)
+        known = self._known_measures(request, config.num_classes)
         result = train(config, train_samples, val_samples, reporter, init_state=resume, model=model,
                        normalization=normalization,
-                       checkpoint=lambda state: self._checkpoint(run, request, reporter, state), group=group)
+                       checkpoint=lambda state: self._checkpoint(run, request, reporter, state), group=group,
+                       known=known)
         if not group.primary:
             return S.JobFinished(state=S.JOB_STATE_SUCCEEDED, epochs_trained=len(result.history),
                                  reason=f"rank {group.rank} of {group.world_size} trained its share; rank 0 reports")
@@ -282,6 +285,12 @@ class JobExecutor:
         """The two splits as sources that read each tile when training asks for it."""
         return (StoredTiles([t for t in request.tiles if not t.validation], self._store),
                 StoredTiles([t for t in request.tiles if t.validation], self._store))
+
+    def _known_measures(self, request: trainer_pb2.RunJobRequest, num_classes: int
+                        ) -> tuple[KnownMeasures, KnownMeasures] | None:
+        train_known = known_measures([t for t in request.tiles if not t.validation], num_classes)
+        val_known = known_measures([t for t in request.tiles if t.validation], num_classes)
+        return None if train_known is None or val_known is None else (train_known, val_known)
 
     def _initial_model(self, run: JobRun, request: trainer_pb2.RunJobRequest, config: TrainConfig
                        ) -> tuple[torch.nn.Module | None, Normalization | None]:

@@ -18,10 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 from segtrain.trainer.v1 import trainer_pb2
 
 from segcore import imaging
 from segcore.data import Sample
+from segcore.tiles import KnownMeasures
 from services.common.errors import UnavailableError
 from services.common.storage import ObjectStore, verified
 
@@ -158,3 +160,21 @@ class StoredTiles:
         name, image_key, mask_key = self._tiles[index]
         return Sample(tile_id=name, image=imaging.decode_image(self._store.get_tile_object(image_key), name),
                       mask=imaging.decode_mask(self._store.get_tile_object(mask_key), name))
+
+
+def known_measures(tiles: list[trainer_pb2.TrainingTile], num_classes: int) -> KnownMeasures | None:
+    """What preparing the set measured of these tiles (in their order), or None when a tile was
+    not measured (a set prepared before measures were recorded): training then reads every tile
+    once before it starts."""
+    if not tiles or not all(t.HasField("measures") for t in tiles):
+        return None
+    keys = [(s.mode, s.percentile_low, s.percentile_high) for s in tiles[0].measures.scalings]
+    if any([(s.mode, s.percentile_low, s.percentile_high) for s in t.measures.scalings] != keys for t in tiles):
+        return None  # measured differently (never written so): trust none of it
+    pixels = np.zeros((len(tiles), num_classes), dtype=np.int64)
+    for i, t in enumerate(tiles):
+        counts = t.measures.class_pixels[:num_classes]
+        pixels[i, :len(counts)] = counts
+    rows = {key: np.array([t.measures.scalings[k].row for t in tiles], dtype=np.float64)
+            for k, key in enumerate(keys)}
+    return KnownMeasures(class_pixels=pixels, decoded_bytes=sum(t.measures.decoded_bytes for t in tiles), rows=rows)

@@ -29,10 +29,12 @@ class RefusingNode(trainer_pb2_grpc.TrainerServiceServicer):
         self.stream: dict[str, Callable[[int], list[common_pb2.JobEvent]]] = {}
         self.asked: list[str] = []
         self.accepted: list[str] = []
+        self.requests: dict[str, trainer_pb2.RunJobRequest] = {}  # the last RunJob of each job
 
     def RunJob(self, request: trainer_pb2.RunJobRequest, context: grpc.ServicerContext
                ) -> trainer_pb2.RunJobResponse:
         self.asked.append(request.job)
+        self.requests[request.job] = request
         code = self.refuse.get(request.job)
         if code is not None:
             context.abort(code, "refused by the test")

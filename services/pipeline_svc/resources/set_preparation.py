@@ -3,8 +3,10 @@ its annotation rendered, and its image and mask stored under the set's own prefi
 
 Memory does not grow with the set: tiles stream through a few threads, a bounded window of them
 at a time, and only small facts about each are kept (names, keys, sizes, class pixel counts,
-value range, digests). What the threads hold at once is bounded too, in bytes, across every set
-being prepared (`MemoryBudget`): a pipeline with large tiles prepares fewer of them at a time.
+value range, digests, and its normalization measures: trainers then neither read nor check a tile
+before training, see segtrain.trainer.v1.TileMeasures). What the threads hold at once is bounded
+too, in bytes, across every set being prepared (`MemoryBudget`): a pipeline with large tiles
+prepares fewer of them at a time.
 Progress is written as it goes. At the end the split, the report, the tile rows and the snapshot
 hash are written in one transaction that also makes the set READY; any unusable tile makes it
 FAILED instead, naming each (up to 50), and removes what it stored.
@@ -28,6 +30,7 @@ from typing import TypeVar
 
 import numpy as np
 from segtrain.pipeline.v1 import pipeline_pb2 as pb
+from segtrain.trainer.v1 import trainer_pb2
 from sqlalchemy import insert, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
@@ -42,7 +45,7 @@ from services.common.errors import NotFoundError, UnavailableError
 from services.common.storage import ObjectStore, ObjectTooLargeError
 from services.common.timeutil import utcnow
 from services.pipeline_svc.domain import TrainingSetSpec
-from services.pipeline_svc.resources import pipelines
+from services.pipeline_svc.resources import hyperparameters, pipelines
 from services.pipeline_svc.resources.training_sets import FAILED, MAX_REPORTED, PREPARING, READY, spec_of
 from services.pipeline_svc.tables import TileRow, TrainingSetRow
 
@@ -136,6 +139,7 @@ class _Tile:
     height: int
     digests: tuple[str, str]  # sha256 of the image bytes and of the mask PNG
     class_pixels: np.ndarray  # pixel count per class index
+    measures: bytes  # a serialized segtrain.trainer.v1.TileMeasures
     profile: intensity.ImageProfile
     warnings: list[pb.ValidationIssue]
 
@@ -162,10 +166,15 @@ def prepare(engine: Engine, store: ObjectStore, set_id: str, *, stopping: thread
             return
         spec, class_names = spec_of(row), list(row.class_names)
         fraction, seed = row.validation_fraction, row.split_seed
-        tile_size = pipelines.get_pipeline(session, name=spec.pipeline, field="pipeline").tile_size
+        pipeline = pipelines.get_pipeline(session, name=spec.pipeline, field="pipeline")
+        tile_size = pipeline.tile_size
+        defaults = hyperparameters.pipeline_defaults(hyperparameters.deserialized(pipeline.default_hyperparameters))
+        # Tiles are measured under the percentiles jobs on the pipeline use unless they ask for others.
+        percentiles = float(defaults["percentile_low"]), float(defaults["percentile_high"])  # type: ignore[arg-type]
     try:
         store.delete_prefix(object_keys.training_set_prefix(set_id))  # an interrupted preparation's
-        checked = _check_and_store(engine, store, set_id, spec, class_names, tile_size, stopping, tuning, budget)
+        checked = _check_and_store(engine, store, set_id, spec, class_names, tile_size, percentiles, stopping,
+                                   tuning, budget)
         if checked is None:
             return
         tiles, warnings = checked
@@ -190,15 +199,15 @@ def fail(engine: Engine, store: ObjectStore, set_id: str, reason: str) -> None:
 
 
 def _check_and_store(engine: Engine, store: ObjectStore, set_id: str, spec: TrainingSetSpec, class_names: list[str],
-                     tile_size: int, stopping: threading.Event, tuning: Tuning, budget: MemoryBudget
-                     ) -> tuple[list[_Tile], list[pb.ValidationIssue]] | None:
+                     tile_size: int, percentiles: tuple[float, float], stopping: threading.Event, tuning: Tuning,
+                     budget: MemoryBudget) -> tuple[list[_Tile], list[pb.ValidationIssue]] | None:
     """Every tile checked and stored, with the warnings no one tile has (an annotation collection's);
     None if `stopping` was set. _Failed naming the unusable tiles (at most MAX_REPORTED are read)."""
     collection = _collection(store, spec, class_names)
     checked: list[_Tile] = []
     errors: list[pb.ValidationIssue] = []
     progress = _Progress(engine, set_id)
-    one = _tile_checker(store, set_id, spec, class_names, tile_size, collection, budget)
+    one = _tile_checker(store, set_id, spec, class_names, tile_size, percentiles, collection, budget)
     with contextlib.closing(_bounded_map(one, range(len(spec.tiles)), tuning)) as results:
         for result in results:
             if stopping.is_set():
@@ -221,8 +230,8 @@ def _check_and_store(engine: Engine, store: ObjectStore, set_id: str, spec: Trai
 
 
 def _tile_checker(store: ObjectStore, set_id: str, spec: TrainingSetSpec, class_names: list[str], tile_size: int,
-                  collection: formats.AnnotationCollection | None, budget: MemoryBudget
-                  ) -> Callable[[int], _Tile | list[pb.ValidationIssue]]:
+                  percentiles: tuple[float, float], collection: formats.AnnotationCollection | None,
+                  budget: MemoryBudget) -> Callable[[int], _Tile | list[pb.ValidationIssue]]:
     raster = spec.format in formats.RASTER_FORMATS
     image_bytes_at_most = image_bytes_limit(tile_size)
     annotation_bytes = image_bytes_at_most if raster else limits.MAX_JSON_BYTES
@@ -282,12 +291,26 @@ def _tile_checker(store: ObjectStore, set_id: str, spec: TrainingSetSpec, class_
         store.put(image_uri, image_bytes)
         store.put(mask_uri, mask_png, content_type="image/png")
         labelled = mask[mask != UNLABELLED]
+        class_pixels = np.bincount(labelled.ravel().astype(np.int64), minlength=len(class_names))[:len(class_names)]
         return _Tile(
             name=name, source_image=tile.source_image or name, image_uri=image_uri, mask_uri=mask_uri,
-            width=int(width), height=int(height), digests=digests,
-            class_pixels=np.bincount(labelled.ravel().astype(np.int64), minlength=len(class_names))[:len(class_names)],
-            profile=intensity.profile_image(image), warnings=[_issue(i) for i in rendered.issues])
+            width=int(width), height=int(height), digests=digests, class_pixels=class_pixels,
+            measures=_measures(image, class_pixels, percentiles), profile=intensity.profile_image(image),
+            warnings=[_issue(i) for i in rendered.issues])
     return one
+
+
+def _measures(image: np.ndarray, class_pixels: np.ndarray, percentiles: tuple[float, float]) -> bytes:
+    """The tile's TileMeasures: what a trainer would otherwise find by reading it again."""
+    height, width = image.shape[:2]
+    return trainer_pb2.TileMeasures(
+        class_pixels=class_pixels.tolist(),
+        # The image as decoded, and the mask as trainers decode it (int64 class indices).
+        decoded_bytes=image.nbytes + height * width * np.dtype(np.int64).itemsize,
+        scalings=[trainer_pb2.ScalingMeasures(mode=mode, percentile_low=low, percentile_high=high,
+                                              row=measured.row().tolist())
+                  for (mode, low, high), measured in intensity.measure_scalings(image, *percentiles).items()],
+    ).SerializeToString()
 
 
 def _bounded_map(fn: Callable[[T], R], items: Sequence[T], tuning: Tuning) -> Generator[R, None, None]:
@@ -405,7 +428,8 @@ def _finish(engine: Engine, set_id: str, tiles: list[_Tile], validation: set[str
             return
         session.execute(insert(TileRow), [
             {"training_set": set_id, "name": t.name, "image_uri": t.image_uri, "mask_uri": t.mask_uri,
-             "source_image": t.source_image, "width": t.width, "height": t.height, "validation": t.name in validation}
+             "source_image": t.source_image, "width": t.width, "height": t.height, "validation": t.name in validation,
+             "measures": t.measures}
             for t in tiles])
         row.state, row.snapshot, row.tiles_checked = READY, _snapshot_hash(tiles, list(row.class_names)), len(tiles)
         row.tile_count, row.validation_tile_count = len(tiles), len(validation)

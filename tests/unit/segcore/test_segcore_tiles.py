@@ -9,8 +9,9 @@ import torch
 
 from segcore.data import Sample
 from segcore.errors import InvalidTileError
+from segcore.intensity import ScalingKey, measure_scalings
 from segcore.metrics import IGNORE_INDEX
-from segcore.tiles import scan
+from segcore.tiles import KnownMeasures, scan
 from segcore.training import train
 from tests.unit.segcore.segcore_testutil import DiscFactory, cpu_config
 
@@ -106,3 +107,53 @@ def test_tiles_prepared_from_the_checking_pass_measures_equal_tiles_measured_aga
             assert np.array_equal(a.image, b.image)
             for x, y in zip((*a.pixels(), a.mean, a.std), (*b.pixels(), b.mean, b.std), strict=True):
                 assert torch.equal(x, y)
+
+
+def known_of(samples: list[Sample], num_classes: int, low: float = 1.0, high: float = 99.8) -> KnownMeasures:
+    """What a set's preparation records of these tiles (services/pipeline_svc: set_preparation)."""
+    rows: dict[ScalingKey, list[np.ndarray]] = {}
+    for s in samples:
+        for key, measured in measure_scalings(s.image, low, high).items():
+            rows.setdefault(key, []).append(measured.row())
+    pixels = np.stack([np.bincount(s.mask.ravel(), minlength=num_classes) for s in samples])
+    return KnownMeasures(class_pixels=pixels, decoded_bytes=sum(s.image.nbytes + s.mask.nbytes for s in samples),
+                         rows={key: np.stack(r) for key, r in rows.items()})
+
+
+def sixteen_bit(count: int, seed: int) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    return [Sample(f"t{i}", np.repeat(rng.integers(100 * i, 900 + 100 * i, (40, 52, 1)).astype(np.uint16), 3, axis=2),
+                   rng.integers(0, 2, (40, 52)).astype(np.uint8)) for i in range(count)]
+
+
+@pytest.mark.parametrize("mode", ["percentile", "dataset", "imagenet"])
+def test_measures_known_from_the_sets_preparation_are_the_checking_pass_without_reading_a_tile(mode: str) -> None:
+    tiles = sixteen_bit(6, seed=5)
+    read = scan(tiles, num_classes=2, ignore_index=IGNORE_INDEX, field="s", mode=mode)
+    source = CountingSource(tiles)
+    known = scan(source, num_classes=2, ignore_index=IGNORE_INDEX, field="s", mode=mode, known=known_of(tiles, 2))
+    assert source.reads == 0
+    assert known.normalization == read.normalization
+    assert known.measures is not None and read.measures is not None
+    assert np.array_equal(known.measures, read.measures)
+    assert torch.equal(known.class_pixels, read.class_pixels) and known.prepared_bytes == read.prepared_bytes
+
+
+def test_measures_taken_with_other_percentiles_are_not_used() -> None:
+    tiles = sixteen_bit(4, seed=6)
+    source = CountingSource(tiles)
+    found = scan(source, num_classes=2, ignore_index=IGNORE_INDEX, field="s", mode="percentile",
+                 percentile_low=2.0, known=known_of(tiles, 2))
+    assert source.reads == 4  # read and measured as asked
+    assert found.normalization is not None and found.normalization.percentile_low == 2.0
+
+
+def test_a_run_on_known_measures_reads_each_tile_only_for_its_batches_and_trains_the_same(discs: DiscFactory) -> None:
+    train_tiles, val_tiles = discs(6, 32, seed=1), discs(3, 32, seed=2)
+    config = dict(epochs=2, seed=0, normalization="percentile", prepared_cache_mb=0, num_threads=1)
+    checked = train(cpu_config(**config), CountingSource(train_tiles), CountingSource(val_tiles)).history
+    train_source, val_source = CountingSource(train_tiles), CountingSource(val_tiles)
+    known = train(cpu_config(**config), train_source, val_source,
+                  known=(known_of(train_tiles, 2), known_of(val_tiles, 2))).history
+    assert (train_source.reads, val_source.reads) == (6 * 2, 3 * 2)  # no checking pass: once per epoch
+    assert [metrics(r) for r in known] == [metrics(r) for r in checked]
