@@ -164,9 +164,9 @@ def export_manifest(prefix: str) -> str:
 def check_model_export_prefix(prefix: str, *, fmt: str, field: str) -> str:
     """`prefix` if it is an export prefix of format `fmt` (model_export_prefix); INVALID_ARGUMENT otherwise."""
     safe_key(prefix.removesuffix("/"), field=field, prefix=JOBS)
-    parts = prefix.split("/")
-    if len(parts) != 5 or parts[2:] != ["exports", fmt, ""] or not parts[1]:
-        raise InvalidArgumentError.of(field, f"must be '{JOBS}{{job}}/exports/{fmt}/', got {prefix!r}")
+    job_id = prefix.removeprefix(JOBS).split("/")[0]
+    if not job_id or prefix != model_export_prefix(job_id, fmt):
+        raise InvalidArgumentError.of(field, f"must be {model_export_prefix('{job}', fmt)!r}, got {prefix!r}")
     return prefix
 
 

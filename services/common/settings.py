@@ -217,7 +217,7 @@ class TrainerSettings(BaseSettings):
     # Disk cache of tile objects shared by the node's jobs (unset: the system's temp folder), and
     # its budget in MB (0: no cache; every epoch reads the object store).
     tile_cache_dir: Path | None = None
-    tile_cache_mb: int = 2048
+    tile_cache_mb: int = 8192
     # Resident memory (MB) a job's worker process may use (0: no limit). Past it the attempt fails
     # as out of memory, saying what to change, instead of the kernel killing it.
     worker_memory_limit_mb: int = 0

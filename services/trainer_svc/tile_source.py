@@ -14,7 +14,8 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -75,6 +76,21 @@ class PatientStore:
             self._cache.put(key, data)
         return data
 
+    def warm(self, tiles: Sequence[trainer_pb2.TrainingTile], *, threads: int) -> int:
+        """Fetches into the disk cache the objects of `tiles` it does not hold, `threads` at a time,
+        without decoding them; returns how many it fetched (0 without a cache)."""
+        cache = self._cache
+        if cache is None:
+            return 0
+        keys = [k for t in tiles for k in (t.image_uri, t.mask_uri) if not cache.holds(k)]
+
+        def fetch(key: str) -> None:
+            cache.put(key, self.get(key))
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tile-warm") as pool:
+            for done in pool.map(fetch, keys):  # the first failure is raised
+                del done
+        return len(keys)
+
     def get_model(self, ref: trainer_pb2.ModelRef) -> bytes:
         """A registered model's weights, checked against the sha256 recorded at registration."""
         return verified(self.get(ref.weights_uri), key=ref.weights_uri, sha256=ref.weights_sha256)
@@ -103,6 +119,14 @@ class DiskCache:
 
     def _path(self, key: str) -> Path:
         return self.folder / hashlib.sha256(key.encode()).hexdigest()
+
+    def holds(self, key: str) -> bool:
+        """Whether the cache has `key` (marked recently used if so)."""
+        try:
+            os.utime(self._path(key))
+            return True
+        except OSError:
+            return False
 
     def get(self, key: str) -> bytes | None:
         path = self._path(key)

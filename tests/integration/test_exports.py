@@ -177,3 +177,17 @@ def test_torch_stays_out_of_the_node_process() -> None:
     code = "import sys, services.trainer_svc.node; print('torch' in sys.modules)"
     ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert ran.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b'{"files": 7}', b"x" * (2 << 20)])
+def test_an_unreadable_stored_manifest_counts_as_no_export_so_it_is_made_again(store: ObjectStore,
+                                                                               content: bytes) -> None:
+    from services.pipeline_svc.runtime.exports import _stored
+
+    prefix = object_keys.model_export_prefix(f"j-{uuid.uuid4().hex[:12]}", "onnx")
+    assert _stored(store, prefix) is None
+    store.put(object_keys.export_manifest(prefix), content)
+    assert _stored(store, prefix) is None
+    made = pipeline_pb2.ModelExport(files=[common_pb2.ExportedFile(uri=f"{prefix}model.onnx", size_bytes=3)])
+    store.put(object_keys.export_manifest(prefix), json_format.MessageToJson(made).encode())
+    assert _stored(store, prefix) == made

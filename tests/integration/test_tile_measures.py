@@ -73,3 +73,21 @@ def test_tiles_without_measures_are_read_again() -> None:
     measured = trainer_pb2.TrainingTile(name="a", measures=trainer_pb2.TileMeasures(decoded_bytes=1))
     assert known_measures([measured, trainer_pb2.TrainingTile(name="b")], 2) is None
     assert known_measures([], 2) is None
+
+
+def test_a_job_fetches_a_set_that_fits_the_disk_cache_once_before_training(
+        client: Client, node: RefusingNode, fluorescence: pb.TrainingSet, store: ObjectStore, tmp_path: Path) -> None:
+    from services.trainer_svc.tile_source import DiskCache
+
+    job = client.create_job(pipeline="segmentation", training_set=fluorescence.name)
+    client.start_job(job.name)
+    wait_for_job(client, job.name, {common_pb2.JOB_STATE_ASSIGNED, common_pb2.JOB_STATE_RUNNING})
+    tiles = list(trainer_pb2.TileManifest.FromString(store.get(node.requests[job.name].tile_manifest.uri)).tiles)
+    stored = sum(len(store.get(k)) for t in tiles for k in (t.image_uri, t.mask_uri))
+    assert sum(t.measures.stored_bytes for t in tiles) == stored  # what the node compares with its cache
+    cache = DiskCache(tmp_path / "cache", 2**30)
+    patient = PatientStore(store, patience_s=5, cache=cache)
+    assert patient.warm(tiles, threads=4) == 2 * len(tiles)
+    assert all(cache.holds(k) for t in tiles for k in (t.image_uri, t.mask_uri))
+    assert patient.warm(tiles, threads=4) == 0  # held already: nothing fetched again
+    assert cache.get(tiles[0].image_uri) == store.get(tiles[0].image_uri)

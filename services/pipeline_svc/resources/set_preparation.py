@@ -295,16 +295,18 @@ def _tile_checker(store: ObjectStore, set_id: str, spec: TrainingSetSpec, class_
         return _Tile(
             name=name, source_image=tile.source_image or name, image_uri=image_uri, mask_uri=mask_uri,
             width=int(width), height=int(height), digests=digests, class_pixels=class_pixels,
-            measures=_measures(image, class_pixels, percentiles), profile=intensity.profile_image(image),
+            measures=_measures(image, class_pixels, percentiles, len(image_bytes) + len(mask_png)),
+            profile=intensity.profile_image(image),
             warnings=[_issue(i) for i in rendered.issues])
     return one
 
 
-def _measures(image: np.ndarray, class_pixels: np.ndarray, percentiles: tuple[float, float]) -> bytes:
+def _measures(image: np.ndarray, class_pixels: np.ndarray, percentiles: tuple[float, float], stored_bytes: int
+              ) -> bytes:
     """The tile's TileMeasures: what a trainer would otherwise find by reading it again."""
     height, width = image.shape[:2]
     return trainer_pb2.TileMeasures(
-        class_pixels=class_pixels.tolist(),
+        class_pixels=class_pixels.tolist(), stored_bytes=stored_bytes,
         # The image as decoded, and the mask as trainers decode it (int64 class indices).
         decoded_bytes=image.nbytes + height * width * np.dtype(np.int64).itemsize,
         scalings=[trainer_pb2.ScalingMeasures(mode=mode, percentile_low=low, percentile_high=high,

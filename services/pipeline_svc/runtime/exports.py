@@ -9,6 +9,7 @@ node is asked; a caller that gives up stops the node's work."""
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -29,12 +30,14 @@ from services.common.errors import (
     UnavailableError,
 )
 from services.common.locks import exclusive
-from services.common.storage import PRESIGNED_URL_LIFETIME, ObjectStore
+from services.common.storage import PRESIGNED_URL_LIFETIME, ObjectStore, ObjectTooLargeError
 from services.common.timeutil import utcnow
 from services.pipeline_svc import converters
 from services.pipeline_svc.resources import models
 from services.pipeline_svc.runtime import nodes
 from services.pipeline_svc.runtime.peers import PeerStubs, result_unless_abandoned
+
+log = logging.getLogger(__name__)
 
 TIMEOUT_S = 1800.0  # the node's own limit (services.trainer_svc.exports) decides first
 MAX_MANIFEST_BYTES = 1 << 20
@@ -67,11 +70,17 @@ def export_model(engine: Engine, store: ObjectStore, peers: PeerStubs, *, name: 
 
 
 def _stored(store: ObjectStore, prefix: str) -> pb.ModelExport | None:
+    """The stored export's manifest; None when there is none, or when it cannot be read (it is
+    made again then, and the node's new manifest replaces it)."""
+    key = object_keys.export_manifest(prefix)
     try:
-        data = store.get(object_keys.export_manifest(prefix), max_bytes=MAX_MANIFEST_BYTES)
+        return json_format.Parse(store.get(key, max_bytes=MAX_MANIFEST_BYTES), pb.ModelExport(),
+                                 ignore_unknown_fields=True)
     except NotFoundError:
         return None
-    return json_format.Parse(data, pb.ModelExport(), ignore_unknown_fields=True)
+    except (ObjectTooLargeError, json_format.ParseError, ValueError) as exc:
+        log.warning("the stored export manifest %s cannot be read (%s): exporting again", key, exc)
+        return None
 
 
 def _export_on_a_node(store: ObjectStore, peers: PeerStubs, candidates: list[tuple[str, str]],
