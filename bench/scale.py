@@ -243,7 +243,10 @@ def main() -> int:
     print(f"bench-scale: sizes {sizes}, {TILE}² {REGIME}, {os.cpu_count()} CPUs; rendering "
           f"{min(BASE_TILES, sizes[-1])} base tiles", flush=True)
     base = regimes.generate_regime(REGIME, min(BASE_TILES, sizes[-1]), tile_size=TILE, seed=0)
-    env = environment(given(TrainerSettings, num_threads=max(1, (os.cpu_count() or 2))))
+    # The node's disk cache of its own (not the system temp folder's, which outlives the stack): each
+    # run starts cold.
+    env = environment(given(TrainerSettings, num_threads=max(1, (os.cpu_count() or 2)),
+                            tile_cache_dir=(out / "tile-cache").resolve()))
     results = []
     with LocalStack(out / "stack", trainers=1, env_overrides=env) as stack, \
             Client(stack.pipeline_address, token=stack.tokens["trainer"]) as client:
