@@ -76,9 +76,11 @@ class PatientStore:
             self._cache.put(key, data)
         return data
 
-    def warm(self, tiles: Sequence[trainer_pb2.TrainingTile], *, threads: int) -> int:
+    def warm(self, tiles: Sequence[trainer_pb2.TrainingTile], *, threads: int,
+             stop: Callable[[], bool] = lambda: False) -> int:
         """Fetches into the disk cache the objects of `tiles` it does not hold, `threads` at a time,
-        without decoding them; returns how many it fetched (0 without a cache)."""
+        without decoding them, until `stop` says otherwise (asked every few dozen objects); returns
+        how many it fetched (0 without a cache). The first failure is raised."""
         cache = self._cache
         if cache is None:
             return 0
@@ -86,10 +88,15 @@ class PatientStore:
 
         def fetch(key: str) -> None:
             cache.put(key, self.get(key))
+        fetched = 0
         with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="tile-warm") as pool:
-            for done in pool.map(fetch, keys):  # the first failure is raised
-                del done
-        return len(keys)
+            for start in range(0, len(keys), 8 * threads):
+                if stop():
+                    break
+                chunk = keys[start:start + 8 * threads]
+                list(pool.map(fetch, chunk))
+                fetched += len(chunk)
+        return fetched
 
     def get_model(self, ref: trainer_pb2.ModelRef) -> bytes:
         """A registered model's weights, checked against the sha256 recorded at registration."""

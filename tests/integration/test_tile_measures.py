@@ -87,6 +87,7 @@ def test_a_job_fetches_a_set_that_fits_the_disk_cache_once_before_training(
     assert sum(t.measures.stored_bytes for t in tiles) == stored  # what the node compares with its cache
     cache = DiskCache(tmp_path / "cache", 2**30)
     patient = PatientStore(store, patience_s=5, cache=cache)
+    assert patient.warm(tiles, threads=4, stop=lambda: True) == 0  # a cancelled job fetches nothing more
     assert patient.warm(tiles, threads=4) == 2 * len(tiles)
     assert all(cache.holds(k) for t in tiles for k in (t.image_uri, t.mask_uri))
     assert patient.warm(tiles, threads=4) == 0  # held already: nothing fetched again
