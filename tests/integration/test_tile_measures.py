@@ -4,6 +4,7 @@ tile manifest to the trainer, and give exactly what the trainer's own checking p
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from segcore.metrics import IGNORE_INDEX
 from segcore.tiles import scan
 from services.common.storage import ObjectStore
 from services.trainer_svc.tile_source import PatientStore, StoredTiles, known_measures
-from tests.integration.fake_node import RefusingNode, wait_for_job
+from tests.integration.fake_node import RefusingNode
 
 REGIME = "fluorescence-16bit"
 
@@ -30,6 +31,15 @@ def fluorescence(client: Client, tmp_path: Path) -> pb.TrainingSet:
     regimes.write_regime_set(tiles, tmp_path / "f" / "tiles", tmp_path / "f" / "masks")
     return client.create_training_set("nuclei", tmp_path / "f" / "tiles", tmp_path / "f" / "masks",
                                       class_names=regimes.class_names(REGIME), group_by=r"^(.*)_tile")
+
+
+def run_job_request(node: RefusingNode, job: str, timeout: float = 20) -> trainer_pb2.RunJobRequest:
+    """The RunJob the node got for `job` (the job is ASSIGNED before the call reaches the node)."""
+    deadline = time.monotonic() + timeout
+    while job not in node.requests:
+        assert time.monotonic() < deadline, f"{job} never reached the node"
+        time.sleep(0.05)
+    return node.requests[job]
 
 
 class CountingTiles(StoredTiles):
@@ -49,8 +59,7 @@ def test_the_attempts_manifest_carries_each_tiles_measures_equal_to_a_checking_p
     job = client.create_job(pipeline="segmentation", training_set=fluorescence.name,
                             hyperparameters=common_pb2.Hyperparameters(normalization=normalization))
     client.start_job(job.name)
-    wait_for_job(client, job.name, {common_pb2.JOB_STATE_ASSIGNED, common_pb2.JOB_STATE_RUNNING})
-    request = node.requests[job.name]
+    request = run_job_request(node, job.name)
     manifest = trainer_pb2.TileManifest.FromString(store.get(request.tile_manifest.uri))
     classes = len(fluorescence.class_names)
     patient = PatientStore(store, patience_s=5)
@@ -81,8 +90,8 @@ def test_a_job_fetches_a_set_that_fits_the_disk_cache_once_before_training(
 
     job = client.create_job(pipeline="segmentation", training_set=fluorescence.name)
     client.start_job(job.name)
-    wait_for_job(client, job.name, {common_pb2.JOB_STATE_ASSIGNED, common_pb2.JOB_STATE_RUNNING})
-    tiles = list(trainer_pb2.TileManifest.FromString(store.get(node.requests[job.name].tile_manifest.uri)).tiles)
+    manifest = store.get(run_job_request(node, job.name).tile_manifest.uri)
+    tiles = list(trainer_pb2.TileManifest.FromString(manifest).tiles)
     stored = sum(len(store.get(k)) for t in tiles for k in (t.image_uri, t.mask_uri))
     assert sum(t.measures.stored_bytes for t in tiles) == stored  # what the node compares with its cache
     cache = DiskCache(tmp_path / "cache", 2**30)
