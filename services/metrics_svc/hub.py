@@ -18,9 +18,6 @@ from collections.abc import Sequence
 from segtrain.common.v1 import common_pb2
 from segtrain.metrics.v1 import metrics_pb2
 
-# Watchers a publication wakes per turn of the event loop.
-FANOUT_CHUNK = 32
-
 
 class Published:
     """A persisted event as every watcher of its job receives it, serialized once for all of them
@@ -69,23 +66,6 @@ class Subscription:
         return items
 
 
-class _Delivery:
-    """One publication on its way to the watchers that were there when it was published (a watcher
-    that comes later reads it from the store: it was persisted before it was published)."""
-
-    __slots__ = ("events", "next", "subs")
-
-    def __init__(self, subs: list[Subscription], events: list[Published]) -> None:
-        self.subs, self.events, self.next = subs, events, 0
-
-    def push(self, count: int) -> bool:
-        """Hands the events to the next `count` watchers; True once all have them."""
-        for sub in self.subs[self.next:self.next + count]:
-            sub.push(self.events)
-        self.next += count
-        return self.next >= len(self.subs)
-
-
 class EventHub:
     """Subscriptions by job."""
 
@@ -93,7 +73,6 @@ class EventHub:
         self._capacity = capacity
         self._subs: dict[str, set[Subscription]] = {}
         self.published: dict[str, int] = {}  # the highest seq published per watched job
-        self._deliveries: dict[str, deque[_Delivery]] = {}  # per job, publications not yet handed to all
 
     def watched(self, job: str) -> bool:
         return job in self._subs
@@ -116,29 +95,12 @@ class EventHub:
                 self.published.pop(sub.job, None)
 
     def publish(self, job: str, events: Sequence[common_pb2.JobEvent]) -> None:
-        """Hands `events` to every current watcher of `job`, FANOUT_CHUNK watchers per turn of the
-        loop: what else the loop has to do (an append's reply, a heartbeat) waits for one chunk of
-        wake-ups, not for all of a popular job's watchers. A job's deliveries keep their order."""
         subs = list(self._subs.get(job, ())) if events else []
-        if not subs:
-            return
-        self.published[job] = max(self.published.get(job, 0), events[-1].seq)
-        delivery = _Delivery(subs, [Published(e) for e in events])
-        waiting = self._deliveries.get(job)
-        if waiting is not None:  # an earlier delivery of this job is under way: this one follows it
-            waiting.append(delivery)
-            return
-        self._deliveries[job] = deque([delivery])
-        self._deliver(job)
-
-    def _deliver(self, job: str) -> None:
-        waiting = self._deliveries[job]
-        if waiting[0].push(FANOUT_CHUNK):
-            waiting.popleft()
-        if waiting:
-            asyncio.get_running_loop().call_soon(self._deliver, job)
-        else:
-            del self._deliveries[job]
+        if subs:
+            self.published[job] = max(self.published.get(job, 0), events[-1].seq)
+            published = [Published(e) for e in events]
+            for sub in subs:
+                sub.push(published)
 
     def close_all(self) -> None:
         """Ends every watch (the service is stopping): each is told to reconnect."""
