@@ -234,7 +234,7 @@ def datapath(spec: dict[str, Any]) -> dict[str, Any]:
     """Object storage -> decoded -> normalised -> augmented batches, the trainer's way.
 
     `chain`: what a job does before and during its first epoch: ObjectStore.get + decode of every
-    tile and mask on an 8-thread pool (as JobExecutor._load_samples), normalisation
+    tile and mask on an 8-thread pool (as JobExecutor._train), normalisation
     (segcore.data.prepare_samples) and one epoch of augmented batches (segcore.data.make_batch).
     `stages`: the same steps one tile at a time, each timed on its own, to show where time goes.
     """

@@ -260,8 +260,10 @@ class JobExecutor:
         group = Group.current()
         reporter = _Reporter(run, config.epochs, self._progress_interval_s, config.class_names, group)
         reporter.phase(S.PHASE_PREPARING_DATA)
-        train_samples, val_samples = self._load_samples(request)
-        known = self._known_measures(request, config.num_classes)
+        train_tiles = [t for t in request.tiles if not t.validation]
+        val_tiles = [t for t in request.tiles if t.validation]
+        train_samples, val_samples = StoredTiles(train_tiles, self._store), StoredTiles(val_tiles, self._store)
+        known = _known_measures(train_tiles, val_tiles, config.num_classes)
         if known is not None:
             # Not overlapped with the loaders' start-up: on 2 cores that made the fetch 2x slower.
             self._warm_cache(run, request)
@@ -285,17 +287,6 @@ class JobExecutor:
         return TrainConfig(class_names=list(request.class_names), device=self._device, num_threads=self._num_threads,
                            data_workers=self._data_workers, prepared_cache_mb=self._prepared_cache_mb,
                            **values)  # type: ignore[arg-type]
-
-    def _load_samples(self, request: trainer_pb2.RunJobRequest) -> tuple[StoredTiles, StoredTiles]:
-        """The two splits as sources that read each tile when training asks for it."""
-        return (StoredTiles([t for t in request.tiles if not t.validation], self._store),
-                StoredTiles([t for t in request.tiles if t.validation], self._store))
-
-    def _known_measures(self, request: trainer_pb2.RunJobRequest, num_classes: int
-                        ) -> tuple[KnownMeasures, KnownMeasures] | None:
-        train_known = known_measures([t for t in request.tiles if not t.validation], num_classes)
-        val_known = known_measures([t for t in request.tiles if t.validation], num_classes)
-        return None if train_known is None or val_known is None else (train_known, val_known)
 
     def _warm_cache(self, run: JobRun, request: trainer_pb2.RunJobRequest) -> None:
         """Fetches the set into the node's disk cache before training when it fits: the first epoch's
@@ -426,3 +417,10 @@ class JobExecutor:
         data = checkpoint.export_model(state, meta)
         self._store.put(key, data)
         return S.Artifact(uri=key, size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def _known_measures(train_tiles: list[trainer_pb2.TrainingTile], val_tiles: list[trainer_pb2.TrainingTile],
+                    num_classes: int) -> tuple[KnownMeasures, KnownMeasures] | None:
+    """What the set's preparation measured of both splits (None unless it measured every tile)."""
+    train_known, val_known = known_measures(train_tiles, num_classes), known_measures(val_tiles, num_classes)
+    return None if train_known is None or val_known is None else (train_known, val_known)
